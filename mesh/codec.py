@@ -602,8 +602,13 @@ class Codec:
         chunks, _ = self.encode(msg, now)
         return b"".join(chunks)
 
-    def decode(self, frame: Buffer, now: float) -> Frame:
-        """Authenticate, check for replay, and decode one frame."""
+    def authenticate(self, frame: Buffer) -> None:
+        """Check size, magic, version and MAC; raise ``RemoteProtocolError`` if any is wrong.
+
+        A transport calls this on arrival to drop a connection that sends forgeries; the
+        frame is then decoded with ``decode(..., authenticated=True)`` so the MAC is computed
+        once.
+        """
         view = memoryview(frame).cast("B")
         n = view.nbytes
         if n > self.max_frame_bytes:
@@ -618,6 +623,12 @@ class Codec:
         mac.update(view[FRAME_PREFIX:])
         if not hmac.compare_digest(mac.digest(), view[2:FRAME_PREFIX]):
             raise AuthenticationError("frame failed authentication")
+
+    def decode(self, frame: Buffer, now: float, *, authenticated: bool = False) -> Frame:
+        """Authenticate (unless ``authenticate`` already passed), check replay, decode."""
+        if not authenticated:
+            self.authenticate(frame)
+        view = memoryview(frame).cast("B")
         header = decode_body(view[FRAME_PREFIX:])
         if not (isinstance(header, list) and len(header) == 6):
             raise RemoteProtocolError("malformed envelope", reason="malformed")
