@@ -89,8 +89,21 @@ class Lan:
         sw = self.switch
         _ip("netns", "add", sw)
         _ip("-n", sw, "link", "set", "lo", "up")
-        _ip("-n", sw, "link", "add", "br0", "type", "bridge", "stp_state", "0",
-            "forward_delay", "0", "mcast_snooping", "0")
+        _ip(
+            "-n",
+            sw,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+            "mcast_snooping",
+            "0",
+        )
         _ip("-n", sw, "link", "set", "br0", "up")
         _ns(sw, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
         for i in range(1, self.n + 1):
@@ -106,8 +119,7 @@ class Lan:
         sw, ns = self.switch, f"{self.prefix}h{i}"
         _ip("netns", "add", ns)
         _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", sw, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0",
-            "netns", ns)
+        _ip("-n", sw, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
         _ip("-n", sw, "link", "set", f"v{i}", "master", "br0")
         _ip("-n", sw, "link", "set", f"v{i}", "up")
         _ns(ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
@@ -141,12 +153,16 @@ class Lan:
         self.procs.append(proc)
         return proc
 
-    def run(self, host: Host, argv: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, host: Host, argv: Sequence[str], timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` inside ``host`` to completion."""
         self._check_no_default_route(host)
         return subprocess.run(
             ["ip", "netns", "exec", host.ns, *argv],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     # --- faults -------------------------------------------------------------------------
@@ -155,8 +171,11 @@ class Lan:
         """Cut ``host`` off at the switch, both directions."""
         sw = self.switch
         _ns(sw, "nft", "add", "table", "bridge", "part")
-        _ns(sw, "nft", "add chain bridge part cut "
-            "{ type filter hook forward priority 0; policy accept; }")
+        _ns(
+            sw,
+            "nft",
+            "add chain bridge part cut { type filter hook forward priority 0; policy accept; }",
+        )
         _ns(sw, "nft", "add", "rule", "bridge", "part", "cut", "iifname", f"v{host.index}", "drop")
         _ns(sw, "nft", "add", "rule", "bridge", "part", "cut", "oifname", f"v{host.index}", "drop")
 
@@ -166,10 +185,29 @@ class Lan:
     def lossy(self, host: Host, percent: int) -> None:
         """Drop ``percent`` % of the packets leaving ``host`` (no netem in this kernel)."""
         _ns(host.ns, "nft", "add", "table", "inet", "loss")
-        _ns(host.ns, "nft", "add chain inet loss out "
-            "{ type filter hook output priority 0; policy accept; }")
-        _ns(host.ns, "nft", "add", "rule", "inet", "loss", "out", "oifname", "eth0",
-            "numgen", "random", "mod", "100", "lt", str(percent), "drop")
+        _ns(
+            host.ns,
+            "nft",
+            "add chain inet loss out { type filter hook output priority 0; policy accept; }",
+        )
+        _ns(
+            host.ns,
+            "nft",
+            "add",
+            "rule",
+            "inet",
+            "loss",
+            "out",
+            "oifname",
+            "eth0",
+            "numgen",
+            "random",
+            "mod",
+            "100",
+            "lt",
+            str(percent),
+            "drop",
+        )
 
     def clean(self, host: Host) -> None:
         _ns(host.ns, "nft", "delete", "table", "inet", "loss", check=False)
@@ -178,10 +216,25 @@ class Lan:
         """Drop multicast DNS (UDP 5353) in and out of ``host``."""
         _ns(host.ns, "nft", "add", "table", "inet", "nomdns")
         for hook in ("input", "output"):
-            _ns(host.ns, "nft", f"add chain inet nomdns {hook} "
-                f"{{ type filter hook {hook} priority 0; policy accept; }}")
-            _ns(host.ns, "nft", "add", "rule", "inet", "nomdns", hook, "udp", "dport", "5353",
-                "drop")
+            _ns(
+                host.ns,
+                "nft",
+                f"add chain inet nomdns {hook} "
+                f"{{ type filter hook {hook} priority 0; policy accept; }}",
+            )
+            _ns(
+                host.ns,
+                "nft",
+                "add",
+                "rule",
+                "inet",
+                "nomdns",
+                hook,
+                "udp",
+                "dport",
+                "5353",
+                "drop",
+            )
 
     # --- teardown -----------------------------------------------------------------------
 
