@@ -16,6 +16,7 @@ Safety rules this module enforces:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -258,10 +259,8 @@ class Lan:
             # Whatever still lives in our own namespaces was started by this run.
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
             for pid in pids.stdout.split():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.hosts.clear()
         self.procs.clear()
