@@ -65,6 +65,34 @@ class NodeConfig:
 
     # --- executor and object store (node/executor.py, node/store.py) ---
 
+    executor_prestart: bool = True
+    """Start every worker process in the background as soon as the executor opens, so the
+    first tasks do not wait for a Python start-up (about 0.2 s each); the daemon itself does
+    not wait for them. False starts workers only when tasks arrive."""
+
+    executor_shm_threshold_bytes: int = 1024 * 1024
+    """Messages to and from a worker larger than this travel through a shared-memory segment
+    instead of the pipe: one copy into the segment, none out of it. Below 1 MiB the pipe's
+    copies cost less than creating and mapping a segment."""
+
+    executor_stop_grace_s: float = 2.0
+    """How long workers get to exit after being asked to stop before they are killed. A
+    worker finishes the task it is running only if that fits; stopping must stay prompt."""
+
+    executor_worker_start_timeout_s: float = 60.0
+    """A worker that has not said it is ready after this long is killed and replaced. Start
+    imports the task modules, which is slow on a loaded machine or a cold disk."""
+
+    store_threshold_bytes: int = 64 * 1024
+    """Results larger than this stay in the object store of the node that made them and the
+    submitter gets an ``ObjectRef``; smaller ones travel with the result message, where a
+    reference and a second round trip would cost more than the bytes."""
+
+    store_limit_bytes: int | None = None
+    """Most bytes the object store holds; a put beyond it fails rather than evicting
+    anything still referenced. None: a quarter of this machine's memory, measured at start,
+    which leaves room for the workers that produce the results."""
+
     # --- daemon, HTTP API, client (node/daemon.py, node/api.py, mesh/client.py) ---
 
     @classmethod

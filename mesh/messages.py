@@ -36,6 +36,7 @@ class WireType(IntEnum):
     # --- 1-31: membership and gossip (mesh/membership.py) ---
     # --- 32-63: contract net (mesh/contract.py) ---
     # --- 64-79: node: objects and the object store (node/store.py, node/executor.py) ---
+    OBJECT_REF = 64
     # --- 80-95: node: peer hello, transfer, API (node/transport_ws.py, node/daemon.py) ---
     # --- 96-127: structures shared by several parts ---
     CAPABILITIES = 96
@@ -129,3 +130,24 @@ class Requirements(Wire):
     resources: dict[str, float]
     libraries: dict[str, str]
     labels: dict[str, str]
+
+
+# ---------------------------------------------------------------------------------------
+# Node: objects and the object store (64-79)
+# ---------------------------------------------------------------------------------------
+
+
+@wire(WireType.OBJECT_REF)
+class ObjectRef(Wire):
+    """A value that stayed in the object store of the node that made it.
+
+    ``holder`` is the node to fetch it from; ``nbytes`` is its encoded size, what a bid
+    counts as transfer. ``dtype`` and ``shape`` summarise an array value (``""`` and ``()``
+    for anything else) so that a submitter can tell what it holds without fetching it.
+    """
+
+    id: str
+    holder: NodeId
+    nbytes: int
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
