@@ -38,6 +38,7 @@ class WireType(IntEnum):
     # --- 64-79: node: objects and the object store (node/store.py, node/executor.py) ---
     OBJECT_REF = 64
     # --- 80-95: node: peer hello, transfer, API (node/transport_ws.py, node/daemon.py) ---
+    PEER_HELLO = 80
     # --- 96-127: structures shared by several parts ---
     CAPABILITIES = 96
     LOAD = 97
@@ -151,3 +152,20 @@ class ObjectRef(Wire):
     nbytes: int
     dtype: str = ""
     shape: tuple[int, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------
+# Node: peer websocket (80-95, node/transport_ws.py)
+# ---------------------------------------------------------------------------------------
+
+
+@wire(WireType.PEER_HELLO)
+class PeerHello(Wire):
+    """First frame each way on a peer websocket: who is on the other end.
+
+    ``address`` is the sender's own listen address (``host:port``), the name its peers use
+    to send to it; the frame's MAC proves the sender holds the mesh key, so an unkeyed
+    client never gets past the hello.
+    """
+
+    address: str
