@@ -4,15 +4,18 @@ A *body* is a msgpack header followed by raw array buffers::
 
     u32 header_len | u32 n_buffers | u64 buffer_len * n | header | pad | buffer | pad | ...
 
-Each buffer starts on a 64-byte boundary of the body. numpy arrays and torch tensors in a
-value become msgpack ext types naming dtype, shape and buffer index; their bytes are never
-copied into the msgpack stream, and on decode they are views into the received frame
-(``np.frombuffer``), so a 256 MiB array is not copied by the codec on either side (the one
-unavoidable copy on send is making a non-contiguous array contiguous).
+Each buffer starts on a 64-byte boundary counted from the start of the enclosing frame (the
+``offset`` of the body in it), so that arrays decoded from a received ``bytes`` object are
+aligned. numpy arrays and torch tensors in a value become msgpack ext types naming dtype,
+shape and buffer index; their bytes are never copied into the msgpack stream, and on decode
+they are views into the received frame (``np.frombuffer``, ``torch.from_numpy``), so a
+256 MiB array is not copied by the codec on either side (the one unavoidable copy on send is
+making a non-contiguous array contiguous). Decoded arrays share the frame's memory and are
+read-only when the frame is ``bytes``.
 
 A *frame* is what crosses the network between peers::
 
-    b"M" | version | HMAC-SHA256(key, rest) [32] | body
+    b"M" | version | HMAC-SHA256(key, body) [32] | body
 
 where the body's header is ``[sender, boot, seq, wall_ts, tag, fields]``. ``ReplayGuard``
 rejects frames whose (sender, boot, seq) was already seen, and frames whose timestamp is
@@ -20,13 +23,17 @@ further from the receiver's clock than the allowed skew, so that its memory stay
 
 Anything wrong with a received frame raises ``RemoteProtocolError`` (with a ``reason`` for
 metrics) and nothing else. Asking to encode something the format cannot carry raises
-``LocalProtocolError``.
+``LocalProtocolError``. This module does no I/O and reads no clock: ``now`` is an argument.
+A ``Codec`` is not thread-safe (it reuses one packer and one replay table).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import math
+import re
 import secrets
 import struct
 import sys
@@ -55,8 +62,48 @@ EXT_STRUCT: Final = 1
 EXT_NDARRAY: Final = 2
 EXT_TENSOR: Final = 3
 
-_U32 = struct.Struct("<I")
+MAX_EXT_DEPTH: Final = 32
+"""Structs and arrays nest at most this deep. Each level is a nested msgpack unpack that
+takes tens of KiB of C stack, so without a bound a crafted frame could overflow the stack."""
+
+MAX_DIMS: Final = 32
+"""numpy 1.x refuses more dimensions than this; a mesh may mix numpy versions."""
+
+MAX_BUFFERS: Final = 65536
+MAX_SENDER_LEN: Final = 256
+"""A node id longer than this is refused: the replay table keeps one per stream."""
+
 _U32x2 = struct.Struct("<II")
+_PACKER_BUF: Final = 4096  # msgpack's default is 1 MiB, which costs ~20 us per fresh packer
+
+# dtype strings as numpy writes them (``arr.dtype.str``): byte order, kind, item size and an
+# optional datetime unit. Anything else (structured, subarray, object, aliases) is refused
+# before numpy parses it.
+_DTYPE_RE: Final = re.compile(r"[<>|][biufcSUmM][0-9]{1,6}(\[[0-9]{0,4}[a-zA-Z]{1,2}\])?")
+_ARRAY_KINDS: Final = "biufcSUmM"
+
+# torch dtype name -> dtype of its little-endian raw bytes on the wire. bfloat16 has no
+# numpy twin: its bits travel as int16 and are viewed back on arrival.
+_TORCH_WIRE: Final[dict[str, np.dtype[Any]]] = {
+    name: np.dtype(code)
+    for name, code in {
+        "bool": "|b1",
+        "uint8": "|u1",
+        "int8": "|i1",
+        "int16": "<i2",
+        "int32": "<i4",
+        "int64": "<i8",
+        "uint16": "<u2",
+        "uint32": "<u4",
+        "uint64": "<u8",
+        "float16": "<f2",
+        "bfloat16": "<i2",
+        "float32": "<f4",
+        "float64": "<f8",
+        "complex64": "<c8",
+        "complex128": "<c16",
+    }.items()
+}
 
 Buffer = bytes | bytearray | memoryview
 Chunks = list[Buffer]
@@ -64,6 +111,16 @@ Chunks = list[Buffer]
 
 def _pad(n: int) -> int:
     return -n % ALIGN
+
+
+def _bytes_view(data: Buffer) -> memoryview:
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        try:
+            view = view.cast("B")
+        except TypeError as exc:  # a non-contiguous view: the caller's mistake
+            raise LocalProtocolError(f"cannot decode from this buffer: {exc}") from None
+    return view
 
 
 def _torch() -> Any:
@@ -92,165 +149,218 @@ def _fail(expected: str, value: Any) -> RemoteProtocolError:
     )
 
 
+def _exact(tp: type, name: str) -> Check:
+    def check(v: Any) -> Any:
+        if type(v) is not tp:
+            raise _fail(name, v)
+        return v
+
+    return check
+
+
+def _check_float(v: Any) -> Any:
+    if type(v) is float:
+        return v
+    if type(v) is int:
+        return float(v)
+    raise _fail("float", v)
+
+
+def _check_any(v: Any) -> Any:
+    return v
+
+
+def _check_none(v: Any) -> Any:
+    if v is not None:
+        raise _fail("None", v)
+    return v
+
+
+def _check_array(v: Any) -> Any:
+    if not isinstance(v, np.ndarray):
+        raise _fail("ndarray", v)
+    return v
+
+
+def _is_torch_tensor_type(tp: Any) -> bool:
+    return (
+        isinstance(tp, type)
+        and tp.__name__ == "Tensor"
+        and tp.__module__.split(".", 1)[0] == "torch"
+    )
+
+
 def _check_for(tp: Any) -> Check:
+    """A function that validates (and normalises) a decoded value of annotation ``tp``."""
     if tp is Any or tp is object:
-        return lambda v: v
+        return _check_any
     supertype = getattr(tp, "__supertype__", None)
     if supertype is not None:  # NewType
         return _check_for(supertype)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        checks = [_check_for(a) for a in args]
-        allows_none = type(None) in args
-
-        def check_union(v: Any) -> Any:
-            if v is None and allows_none:
-                return None
-            for c in checks:
-                try:
-                    return c(v)
-                except RemoteProtocolError:
-                    continue
-            raise _fail(str(tp), v)
-
-        return check_union
+        return _check_union(tp, args)
     if tp is type(None):
-
-        def check_none(v: Any) -> Any:
-            if v is not None:
-                raise _fail("None", v)
-            return v
-
-        return check_none
+        return _check_none
     if tp is bool:
-
-        def check_bool(v: Any) -> Any:
-            if type(v) is not bool:
-                raise _fail("bool", v)
-            return v
-
-        return check_bool
+        return _exact(bool, "bool")
     if tp is int:
-
-        def check_int(v: Any) -> Any:
-            if type(v) is not int:
-                raise _fail("int", v)
-            return v
-
-        return check_int
+        return _exact(int, "int")
     if tp is float:
-
-        def check_float(v: Any) -> Any:
-            if type(v) is float:
-                return v
-            if type(v) is int:
-                return float(v)
-            raise _fail("float", v)
-
-        return check_float
+        return _check_float
     if tp is str:
-
-        def check_str(v: Any) -> Any:
-            if type(v) is not str:
-                raise _fail("str", v)
-            return v
-
-        return check_str
+        return _exact(str, "str")
     if tp is bytes:
-
-        def check_bytes(v: Any) -> Any:
-            if type(v) is not bytes:
-                raise _fail("bytes", v)
-            return v
-
-        return check_bytes
+        return _exact(bytes, "bytes")
     if isinstance(tp, type) and issubclass(tp, Enum):
-        enum_tp = tp
-
-        def check_enum(v: Any) -> Any:
-            try:
-                return enum_tp(v)
-            except (ValueError, TypeError):
-                raise _fail(enum_tp.__name__, v) from None
-
-        return check_enum
+        return _check_enum(tp)
     if isinstance(tp, type) and issubclass(tp, Wire):
-        wire_tp = tp
-
-        def check_wire(v: Any) -> Any:
-            if not isinstance(v, wire_tp):
-                raise _fail(wire_tp.__name__, v)
-            return v
-
-        return check_wire
+        return _check_wire(tp)
     if origin is tuple or tp is tuple:
-        if not args or (len(args) == 2 and args[1] is Ellipsis):
-            item = _check_for(args[0]) if args else _check_for(Any)
-
-            def check_seq(v: Any) -> Any:
-                if not isinstance(v, list | tuple):
-                    raise _fail("sequence", v)
-                return tuple(item(x) for x in v)
-
-            return check_seq
-        items = [_check_for(a) for a in args]
-
-        def check_fixed(v: Any) -> Any:
-            if not isinstance(v, list | tuple) or len(v) != len(items):
-                raise _fail(f"tuple of {len(items)}", v)
-            return tuple(c(x) for c, x in zip(items, v, strict=True))
-
-        return check_fixed
-    if origin in (dict, typing.Mapping) or tp is dict or origin is typing.Mapping:
-        kc = _check_for(args[0]) if args else _check_for(Any)
-        vc = _check_for(args[1]) if args else _check_for(Any)
-
-        def check_dict(v: Any) -> Any:
-            if not isinstance(v, dict):
-                raise _fail("map", v)
-            return {kc(k): vc(x) for k, x in v.items()}
-
-        return check_dict
+        return _check_tuple(args)
+    if origin is frozenset or tp is frozenset:
+        return _check_frozenset(_check_for(args[0]) if args else _check_any)
+    if origin in (dict, typing.Mapping) or tp is dict:
+        kc = _check_for(args[0]) if args else _check_any
+        vc = _check_for(args[1]) if args else _check_any
+        return _check_dict(kc, vc)
     if origin is np.ndarray or tp is np.ndarray:
-
-        def check_array(v: Any) -> Any:
-            if not isinstance(v, np.ndarray):
-                raise _fail("ndarray", v)
-            return v
-
-        return check_array
+        return _check_array
+    if _is_torch_tensor_type(tp):
+        return _check_tensor(tp)
     if origin is typing.Literal:
-        allowed = set(args)
-
-        def check_literal(v: Any) -> Any:
-            if v not in allowed:
-                raise _fail(f"one of {sorted(map(str, allowed))}", v)
-            return v
-
-        return check_literal
+        return _check_literal(args)
     raise LocalProtocolError(f"wire field type {tp!r} is not supported by the codec")
 
 
-_STRUCT_CHECKS: dict[type[Wire], tuple[tuple[str, ...], tuple[Check, ...]]] = {}
+def _check_union(tp: Any, args: tuple[Any, ...]) -> Check:
+    checks = [_check_for(a) for a in args]
+    allows_none = type(None) in args
+
+    def check_union(v: Any) -> Any:
+        if v is None and allows_none:
+            return None
+        for c in checks:
+            try:
+                return c(v)
+            except RemoteProtocolError:
+                continue
+        raise _fail(str(tp), v)
+
+    return check_union
 
 
-def _struct_checks(cls: type[Wire]) -> tuple[tuple[str, ...], tuple[Check, ...]]:
-    cached = _STRUCT_CHECKS.get(cls)
-    if cached is None:
-        hints = field_types(cls)
-        names = field_names(cls)
-        cached = (names, tuple(_check_for(hints[n]) for n in names))
-        _STRUCT_CHECKS[cls] = cached
-    return cached
+def _check_enum(enum_tp: type[Enum]) -> Check:
+    def check_enum(v: Any) -> Any:
+        # bool is an int to Python: an IntEnum must not accept True for 1.
+        if type(v) not in (int, str, float, bytes):
+            raise _fail(enum_tp.__name__, v)
+        try:
+            return enum_tp(v)
+        except (ValueError, TypeError):
+            raise _fail(enum_tp.__name__, v) from None
+
+    return check_enum
+
+
+def _check_wire(wire_tp: type[Wire]) -> Check:
+    def check_wire(v: Any) -> Any:
+        if not isinstance(v, wire_tp):
+            raise _fail(wire_tp.__name__, v)
+        return v
+
+    return check_wire
+
+
+def _check_tuple(args: tuple[Any, ...]) -> Check:
+    if not args or (len(args) == 2 and args[1] is Ellipsis):
+        item = _check_for(args[0]) if args else _check_any
+
+        def check_seq(v: Any) -> Any:
+            if type(v) is not list:
+                raise _fail("sequence", v)
+            return tuple([item(x) for x in v])
+
+        return check_seq
+    if args == ((),):  # tuple[()]: the empty tuple
+        args = ()
+    items = [_check_for(a) for a in args]
+
+    def check_fixed(v: Any) -> Any:
+        if type(v) is not list or len(v) != len(items):
+            raise _fail(f"tuple of {len(items)}", v)
+        return tuple([c(x) for c, x in zip(items, v, strict=True)])
+
+    return check_fixed
+
+
+def _check_frozenset(item: Check) -> Check:
+    def check_frozenset(v: Any) -> Any:
+        if type(v) is not list:
+            raise _fail("set", v)
+        try:
+            return frozenset([item(x) for x in v])
+        except TypeError:  # an unhashable item
+            raise _fail("set of hashable items", v) from None
+
+    return check_frozenset
+
+
+def _check_dict(kc: Check, vc: Check) -> Check:
+    def check_dict(v: Any) -> Any:
+        if type(v) is not dict:
+            raise _fail("map", v)
+        try:
+            return {kc(k): vc(x) for k, x in v.items()}
+        except TypeError:  # a key made unhashable by its check (a tuple of lists)
+            raise _fail("map with hashable keys", v) from None
+
+    return check_dict
+
+
+def _check_tensor(tensor_tp: type) -> Check:
+    def check_tensor(v: Any) -> Any:
+        if not isinstance(v, tensor_tp):
+            raise _fail("tensor", v)
+        return v
+
+    return check_tensor
+
+
+def _check_literal(args: tuple[Any, ...]) -> Check:
+    allowed = {(type(a), a) for a in args}
+
+    def check_literal(v: Any) -> Any:
+        try:
+            ok = (type(v), v) in allowed
+        except TypeError:  # unhashable: certainly not one of the literals
+            ok = False
+        if not ok:
+            raise _fail(f"one of {sorted(map(repr, args))}", v)
+        return v
+
+    return check_literal
+
+
+def _plan(cls: type[Wire]) -> tuple[tuple[str, ...], tuple[Check, ...]]:
+    """Field names and validators of a wire type (memoised: a pure function of the class)."""
+    return _plan_cached(typing.cast(Any, cls))  # classes hash; typeshed's Hashable disagrees
+
+
+@functools.cache
+def _plan_cached(cls: Any) -> tuple[tuple[str, ...], tuple[Check, ...]]:
+    hints = field_types(cls)
+    names = field_names(cls)
+    return names, tuple(_check_for(hints[n]) for n in names)
 
 
 def _build_struct(tag: Any, fields: Any) -> Wire:
     cls = REGISTRY.get(tag) if type(tag) is int else None
     if cls is None:
         raise RemoteProtocolError(f"unknown wire type {tag!r}", reason="unknown-type")
-    names, checks = _struct_checks(cls)
-    if not isinstance(fields, list) or len(fields) != len(names):
+    names, checks = _plan(cls)
+    if type(fields) is not list or len(fields) != len(names):
         raise RemoteProtocolError(
             f"{cls.__name__}: expected {len(names)} fields", reason="bad-field"
         )
@@ -260,6 +370,8 @@ def _build_struct(tag: Any, fields: Any) -> Wire:
         raise RemoteProtocolError(f"{cls.__name__}: {exc}", reason=exc.reason) from None
     try:
         return cls(**values)
+    except RemoteProtocolError:
+        raise
     except (TypeError, ValueError) as exc:  # __post_init__ validation of a wire type
         raise RemoteProtocolError(f"{cls.__name__}: {exc}", reason="bad-field") from None
 
@@ -269,22 +381,32 @@ def _build_struct(tag: Any, fields: Any) -> Wire:
 # ---------------------------------------------------------------------------------------
 
 
-class _Packer:
-    """Packs one value, collecting array buffers out of band."""
+def _new_packer(default: Callable[[Any], Any]) -> Any:
+    return msgpack.Packer(default=default, use_bin_type=True, autoreset=True, buf_size=_PACKER_BUF)
 
-    __slots__ = ("buffers", "packer")
+
+class _Packer:
+    """Packs one value at a time, collecting array buffers out of band.
+
+    A msgpack Packer is not reentrant, and ext payloads (structs, arrays) are packed from
+    inside ``default``: each nesting level gets a Packer of its own, kept for reuse.
+    """
+
+    __slots__ = ("_depth", "_packers", "buffers")
 
     def __init__(self) -> None:
         self.buffers: list[memoryview] = []
-        self.packer = msgpack.Packer(default=self._default, use_bin_type=True, autoreset=True)
+        self._packers: list[Any] = [_new_packer(self._default)]
+        self._depth = 0
 
     def _add_buffer(self, arr: np.ndarray[Any, Any]) -> int:
-        self.buffers.append(memoryview(arr).cast("B"))
+        # A uint8 view makes every dtype (datetime64 too) exportable as plain bytes.
+        self.buffers.append(arr.reshape(-1).view(np.uint8).data)
         return len(self.buffers) - 1
 
     def _default(self, obj: Any) -> Any:
         if isinstance(obj, Wire):
-            names = field_names(type(obj))
+            names, _ = _plan(type(obj))
             return msgpack.ExtType(
                 EXT_STRUCT, self._nested([int(obj.TAG), [getattr(obj, n) for n in names]])
             )
@@ -302,48 +424,86 @@ class _Packer:
         raise LocalProtocolError(f"cannot encode {type(obj).__name__}: not a wire value")
 
     def _nested(self, value: Any) -> bytes:
-        # A Packer is not reentrant: ext payloads packed from inside ``default`` need their own.
-        data: bytes = msgpack.packb(value, default=self._default, use_bin_type=True)
+        depth = self._depth + 1
+        if depth >= MAX_EXT_DEPTH:
+            raise LocalProtocolError(f"value nests structs or arrays over {MAX_EXT_DEPTH} deep")
+        if depth == len(self._packers):
+            self._packers.append(_new_packer(self._default))
+        self._depth = depth
+        try:
+            data: bytes = self._packers[depth].pack(value)
+        except BaseException:
+            # A failed pack leaves the packer's buffer half-filled: start that level afresh.
+            self._packers[depth] = _new_packer(self._default)
+            raise
+        finally:
+            self._depth = depth - 1
         return data
 
     def _array_payload(self, arr: np.ndarray[Any, Any]) -> bytes:
-        if arr.dtype.kind in "OV" or arr.dtype.hasobject:
-            raise LocalProtocolError(f"cannot encode arrays of dtype {arr.dtype}")
-        arr = np.ascontiguousarray(arr)
-        index = self._add_buffer(arr.reshape(-1)) if arr.size else -1
-        return self._nested([arr.dtype.str, list(arr.shape), index])
+        dtype = arr.dtype
+        if dtype.kind not in _ARRAY_KINDS or dtype.names is not None or dtype.subdtype:
+            raise LocalProtocolError(f"cannot encode arrays of dtype {dtype}")
+        if arr.ndim > MAX_DIMS:
+            raise LocalProtocolError(f"cannot encode arrays of over {MAX_DIMS} dimensions")
+        shape = list(arr.shape)  # before ascontiguousarray, which turns 0-d into 1-d
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        index = self._add_buffer(arr) if arr.size else -1
+        return self._nested([dtype.str, shape, index])
 
     def _tensor_payload(self, torch: Any, t: Any) -> bytes:
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.detach().contiguous()
-        name = str(t.dtype).removeprefix("torch.")
-        if t.dtype is torch.bfloat16:
-            raw = t.view(torch.int16).numpy()
-        else:
-            raw = t.numpy()
-        index = self._add_buffer(raw.reshape(-1)) if t.numel() else -1
+        try:
+            t = t.detach()
+            if t.layout is not torch.strided:
+                raise LocalProtocolError(f"cannot encode {t.layout} tensors; densify first")
+            if t.device.type != "cpu":
+                t = t.cpu()
+            t = t.resolve_conj().resolve_neg().contiguous()
+            name = str(t.dtype).removeprefix("torch.")
+            wire_dtype = _TORCH_WIRE.get(name)
+            if wire_dtype is None:
+                raise LocalProtocolError(f"cannot encode tensors of dtype {t.dtype}")
+            if t.dim() > MAX_DIMS:
+                raise LocalProtocolError(f"cannot encode tensors of over {MAX_DIMS} dimensions")
+            raw = (t.view(torch.int16) if name == "bfloat16" else t).numpy()
+            # A no-op on little-endian hosts, a byte swap on big-endian ones.
+            raw = raw.astype(wire_dtype, copy=False)
+        except LocalProtocolError:
+            raise
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+            raise LocalProtocolError(f"cannot encode tensor: {exc}") from exc
+        index = self._add_buffer(raw) if raw.size else -1
         return self._nested([name, list(t.shape), index])
 
     def pack(self, value: Any) -> bytes:
+        """Pack ``value``; its array buffers are left in ``buffers``."""
+        self.buffers = []
+        self._depth = 0
         try:
-            return bytes(self.packer.pack(value))
+            data: bytes = self._packers[0].pack(value)
+        except LocalProtocolError:
+            self._packers[0] = _new_packer(self._default)
+            raise
         except (TypeError, ValueError, OverflowError) as exc:
+            self._packers[0] = _new_packer(self._default)
             raise LocalProtocolError(f"cannot encode value: {exc}") from exc
+        return data
 
 
-def encode_body(value: Any) -> tuple[Chunks, int]:
-    """Encode ``value`` as a body; returns its chunks (not joined) and their total length."""
-    p = _Packer()
+def _encode_body(p: _Packer, value: Any, offset: int) -> tuple[Chunks, int]:
     header = p.pack(value)
     bufs = p.buffers
+    p.buffers = []  # do not keep a large array alive in a reused packer
+    if not bufs:
+        return [_U32x2.pack(len(header), 0) + header], _U32x2.size + len(header)
     prefix = _U32x2.pack(len(header), len(bufs)) + struct.pack(
         f"<{len(bufs)}Q", *(b.nbytes for b in bufs)
     )
-    chunks: Chunks = [prefix, header]
+    chunks: Chunks = [prefix + header]
     size = len(prefix) + len(header)
     for b in bufs:
-        pad = _pad(size)
+        pad = _pad(offset + size)
         if pad:
             chunks.append(bytes(pad))
             size += pad
@@ -352,12 +512,22 @@ def encode_body(value: Any) -> tuple[Chunks, int]:
     return chunks, size
 
 
+def encode_body(value: Any, *, offset: int = 0) -> tuple[Chunks, int]:
+    """Encode ``value`` as a body; returns its chunks (not joined) and their total length.
+
+    ``offset`` is where the body will sit in the buffer the receiver decodes from; array
+    buffers are aligned relative to that buffer's start.
+    """
+    return _encode_body(_Packer(), value, offset)
+
+
 class _Unpacker:
-    __slots__ = ("body", "offsets")
+    __slots__ = ("body", "depth", "offsets")
 
     def __init__(self, body: memoryview, offsets: list[tuple[int, int]]) -> None:
         self.body = body
         self.offsets = offsets
+        self.depth = 0
 
     def _buffer(self, index: Any, nbytes: int) -> memoryview:
         if type(index) is not int or not 0 <= index < len(self.offsets):
@@ -369,67 +539,64 @@ class _Unpacker:
 
     @staticmethod
     def _shape(shape: Any) -> tuple[int, ...]:
-        if not isinstance(shape, list) or len(shape) > 64:
+        if type(shape) is not list or len(shape) > MAX_DIMS:
             raise RemoteProtocolError("bad array shape", reason="bad-array")
-        if not all(type(d) is int and 0 <= d < 2**62 for d in shape):
-            raise RemoteProtocolError("bad array shape", reason="bad-array")
+        for d in shape:
+            if type(d) is not int or not 0 <= d < 2**62:
+                raise RemoteProtocolError("bad array shape", reason="bad-array")
         return tuple(shape)
 
     def ext_hook(self, code: int, data: bytes) -> Any:
-        if code == EXT_STRUCT:
-            try:
-                tag, fields = self.unpack(data)
-            except (ValueError, TypeError):
-                raise RemoteProtocolError("malformed struct", reason="malformed") from None
-            return _build_struct(tag, fields)
-        if code in (EXT_NDARRAY, EXT_TENSOR):
-            try:
-                dtype_name, shape, index = self.unpack(data)
-            except (ValueError, TypeError):
-                raise RemoteProtocolError("malformed array", reason="bad-array") from None
-            shape = self._shape(shape)
-            if code == EXT_TENSOR:
-                return self._tensor(dtype_name, shape, index)
-            return self._array(dtype_name, shape, index)
-        raise RemoteProtocolError(f"unknown ext type {code}", reason="unknown-type")
-
-    def _array(self, dtype_name: Any, shape: tuple[int, ...], index: Any) -> Any:
-        if type(dtype_name) is not str or len(dtype_name) > 32:
-            raise RemoteProtocolError("bad dtype", reason="bad-array")
+        if self.depth >= MAX_EXT_DEPTH:
+            raise RemoteProtocolError("value nested too deeply", reason="malformed")
+        self.depth += 1
         try:
-            dtype = np.dtype(dtype_name)
-        except TypeError:
-            raise RemoteProtocolError(f"bad dtype {dtype_name!r}", reason="bad-array") from None
-        if dtype.kind in "OV" or dtype.hasobject or dtype.itemsize == 0:
-            raise RemoteProtocolError(f"dtype {dtype_name!r} not allowed", reason="bad-array")
-        count = 1
-        for d in shape:
-            count *= d
+            if code == EXT_STRUCT:
+                parts = self.unpack(data)
+                if type(parts) is not list or len(parts) != 2:
+                    raise RemoteProtocolError("malformed struct", reason="malformed")
+                return _build_struct(parts[0], parts[1])
+            if code in (EXT_NDARRAY, EXT_TENSOR):
+                parts = self.unpack(data)
+                if type(parts) is not list or len(parts) != 3:
+                    raise RemoteProtocolError("malformed array", reason="bad-array")
+                dtype_name, shape, index = parts
+                if code == EXT_TENSOR:
+                    return self._tensor(dtype_name, self._shape(shape), index)
+                return self._array(_parse_dtype(dtype_name), self._shape(shape), index)
+            raise RemoteProtocolError(f"unknown ext type {code}", reason="unknown-type")
+        finally:
+            self.depth -= 1
+
+    def _array(self, dtype: np.dtype[Any], shape: tuple[int, ...], index: Any) -> Any:
+        count = math.prod(shape)
         if count == 0:
-            if index != -1:
+            if index != -1 or type(index) is not int:
                 raise RemoteProtocolError("empty array with a buffer", reason="bad-array")
-            return np.empty(shape, dtype=dtype)
+            try:
+                return np.empty(shape, dtype=dtype)
+            except ValueError:  # zero-sized, but the other dimensions overflow numpy
+                raise RemoteProtocolError("bad array shape", reason="bad-array") from None
         buf = self._buffer(index, count * dtype.itemsize)
         return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def _tensor(self, dtype_name: Any, shape: tuple[int, ...], index: Any) -> Any:
-        if type(dtype_name) is not str or len(dtype_name) > 32:
-            raise RemoteProtocolError("bad tensor dtype", reason="bad-array")
+        wire_dtype = _TORCH_WIRE.get(dtype_name) if type(dtype_name) is str else None
+        if wire_dtype is None:
+            raise RemoteProtocolError(f"bad tensor dtype {dtype_name!r}", reason="bad-array")
+        arr = self._array(wire_dtype, shape, index)
         torch = _torch()
-        np_name = "int16" if dtype_name == "bfloat16" else dtype_name
-        if np_name == "bool":
-            np_name = "bool"
-        try:
-            arr = self._array(np.dtype(np_name).str, shape, index)
-        except TypeError:
-            raise RemoteProtocolError(
-                f"bad tensor dtype {dtype_name!r}", reason="bad-array"
-            ) from None
         if torch is None:
             return arr  # a node without torch sees the same data as an ndarray
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: shared, not copied
-            t = torch.from_numpy(arr) if arr.size else torch.from_numpy(arr.copy())
+        if not arr.dtype.isnative:  # only on big-endian hosts: torch needs native order
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        if arr.flags.writeable:
+            t = torch.from_numpy(arr)
+        else:
+            with warnings.catch_warnings():
+                # A read-only frame: the tensor shares it rather than copying it.
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(arr)
         if dtype_name == "bfloat16":
             t = t.view(torch.bfloat16)
         return t
@@ -444,44 +611,65 @@ class _Unpacker:
         )
 
 
-def decode_body(body: memoryview) -> Any:
-    """Decode a body made by ``encode_body``; arrays are views into ``body``."""
-    n = body.nbytes
+def _parse_dtype(name: Any) -> np.dtype[Any]:
+    if type(name) is not str or len(name) > 20 or _DTYPE_RE.fullmatch(name) is None:
+        raise RemoteProtocolError(f"bad dtype {name!r}", reason="bad-array")
+    try:
+        dtype = np.dtype(name)
+    except (TypeError, ValueError):
+        raise RemoteProtocolError(f"bad dtype {name!r}", reason="bad-array") from None
+    if dtype.kind not in _ARRAY_KINDS or dtype.itemsize == 0:
+        raise RemoteProtocolError(f"dtype {name!r} not allowed", reason="bad-array")
+    return dtype
+
+
+def decode_body(body: Buffer, *, offset: int = 0) -> Any:
+    """Decode a body made by ``encode_body``; arrays are views into ``body``.
+
+    ``offset`` must be the one the body was encoded with.
+    """
+    view = _bytes_view(body)
+    n = view.nbytes
     if n < _U32x2.size:
         raise RemoteProtocolError("truncated body", reason="truncated")
-    header_len, nbuf = _U32x2.unpack_from(body, 0)
+    header_len, nbuf = _U32x2.unpack_from(view, 0)
     table_end = _U32x2.size + 8 * nbuf
-    if nbuf > 65536 or table_end + header_len > n:
+    if nbuf > MAX_BUFFERS or table_end + header_len > n:
         raise RemoteProtocolError("truncated body", reason="truncated")
-    lengths = struct.unpack_from(f"<{nbuf}Q", body, _U32x2.size)
-    pos = table_end + header_len
     offsets: list[tuple[int, int]] = []
-    for length in lengths:
-        pos += _pad(pos)
-        offsets.append((pos, length))
-        pos += length
+    if nbuf:
+        lengths = struct.unpack_from(f"<{nbuf}Q", view, _U32x2.size)
+        pos = table_end + header_len
+        for length in lengths:
+            pos += _pad(offset + pos)
+            offsets.append((pos, length))
+            pos += length
+    else:
+        pos = table_end + header_len
     if pos != n:
         raise RemoteProtocolError("body length does not match its table", reason="truncated")
-    u = _Unpacker(body, offsets)
+    u = _Unpacker(view, offsets)
     try:
-        return u.unpack(body[table_end : table_end + header_len])
+        return u.unpack(view[table_end : table_end + header_len])
     except RemoteProtocolError:
         raise
     except RecursionError:
         raise RemoteProtocolError("value nested too deeply", reason="malformed") from None
-    except Exception as exc:  # msgpack raises a family of unrelated types on garbage
+    except (ValueError, TypeError, OverflowError, MemoryError, KeyError, IndexError) as exc:
+        # msgpack raises a family of unrelated types on garbage (ExtraData, StackError,
+        # FormatError, UnicodeDecodeError, unhashable map keys, ...).
         raise RemoteProtocolError(f"malformed msgpack: {exc}", reason="malformed") from None
 
 
 def dumps(value: Any) -> bytes:
     """Encode a value (messages, arrays, tensors, plain data) to one bytes object."""
     chunks, _ = encode_body(value)
-    return b"".join(chunks)
+    return b"".join(chunks)  # a single chunk is returned as is, not copied
 
 
 def loads(data: Buffer) -> Any:
-    """Decode what ``dumps`` made. Arrays are views into ``data`` when it is a buffer."""
-    return decode_body(memoryview(data).cast("B"))
+    """Decode what ``dumps`` made. Arrays are views into ``data``."""
+    return decode_body(data)
 
 
 # ---------------------------------------------------------------------------------------
@@ -509,42 +697,65 @@ class ReplayGuard:
     """Remembers (sender, boot, seq) triples long enough to reject replays.
 
     Frames older or newer than ``max_skew_s`` are refused outright, so state for a
-    (sender, boot) is only needed while its frames can still be fresh; the table is an LRU
-    capped at ``max_streams`` entries. Within a stream a sliding window of ``window``
-    sequence numbers tolerates reordering.
+    (sender, boot) stream is only needed while its frames can still be fresh. Within a
+    stream a sliding window of ``window`` sequence numbers tolerates reordering; older
+    sequence numbers are refused.
+
+    The table is an LRU capped at ``max_streams``. Forgetting a stream must not reopen it
+    to replays, so the guard keeps a floor: the newest timestamp of any forgotten stream.
+    A stream it does not know is accepted only with a timestamp above that floor. Under a
+    flood of streams this may turn away a new peer whose clock lags, for at most twice the
+    skew; it never lets a replay through.
     """
 
-    def __init__(self, *, max_skew_s: float, max_streams: int = 4096, window: int = 1024):
+    __slots__ = ("_floor", "_mask", "_streams", "max_skew_s", "max_streams", "window")
+
+    def __init__(self, *, max_skew_s: float, max_streams: int = 4096, window: int = 1024) -> None:
+        if not max_skew_s > 0 or max_streams < 1 or window < 1:
+            raise LocalProtocolError("ReplayGuard needs a positive skew, table size and window")
         self.max_skew_s = max_skew_s
         self.max_streams = max_streams
         self.window = window
-        self._streams: OrderedDict[tuple[str, int], list[int]] = OrderedDict()
+        self._mask = (1 << window) - 1
+        # (sender, boot) -> [highest seq, bitmap of seen seqs below it, newest timestamp]
+        self._streams: OrderedDict[tuple[str, int], list[Any]] = OrderedDict()
+        self._floor = -math.inf
+
+    def __len__(self) -> int:
+        return len(self._streams)
 
     def check(self, sender: str, boot: int, seq: int, sent_at: float, now: float) -> None:
-        if abs(now - sent_at) > self.max_skew_s:
+        """Record the frame, or raise ``RemoteProtocolError`` if it is stale or a replay."""
+        # Written so that a NaN timestamp fails the test instead of passing it.
+        if not abs(now - sent_at) <= self.max_skew_s:
             raise RemoteProtocolError(
                 f"frame from {sender} is {now - sent_at:+.1f}s off this clock", reason="stale"
             )
         key = (sender, boot)
         state = self._streams.get(key)
         if state is None:
-            self._streams[key] = [seq, 1]
+            if sent_at <= self._floor:
+                raise RemoteProtocolError(
+                    f"frame from {sender} predates forgotten streams", reason="replay"
+                )
+            self._streams[key] = [seq, 1, sent_at]
             if len(self._streams) > self.max_streams:
-                self._streams.popitem(last=False)
+                _, old = self._streams.popitem(last=False)
+                self._floor = max(self._floor, old[2])
             return
         self._streams.move_to_end(key)
-        top, bits = state
+        top, bits, newest = state
         if seq > top:
             shift = seq - top
             state[0] = seq
-            state[1] = (
-                ((bits << shift) | 1) & ((1 << self.window) - 1) if shift < self.window else 1
-            )
-            return
-        age = top - seq
-        if age >= self.window or bits >> age & 1:
-            raise RemoteProtocolError(f"replayed frame from {sender}", reason="replay")
-        state[1] = bits | (1 << age)
+            state[1] = ((bits << shift) | 1) & self._mask if shift < self.window else 1
+        else:
+            age = top - seq
+            if age >= self.window or bits >> age & 1:
+                raise RemoteProtocolError(f"replayed frame from {sender}", reason="replay")
+            state[1] = bits | (1 << age)
+        if sent_at > newest:
+            state[2] = sent_at
 
 
 class Codec:
@@ -563,30 +774,37 @@ class Codec:
         max_skew_s: float = 120.0,
         boot: int | None = None,
     ) -> None:
-        if len(key) < 16:
+        if not isinstance(key, bytes | bytearray) or len(key) < 16:
             raise LocalProtocolError("the mesh key must be at least 16 bytes")
+        if not isinstance(sender, str) or not 0 < len(sender) <= MAX_SENDER_LEN:
+            raise LocalProtocolError(f"a node id is 1 to {MAX_SENDER_LEN} characters")
+        if max_frame_bytes <= FRAME_PREFIX + _U32x2.size:
+            raise LocalProtocolError(f"max_frame_bytes {max_frame_bytes} is too small")
         self.sender = sender
         self.boot = secrets.randbits(63) if boot is None else boot
+        if not 0 <= self.boot < 2**64:
+            raise LocalProtocolError("boot must fit in 64 unsigned bits")
         self.max_frame_bytes = max_frame_bytes
         self._mac = hmac.new(key, digestmod=hashlib.sha256)
         self._seq = 0
+        self._packer = _Packer()
         self.replay = ReplayGuard(max_skew_s=max_skew_s)
 
     def encode(self, msg: Wire, now: float) -> tuple[Chunks, int]:
         """Frame ``msg``; returns the chunks to write back to back and their total size."""
         if not isinstance(msg, Wire):
             raise LocalProtocolError(f"{type(msg).__name__} is not a wire message")
+        names, _ = _plan(type(msg))
         self._seq += 1
-        names = field_names(type(msg))
         header = [
             self.sender,
             self.boot,
             self._seq,
-            now,
+            float(now),
             int(msg.TAG),
             [getattr(msg, n) for n in names],
         ]
-        chunks, size = encode_body(header)
+        chunks, size = _encode_body(self._packer, header, FRAME_PREFIX)
         total = FRAME_PREFIX + size
         if total > self.max_frame_bytes:
             raise LocalProtocolError(
@@ -599,6 +817,7 @@ class Codec:
         return chunks, total
 
     def encode_bytes(self, msg: Wire, now: float) -> bytes:
+        """Frame ``msg`` as one bytes object (a copy of every array in it)."""
         chunks, _ = self.encode(msg, now)
         return b"".join(chunks)
 
@@ -609,7 +828,7 @@ class Codec:
         frame is then decoded with ``decode(..., authenticated=True)`` so the MAC is computed
         once.
         """
-        view = memoryview(frame).cast("B")
+        view = _bytes_view(frame)
         n = view.nbytes
         if n > self.max_frame_bytes:
             raise RemoteProtocolError(f"frame of {n} bytes is over the limit", reason="oversized")
@@ -628,15 +847,20 @@ class Codec:
         """Authenticate (unless ``authenticate`` already passed), check replay, decode."""
         if not authenticated:
             self.authenticate(frame)
-        view = memoryview(frame).cast("B")
-        header = decode_body(view[FRAME_PREFIX:])
-        if not (isinstance(header, list) and len(header) == 6):
+        view = _bytes_view(frame)
+        if view.nbytes < FRAME_PREFIX:
+            raise RemoteProtocolError("truncated frame", reason="truncated")
+        header = decode_body(view[FRAME_PREFIX:], offset=FRAME_PREFIX)
+        if type(header) is not list or len(header) != 6:
             raise RemoteProtocolError("malformed envelope", reason="malformed")
         sender, boot, seq, sent_at, tag, fields = header
         if not (
             type(sender) is str
+            and 0 < len(sender) <= MAX_SENDER_LEN
             and type(boot) is int
+            and boot >= 0
             and type(seq) is int
+            and seq >= 0
             and type(sent_at) is float
         ):
             raise RemoteProtocolError("malformed envelope", reason="malformed")
