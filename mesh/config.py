@@ -63,6 +63,68 @@ class NodeConfig:
 
     # --- transport and discovery (node/transport_ws.py, node/discovery.py) ---
 
+    ws_chunk_bytes: int = 1024 * 1024
+    """Frames above ``ws_small_frame_bytes`` travel in pieces of at most this size, and small
+    frames go between the pieces, so a control message waits behind at most one piece (about
+    1 ms on a 1 GB/s link). Big enough that the per-message cost stays under 1% of a piece."""
+
+    ws_small_frame_bytes: int = 64 * 1024
+    """Frames up to this size are control traffic: they overtake big frames and are coalesced,
+    several to one websocket message, up to this size. Gossip and contract messages are a few
+    hundred bytes; 64 KiB still coalesces hundreds of them per message."""
+
+    ws_send_queue_frames: int = 4096
+    """Small frames queued per peer before ``send`` waits: about a second of the heaviest
+    control traffic, so a peer that stops reading pushes back on the producer quickly."""
+
+    ws_send_queue_bytes: int = 256 * 1024 * 1024
+    """Bytes of big frames queued per peer before ``send`` waits (one frame is always let
+    in, whatever its size). Four 64 MiB arrays keep a gigabit link busy without letting a
+    producer fill the memory."""
+
+    ws_recv_queue_frames: int = 8192
+    """Received frames waiting for ``recv`` before the readers stop reading, which pushes
+    back on the senders through TCP."""
+
+    ws_recv_queue_bytes: int = 512 * 1024 * 1024
+    """Received bytes waiting for ``recv`` before the readers stop reading (one frame is
+    always let in). Bounds what fast senders can make this node hold."""
+
+    ws_reassembly_bytes: int = 256 * 1024 * 1024
+    """Bytes of half-received big frames held at once, over all connections; a connection
+    that would exceed it waits before starting its next big frame. At least
+    ``max_frame_bytes`` is always allowed, so any legal frame gets through."""
+
+    ws_connect_timeout_s: float = 5.0
+    """Bound on opening a peer websocket and exchanging hellos. A LAN answers in
+    milliseconds; 5 s covers a peer busy with a CPU-heavy task or an ARP retry."""
+
+    ws_dial_attempts: int = 3
+    """Dials to an unreachable peer before the frames queued for it are dropped (and
+    counted). The protocols above tolerate loss; holding frames longer only delays them."""
+
+    ws_redial_backoff_s: float = 0.2
+    """Wait after a failed dial, doubled after each further failure. Short enough that a
+    restarting peer is reached again within a second, long enough not to spin."""
+
+    ws_send_timeout_s: float = 30.0
+    """Longest ``send`` waits for room in a full queue before the frame is dropped and
+    counted: a 256 MiB queue drains in about 2 s at gigabit speed, so 30 s means the peer
+    has stopped reading, and the producer must not hang on it."""
+
+    ws_heartbeat_s: float = 10.0
+    """Websocket ping interval; a connection whose pong does not come back within half of
+    it is closed. Catches peers that vanished without closing (power loss, cable). Failure
+    detection proper is gossip's job; this only frees the connection."""
+
+    ws_close_timeout_s: float = 2.0
+    """Bound on the websocket closing handshake, so shutting down never hangs on a peer."""
+
+    mdns_cooperating: bool = True
+    """Register the mDNS service without probing for name conflicts. Instance names are
+    derived from node ids, which are unique, so probing (three queries 250 ms apart, about
+    1.2 s before peers see the node) buys nothing."""
+
     # --- executor and object store (node/executor.py, node/store.py) ---
 
     executor_prestart: bool = True
