@@ -1,0 +1,286 @@
+"""The asyncio driver: runs sans-I/O protocol cores over a Transport in real time.
+
+This is the only place where the cores meet a real clock. The driver reads the clock
+(``time.monotonic`` for the cores, ``time.time`` for the codec's timestamps), decodes frames
+from the transport with the node's ``Codec`` and hands each message to the core that owns
+its wire-type block, encodes what the cores want sent and queues it per destination, and
+keeps ONE timer armed at the earliest ``next_timer()`` of all cores.
+
+It never blocks the event loop: decoding is cheap (arrays are views), sends go through
+per-destination queues drained by sender tasks, and work triggered by local calls (a
+submitted task, a finished task) is coalesced into one step per loop iteration with
+``wake()``. A frame that cannot be accepted is counted by its ``RemoteProtocolError``
+reason and dropped; nothing a peer sends can stop the driver.
+
+It knows nothing about membership or contracts: the owner gives it routes (wire-type
+ranges to cores) and an ``on_step`` hook in which it drains the cores' events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from mesh.codec import Chunks, Codec
+from mesh.core import Core
+from mesh.errors import MeshError, RemoteProtocolError
+from mesh.messages import Address, NodeId, Wire
+from mesh.transport import Transport
+
+log = logging.getLogger(__name__)
+
+MEMBERSHIP_TAGS = range(1, 32)
+CONTRACT_TAGS = range(32, 64)
+NODE_TAGS = range(64, 96)
+
+_MAX_STEP_ROUNDS = 16
+"""Rounds of (local delivery, hook, flush) in one step before yielding to the loop, so that
+two cores talking to themselves cannot starve the transport."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Messages whose wire tag is in ``tags`` go to ``core``."""
+
+    tags: range
+    core: Core
+
+
+class Driver:
+    """Pumps cores over a transport. Start with ``await run()``; ``stop()`` ends it.
+
+    ``on_step(now)`` is called after every batch of received frames, timer expiries and
+    ``wake()`` calls; the owner drains core events there and may call core methods, whose
+    output is flushed in the same step.
+    """
+
+    def __init__(
+        self,
+        *,
+        node: NodeId,
+        transport: Transport,
+        codec: Codec,
+        routes: Sequence[Route],
+        on_step: Callable[[float], None] | None = None,
+        authenticated: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        max_queued_per_peer: int = 100_000,
+    ) -> None:
+        """``authenticated``: the transport already checked each frame's MAC (the
+        websocket transport does, to drop forgers at the connection), so decoding skips it.
+        ``max_queued_per_peer`` bounds the frames waiting for one destination; beyond it
+        new frames are dropped and counted, which the protocols above tolerate as loss."""
+        self.node = node
+        self.transport = transport
+        self.codec = codec
+        self.routes = tuple(routes)
+        self.on_step = on_step
+        self.authenticated = authenticated
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.max_queued_per_peer = max_queued_per_peer
+        self.rejected: Counter[str] = Counter()
+        """Frames dropped on arrival, by ``RemoteProtocolError.reason``."""
+        self.received: Counter[str] = Counter()
+        """Messages accepted by a core, by wire type name (local deliveries included)."""
+        self.sent: Counter[str] = Counter()
+        """Messages queued for sending, by wire type name (local deliveries included)."""
+        self.dropped: Counter[str] = Counter()
+        """Outgoing frames given up on, by cause (``overflow``, ``send-error``, ``encode``)."""
+        self._by_tag: dict[int, Core] = {}
+        for route in self.routes:
+            for tag in route.tags:
+                self._by_tag[tag] = route.core
+        self._cores: tuple[Core, ...] = tuple(dict.fromkeys(r.core for r in self.routes))
+        self._local: deque[Wire] = deque()
+        self._queues: dict[Address, deque[Chunks]] = {}
+        self._senders: dict[Address, asyncio.Task[None]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._wake_pending = False
+        self._stop = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Receive, time and send until ``stop()`` or until the transport closes."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                receiver = tg.create_task(self._receive_loop())
+                self.step()
+                stopper = tg.create_task(self._stop.wait())
+                await asyncio.wait({receiver, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                receiver.cancel()
+                stopper.cancel()
+                for task in list(self._senders.values()):
+                    task.cancel()
+        finally:
+            self._tg = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def stop(self) -> None:
+        """Make ``run()`` return; frames still queued for sending are abandoned."""
+        self._stop.set()
+
+    async def drain(self) -> None:
+        """Wait until every queued frame was handed to the transport (bound it with
+        ``asyncio.timeout``: a peer that stopped reading can hold it up)."""
+        await self._idle.wait()
+
+    # -- stepping -------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Ask for a step soon; calls within one loop iteration share one step."""
+        if self._wake_pending or self._loop is None:
+            return
+        self._wake_pending = True
+        self._loop.call_soon(self.step)
+
+    def step(self) -> None:
+        """Deliver local messages, run the hook, flush outgoing, re-arm the timer."""
+        self._wake_pending = False
+        for _ in range(_MAX_STEP_ROUNDS):
+            now = self.clock()
+            while self._local:
+                self._deliver(self.node, self._local.popleft(), now)
+            if self.on_step is not None:
+                self.on_step(now)
+            if not self._flush() and not self._local:
+                break
+        else:
+            self.wake()
+        self._rearm()
+
+    def _deliver(self, src: NodeId, msg: Wire, now: float) -> None:
+        core = self._by_tag.get(int(msg.TAG))
+        if core is None:
+            self.rejected["unroutable"] += 1
+            return
+        try:
+            core.receive(src, msg, now)
+        except RemoteProtocolError as exc:
+            self.rejected[exc.reason] += 1
+            log.debug("dropped %s from %s: %s", type(msg).__name__, src, exc)
+            return
+        self.received[type(msg).__name__] += 1
+
+    def _flush(self) -> bool:
+        """Queue every core's outgoing messages; True if there were any."""
+        any_out = False
+        me = self.transport.address
+        for core in self._cores:
+            out = core.take_outgoing()
+            if not out:
+                continue
+            any_out = True
+            wall = self.wall_clock()
+            for dst, msg in out:
+                self.sent[type(msg).__name__] += 1
+                if dst == me:
+                    self._local.append(msg)
+                    continue
+                try:
+                    chunks, _ = self.codec.encode(msg, wall)
+                except MeshError as exc:
+                    # Our own message cannot be framed (too big): a bug above, not a peer's.
+                    self.dropped["encode"] += 1
+                    log.error("cannot send %s to %s: %s", type(msg).__name__, dst, exc)
+                    continue
+                self._enqueue(dst, chunks)
+        return any_out
+
+    def _enqueue(self, dst: Address, chunks: Chunks) -> None:
+        queue = self._queues.get(dst)
+        if queue is None:
+            queue = self._queues[dst] = deque()
+        if len(queue) >= self.max_queued_per_peer:
+            self.dropped["overflow"] += 1
+            return
+        queue.append(chunks)
+        self._idle.clear()
+        if dst not in self._senders and self._tg is not None:
+            self._senders[dst] = self._tg.create_task(self._sender(dst, queue))
+
+    async def _sender(self, dst: Address, queue: deque[Chunks]) -> None:
+        try:
+            while queue:
+                chunks = queue.popleft()
+                try:
+                    await self.transport.send(dst, chunks)
+                except (MeshError, ConnectionError, OSError) as exc:
+                    self.dropped["send-error"] += 1
+                    log.debug("send to %s failed: %s", dst, exc)
+        finally:
+            self._senders.pop(dst, None)
+            if not queue:
+                self._queues.pop(dst, None)
+            if not self._queues:
+                self._idle.set()
+
+    # -- time -----------------------------------------------------------------------------
+
+    def _rearm(self) -> None:
+        due: float | None = None
+        for core in self._cores:
+            t = core.next_timer()
+            if t is not None and (due is None or t < due):
+                due = t
+        if due == self._timer_at and self._timer is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = due
+        if due is None or self._loop is None:
+            return
+        self._timer = self._loop.call_later(max(0.0, due - self.clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        now = self.clock()
+        for core in self._cores:
+            t = core.next_timer()
+            if t is not None and t <= now:
+                core.handle_timer(now)
+        self.step()
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        while True:
+            try:
+                frame_bytes = await self.transport.recv()
+            except ConnectionError:
+                return
+            try:
+                frame = self.codec.decode(
+                    frame_bytes, self.wall_clock(), authenticated=self.authenticated
+                )
+            except RemoteProtocolError as exc:
+                self.rejected[exc.reason] += 1
+                continue
+            if frame.sender == self.node:
+                # Someone replaying our own frames at us; we never send to ourselves.
+                self.rejected["self"] += 1
+                continue
+            self._deliver(frame.sender, frame.msg, self.clock())
+            self.wake()
+
+    def inject(self, msg: Wire) -> None:
+        """Deliver ``msg`` to its core as if this node had sent it to itself."""
+        self._local.append(msg)
+        self.wake()
