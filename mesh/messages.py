@@ -34,7 +34,29 @@ class WireType(IntEnum):
     """Type tags on the wire. APPEND-ONLY: these numbers are part of the protocol."""
 
     # --- 1-31: membership and gossip (mesh/membership.py) ---
+    NODE_RECORD = 1
+    SUSPECT = 2
+    DEAD = 3
+    LEFT = 4
+    PING = 5
+    PING_REQ = 6
+    ACK = 7
+    GOSSIP = 8
+    JOIN = 9
+    DIGEST = 10
+    DELTA = 11
     # --- 32-63: contract net (mesh/contract.py) ---
+    CALL_FOR_PROPOSALS = 32
+    PROPOSE = 33
+    REFUSE = 34
+    ACCEPT = 35
+    REJECT = 36
+    CONFIRM = 37
+    DECLINE = 38
+    PROGRESS = 39
+    RESULT = 40
+    FAILURE = 41
+    CANCEL = 42
     # --- 64-79: node: objects and the object store (node/store.py, node/executor.py) ---
     OBJECT_REF = 64
     # --- 80-95: node: peer hello, transfer, API (node/transport_ws.py, node/daemon.py) ---
@@ -169,3 +191,228 @@ class PeerHello(Wire):
     """
 
     address: str
+
+
+# ---------------------------------------------------------------------------------------
+# Contract net (32-63, mesh/contract.py)
+#
+# One auction is one call for proposals: ``cfp`` is its number, unique per initiator, and
+# every answer names it. Task lists are parallel tuples rather than nested structs so that a
+# batch of a thousand no-op tasks costs a thousand strings on the wire, not a thousand maps.
+# ---------------------------------------------------------------------------------------
+
+
+@wire(WireType.CALL_FOR_PROPOSALS)
+class CallForProposals(Wire):
+    """Initiator -> candidate: bid for these tasks, which all share ``requirements``.
+
+    ``inputs`` maps a task id to the bytes of its reference arguments held by each node
+    (only tasks that have any), so a bidder can count the transfer of what it lacks.
+    ``est_runtime_s`` is the submitter's estimate, a seed for bidders with no history.
+    """
+
+    cfp: int
+    requirements: Requirements
+    tasks: tuple[TaskId, ...]
+    est_runtime_s: float | None
+    inputs: dict[TaskId, dict[NodeId, int]]
+
+
+@wire(WireType.PROPOSE)
+class Propose(Wire):
+    """Candidate -> initiator: a bid of ``len(costs)`` slots, cheapest first.
+
+    ``costs[i]`` is the estimated seconds until a task placed in slot ``i`` completes
+    (queue wait plus runtime); ``transfer_s`` adds the input transfer for the tasks whose
+    inputs the bidder lacks. The slots stay softly reserved until the reservation expires.
+    """
+
+    cfp: int
+    costs: tuple[float, ...]
+    transfer_s: dict[TaskId, float]
+
+
+@wire(WireType.REFUSE)
+class Refuse(Wire):
+    """Candidate -> initiator: it can never run these tasks; ``reason`` says what it lacks."""
+
+    cfp: int
+    reason: dict[str, str]
+
+
+@wire(WireType.ACCEPT)
+class Accept(Wire):
+    """Initiator -> bidder: the award of ``tasks`` (a lease), with each task's payload."""
+
+    cfp: int
+    tasks: tuple[TaskId, ...]
+    payloads: tuple[Any, ...]
+
+
+@wire(WireType.REJECT)
+class Reject(Wire):
+    """Initiator -> bidder: nothing of this auction for you; release the reservation."""
+
+    cfp: int
+
+
+@wire(WireType.CONFIRM)
+class Confirm(Wire):
+    """Winner -> initiator: it holds ``tasks`` and will run them."""
+
+    cfp: int
+    tasks: tuple[TaskId, ...]
+
+
+@wire(WireType.DECLINE)
+class Decline(Wire):
+    """Winner -> initiator: it gives ``tasks`` back (its state changed); place them again."""
+
+    cfp: int
+    tasks: tuple[TaskId, ...]
+    reason: str
+
+
+@wire(WireType.PROGRESS)
+class Progress(Wire):
+    """Winner -> initiator: it still holds ``tasks`` (queued or running); renews their lease."""
+
+    tasks: tuple[TaskId, ...]
+
+
+@wire(WireType.RESULT)
+class Result(Wire):
+    """Winner -> initiator: ``tasks`` completed with ``values`` (same order)."""
+
+    tasks: tuple[TaskId, ...]
+    values: tuple[Any, ...]
+
+
+@wire(WireType.FAILURE)
+class Failure(Wire):
+    """Winner -> initiator: ``tasks`` raised; ``errors`` (same order) describe each error."""
+
+    tasks: tuple[TaskId, ...]
+    errors: tuple[Any, ...]
+
+
+@wire(WireType.CANCEL)
+class Cancel(Wire):
+    """Initiator -> winner: stop ``tasks`` and drop their results."""
+
+    tasks: tuple[TaskId, ...]
+
+
+# ---------------------------------------------------------------------------------------
+# Membership and gossip (1-31, mesh/membership.py)
+# ---------------------------------------------------------------------------------------
+
+
+@wire(WireType.NODE_RECORD)
+class NodeRecord(Wire):
+    """A node's own record, written only by that node and gossiped by everyone.
+
+    Records of one node are ordered by ``(incarnation, version)``: ``version`` rises with
+    every change of address, capabilities or load, ``incarnation`` rises when the node
+    refutes a suspicion or a death claim (which resets nothing else).
+    """
+
+    node: NodeId
+    address: Address
+    incarnation: int
+    version: int
+    capabilities: Capabilities
+    load: Load
+
+
+@wire(WireType.SUSPECT)
+class Suspect(Wire):
+    """``by`` could not reach ``node`` at ``incarnation``, directly or through others."""
+
+    node: NodeId
+    incarnation: int
+    by: NodeId
+
+
+@wire(WireType.DEAD)
+class Dead(Wire):
+    """``by`` declared ``node`` dead at ``incarnation`` after its suspicion ran out."""
+
+    node: NodeId
+    incarnation: int
+    by: NodeId
+
+
+@wire(WireType.LEFT)
+class Left(Wire):
+    """``node`` left the mesh on purpose at ``incarnation``."""
+
+    node: NodeId
+    incarnation: int
+
+
+MembershipUpdate = NodeRecord | Suspect | Dead | Left
+"""What gossip disseminates: a record, or a claim about a node's state."""
+
+
+@wire(WireType.PING)
+class Ping(Wire):
+    """A probe; answered with an ``Ack`` of the same ``seq`` sent to ``reply_to``."""
+
+    seq: int
+    reply_to: Address
+    updates: tuple[MembershipUpdate, ...]
+
+
+@wire(WireType.PING_REQ)
+class PingReq(Wire):
+    """Ask the receiver to probe ``target`` and forward its ``Ack`` (with ``seq``) to us."""
+
+    seq: int
+    target: NodeId
+    target_address: Address
+    reply_to: Address
+    updates: tuple[MembershipUpdate, ...]
+
+
+@wire(WireType.ACK)
+class Ack(Wire):
+    """The answer to a ``Ping`` (or a relayed one) with the probe's ``seq``."""
+
+    seq: int
+    updates: tuple[MembershipUpdate, ...]
+
+
+@wire(WireType.GOSSIP)
+class Gossip(Wire):
+    """A regular dissemination round: updates the sender has not yet spread enough."""
+
+    updates: tuple[MembershipUpdate, ...]
+
+
+@wire(WireType.JOIN)
+class Join(Wire):
+    """A node contacting a seed it knows only by address; answered with ``Delta``s."""
+
+    record: NodeRecord
+
+
+@wire(WireType.DIGEST)
+class Digest(Wire):
+    """Anti-entropy: what the sender knows, ``node -> (incarnation, version, state rank)``.
+
+    The state rank is 0 alive, 1 suspect, 2 dead, 3 left. The receiver answers with a
+    ``Delta`` holding what it knows better and naming what it wants.
+    """
+
+    reply_to: Address
+    entries: dict[NodeId, tuple[int, int, int]]
+
+
+@wire(WireType.DELTA)
+class Delta(Wire):
+    """Anti-entropy answer: newer records and claims, and the nodes whose records to send back."""
+
+    reply_to: Address
+    updates: tuple[MembershipUpdate, ...]
+    want: tuple[NodeId, ...]
