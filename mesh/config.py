@@ -34,7 +34,69 @@ class MembershipConfig:
 class ContractConfig:
     """Contract-net task allocation (``mesh/contract.py``)."""
 
-    # fields: owned by the contract core
+    candidates: int = 3
+    """d, the candidates one call for proposals goes to (2..4). Two choices already cut the
+    worst queue from log n / log log n to log log n; a third absorbs one silent or busy
+    candidate without a second round. Messages per task grow as 3d + 2."""
+
+    reply_timeout_s: float = 0.25
+    """How long an initiator waits for bids before deciding with what it has. A LAN round
+    trip is under 1 ms; a loaded node may take a few event-loop turns to answer a batch."""
+
+    reservation_s: float = 1.0
+    """How long a bidder holds the slots it offered. Several reply timeouts, so that an
+    award that arrives late still finds its slots, yet short enough that a lost reject
+    blocks nothing for long."""
+
+    lease_s: float = 15.0
+    """An award lapses if the winner sends no progress for this long; the task is then
+    announced again. Membership normally notices a dead winner first; the lease covers a
+    winner that lives but lost the task (restart, partition)."""
+
+    progress_interval_s: float = 5.0
+    """How often a winner renews the leases of the tasks it holds, one message per
+    initiator. A third of the lease: two progress messages may be lost before it lapses."""
+
+    batch_delay_s: float = 0.002
+    """How long a submitted task waits for others to share its call for proposals. Batching
+    is what throughput rides on; 2 ms is invisible next to any real task."""
+
+    max_batch: int = 256
+    """Most tasks in one call for proposals: bounds a frame and the work of one bid."""
+
+    max_auctions: int = 8
+    """Auctions one initiator keeps open at once; more tasks wait in its queue. Several in
+    flight keep placement going while bids travel, without flooding the mesh."""
+
+    max_offer: int = 64
+    """Most slots one bid offers, whatever the batch size."""
+
+    queue_per_slot: int = 2
+    """Tasks a participant offers to queue per slot beyond those running. Some queue hides
+    the award round trip; a deep one binds tasks early to a node that may turn out slow."""
+
+    widen_rounds: int = 2
+    """Rounds of calls to further candidates when nobody bid, before the task fails."""
+
+    max_attempts: int = 5
+    """Placements of one task (lease lapses, winner deaths) before it fails as lost."""
+
+    default_runtime_s: float = 1.0
+    """Runtime assumed for a task with no history and no estimate from its submitter."""
+
+    runtime_alpha: float = 0.3
+    """Weight of the newest measurement in the runtime average a bid is made from: adapts
+    in a few runs, yet one outlier moves it by under a third."""
+
+    bandwidth_bytes_per_s: float = 100e6
+    """Transfer rate a bid assumes for inputs it lacks: gigabit Ethernet after overhead."""
+
+    record_limit: int = 1000
+    """Auction records kept for ``mesh-node why`` (the most recent tasks)."""
+
+    done_limit: int = 65536
+    """Finished task ids remembered to drop duplicate results; a duplicate older than this
+    many tasks is rejected as unknown instead, so it is never delivered twice either way."""
 
     @classmethod
     def lan(cls) -> Self:
@@ -42,11 +104,27 @@ class ContractConfig:
 
     @classmethod
     def local(cls) -> Self:
-        return cls()
+        """Loopback: replies in microseconds, transfers at memory speed."""
+        return cls(
+            reply_timeout_s=0.1,
+            reservation_s=0.5,
+            lease_s=10.0,
+            progress_interval_s=3.0,
+            batch_delay_s=0.001,
+            bandwidth_bytes_per_s=1e9,
+        )
 
     @classmethod
     def test(cls) -> Self:
-        return cls()
+        """Short enough that a test of a lapse or an expiry runs in well under a second."""
+        return cls(
+            reply_timeout_s=0.05,
+            reservation_s=0.2,
+            lease_s=1.0,
+            progress_interval_s=0.3,
+            batch_delay_s=0.0,
+            bandwidth_bytes_per_s=1e9,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,8 +200,8 @@ class NodeConfig:
 
     mdns_cooperating: bool = True
     """Register the mDNS service without probing for name conflicts. Instance names are
-    derived from node ids, which are unique, so probing (three queries 250 ms apart, about
-    1.2 s before peers see the node) buys nothing."""
+    derived from node ids, which are unique, so probing (three queries before announcing:
+    peers see a new node after about 1.2 s instead of 0.2 s) buys nothing."""
 
     # --- executor and object store (node/executor.py, node/store.py) ---
 
