@@ -235,6 +235,38 @@ class NodeConfig:
 
     # --- daemon, HTTP API, client (node/daemon.py, node/api.py, mesh/client.py) ---
 
+    api_auth_skew_s: float = 60.0
+    """A signed HTTP request whose timestamp is further than this from the node's clock is
+    refused; it also bounds how long nonces are remembered against replays. Clocks on a LAN
+    agree within milliseconds; a minute forgives a laptop without NTP."""
+
+    api_nonce_cache: int = 100_000
+    """Most request nonces remembered within the skew window. Past it the oldest are
+    forgotten and requests older than the newest forgotten one are refused, so memory stays
+    bounded at a few MB however fast clients sign."""
+
+    api_max_body_bytes: int = 1024 * 1024 * 1024
+    """Largest HTTP body or client websocket message: a batch of submissions with array
+    arguments. 1 GiB admits any argument a single machine would sensibly ship."""
+
+    results_kept: int = 100_000
+    """Finished tasks remembered for ``GET /v1/tasks/{id}`` and ``why``: a few hundred bytes
+    each, so 100k (a busy hour) costs tens of MB at most."""
+
+    load_gossip_interval_s: float = 0.5
+    """How often a changed load is written into the node's gossiped record. Load changes
+    with every task; gossiping each change would flood the mesh, and bids carry the exact
+    queue anyway, so gossip only needs to steer which peers get asked."""
+
+    shutdown_grace_s: float = 30.0
+    """On SIGTERM, how long running tasks get to finish before the node leaves anyway;
+    their initiators then place them again. Long enough for typical tasks, short enough
+    for a service manager's stop timeout (systemd's default is 90 s)."""
+
+    object_fetch_timeout_s: float = 300.0
+    """Bound on fetching one referenced argument from its holder: 256 MiB over a congested
+    100 Mbit link takes about 25 s, ten times that still means the holder is stuck."""
+
     @classmethod
     def lan(cls) -> Self:
         return cls()

@@ -61,6 +61,7 @@ class WireType(IntEnum):
     OBJECT_REF = 64
     # --- 80-95: node: peer hello, transfer, API (node/transport_ws.py, node/daemon.py) ---
     PEER_HELLO = 80
+    TASK_CALL = 88
     # --- 96-127: structures shared by several parts ---
     CAPABILITIES = 96
     LOAD = 97
@@ -416,3 +417,23 @@ class Delta(Wire):
     reply_to: Address
     updates: tuple[MembershipUpdate, ...]
     want: tuple[NodeId, ...]
+
+
+# ---------------------------------------------------------------------------------------
+# Node: daemon (88-95, node/daemon.py)
+# ---------------------------------------------------------------------------------------
+
+
+@wire(WireType.TASK_CALL)
+class TaskCall(Wire):
+    """What a task's winner runs: the registered task ``name`` with its arguments.
+
+    The contract core carries it opaquely from the initiator to the winner with the award.
+    ``args`` may hold ``ObjectRef``s, which the winner fetches from their holders first.
+    ``timeout_s`` bounds the run on the winner (None: no bound).
+    """
+
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    timeout_s: float | None
