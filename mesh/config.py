@@ -13,9 +13,99 @@ from typing import Self
 
 @dataclass(frozen=True, kw_only=True)
 class MembershipConfig:
-    """Membership, failure detection and state gossip (``mesh/membership.py``)."""
+    """Membership, failure detection and state gossip (``mesh/membership.py``).
 
-    # fields: owned by the membership core
+    SWIM probing with Lifeguard-style suspicion, infection-style dissemination of updates
+    and a periodic digest-then-delta exchange. ``n`` below is the number of live members
+    (alive or suspect, this node included). The defaults are the LAN preset, measured with
+    ``benchmarks/sim_membership.py`` at N = 10, 100 and 1000 with 5% loss.
+    """
+
+    probe_interval_s: float = 0.4
+    """One probe per period. A crashed node is probed by about ``n / n`` = one peer per
+    period, so the wait for its first failed probe is ~Exp(period): 0.4 s keeps that tail
+    under 2 s while a ping and an ack every 0.4 s cost well under 1 kB/s."""
+
+    probe_timeout_s: float = 0.2
+    """Wait for a direct ack before asking others; LAN round trips are under a millisecond,
+    the rest is room for a busy Python event loop."""
+
+    indirect_checks: int = 3
+    """Peers asked to probe when the direct ack is missing (SWIM's k). With 5% loss a probe
+    then fails falsely with probability ~1e-3, and each false suspicion gets refuted."""
+
+    suspicion_mult: float = 3.5
+    """Suspicion timeout floor = mult * log10(max(n, 10)) * probe_interval: long enough for
+    a suspected node to hear of it and spread its refutation (a few gossip rounds) after a
+    2 s stall of its own loop, short enough to declare a crash dead within 7 s (N=100) and
+    10 s (N=1000)."""
+
+    suspicion_max_mult: float = 2.0
+    """Lifeguard: a suspicion starts at max_mult times the floor and shrinks towards the
+    floor as independent suspicions arrive (``indirect_checks`` of them reach the floor), so
+    one confused prober alone convicts slowly."""
+
+    gossip_interval_s: float = 0.1
+    """Dissemination round. Push gossip to ``gossip_fanout`` peers needs ~log_4(n) + ln(n)/3
+    rounds (about 8 at n = 1000), so 0.1 s keeps record convergence near 1 s."""
+
+    gossip_fanout: int = 3
+    """Peers each round's updates go to; 3 reaches n = 1000 within 10 rounds under 5% loss."""
+
+    retransmit_mult: float = 2.0
+    """Each update is sent ceil(mult * ln(n + 1)) times by every node that learns it by
+    gossip (14 at n = 1000): then the chance that a given node misses it is about
+    exp(-14 * 0.95) ~ 2e-6, and anti-entropy repairs the rest."""
+
+    max_updates_per_message: int = 8
+    """Updates piggybacked per message, least-sent first; keeps gossip frames small."""
+
+    anti_entropy_interval_s: float = 5.0
+    """Floor of the period of the digest exchange with one random peer; see next field."""
+
+    anti_entropy_s_per_member: float = 0.02
+    """The digest grows with n (~20 bytes a member), so its period grows too:
+    max(floor, n * this) is 20 s at n = 1000, ~2 kB/s per node."""
+
+    reconnect_interval_s: float = 5.0
+    """How often one dead or purged node is pinged with its own death claim: if it lives
+    (a healed partition, a restart) it refutes and rejoins."""
+
+    join_retry_s: float = 2.0
+    """Seeds are contacted again this often while no other member is known alive."""
+
+    dead_grace_s: float = 30.0
+    """A dead or departed node stays listed this long (so every part sees it go) before
+    it is purged."""
+
+    tombstone_s: float = 300.0
+    """After a purge, stale gossip about the node at its old incarnation is refused this
+    long, so a laggard peer cannot resurrect a ghost; a refutation from the node itself
+    is accepted at any time."""
+
+    stall_threshold_s: float = 1.0
+    """``now`` past the requested timer by more than this means this node's own loop
+    stalled: suspicions it holds restart, its outstanding probe convicts nobody, and it
+    refutes pre-emptively. LAN event loops hiccup for tens of milliseconds, not seconds."""
+
+    record_min_interval_s: float = 1.0
+    """Own record changes (load) are coalesced to at most one version per this interval."""
+
+    record_updates_per_s: float = 4.0
+    """Cluster-wide budget of record versions per second: each costs every node about
+    ``retransmit`` * record size (~3.5 kB at n = 1000), so a node publishes load at most
+    every max(record_min_interval_s, n / budget) s (250 s at n = 1000, 25 s at n = 100):
+    load is coarse by design, the rest of 150 kbps goes to probes and anti-entropy."""
+
+    max_members: int = 4096
+    """Members (any state) and tombstones each kept at most: gossip naming more unknown
+    nodes is refused and counted, so no peer can grow this node's memory without bound."""
+
+    max_events: int = 10_000
+    """Undrained events kept; older ones are dropped (and counted) if no one takes them."""
+
+    max_relays: int = 256
+    """Indirect probes relayed for others at once; more requests are refused."""
 
     @classmethod
     def lan(cls) -> Self:
@@ -23,11 +113,29 @@ class MembershipConfig:
 
     @classmethod
     def local(cls) -> Self:
-        return cls()
+        """Several nodes on one machine: loopback is fast, but the CPUs are shared."""
+        return cls(probe_timeout_s=0.3, stall_threshold_s=1.5, record_min_interval_s=0.5)
 
     @classmethod
     def test(cls) -> Self:
-        return cls()
+        """Fast tests: everything ten times quicker, grace periods short."""
+        return cls(
+            probe_interval_s=0.1,
+            probe_timeout_s=0.04,
+            gossip_interval_s=0.02,
+            anti_entropy_interval_s=0.5,
+            anti_entropy_s_per_member=0.0,
+            reconnect_interval_s=0.5,
+            join_retry_s=0.2,
+            dead_grace_s=2.0,
+            tombstone_s=10.0,
+            stall_threshold_s=0.3,
+            record_min_interval_s=0.0,
+            record_updates_per_s=1e9,
+            max_members=256,
+            max_events=1000,
+            max_relays=32,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
