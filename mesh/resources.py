@@ -12,6 +12,7 @@ contract core's business, not this module's: busy is not incapable.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
@@ -104,7 +105,7 @@ def check(requirements: Requirements, capabilities: Capabilities) -> dict[str, o
     return out
 
 
-def merge_reasons(reasons: list[dict[str, object]]) -> dict[str, object]:
+def merge_reasons(reasons: Iterable[Mapping[str, object]]) -> dict[str, object]:
     """Combine the refusal reasons of several nodes into one, for ``NoCapablePeerError``.
 
     Each key keeps every distinct value seen, so that "one node lacks a GPU, the other lacks

@@ -1,0 +1,1428 @@
+"""Contract-net task allocation: a sans-I/O core playing initiator and participant.
+
+The node a task is submitted to is its *initiator*: it calls for proposals from d capable
+candidates (sampled with a bias to low gossiped load and to the holders of the task's
+inputs), awards each task to the lowest bid, releases the other bidders, and holds the
+award as a lease that progress messages renew. Every node is also a *participant*: it bids
+its estimated seconds to completion for the tasks it can ever run, refuses with a
+structured reason those it cannot, reserves the slots it offered for a short while, and
+runs what it was awarded without ever exceeding its resources.
+
+Throughput comes from batching: tasks with the same requirements queued in one initiator
+share one call for proposals, a bid offers several slots, an award names several tasks, and
+results and failures to one initiator leave as one message per ``take_outgoing``.
+
+The initiator's task states and their legal transitions are the data in ``TRANSITIONS``;
+an illegal one is a bug here and raises ``LocalProtocolError``. Peer input that cannot be
+accepted raises ``RemoteProtocolError`` (counted in ``stats()`` under ``rejected.<reason>``)
+and leaves the state unchanged.
+
+This module may not import asyncio, aiohttp, zeroconf, socket or time, and may not read a
+clock: ``now`` is always an argument, and randomness comes from the ``rng`` passed in.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final
+
+from mesh.config import ContractConfig
+from mesh.core import MemberState, MemberView, PeerView
+from mesh.errors import (
+    LocalProtocolError,
+    MeshError,
+    NoCapablePeerError,
+    RemoteProtocolError,
+    TaskError,
+    TaskLostError,
+)
+from mesh.messages import (
+    Accept,
+    Address,
+    CallForProposals,
+    Cancel,
+    Capabilities,
+    Confirm,
+    Decline,
+    Failure,
+    Load,
+    NodeId,
+    Progress,
+    Propose,
+    Refuse,
+    Reject,
+    Requirements,
+    Result,
+    TaskId,
+    Wire,
+)
+from mesh.resources import check, demand, invalid, merge_reasons
+
+INF: Final = math.inf
+MAX_CFP_TASKS: Final = 4096
+"""Hard bound on tasks in a received call for proposals, whatever the sender's config."""
+
+_EPS: Final = 1e-9
+
+# ---------------------------------------------------------------------------------------
+# Public value types
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskSpec:
+    """What an initiator auctions: the task's identity, needs and where its inputs live."""
+
+    task_id: TaskId
+    requirements: Requirements
+    input_bytes: dict[NodeId, int] = field(default_factory=dict)
+    """Bytes of reference arguments held by each node: bids count the transfer of the rest."""
+    est_runtime_s: float | None = None
+    """The submitter's runtime estimate; seeds bidders that have no history for the task."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Execute:
+    """Participant: run ``task_id`` with ``payload``, then call ``task_finished``."""
+
+    task_id: TaskId
+    initiator: NodeId
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelExecution:
+    """Participant: stop ``task_id``; still call ``task_finished`` once it has stopped."""
+
+    task_id: TaskId
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Completed:
+    """Initiator: ``task_id`` finished on ``node`` with ``value``; delivered once per task."""
+
+    task_id: TaskId
+    node: NodeId
+    value: Any
+
+
+FAILED_TASK: Final = "task-error"
+FAILED_NO_PEER: Final = "no-capable-peer"
+FAILED_NO_BIDS: Final = "no-bids"
+FAILED_LOST: Final = "lost"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Failed:
+    """Initiator: ``task_id`` ended without a result; delivered once per task.
+
+    ``kind`` is ``task-error`` (it raised on ``node``; ``details`` is what that node
+    reported), ``no-capable-peer`` (``details["missing"]`` names what every candidate
+    lacked), ``no-bids`` (candidates exist but none answered) or ``lost`` (every placement
+    failed).
+    """
+
+    task_id: TaskId
+    node: NodeId | None
+    kind: str
+    message: str
+    details: dict[str, Any]
+
+    def error(self) -> MeshError:
+        """The exception a submitter should see for this failure."""
+        if self.kind == FAILED_TASK:
+            return TaskError(
+                self.message,
+                task_id=self.task_id,
+                node=self.node or "",
+                exc_type=str(self.details.get("exc_type", "")),
+                remote_traceback=str(self.details.get("traceback", "")),
+            )
+        if self.kind == FAILED_NO_PEER:
+            missing = self.details.get("missing", {})
+            return NoCapablePeerError(
+                str(self.details.get("task", "")), missing if isinstance(missing, dict) else {}
+            )
+        return TaskLostError(f"task {self.task_id}: {self.message}")
+
+
+ContractEvent = Execute | CancelExecution | Completed | Failed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundRecord:
+    """One call for proposals as its initiator saw it."""
+
+    cfp: int
+    at: float
+    asked: tuple[NodeId, ...]
+    bids: dict[NodeId, float]
+    """Each bidder's cheapest slot (seconds to completion, before transfer)."""
+    slots: dict[NodeId, int]
+    refusals: dict[NodeId, dict[str, str]]
+    silent: tuple[NodeId, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuctionRecord:
+    """How one task was placed, for ``mesh-node why``."""
+
+    task_id: TaskId
+    task: str
+    submitted_at: float
+    state: str
+    rounds: tuple[RoundRecord, ...]
+    winner: NodeId | None
+    cost_s: float | None
+    why: str
+    attempts: int
+
+
+# ---------------------------------------------------------------------------------------
+# Initiator state machine
+# ---------------------------------------------------------------------------------------
+
+
+class TaskState(StrEnum):
+    """Where a task is in its initiator."""
+
+    QUEUED = "queued"  # waiting for a call for proposals
+    AUCTION = "auction"  # in an open call for proposals
+    AWARDED = "awarded"  # accept sent, winner has not confirmed
+    HELD = "held"  # winner confirmed (or reported progress); lease running
+
+
+TRANSITIONS: Final[dict[tuple[TaskState, str], TaskState]] = {
+    (TaskState.QUEUED, "call"): TaskState.AUCTION,
+    (TaskState.AUCTION, "award"): TaskState.AWARDED,
+    (TaskState.AUCTION, "unplaced"): TaskState.QUEUED,  # no slot left, or widening
+    (TaskState.AWARDED, "confirm"): TaskState.HELD,
+    (TaskState.AWARDED, "progress"): TaskState.HELD,  # the confirm was lost
+    (TaskState.AWARDED, "next-bid"): TaskState.AWARDED,
+    (TaskState.HELD, "progress"): TaskState.HELD,
+    (TaskState.AWARDED, "again"): TaskState.QUEUED,  # declined, lapsed, or winner died
+    (TaskState.HELD, "again"): TaskState.QUEUED,
+}
+"""(state, event) -> next state. Anything missing is illegal. Every state may also end
+(result, failure, cancel): the task then leaves the table."""
+
+
+class _Task:
+    __slots__ = (
+        "attempts",
+        "auction",
+        "cost",
+        "ended",
+        "exclude",
+        "key",
+        "lease_until",
+        "payload",
+        "rounds",
+        "spec",
+        "state",
+        "submitted_at",
+        "why",
+        "widened",
+        "winner",
+        "winner_incarnation",
+        "winners",
+    )
+
+    def __init__(self, spec: TaskSpec, payload: Any, key: _Key, now: float) -> None:
+        self.spec = spec
+        self.payload = payload
+        self.key = key
+        self.state = TaskState.QUEUED
+        self.submitted_at = now
+        self.winner: NodeId | None = None
+        self.winner_incarnation = 0
+        self.winners: set[NodeId] = set()
+        self.lease_until = INF
+        self.attempts = 0
+        self.auction: _Auction | None = None
+        self.rounds: list[RoundRecord] = []
+        self.cost: float | None = None
+        self.why = "waiting for a call for proposals"
+        self.exclude: frozenset[NodeId] = frozenset()
+        self.widened = 0
+        self.ended = ""
+
+    def move(self, event: str) -> None:
+        nxt = TRANSITIONS.get((self.state, event))
+        if nxt is None:
+            raise LocalProtocolError(f"task {self.spec.task_id}: no {event!r} from {self.state}")
+        self.state = nxt
+
+
+_Key = tuple[Any, ...]
+
+
+class _Group:
+    """Queued tasks that can share one call for proposals (same requirements, estimate)."""
+
+    __slots__ = ("est", "queue", "requirements")
+
+    def __init__(self, requirements: Requirements, est: float | None) -> None:
+        self.requirements = requirements
+        self.est = est
+        self.queue: deque[_Task] = deque()
+
+
+class _Auction:
+    __slots__ = (
+        "asked",
+        "bids",
+        "cfp",
+        "deadline",
+        "decided",
+        "decliners",
+        "group",
+        "next_slot",
+        "refusals",
+        "round",
+        "tasks",
+    )
+
+    def __init__(
+        self, cfp: int, group: _Group, tasks: list[_Task], asked: list[NodeId], deadline: float
+    ) -> None:
+        self.cfp = cfp
+        self.group = group
+        self.tasks = tasks
+        self.asked = asked
+        self.deadline = deadline
+        self.bids: dict[NodeId, Propose] = {}
+        self.refusals: dict[NodeId, dict[str, str]] = {}
+        self.next_slot: dict[NodeId, int] = {}
+        self.decliners: set[NodeId] = set()
+        self.decided = False
+        self.round: RoundRecord | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Participant state
+# ---------------------------------------------------------------------------------------
+
+
+class _Held:
+    __slots__ = (
+        "cancelled",
+        "cfp",
+        "est",
+        "initiator",
+        "need",
+        "payload",
+        "req",
+        "seed",
+        "started",
+        "task_id",
+    )
+
+    def __init__(self, task_id: TaskId, res: _Reservation, payload: Any) -> None:
+        self.task_id = task_id
+        self.initiator = res.initiator
+        self.cfp = res.cfp
+        self.req = res.requirements
+        self.need = res.need
+        self.est = res.est
+        self.seed = res.seed
+        self.payload = payload
+        self.started: float | None = None
+        self.cancelled = False
+
+
+class _Reservation:
+    __slots__ = (
+        "cfp",
+        "est",
+        "expires",
+        "forget_at",
+        "initiator",
+        "need",
+        "offered",
+        "requirements",
+        "reserved",
+        "seed",
+        "taken",
+        "tasks",
+    )
+
+    def __init__(
+        self,
+        initiator: NodeId,
+        cfp: int,
+        msg: CallForProposals,
+        need: dict[str, float],
+        est: float,
+        offered: int,
+        now: float,
+        config: ContractConfig,
+    ) -> None:
+        self.initiator = initiator
+        self.cfp = cfp
+        self.requirements = msg.requirements
+        self.tasks = frozenset(msg.tasks)
+        self.need = need
+        self.est = est
+        self.seed = msg.est_runtime_s
+        self.offered = offered
+        self.reserved = offered
+        self.taken = 0
+        self.expires = now + config.reservation_s
+        # Long enough to tell a late award (decline it) from one never solicited (reject it).
+        self.forget_at = now + max(config.lease_s, 4 * config.reservation_s)
+
+
+def _finite_nonneg(x: float) -> bool:
+    return math.isfinite(x) and x >= 0.0
+
+
+def _limiting(need: dict[str, float], have: dict[str, float]) -> tuple[str, int]:
+    """The resource that bounds how many such tasks run at once, and that bound."""
+    best_key, best = "cpu", 1 << 30
+    for k, v in need.items():
+        if v <= 0:
+            continue
+        lanes = int(have.get(k, 0.0) / v + _EPS)
+        if lanes < best:
+            best_key, best = k, lanes
+    return best_key, best
+
+
+def _req_key(req: Requirements, est: float | None) -> _Key:
+    return (
+        req.task,
+        tuple(sorted(req.resources.items())),
+        tuple(sorted(req.libraries.items())),
+        tuple(sorted(req.labels.items())),
+        est,
+    )
+
+
+class Contract:
+    """The contract-net core of one node (``mesh.core.Core``)."""
+
+    def __init__(
+        self,
+        *,
+        node: NodeId,
+        config: ContractConfig,
+        rng: random.Random,
+        peers: PeerView,
+        capabilities: Capabilities,
+    ) -> None:
+        if config.candidates < 1:
+            raise LocalProtocolError("ContractConfig.candidates must be at least 1")
+        self._node = node
+        self._cfg = config
+        self._rng = rng
+        self._peers = peers
+        self._caps = capabilities
+        self._accepting = True
+        self._out: list[tuple[Address, Wire]] = []
+        self._events: list[ContractEvent] = []
+        self._loop: deque[tuple[NodeId, Wire]] = deque()
+        self._stats: Counter[str] = Counter()
+        # initiator
+        self._tasks: dict[TaskId, _Task] = {}
+        self._groups: dict[_Key, _Group] = {}
+        self._auctions: dict[int, _Auction] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        # Random base: a restarted initiator never reuses the numbers of its previous life.
+        self._cfp_base = rng.randrange(1 << 40)
+        self._next_cfp = self._cfp_base
+        self._flush_at = INF
+        self._sweep_at = INF
+        self._done: OrderedDict[TaskId, frozenset[NodeId]] = OrderedDict()
+        self._records: OrderedDict[TaskId, _Task] = OrderedDict()
+        self._match_cache: dict[_Key, dict[NodeId, tuple[Capabilities, dict[str, object]]]] = {}
+        # participant
+        self._reservations: dict[tuple[NodeId, int], _Reservation] = {}
+        self._res_expiry: deque[_Reservation] = deque()
+        self._res_forget: deque[_Reservation] = deque()
+        self._queue: deque[_Held] = deque()
+        self._running: dict[TaskId, _Held] = {}
+        self._held: dict[TaskId, _Held] = {}
+        self._used: dict[str, float] = {}
+        self._history: dict[str, float] = {}
+        self._speed = 1.0  # measured / estimated runtime, over every task with an estimate
+        self._progress_at = INF
+        self._results: dict[NodeId, tuple[list[TaskId], list[Any]]] = {}
+        self._failures: dict[NodeId, tuple[list[TaskId], list[Any]]] = {}
+
+    # -----------------------------------------------------------------------------------
+    # Core protocol
+    # -----------------------------------------------------------------------------------
+
+    def receive(self, src: NodeId, msg: Wire, now: float) -> None:
+        try:
+            self._dispatch(src, msg, now)
+        except RemoteProtocolError as exc:
+            self._stats[f"rejected.{exc.reason}"] += 1
+            raise
+        self._drain(now)
+
+    def handle_timer(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, cfp = heapq.heappop(self._deadlines)
+            auction = self._auctions.get(cfp)
+            if auction is not None:
+                self._decide(auction, now)
+        self._expire_reservations(now)
+        if self._sweep_at <= now:
+            self._sweep_leases(now)
+        if self._progress_at <= now:
+            self._send_progress(now)
+        if self._flush_at <= now:
+            self._flush(now)
+        self._drain(now)
+
+    def next_timer(self) -> float | None:
+        t = min(self._flush_at, self._sweep_at, self._progress_at)
+        if self._deadlines:
+            t = min(t, self._deadlines[0][0])
+        if self._res_expiry:
+            t = min(t, self._res_expiry[0].expires)
+        if self._res_forget:
+            t = min(t, self._res_forget[0].forget_at)
+        return None if t == INF else t
+
+    def take_outgoing(self) -> list[tuple[Address, Wire]]:
+        for dst, (ids, values) in self._results.items():
+            self._send_remote(dst, Result(tasks=tuple(ids), values=tuple(values)))
+        for dst, (ids, errors) in self._failures.items():
+            self._send_remote(dst, Failure(tasks=tuple(ids), errors=tuple(errors)))
+        self._results.clear()
+        self._failures.clear()
+        out, self._out = self._out, []
+        return out
+
+    def take_events(self) -> list[ContractEvent]:
+        """What the driver must do (participant) or deliver (initiator); clears them."""
+        events, self._events = self._events, []
+        return events
+
+    # -----------------------------------------------------------------------------------
+    # Initiator API
+    # -----------------------------------------------------------------------------------
+
+    def submit(self, spec: TaskSpec, payload: Any, now: float) -> None:
+        """Auction ``spec``; ``payload`` goes, opaque, to the winner only, with the award."""
+        if spec.task_id in self._tasks or spec.task_id in self._done:
+            raise LocalProtocolError(f"task id {spec.task_id} was already submitted")
+        why = invalid(spec.requirements)
+        if why is not None:
+            raise LocalProtocolError(f"task {spec.task_id}: {why}")
+        if spec.est_runtime_s is not None and not _finite_nonneg(spec.est_runtime_s):
+            raise LocalProtocolError(f"task {spec.task_id}: bad runtime estimate")
+        if any(b < 0 for b in spec.input_bytes.values()):
+            raise LocalProtocolError(f"task {spec.task_id}: negative input size")
+        key = _req_key(spec.requirements, spec.est_runtime_s)
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group(spec.requirements, spec.est_runtime_s)
+        task = _Task(spec, payload, key, now)
+        self._tasks[spec.task_id] = task
+        group.queue.append(task)
+        self._stats["submitted"] += 1
+        if len(group.queue) >= self._cfg.max_batch:
+            self._flush_at = now
+        else:
+            self._flush_at = min(self._flush_at, now + self._cfg.batch_delay_s)
+
+    def cancel(self, task_id: TaskId, now: float) -> None:
+        """Stop caring about ``task_id``: no event will be delivered for it."""
+        task = self._tasks.get(task_id)
+        if task is None:
+            return
+        if task.state in (TaskState.AWARDED, TaskState.HELD) and task.winner is not None:
+            self._send(task.winner, Cancel(tasks=(task_id,)))
+        self._end(task, "cancelled")
+        self._stats["cancelled"] += 1
+        self._drain(now)
+
+    def peer_down(self, node: NodeId, now: float) -> None:
+        """Membership saw ``node`` die or leave: place its tasks again, drop its work here."""
+        if node == self._node:
+            return
+        self._stats["peers_down"] += 1
+        again = [
+            t
+            for t in self._tasks.values()
+            if t.winner == node and t.state in (TaskState.AWARDED, TaskState.HELD)
+        ]
+        for task in again:
+            self._again(task, f"winner {node} went down", now, cancel=False, count=True)
+        for auction in list(self._auctions.values()):
+            if node in auction.asked and node not in auction.bids:
+                auction.refusals.setdefault(node, {})
+                if self._all_answered(auction):
+                    self._decide(auction, now)
+        # Its submitters are gone with it: nobody wants these results.
+        for key in [k for k in self._reservations if k[0] == node]:
+            self._reservations[key].reserved = 0
+        for held in list(self._held.values()):
+            if held.initiator == node:
+                self._drop_held(held)
+        self._drain(now)
+
+    # -----------------------------------------------------------------------------------
+    # Participant API
+    # -----------------------------------------------------------------------------------
+
+    def task_finished(self, task_id: TaskId, ok: bool, value: Any, now: float) -> None:
+        """The driver ran (or stopped) ``task_id``: free its slot and report the outcome."""
+        held = self._running.pop(task_id, None)
+        if held is None:
+            raise LocalProtocolError(f"task {task_id} is not running here")
+        self._held.pop(task_id, None)
+        for k, v in held.need.items():
+            self._used[k] = self._used.get(k, 0.0) - v
+        if held.started is not None and ok and not held.cancelled:
+            self._learn(held, now - held.started)
+        if held.cancelled:
+            self._stats["cancelled_runs"] += 1
+        elif held.initiator == self._node:
+            msg: Wire = (
+                Result(tasks=(task_id,), values=(value,))
+                if ok
+                else Failure(tasks=(task_id,), errors=(value,))
+            )
+            self._loop.append((self._node, msg))
+        else:
+            buf = self._results if ok else self._failures
+            ids, values = buf.setdefault(held.initiator, ([], []))
+            ids.append(task_id)
+            values.append(value)
+        self._stats["finished_ok" if ok else "finished_error"] += 1
+        self._start_ready(now)
+        self._drain(now)
+
+    def set_capabilities(self, capabilities: Capabilities, now: float) -> None:
+        """The node's capabilities changed: give back queued tasks it can no longer run."""
+        self._caps = capabilities
+        back = [
+            h
+            for h in self._queue
+            if not h.cancelled and h.task_id not in self._running and self._cannot_run(h)
+        ]
+        self._give_back(back, "incapable")
+        self._start_ready(now)
+        self._drain(now)
+
+    def set_accepting(self, accepting: bool, now: float) -> None:
+        """Graceful shutdown: stop bidding and give back tasks that have not started."""
+        self._accepting = accepting
+        if not accepting:
+            self._give_back(
+                [h for h in self._queue if not h.cancelled and h.task_id not in self._running],
+                "leaving",
+            )
+        self._drain(now)
+
+    def load(self) -> Load:
+        """Running, queued and backlog (committed seconds per slot), for gossip."""
+        slots = max(1.0, self._caps.resources.get("cpu", 1.0))
+        queued = sum(1 for h in self._queue if not h.cancelled and h.started is None)
+        reserved = sum(r.reserved for r in self._reservations.values())
+        work = sum(h.est for h in self._held.values())
+        work += sum(r.reserved * r.est for r in self._reservations.values())
+        return Load(running=len(self._running), queued=queued + reserved, backlog_s=work / slots)
+
+    # -----------------------------------------------------------------------------------
+    # Introspection
+    # -----------------------------------------------------------------------------------
+
+    def record(self, task_id: TaskId) -> AuctionRecord | None:
+        """How ``task_id`` was (or is being) placed; kept for the most recent tasks."""
+        task = self._tasks.get(task_id) or self._records.get(task_id)
+        if task is None:
+            return None
+        return AuctionRecord(
+            task_id=task.spec.task_id,
+            task=task.spec.requirements.task,
+            submitted_at=task.submitted_at,
+            state=task.ended or str(task.state),
+            rounds=tuple(task.rounds),
+            winner=task.winner,
+            cost_s=task.cost,
+            why=task.why,
+            attempts=task.attempts,
+        )
+
+    def stats(self) -> dict[str, int]:
+        """Counters: messages by kind, awards, declines, reannounces, rejections by reason."""
+        return dict(self._stats)
+
+    @property
+    def node(self) -> NodeId:
+        return self._node
+
+    # -----------------------------------------------------------------------------------
+    # Sending
+    # -----------------------------------------------------------------------------------
+
+    def _send(self, dst: NodeId, msg: Wire) -> None:
+        if dst == self._node:
+            self._loop.append((dst, msg))
+        else:
+            self._send_remote(dst, msg)
+
+    def _send_remote(self, dst: NodeId, msg: Wire) -> None:
+        member = self._peers.member(dst)
+        if member is None:
+            self._stats["unroutable"] += 1
+            return
+        self._out.append((member.address, msg))
+        self._stats[f"sent.{type(msg).__name__}"] += 1
+
+    def _drain(self, now: float) -> None:
+        while self._loop:
+            src, msg = self._loop.popleft()
+            try:
+                self._dispatch(src, msg, now)
+            except RemoteProtocolError as exc:
+                raise LocalProtocolError(f"own message rejected: {exc}") from exc
+
+    def _dispatch(self, src: NodeId, msg: Wire, now: float) -> None:
+        if isinstance(msg, CallForProposals):
+            self._on_cfp(src, msg, now)
+        elif isinstance(msg, Propose):
+            self._on_propose(src, msg, now)
+        elif isinstance(msg, Refuse):
+            self._on_refuse(src, msg, now)
+        elif isinstance(msg, Accept):
+            self._on_accept(src, msg, now)
+        elif isinstance(msg, Reject):
+            self._on_reject(src, msg)
+        elif isinstance(msg, Confirm):
+            self._on_confirm(src, msg, now)
+        elif isinstance(msg, Decline):
+            self._on_decline(src, msg, now)
+        elif isinstance(msg, Progress):
+            self._on_progress(src, msg, now)
+        elif isinstance(msg, Result | Failure):
+            self._on_outcome(src, msg, now)
+        elif isinstance(msg, Cancel):
+            self._on_cancel(src, msg)
+        else:
+            raise RemoteProtocolError(
+                f"{type(msg).__name__} is not a contract message", reason="unexpected"
+            )
+
+    # -----------------------------------------------------------------------------------
+    # Initiator: candidates, calls for proposals, decisions
+    # -----------------------------------------------------------------------------------
+
+    def _match(self, group: _Group) -> tuple[list[MemberView], dict[str, object]]:
+        """Live capable members, and what the others lack (for ``NoCapablePeerError``)."""
+        key = _req_key(group.requirements, None)
+        cache = self._match_cache.get(key)
+        if cache is None:
+            if len(self._match_cache) > 1024:
+                self._match_cache.clear()
+            cache = self._match_cache[key] = {}
+        capable: list[MemberView] = []
+        lacking: list[dict[str, object]] = []
+        for m in self._peers.members():
+            if m.state != MemberState.ALIVE:
+                continue
+            if m.node == self._node and not self._accepting:
+                continue
+            hit = cache.get(m.node)
+            if hit is None or hit[0] is not m.capabilities:
+                hit = (m.capabilities, check(group.requirements, m.capabilities))
+                cache[m.node] = hit
+            if hit[1]:
+                lacking.append(hit[1])
+            else:
+                capable.append(m)
+        return capable, merge_reasons(lacking)
+
+    def _sample(self, candidates: list[MemberView], tasks: list[_Task], est: float) -> list[NodeId]:
+        """d candidates, weighted to low backlog and to holders of the batch's inputs."""
+        d = self._cfg.candidates
+        if len(candidates) <= d:
+            return [m.node for m in candidates]
+        held: dict[NodeId, int] = {}
+        total = 0
+        for t in tasks:
+            for n, b in t.spec.input_bytes.items():
+                held[n] = held.get(n, 0) + b
+                total += b
+        per_task = 1.0 / (len(tasks) * self._cfg.bandwidth_bytes_per_s)
+        rng = self._rng.random
+        keyed: list[tuple[float, NodeId]] = []
+        for m in candidates:
+            score = est + m.load.backlog_s
+            if total:
+                score += (total - held.get(m.node, 0)) * per_task
+            # Efraimidis-Spirakis: the d largest u ** (1 / weight), weight = 1 / score.
+            keyed.append((math.log(rng() or _EPS) * score, m.node))
+        return [n for _, n in heapq.nlargest(d, keyed)]
+
+    def _flush(self, now: float) -> None:
+        self._flush_at = INF
+        progress = True
+        while progress and len(self._auctions) < self._cfg.max_auctions:
+            progress = False
+            for key, group in list(self._groups.items()):
+                if len(self._auctions) >= self._cfg.max_auctions:
+                    break
+                batch: list[_Task] = []
+                while group.queue and len(batch) < self._cfg.max_batch:
+                    t = group.queue.popleft()
+                    if t.state is TaskState.QUEUED and not t.ended:
+                        batch.append(t)
+                if not group.queue:
+                    del self._groups[key]
+                if batch:
+                    self._call(group, batch, frozenset(), now)
+                    progress = True
+
+    def _call(
+        self, group: _Group, tasks: list[_Task], exclude: frozenset[NodeId], now: float
+    ) -> None:
+        """Open one auction for ``tasks`` among capable candidates outside ``exclude``."""
+        candidates, lacking = self._match(group)
+        if exclude:
+            candidates = [m for m in candidates if m.node not in exclude]
+        if not candidates:
+            if exclude:
+                self._fail_unplaced(tasks, lacking, now)
+            else:
+                self._stats["no_capable"] += len(tasks)
+                name = group.requirements.task
+                for t in tasks:
+                    self._fail(
+                        t,
+                        FAILED_NO_PEER,
+                        str(NoCapablePeerError(name, lacking)),
+                        {"task": name, "missing": lacking},
+                        None,
+                    )
+            return
+        est = group.est if group.est is not None else self._cfg.default_runtime_s
+        chosen = self._sample(candidates, tasks, est)
+        cfp = self._next_cfp
+        self._next_cfp += 1
+        deadline = now + self._cfg.reply_timeout_s
+        auction = _Auction(cfp, group, tasks, chosen, deadline)
+        for t in tasks:
+            t.move("call")
+            t.auction = auction
+        msg = CallForProposals(
+            cfp=cfp,
+            requirements=group.requirements,
+            tasks=tuple(t.spec.task_id for t in tasks),
+            est_runtime_s=group.est,
+            inputs={t.spec.task_id: t.spec.input_bytes for t in tasks if t.spec.input_bytes},
+        )
+        self._auctions[cfp] = auction
+        heapq.heappush(self._deadlines, (deadline, cfp))
+        self._stats["auctions"] += 1
+        for n in chosen:
+            self._send(n, msg)
+
+    def _auction_for(self, src: NodeId, cfp: int) -> _Auction | None:
+        """The open auction ``cfp`` that asked ``src``; None for a late answer."""
+        auction = self._auctions.get(cfp)
+        if auction is None:
+            if self._cfp_base <= cfp < self._next_cfp:
+                self._stats["late_answers"] += 1
+                return None
+            raise RemoteProtocolError(f"no call for proposals {cfp}", reason="unknown-cfp")
+        if src not in auction.asked:
+            raise RemoteProtocolError(f"{src} was not asked in {cfp}", reason="not-asked")
+        if src in auction.bids or src in auction.refusals:
+            raise RemoteProtocolError(f"{src} answered {cfp} twice", reason="duplicate")
+        return auction
+
+    @staticmethod
+    def _all_answered(auction: _Auction) -> bool:
+        return len(auction.bids) + len(auction.refusals) >= len(auction.asked)
+
+    def _on_propose(self, src: NodeId, msg: Propose, now: float) -> None:
+        auction = self._auction_for(src, msg.cfp)
+        if auction is None:
+            return
+        if not msg.costs or len(msg.costs) > MAX_CFP_TASKS:
+            raise RemoteProtocolError("a bid must offer at least one slot", reason="bad-cost")
+        if not all(_finite_nonneg(c) for c in msg.costs):
+            raise RemoteProtocolError("bid costs must be finite and >= 0", reason="bad-cost")
+        if msg.transfer_s:
+            ids = {t.spec.task_id for t in auction.tasks}
+            for tid, x in msg.transfer_s.items():
+                if tid not in ids:
+                    raise RemoteProtocolError(f"bid names task {tid}", reason="unknown-task")
+                if not _finite_nonneg(x):
+                    raise RemoteProtocolError("transfer must be finite and >= 0", reason="bad-cost")
+        auction.bids[src] = msg
+        self._stats["bids_received"] += 1
+        if self._all_answered(auction):
+            self._decide(auction, now)
+
+    def _on_refuse(self, src: NodeId, msg: Refuse, now: float) -> None:
+        auction = self._auction_for(src, msg.cfp)
+        if auction is None:
+            return
+        auction.refusals[src] = dict(msg.reason)
+        self._stats["refusals_received"] += 1
+        if self._all_answered(auction):
+            self._decide(auction, now)
+
+    def _decide(self, auction: _Auction, now: float) -> None:
+        """Award each task of ``auction`` to the cheapest slot left; requeue the rest."""
+        del self._auctions[auction.cfp]
+        auction.decided = True
+        tasks = [t for t in auction.tasks if not t.ended and t.state is TaskState.AUCTION]
+        bids = auction.bids
+        auction.round = RoundRecord(
+            cfp=auction.cfp,
+            at=now,
+            asked=tuple(auction.asked),
+            bids={n: p.costs[0] for n, p in bids.items()},
+            slots={n: len(p.costs) for n, p in bids.items()},
+            refusals=dict(auction.refusals),
+            silent=tuple(n for n in auction.asked if n not in bids and n not in auction.refusals),
+        )
+        for t in tasks:
+            t.rounds.append(auction.round)
+        if not bids:
+            self._widen(auction, tasks, now)
+            return
+        auction.next_slot = {n: 0 for n in bids}
+        awards, unplaced = self._assign(auction, tasks, set())
+        for n, won in awards.items():
+            self._award(auction, n, won, "award", now)
+        for n in bids:
+            if n not in awards:
+                self._send(n, Reject(cfp=auction.cfp))
+        if unplaced:
+            for t in reversed(unplaced):
+                t.move("unplaced")
+                self._requeue(t)
+            self._flush_at = now
+
+    def _assign(
+        self, auction: _Auction, tasks: list[_Task], skip: set[NodeId]
+    ) -> tuple[dict[NodeId, list[_Task]], list[_Task]]:
+        """Greedy: each task in turn takes the cheapest slot still offered (plus transfer)."""
+        bidders = [(n, p) for n, p in auction.bids.items() if n not in skip]
+        slot = auction.next_slot
+        awards: dict[NodeId, list[_Task]] = {}
+        unplaced: list[_Task] = []
+        for t in tasks:
+            tid = t.spec.task_id
+            best: NodeId | None = None
+            best_cost = INF
+            for n, p in bidders:
+                i = slot[n]
+                if i < len(p.costs):
+                    c = p.costs[i] + p.transfer_s.get(tid, 0.0) if p.transfer_s else p.costs[i]
+                    if c < best_cost:
+                        best, best_cost = n, c
+            if best is None:
+                unplaced.append(t)
+                continue
+            slot[best] += 1
+            t.cost = best_cost
+            awards.setdefault(best, []).append(t)
+        return awards, unplaced
+
+    def _award(
+        self, auction: _Auction, node: NodeId, tasks: list[_Task], event: str, now: float
+    ) -> None:
+        member = self._peers.member(node)
+        incarnation = member.incarnation if member is not None else 0
+        lease = INF if node == self._node else now + self._cfg.lease_s
+        why = "lowest bid" if event == "award" else "next bid after a decline"
+        for t in tasks:
+            t.move(event)
+            t.winner = node
+            t.winner_incarnation = incarnation
+            t.winners.add(node)
+            t.lease_until = lease
+            t.why = why
+        self._stats["awards"] += len(tasks)
+        if lease != INF and self._sweep_at == INF:
+            self._sweep_at = now + self._cfg.lease_s / 4
+        self._send(
+            node,
+            Accept(
+                cfp=auction.cfp,
+                tasks=tuple(t.spec.task_id for t in tasks),
+                payloads=tuple(t.payload for t in tasks),
+            ),
+        )
+
+    def _widen(self, auction: _Auction, tasks: list[_Task], now: float) -> None:
+        """Nobody bid: ask candidates not yet asked, or fail once the rounds are spent."""
+        if not tasks:
+            return
+        first = tasks[0]
+        exclude = first.exclude | frozenset(auction.asked)
+        if first.widened >= self._cfg.widen_rounds:
+            _, lacking = self._match(auction.group)
+            self._fail_unplaced(tasks, lacking, now)
+            return
+        self._stats["widened"] += len(tasks)
+        for t in tasks:
+            t.move("unplaced")
+            t.exclude = exclude
+            t.widened = first.widened + 1
+        self._call(auction.group, tasks, exclude, now)
+
+    def _fail_unplaced(self, tasks: list[_Task], lacking: dict[str, object], now: float) -> None:
+        """No bid in any round: name what refusers lacked, or say that nobody answered."""
+        if not tasks:
+            return
+        reasons = [r for rnd in tasks[0].rounds for r in rnd.refusals.values() if r]
+        asked = {n for rnd in tasks[0].rounds for n in rnd.asked}
+        name = tasks[0].spec.requirements.task
+        for t in tasks:
+            if t.state is TaskState.AUCTION:
+                t.move("unplaced")
+        if reasons:
+            missing = merge_reasons([*reasons, lacking] if lacking else reasons)
+            self._stats["no_capable"] += len(tasks)
+            for t in tasks:
+                self._fail(
+                    t,
+                    FAILED_NO_PEER,
+                    str(NoCapablePeerError(name, missing)),
+                    {"task": name, "missing": missing, "asked": sorted(asked)},
+                    None,
+                )
+        else:
+            self._stats["no_bids"] += len(tasks)
+            message = (
+                f"no bid for {name} from {len(asked)} candidates within "
+                f"{self._cfg.reply_timeout_s}s"
+            )
+            for t in tasks:
+                self._fail(t, FAILED_NO_BIDS, message, {"task": name, "asked": sorted(asked)}, None)
+
+    def _requeue(self, task: _Task) -> None:
+        group = self._groups.get(task.key)
+        if group is None:
+            spec = task.spec
+            group = self._groups[task.key] = _Group(spec.requirements, spec.est_runtime_s)
+        group.queue.appendleft(task)
+
+    def _again(self, task: _Task, reason: str, now: float, *, cancel: bool, count: bool) -> None:
+        """Announce ``task`` again (its winner declined, lapsed or died)."""
+        winner = task.winner
+        if cancel and winner is not None:
+            self._send(winner, Cancel(tasks=(task.spec.task_id,)))
+        self._stats["reannounces"] += 1
+        if count:
+            task.attempts += 1
+            if task.attempts >= self._cfg.max_attempts:
+                self._fail(
+                    task,
+                    FAILED_LOST,
+                    f"gave up after {task.attempts} placements; last: {reason}",
+                    {"task": task.spec.requirements.task, "reason": reason},
+                    winner,
+                )
+                return
+        task.move("again")
+        task.winner = None
+        task.lease_until = INF
+        task.exclude = frozenset()
+        task.widened = 0
+        task.why = f"announced again: {reason}"
+        self._requeue(task)
+        self._flush_at = now
+
+    def _owned(self, src: NodeId, ids: Iterable[TaskId]) -> list[_Task]:
+        """Tasks among ``ids`` whose current winner is ``src``; raise if ``src`` never won."""
+        out: list[_Task] = []
+        for tid in ids:
+            task = self._tasks.get(tid)
+            if task is None:
+                winners = self._done.get(tid)
+                if winners is None:
+                    raise RemoteProtocolError(f"unknown task {tid}", reason="unknown-task")
+                if src not in winners:
+                    raise RemoteProtocolError(f"{src} never won {tid}", reason="not-winner")
+                continue
+            if src not in task.winners:
+                raise RemoteProtocolError(f"{src} never won {tid}", reason="not-winner")
+            if task.winner == src:
+                out.append(task)
+        return out
+
+    def _on_confirm(self, src: NodeId, msg: Confirm, now: float) -> None:
+        for t in self._owned(src, msg.tasks):
+            if t.state is TaskState.AWARDED:
+                t.move("confirm")
+            if t.lease_until != INF:
+                t.lease_until = now + self._cfg.lease_s
+        self._stats["confirms_received"] += 1
+
+    def _on_decline(self, src: NodeId, msg: Decline, now: float) -> None:
+        tasks = [
+            t for t in self._owned(src, msg.tasks) if t.state in (TaskState.AWARDED, TaskState.HELD)
+        ]
+        self._stats["declines_received"] += len(tasks)
+        retry: list[_Task] = []
+        for t in tasks:
+            a = t.auction
+            if a is not None and a.cfp == msg.cfp and t.state is TaskState.AWARDED:
+                retry.append(t)
+            else:
+                self._again(t, f"{src} gave it back ({msg.reason})", now, cancel=False, count=False)
+        if not retry:
+            return
+        by_auction: dict[int, tuple[_Auction, list[_Task]]] = {}
+        for t in retry:
+            if t.auction is not None:
+                by_auction.setdefault(t.auction.cfp, (t.auction, []))[1].append(t)
+        for auction, ts in by_auction.values():
+            auction.decliners.add(src)
+            awards, unplaced = self._assign(auction, ts, auction.decliners)
+            for n, won in awards.items():
+                self._award(auction, n, won, "next-bid", now)
+            for t in unplaced:
+                self._again(t, f"{src} declined ({msg.reason})", now, cancel=False, count=False)
+
+    def _on_progress(self, src: NodeId, msg: Progress, now: float) -> None:
+        lease = now + self._cfg.lease_s
+        for tid in msg.tasks:
+            t = self._tasks.get(tid)
+            if t is not None and t.winner == src:
+                if t.state is TaskState.AWARDED:
+                    t.move("progress")
+                t.lease_until = lease
+        self._stats["progress_received"] += 1
+
+    def _on_outcome(self, src: NodeId, msg: Result | Failure, now: float) -> None:
+        values = msg.values if isinstance(msg, Result) else msg.errors
+        if len(values) != len(msg.tasks):
+            raise RemoteProtocolError("tasks and values differ in length", reason="malformed")
+        live: list[tuple[_Task, Any]] = []
+        duplicates = 0
+        for tid, value in zip(msg.tasks, values, strict=True):
+            task = self._tasks.get(tid)
+            if task is None:
+                winners = self._done.get(tid)
+                if winners is None:
+                    raise RemoteProtocolError(f"unknown task {tid}", reason="unknown-task")
+                if src not in winners:
+                    raise RemoteProtocolError(f"{src} never won {tid}", reason="not-winner")
+                duplicates += 1
+            elif src not in task.winners:
+                raise RemoteProtocolError(f"{src} never won {tid}", reason="not-winner")
+            else:
+                live.append((task, value))
+        if len({id(t) for t, _ in live}) != len(live):
+            raise RemoteProtocolError("a task appears twice in one result", reason="malformed")
+        self._stats["duplicates"] += duplicates
+        ok = isinstance(msg, Result)
+        for task, value in live:
+            if task.winner is not None and task.winner != src:
+                # Executed twice (a lapse or a lost confirm); the other run is now waste.
+                self._send(task.winner, Cancel(tasks=(task.spec.task_id,)))
+            task.winner = src
+            if ok:
+                self._events.append(Completed(task_id=task.spec.task_id, node=src, value=value))
+                self._end(task, "completed")
+                self._stats["completed"] += 1
+            else:
+                message, details = _error_info(value)
+                self._fail(task, FAILED_TASK, message, details, src)
+
+    def _fail(
+        self, task: _Task, kind: str, message: str, details: dict[str, Any], node: NodeId | None
+    ) -> None:
+        self._events.append(
+            Failed(
+                task_id=task.spec.task_id, node=node, kind=kind, message=message, details=details
+            )
+        )
+        task.why = message if kind != FAILED_TASK else task.why
+        self._end(task, "failed")
+        self._stats["failed"] += 1
+
+    def _end(self, task: _Task, how: str) -> None:
+        tid = task.spec.task_id
+        task.ended = how
+        task.lease_until = INF
+        task.auction = None
+        del self._tasks[tid]
+        self._done[tid] = frozenset(task.winners)
+        if len(self._done) > self._cfg.done_limit:
+            self._done.popitem(last=False)
+        self._records[tid] = task
+        if len(self._records) > self._cfg.record_limit:
+            self._records.popitem(last=False)
+
+    def _sweep_leases(self, now: float) -> None:
+        self._sweep_at = INF
+        pending = False
+        for task in list(self._tasks.values()):
+            if task.state not in (TaskState.AWARDED, TaskState.HELD):
+                continue
+            winner = task.winner
+            if winner is None or winner == self._node:
+                continue
+            member = self._peers.member(winner)
+            if member is None or member.state in (MemberState.DEAD, MemberState.LEFT):
+                self._again(task, f"winner {winner} is gone", now, cancel=False, count=True)
+            elif task.lease_until <= now:
+                self._stats["leases_lapsed"] += 1
+                self._again(task, f"lease at {winner} lapsed", now, cancel=True, count=True)
+            else:
+                pending = True
+        if pending:
+            self._sweep_at = now + self._cfg.lease_s / 4
+
+    # -----------------------------------------------------------------------------------
+    # Participant: bids, reservations, execution
+    # -----------------------------------------------------------------------------------
+
+    def _runtime(self, name: str, seed: float | None) -> float:
+        """Expected runtime here: own history, else the submitter's estimate scaled by how
+        this node has compared with estimates so far."""
+        known = self._history.get(name)
+        if known is not None:
+            return known
+        return (seed if seed is not None else self._cfg.default_runtime_s) * self._speed
+
+    def _learn(self, held: _Held, measured: float) -> None:
+        alpha = self._cfg.runtime_alpha
+        name = held.req.task
+        old = self._history.get(name)
+        self._history[name] = measured if old is None else old + alpha * (measured - old)
+        if held.seed:
+            self._speed += alpha * (measured / held.seed - self._speed)
+
+    def _work(self, key: str, now: float) -> list[float]:
+        """Seconds of committed work competing for resource ``key``, in start order."""
+        out: list[float] = []
+        everything = key == "cpu"
+        for h in self._running.values():
+            if everything or h.need.get(key, 0.0) > 0:
+                started = h.started if h.started is not None else now
+                out.append(max(0.0, h.est - (now - started)))
+        for h in self._queue:
+            if not h.cancelled and (everything or h.need.get(key, 0.0) > 0):
+                out.append(h.est)
+        for r in self._reservations.values():
+            if r.reserved and (everything or r.need.get(key, 0.0) > 0):
+                out.extend([r.est] * r.reserved)
+        return out
+
+    def _bid(self, need: dict[str, float], est: float, n: int, now: float) -> list[float]:
+        """Completion times of up to ``n`` more tasks, by list scheduling on this node."""
+        key, lanes = _limiting(need, self._caps.resources)
+        lanes = max(1, lanes)
+        free_at = [0.0] * lanes
+        work = self._work(key, now)
+        for w in work:
+            heapq.heapreplace(free_at, free_at[0] + w)
+        room = lanes * (1 + self._cfg.queue_per_slot) - len(work)
+        offer = min(n, self._cfg.max_offer, max(1, room))
+        costs: list[float] = []
+        for _ in range(offer):
+            c = free_at[0] + est
+            heapq.heapreplace(free_at, c)
+            costs.append(c)
+        return costs
+
+    def _room(self, need: dict[str, float], now: float) -> int:
+        key, lanes = _limiting(need, self._caps.resources)
+        return max(1, lanes) * (1 + self._cfg.queue_per_slot) - len(self._work(key, now))
+
+    def _on_cfp(self, src: NodeId, msg: CallForProposals, now: float) -> None:
+        key = (src, msg.cfp)
+        if key in self._reservations:
+            raise RemoteProtocolError(f"call {msg.cfp} from {src} repeated", reason="duplicate")
+        ids = set(msg.tasks)
+        if not msg.tasks or len(msg.tasks) > MAX_CFP_TASKS or len(ids) != len(msg.tasks):
+            raise RemoteProtocolError("empty, oversized or repeating batch", reason="bad-batch")
+        why = invalid(msg.requirements)
+        if why is not None:
+            raise RemoteProtocolError(why, reason="bad-requirements")
+        if msg.est_runtime_s is not None and not _finite_nonneg(msg.est_runtime_s):
+            raise RemoteProtocolError("runtime estimate must be >= 0", reason="bad-cost")
+        for tid, holders in msg.inputs.items():
+            if tid not in ids:
+                raise RemoteProtocolError(
+                    f"inputs for task {tid} not called", reason="unknown-task"
+                )
+            if any(b < 0 for b in holders.values()):
+                raise RemoteProtocolError("negative input size", reason="bad-field")
+        if not self._accepting:
+            self._send(src, Refuse(cfp=msg.cfp, reason={"state": "leaving"}))
+            self._stats["refusals_sent"] += 1
+            return
+        lacking = check(msg.requirements, self._caps)
+        if lacking:
+            self._send(src, Refuse(cfp=msg.cfp, reason={k: str(v) for k, v in lacking.items()}))
+            self._stats["refusals_sent"] += 1
+            return
+        need = demand(msg.requirements)
+        est = self._runtime(msg.requirements.task, msg.est_runtime_s)
+        costs = self._bid(need, est, len(msg.tasks), now)
+        bw = self._cfg.bandwidth_bytes_per_s
+        transfer: dict[TaskId, float] = {}
+        for tid, holders in msg.inputs.items():
+            lacking_bytes = sum(b for n, b in holders.items() if n != self._node)
+            if lacking_bytes:
+                transfer[tid] = lacking_bytes / bw
+        res = _Reservation(src, msg.cfp, msg, need, est, len(costs), now, self._cfg)
+        self._reservations[key] = res
+        self._res_expiry.append(res)
+        self._res_forget.append(res)
+        self._stats["bids_sent"] += 1
+        self._send(src, Propose(cfp=msg.cfp, costs=tuple(costs), transfer_s=transfer))
+
+    def _on_accept(self, src: NodeId, msg: Accept, now: float) -> None:
+        res = self._reservations.get((src, msg.cfp))
+        if res is None:
+            raise RemoteProtocolError(f"award for {msg.cfp} never called", reason="unsolicited")
+        if len(msg.payloads) != len(msg.tasks) or len(set(msg.tasks)) != len(msg.tasks):
+            raise RemoteProtocolError("tasks and payloads do not match", reason="malformed")
+        for tid in msg.tasks:
+            if tid not in res.tasks:
+                raise RemoteProtocolError(f"task {tid} was not called", reason="unknown-task")
+        fresh = [
+            (tid, p)
+            for tid, p in zip(msg.tasks, msg.payloads, strict=True)
+            if tid not in self._held
+        ]
+        again = [tid for tid in msg.tasks if tid in self._held]
+        if res.taken + len(fresh) > res.offered:
+            raise RemoteProtocolError("more tasks awarded than slots offered", reason="over-award")
+        if not self._accepting or check(res.requirements, self._caps):
+            reason = "leaving" if not self._accepting else "incapable"
+            self._send(src, Decline(cfp=msg.cfp, tasks=tuple(t for t, _ in fresh), reason=reason))
+            self._stats["declines_sent"] += 1
+            res.reserved = 0
+            return
+        # The reservation is soft: an award after it expired (or after a reject, when the
+        # initiator falls back to this bid) is taken only if there is room now.
+        room = res.reserved + max(0, self._room(res.need, now))
+        take, back = fresh[:room], fresh[room:]
+        res.taken += len(take)
+        res.reserved = 0
+        for tid, payload in take:
+            held = _Held(tid, res, payload)
+            self._held[tid] = held
+            self._queue.append(held)
+        confirmed = tuple(again) + tuple(tid for tid, _ in take)
+        if confirmed:
+            self._send(src, Confirm(cfp=msg.cfp, tasks=confirmed))
+            self._stats["confirms_sent"] += 1
+        if back:
+            self._send(src, Decline(cfp=msg.cfp, tasks=tuple(t for t, _ in back), reason="busy"))
+            self._stats["declines_sent"] += 1
+        if take and src != self._node and self._progress_at == INF:
+            self._progress_at = now + self._cfg.progress_interval_s
+        self._start_ready(now)
+
+    def _on_reject(self, src: NodeId, msg: Reject) -> None:
+        res = self._reservations.get((src, msg.cfp))
+        if res is None:
+            raise RemoteProtocolError(f"reject for {msg.cfp} never called", reason="unsolicited")
+        res.reserved = 0
+        self._stats["rejects_received"] += 1
+
+    def _on_cancel(self, src: NodeId, msg: Cancel) -> None:
+        helds = [self._held[tid] for tid in msg.tasks if tid in self._held]
+        for h in helds:
+            if h.initiator != src:
+                raise RemoteProtocolError(
+                    f"{src} did not award {h.task_id}", reason="not-initiator"
+                )
+        for h in helds:
+            self._drop_held(h)
+        self._stats["cancels_received"] += 1
+
+    def _drop_held(self, held: _Held) -> None:
+        if held.task_id in self._running:
+            if not held.cancelled:
+                held.cancelled = True
+                self._events.append(CancelExecution(task_id=held.task_id))
+        else:
+            held.cancelled = True
+            self._held.pop(held.task_id, None)
+
+    def _cannot_run(self, held: _Held) -> bool:
+        return bool(check(held.req, self._caps))
+
+    def _give_back(self, helds: list[_Held], reason: str) -> None:
+        by: dict[tuple[NodeId, int], list[TaskId]] = {}
+        for h in helds:
+            h.cancelled = True
+            self._held.pop(h.task_id, None)
+            by.setdefault((h.initiator, h.cfp), []).append(h.task_id)
+        for (initiator, cfp), ids in by.items():
+            self._send(initiator, Decline(cfp=cfp, tasks=tuple(ids), reason=reason))
+            self._stats["declines_sent"] += 1
+
+    def _fits(self, need: dict[str, float]) -> bool:
+        have = self._caps.resources
+        used = self._used
+        for k, v in need.items():
+            if v > 0 and used.get(k, 0.0) + v > have.get(k, 0.0) + _EPS:
+                return False
+        return True
+
+    def _start_ready(self, now: float) -> None:
+        """Start queued tasks while they fit; a task that does not fit lets others pass."""
+        queue = self._queue
+        i = 0
+        while i < len(queue) and i < 64:
+            held = queue[i]
+            if held.cancelled:
+                del queue[i]
+                continue
+            if self._fits(held.need):
+                del queue[i]
+                held.started = now
+                self._running[held.task_id] = held
+                for k, v in held.need.items():
+                    self._used[k] = self._used.get(k, 0.0) + v
+                payload, held.payload = held.payload, None
+                self._events.append(
+                    Execute(task_id=held.task_id, initiator=held.initiator, payload=payload)
+                )
+                self._stats["executions"] += 1
+                continue
+            i += 1
+
+    def _send_progress(self, now: float) -> None:
+        self._progress_at = INF
+        by: dict[NodeId, list[TaskId]] = {}
+        for h in self._held.values():
+            if not h.cancelled and h.initiator != self._node:
+                by.setdefault(h.initiator, []).append(h.task_id)
+        for initiator, ids in by.items():
+            self._send(initiator, Progress(tasks=tuple(ids)))
+        if by:
+            self._progress_at = now + self._cfg.progress_interval_s
+
+    def _expire_reservations(self, now: float) -> None:
+        while self._res_expiry and self._res_expiry[0].expires <= now:
+            self._res_expiry.popleft().reserved = 0
+        while self._res_forget and self._res_forget[0].forget_at <= now:
+            r = self._res_forget.popleft()
+            self._reservations.pop((r.initiator, r.cfp), None)
+
+
+def _error_info(value: Any) -> tuple[str, dict[str, Any]]:
+    """A task error as reported by the node that ran it: a message and its details."""
+    if isinstance(value, dict):
+        details = {str(k): v for k, v in value.items()}
+        return str(details.get("message", "task failed")), details
+    return str(value), {"value": value}
