@@ -1,0 +1,755 @@
+"""Hand-stepped tests of the contract-net core: every transition, bad input, batching.
+
+No event loop and no sleeps: the clock is a float the test moves, and messages go from one
+core to another only when the test says so.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TypeVar
+
+import pytest
+
+from mesh.codec import dumps, loads
+from mesh.config import ContractConfig
+from mesh.contract import (
+    FAILED_NO_BIDS,
+    FAILED_NO_PEER,
+    FAILED_TASK,
+    CancelExecution,
+    Completed,
+    Contract,
+    ContractEvent,
+    Execute,
+    Failed,
+    TaskSpec,
+)
+from mesh.core import MemberState, MemberView
+from mesh.errors import NoCapablePeerError, RemoteProtocolError, TaskError
+from mesh.messages import (
+    Accept,
+    Address,
+    CallForProposals,
+    Cancel,
+    Capabilities,
+    Confirm,
+    Decline,
+    Failure,
+    Load,
+    NodeId,
+    Progress,
+    Propose,
+    Refuse,
+    Reject,
+    Requirements,
+    Result,
+    TaskId,
+    Wire,
+)
+
+CFG = ContractConfig.test()
+
+
+def caps(cpu: float = 2, gpu: float = 0, tasks: tuple[str, ...] = ("t",)) -> Capabilities:
+    res = {"cpu": float(cpu), "memory": 8e9}
+    if gpu:
+        res["gpu"] = float(gpu)
+    return Capabilities(resources=res, libraries={"numpy": "1.26.4"}, tasks=tasks, labels={})
+
+
+def req(task: str = "t", **resources: float) -> Requirements:
+    return Requirements(task=task, resources=dict(resources), libraries={}, labels={})
+
+
+def spec(i: int | str, r: Requirements | None = None, **kw: object) -> TaskSpec:
+    return TaskSpec(task_id=TaskId(f"task-{i}"), requirements=r or req(), **kw)  # type: ignore[arg-type]
+
+
+class Peers:
+    """A PeerView the test edits by hand."""
+
+    def __init__(self) -> None:
+        self.views: dict[NodeId, MemberView] = {}
+
+    def add(self, node: str, capabilities: Capabilities) -> None:
+        self.views[NodeId(node)] = MemberView(
+            node=NodeId(node),
+            address=Address(f"addr:{node}"),
+            state=MemberState.ALIVE,
+            incarnation=1,
+            capabilities=capabilities,
+            load=Load(running=0, queued=0, backlog_s=0.0),
+        )
+
+    def set_state(self, node: str, state: MemberState) -> None:
+        self.views[NodeId(node)] = replace(self.views[NodeId(node)], state=state)
+
+    def members(self) -> list[MemberView]:
+        return list(self.views.values())
+
+    def member(self, node: NodeId) -> MemberView | None:
+        return self.views.get(node)
+
+
+Sent = list[tuple[str, str, Wire]]
+W = TypeVar("W", bound=Wire)
+
+
+class Mesh:
+    """Several cores sharing one PeerView; the test moves messages and time."""
+
+    def __init__(
+        self, nodes: dict[str, Capabilities], config: ContractConfig = CFG, seed: int = 7
+    ) -> None:
+        self.peers = Peers()
+        self.cores: dict[str, Contract] = {}
+        for name, c in nodes.items():
+            self.peers.add(name, c)
+        for i, (name, c) in enumerate(nodes.items()):
+            self.cores[name] = Contract(
+                node=NodeId(name),
+                config=config,
+                rng=random.Random(seed + i),
+                peers=self.peers,
+                capabilities=c,
+            )
+        self.events: dict[str, list[ContractEvent]] = {n: [] for n in nodes}
+
+    def out(self, node: str) -> Sent:
+        return [(node, addr.split(":", 1)[1], m) for addr, m in self.cores[node].take_outgoing()]
+
+    def collect(self) -> None:
+        for n, core in self.cores.items():
+            self.events[n].extend(core.take_events())
+
+    def pump(
+        self, now: float, drop: Callable[[str, str, Wire], bool] = lambda s, d, m: False
+    ) -> Sent:
+        """Deliver everything until nobody has anything to send; returns what was sent."""
+        log: Sent = []
+        while True:
+            batch = [x for n in self.cores for x in self.out(n)]
+            if not batch:
+                break
+            for src, dst, msg in batch:
+                log.append((src, dst, msg))
+                if not drop(src, dst, msg):
+                    self.cores[dst].receive(NodeId(src), msg, now)
+        self.collect()
+        return log
+
+    def timers(self, now: float) -> None:
+        for core in self.cores.values():
+            t = core.next_timer()
+            if t is not None and t <= now:
+                core.handle_timer(now)
+
+    def run(self, node: str, now: float, ok: bool = True) -> list[TaskId]:
+        """Finish every task ``node`` was told to execute; returns their ids."""
+        done = []
+        for ev in list(self.events[node]):
+            if isinstance(ev, Execute):
+                self.cores[node].task_finished(ev.task_id, ok, f"v-{ev.task_id}", now)
+                done.append(ev.task_id)
+                self.events[node].remove(ev)
+        return done
+
+
+def of(sent: Sent, kind: type[W]) -> list[tuple[str, str, W]]:
+    return [(s, d, m) for s, d, m in sent if isinstance(m, kind)]
+
+
+def last(sent: Sent, kind: type[W]) -> W:
+    msg = sent[-1][2]
+    assert isinstance(msg, kind)
+    return msg
+
+
+def initiator_mesh() -> Mesh:
+    """``i`` cannot run ``t`` itself; ``a``, ``b``, ``c`` can."""
+    return Mesh({"i": caps(tasks=()), "a": caps(), "b": caps(), "c": caps()})
+
+
+def open_auction(mesh: Mesh, n: int = 1, now: float = 0.0) -> CallForProposals:
+    for k in range(n):
+        mesh.cores["i"].submit(spec(k), {"k": k}, now)
+    mesh.cores["i"].handle_timer(now)
+    sent = mesh.out("i")
+    assert sorted(d for _, d, _ in sent) == ["a", "b", "c"]
+    msg = sent[0][2]
+    assert isinstance(msg, CallForProposals)
+    return msg
+
+
+def bid(mesh: Mesh, node: str, cfp: int, *costs: float, now: float = 0.0) -> Sent:
+    mesh.cores["i"].receive(NodeId(node), Propose(cfp=cfp, costs=costs, transfer_s={}), now)
+    return mesh.out("i")
+
+
+# ---------------------------------------------------------------------------------------
+# Awarding
+# ---------------------------------------------------------------------------------------
+
+
+def test_award_goes_to_the_cheapest_bid_and_releases_the_others() -> None:
+    mesh = initiator_mesh()
+    cfp = open_auction(mesh).cfp
+    assert bid(mesh, "a", cfp, 5.0) == []
+    assert bid(mesh, "b", cfp, 2.0) == []
+    sent = bid(mesh, "c", cfp, 3.0)
+    accepts = of(sent, Accept)
+    assert [(d, m.tasks, m.payloads) for _, d, m in accepts] == [("b", ("task-0",), ({"k": 0},))]
+    assert sorted(d for _, d, _ in of(sent, Reject)) == ["a", "c"]
+    rec = mesh.cores["i"].record(TaskId("task-0"))
+    assert rec is not None
+    assert rec.winner == "b"
+    assert rec.cost_s == 2.0
+    assert rec.rounds[0].bids == {"a": 5.0, "b": 2.0, "c": 3.0}
+
+
+def test_a_batch_shares_one_call_and_is_spread_over_offered_slots() -> None:
+    mesh = initiator_mesh()
+    cfp = open_auction(mesh, n=5)
+    assert len(cfp.tasks) == 5  # one call for proposals per candidate, not per task
+    bid(mesh, "a", cfp.cfp, 1.0, 2.0)
+    bid(mesh, "b", cfp.cfp, 1.5)
+    sent = bid(mesh, "c", cfp.cfp, 10.0, 11.0)
+    won = {d: m.tasks for _, d, m in of(sent, Accept)}
+    assert won == {"a": ("task-0", "task-2"), "b": ("task-1",), "c": ("task-3", "task-4")}
+    assert of(sent, Reject) == []
+
+
+def test_unplaced_tasks_go_to_a_new_call() -> None:
+    mesh = initiator_mesh()
+    cfp = open_auction(mesh, n=3)
+    bid(mesh, "a", cfp.cfp, 1.0)
+    bid(mesh, "b", cfp.cfp, 1.0)
+    sent = bid(mesh, "c", cfp.cfp, 1.0)
+    assert sum(len(m.tasks) for _, _, m in of(sent, Accept)) == 3
+    mesh2 = initiator_mesh()
+    cfp2 = open_auction(mesh2, n=4)
+    for n in "abc":
+        bid(mesh2, n, cfp2.cfp, 1.0)
+    mesh2.cores["i"].handle_timer(0.0)
+    again = of(mesh2.out("i"), CallForProposals)
+    assert again
+    assert all(m.tasks == ("task-3",) for _, _, m in again)
+
+
+def test_decline_goes_to_the_next_bid() -> None:
+    mesh = initiator_mesh()
+    cfp = open_auction(mesh).cfp
+    bid(mesh, "a", cfp, 5.0)
+    bid(mesh, "b", cfp, 2.0)
+    bid(mesh, "c", cfp, 3.0)
+    core = mesh.cores["i"]
+    core.receive(NodeId("b"), Decline(cfp=cfp, tasks=(TaskId("task-0"),), reason="busy"), 0.01)
+    sent = mesh.out("i")
+    assert [(d, m.tasks) for _, d, m in of(sent, Accept)] == [("c", ("task-0",))]
+    core.receive(NodeId("c"), Decline(cfp=cfp, tasks=(TaskId("task-0"),), reason="busy"), 0.02)
+    assert [d for _, d, _ in of(mesh.out("i"), Accept)] == ["a"]
+    assert core.stats()["declines_received"] == 2
+
+
+def test_confirm_and_result_are_delivered_once() -> None:
+    mesh = initiator_mesh()
+    cfp = open_auction(mesh).cfp
+    for n, c in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+        bid(mesh, n, cfp, c)
+    core = mesh.cores["i"]
+    t0 = TaskId("task-0")
+    core.receive(NodeId("a"), Confirm(cfp=cfp, tasks=(t0,)), 0.01)
+    core.receive(NodeId("a"), Result(tasks=(t0,), values=(42,)), 0.5)
+    core.receive(NodeId("a"), Result(tasks=(t0,), values=(42,)), 0.6)
+    events = core.take_events()
+    assert events == [Completed(task_id=t0, node=NodeId("a"), value=42)]
+    assert core.stats()["duplicates"] == 1
+
+
+def test_late_bid_is_ignored() -> None:
+    mesh = initiator_mesh()
+    cfp = open_auction(mesh).cfp
+    bid(mesh, "a", cfp, 5.0)
+    mesh.cores["i"].handle_timer(CFG.reply_timeout_s)  # b and c silent: decide without them
+    assert [d for _, d, _ in of(mesh.out("i"), Accept)] == ["a"]
+    assert bid(mesh, "b", cfp, 0.1, now=CFG.reply_timeout_s + 0.01) == []
+    assert mesh.cores["i"].stats()["late_answers"] == 1
+    rec = mesh.cores["i"].record(TaskId("task-0"))
+    assert rec is not None
+    assert rec.winner == "a"
+    assert set(rec.rounds[0].silent) == {"b", "c"}
+
+
+# ---------------------------------------------------------------------------------------
+# Leases and reannouncement
+# ---------------------------------------------------------------------------------------
+
+
+def awarded_to_a(mesh: Mesh) -> int:
+    cfp = open_auction(mesh).cfp
+    for n, c in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+        bid(mesh, n, cfp, c)
+    mesh.cores["i"].receive(NodeId("a"), Confirm(cfp=cfp, tasks=(TaskId("task-0"),)), 0.0)
+    return cfp
+
+
+def test_lease_expiry_reannounces_and_progress_keeps_it() -> None:
+    mesh = initiator_mesh()
+    awarded_to_a(mesh)
+    core = mesh.cores["i"]
+    t = 0.0
+    while t < 3 * CFG.lease_s:  # progress renews the lease well past its length
+        t += CFG.progress_interval_s
+        core.receive(NodeId("a"), Progress(tasks=(TaskId("task-0"),)), t)
+        core.handle_timer(t)
+        assert mesh.out("i") == []
+    t += CFG.lease_s + 0.01
+    core.handle_timer(t)
+    sent = mesh.out("i")
+    assert [d for _, d, m in of(sent, Cancel)] == ["a"]
+    calls = of(sent, CallForProposals)
+    assert len(calls) == 3
+    assert all(m.tasks == ("task-0",) for _, _, m in calls)
+    assert core.stats()["leases_lapsed"] == 1
+
+
+def test_winner_death_reannounces() -> None:
+    mesh = initiator_mesh()
+    awarded_to_a(mesh)
+    core = mesh.cores["i"]
+    mesh.peers.set_state("a", MemberState.DEAD)
+    core.peer_down(NodeId("a"), 0.1)
+    core.handle_timer(0.1)
+    calls = of(mesh.out("i"), CallForProposals)
+    assert sorted(d for _, d, _ in calls) == ["b", "c"]  # the dead node is no candidate
+
+
+def test_old_winner_result_after_reannounce_is_accepted_once_and_cancels_the_new() -> None:
+    mesh = initiator_mesh()
+    awarded_to_a(mesh)
+    core = mesh.cores["i"]
+    core.peer_down(NodeId("a"), 0.1)
+    core.handle_timer(0.1)
+    cfp = of(mesh.out("i"), CallForProposals)[0][2].cfp
+    bid(mesh, "b", cfp, 1.0)
+    bid(mesh, "c", cfp, 2.0)
+    core.handle_timer(0.1 + CFG.reply_timeout_s)
+    mesh.out("i")
+    core.receive(NodeId("a"), Result(tasks=(TaskId("task-0"),), values=("late",)), 0.3)
+    assert [d for _, d, _ in of(mesh.out("i"), Cancel)] == ["b"]
+    core.receive(NodeId("b"), Result(tasks=(TaskId("task-0"),), values=("new",)), 0.4)
+    assert core.take_events() == [
+        Completed(task_id=TaskId("task-0"), node=NodeId("a"), value="late")
+    ]
+
+
+def test_cancel_reaches_the_winner_and_its_result_is_dropped() -> None:
+    mesh = Mesh({"i": caps(tasks=()), "a": caps()})
+    core = mesh.cores["i"]
+    core.submit(spec(0), "p", 0.0)
+    core.handle_timer(0.0)
+    mesh.pump(0.0)
+    assert [e.task_id for e in mesh.events["a"] if isinstance(e, Execute)] == ["task-0"]
+    core.cancel(TaskId("task-0"), 0.1)
+    mesh.pump(0.1)
+    assert CancelExecution(task_id=TaskId("task-0")) in mesh.events["a"]
+    mesh.run("a", 0.2, ok=False)
+    sent = mesh.pump(0.2)
+    assert of(sent, Result) == []
+    assert of(sent, Failure) == []
+    assert mesh.events["i"] == []
+
+
+# ---------------------------------------------------------------------------------------
+# Participant
+# ---------------------------------------------------------------------------------------
+
+
+def call(
+    cfp: int, n: int, r: Requirements | None = None, est: float | None = 1.0
+) -> CallForProposals:
+    return CallForProposals(
+        cfp=cfp,
+        requirements=r or req(),
+        tasks=tuple(TaskId(f"x{cfp}-{k}") for k in range(n)),
+        est_runtime_s=est,
+        inputs={},
+    )
+
+
+def participant(cpu: float = 1, gpu: float = 0) -> Mesh:
+    return Mesh({"p": caps(cpu=cpu, gpu=gpu), "i": caps(tasks=()), "j": caps(tasks=())})
+
+
+def test_participant_bids_completion_times_and_queues_when_busy() -> None:
+    mesh = participant(cpu=2)
+    p = mesh.cores["p"]
+    p.receive(NodeId("i"), call(1, 8), 0.0)
+    ((_, _, prop),) = mesh.out("p")
+    assert isinstance(prop, Propose)
+    # 2 slots, 2 queued per slot: 6 slots offered, completion 1, 1, 2, 2, 3, 3 seconds.
+    assert prop.costs == (1.0, 1.0, 2.0, 2.0, 3.0, 3.0)
+    p.receive(NodeId("j"), call(2, 4), 0.0)
+    ((_, _, prop2),) = mesh.out("p")
+    assert isinstance(prop2, Propose)  # busy is not a refusal: it bids with its queue
+    assert prop2.costs == (4.0,)
+
+
+def test_reservation_expiry_releases_capacity() -> None:
+    mesh = participant(cpu=1)
+    p = mesh.cores["p"]
+    p.receive(NodeId("i"), call(1, 3), 0.0)
+    mesh.out("p")
+    p.receive(NodeId("j"), call(2, 3), 0.01)
+    busy = last(mesh.out("p"), Propose)
+    assert busy.costs == (4.0,)
+    assert p.load().queued == 4
+    t = CFG.reservation_s + 0.001
+    p.handle_timer(t)
+    assert p.load().queued == 1
+    p.handle_timer(0.01 + CFG.reservation_s)
+    assert p.load().queued == 0
+    p.receive(NodeId("j"), call(3, 3), 1.0)
+    free = last(mesh.out("p"), Propose)
+    assert free.costs == (1.0, 2.0, 3.0)
+
+
+def test_reject_releases_the_reservation() -> None:
+    mesh = participant(cpu=1)
+    p = mesh.cores["p"]
+    p.receive(NodeId("i"), call(1, 3), 0.0)
+    mesh.out("p")
+    p.receive(NodeId("i"), Reject(cfp=1), 0.01)
+    assert p.load().queued == 0
+
+
+def test_participant_refuses_with_the_missing_capability() -> None:
+    mesh = participant(cpu=4)
+    p = mesh.cores["p"]
+    p.receive(NodeId("i"), call(1, 2, req(gpu=1)), 0.0)
+    ((_, _, refuse),) = mesh.out("p")
+    assert refuse == Refuse(cfp=1, reason={"missing": "gpu"})
+    lib = Requirements(task="t", resources={}, libraries={"torch": ">=2.2"}, labels={})
+    p.receive(NodeId("i"), call(2, 1, lib), 0.0)
+    ((_, _, refuse2),) = mesh.out("p")
+    assert refuse2 == Refuse(cfp=2, reason={"library": "torch>=2.2"})
+
+
+def test_participant_never_runs_more_than_its_slots() -> None:
+    mesh = participant(cpu=2)
+    p = mesh.cores["p"]
+    p.receive(NodeId("i"), call(1, 6), 0.0)
+    mesh.out("p")
+    ids = tuple(TaskId(f"x1-{k}") for k in range(6))
+    p.receive(NodeId("i"), Accept(cfp=1, tasks=ids, payloads=tuple(range(6))), 0.0)
+    ((_, _, confirm),) = mesh.out("p")
+    assert confirm == Confirm(cfp=1, tasks=ids)
+    started = [e for e in p.take_events() if isinstance(e, Execute)]
+    assert [e.task_id for e in started] == list(ids[:2])
+    assert [e.payload for e in started] == [0, 1]
+    p.task_finished(ids[0], True, "r0", 1.0)
+    assert [e.task_id for e in p.take_events()] == [ids[2]]
+    assert p.load().running == 2
+    ((_, _, result),) = mesh.out("p")
+    assert result == Result(tasks=(ids[0],), values=("r0",))
+
+
+def test_gpu_lanes_bound_gpu_tasks_and_cpu_tasks_pass_a_blocked_one() -> None:
+    mesh = participant(cpu=4, gpu=1)
+    p = mesh.cores["p"]
+    p.receive(NodeId("i"), call(1, 2, req(gpu=1)), 0.0)
+    prop = last(mesh.out("p"), Propose)
+    assert prop.costs == (1.0, 2.0)
+    p.receive(NodeId("i"), call(2, 1), 0.0)
+    mesh.out("p")
+    g = (TaskId("x1-0"), TaskId("x1-1"))
+    p.receive(NodeId("i"), Accept(cfp=1, tasks=g, payloads=(0, 1)), 0.0)
+    p.receive(NodeId("i"), Accept(cfp=2, tasks=(TaskId("x2-0"),), payloads=(2,)), 0.0)
+    assert [e.task_id for e in p.take_events()] == ["x1-0", "x2-0"]
+
+
+def test_progress_is_one_message_per_initiator() -> None:
+    mesh = participant(cpu=1)
+    p = mesh.cores["p"]
+    p.receive(NodeId("i"), call(1, 3), 0.0)
+    ids = tuple(TaskId(f"x1-{k}") for k in range(3))
+    p.receive(NodeId("i"), Accept(cfp=1, tasks=ids, payloads=(0, 1, 2)), 0.0)
+    mesh.out("p")
+    t = p.next_timer()
+    assert t is not None
+    assert t <= CFG.progress_interval_s
+    p.handle_timer(CFG.progress_interval_s)
+    sent = mesh.out("p")
+    assert [(d, m) for _, d, m in sent] == [("i", Progress(tasks=ids))]
+
+
+def test_not_accepting_refuses_and_gives_queued_tasks_back() -> None:
+    mesh = participant(cpu=1)
+    p = mesh.cores["p"]
+    p.receive(NodeId("i"), call(1, 2), 0.0)
+    ids = (TaskId("x1-0"), TaskId("x1-1"))
+    p.receive(NodeId("i"), Accept(cfp=1, tasks=ids, payloads=(0, 1)), 0.0)
+    mesh.out("p")
+    p.set_accepting(False, 0.1)
+    assert [m for _, _, m in mesh.out("p")] == [Decline(cfp=1, tasks=(ids[1],), reason="leaving")]
+    p.receive(NodeId("i"), call(2, 1), 0.2)
+    assert [m for _, _, m in mesh.out("p")] == [Refuse(cfp=2, reason={"state": "leaving"})]
+
+
+def test_cancel_of_a_queued_task_removes_it_and_running_one_is_stopped() -> None:
+    mesh = participant(cpu=1)
+    p = mesh.cores["p"]
+    p.receive(NodeId("i"), call(1, 2), 0.0)
+    ids = (TaskId("x1-0"), TaskId("x1-1"))
+    p.receive(NodeId("i"), Accept(cfp=1, tasks=ids, payloads=(0, 1)), 0.0)
+    p.take_events()
+    p.receive(NodeId("i"), Cancel(tasks=ids), 0.1)
+    assert p.take_events() == [CancelExecution(task_id=ids[0])]
+    p.task_finished(ids[0], False, "stopped", 0.2)
+    assert p.take_events() == []  # the cancelled queued task never starts
+    sent = mesh.out("p")
+    assert of(sent, Result) == []
+    assert of(sent, Failure) == []
+
+
+def test_runtime_history_changes_the_bid() -> None:
+    mesh = participant(cpu=1)
+    p = mesh.cores["p"]
+    p.receive(NodeId("i"), call(1, 1, est=1.0), 0.0)
+    p.receive(NodeId("i"), Accept(cfp=1, tasks=(TaskId("x1-0"),), payloads=(0,)), 0.0)
+    p.task_finished(TaskId("x1-0"), True, None, 4.0)
+    mesh.out("p")
+    p.receive(NodeId("i"), call(2, 1, est=1.0), 5.0)
+    prop = last(mesh.out("p"), Propose)
+    assert prop.costs == (4.0,)
+    other = replace(req(), task="u")
+    p.receive(NodeId("i"), call(3, 1, other, est=2.0), 5.0)  # unseen task: scaled by speed
+    mesh.cores["p"]._caps = replace(caps(cpu=1), tasks=("t", "u"))
+    p.receive(NodeId("i"), call(4, 1, other, est=2.0), 5.0)
+    props = [m for _, _, m in mesh.out("p") if isinstance(m, Propose)]
+    assert props
+    assert props[-1].costs[0] > 2.0
+
+
+def test_transfer_is_counted_and_data_holder_wins() -> None:
+    mesh = Mesh({"i": caps(tasks=()), "a": caps(), "b": caps()})
+    core = mesh.cores["i"]
+    big = 10 * int(CFG.bandwidth_bytes_per_s)  # ten seconds to move
+    core.submit(spec(0, input_bytes={NodeId("b"): big}), None, 0.0)
+    core.handle_timer(0.0)
+    sent = mesh.pump(0.0)
+    props = {s: m for s, _, m in of(sent, Propose)}
+    assert props["a"].transfer_s == {"task-0": 10.0}
+    assert props["b"].transfer_s == {}
+    assert [d for _, d, _ in of(sent, Accept)] == ["b"]
+
+
+# ---------------------------------------------------------------------------------------
+# Failures without a winner
+# ---------------------------------------------------------------------------------------
+
+
+def test_nobody_capable_fails_at_once_from_gossip() -> None:
+    mesh = initiator_mesh()
+    core = mesh.cores["i"]
+    core.submit(spec(0, req(gpu=1)), None, 0.0)
+    core.handle_timer(0.0)
+    assert mesh.out("i") == []
+    (ev,) = core.take_events()
+    assert isinstance(ev, Failed)
+    assert ev.kind == FAILED_NO_PEER
+    assert ev.details["missing"] == {"missing": "gpu", "task": "t"}
+    err = ev.error()
+    assert isinstance(err, NoCapablePeerError)
+    assert "gpu" in str(err)
+
+
+def test_refusals_widen_then_fail_naming_what_was_missing() -> None:
+    nodes = {"i": caps(tasks=())} | {f"n{k}": caps() for k in range(9)}
+    mesh = Mesh(nodes)
+    for name in nodes:  # gossip is stale: the nodes have lost the task since
+        if name != "i":
+            mesh.cores[name]._caps = caps(tasks=())
+    core = mesh.cores["i"]
+    core.submit(spec(0), None, 0.0)
+    core.handle_timer(0.0)
+    sent = mesh.pump(0.0)
+    calls = of(sent, CallForProposals)
+    assert len(calls) == 9
+    assert len({d for _, d, _ in calls}) == 9
+    (ev,) = mesh.events["i"]
+    assert isinstance(ev, Failed)
+    assert ev.kind == FAILED_NO_PEER
+    assert ev.details["missing"] == {"task": "t"}
+
+
+def test_silence_widens_then_fails_with_no_bids() -> None:
+    nodes = {"i": caps(tasks=())} | {f"n{k}": caps() for k in range(9)}
+    mesh = Mesh(nodes)
+    core = mesh.cores["i"]
+    core.submit(spec(0), None, 0.0)
+    now = 0.0
+    core.handle_timer(now)
+    asked: set[str] = set()
+    for _ in range(CFG.widen_rounds + 1):
+        asked |= {d for _, d, _ in of(mesh.out("i"), CallForProposals)}
+        now += CFG.reply_timeout_s
+        core.handle_timer(now)
+    assert len(asked) == 9
+    (ev,) = core.take_events()
+    assert isinstance(ev, Failed)
+    assert ev.kind == FAILED_NO_BIDS
+
+
+def test_remote_failure_is_delivered_as_task_error() -> None:
+    mesh = Mesh({"i": caps(tasks=()), "a": caps()})
+    core = mesh.cores["i"]
+    core.submit(spec(0), None, 0.0)
+    core.handle_timer(0.0)
+    mesh.pump(0.0)
+    ev = next(e for e in mesh.events["a"] if isinstance(e, Execute))
+    mesh.events["a"].clear()
+    info = {"message": "boom", "exc_type": "ValueError", "traceback": "tb"}
+    mesh.cores["a"].task_finished(ev.task_id, False, info, 1.0)
+    mesh.pump(1.0)
+    (failed,) = mesh.events["i"]
+    assert isinstance(failed, Failed)
+    assert failed.kind == FAILED_TASK
+    assert failed.node == "a"
+    err = failed.error()
+    assert isinstance(err, TaskError)
+    assert err.exc_type == "ValueError"
+    assert "boom" in str(err)
+
+
+def test_own_node_runs_tasks_without_messages() -> None:
+    mesh = Mesh({"i": caps()})
+    core = mesh.cores["i"]
+    core.submit(spec(0), "p", 0.0)
+    core.handle_timer(0.0)
+    assert mesh.pump(0.0) == []
+    assert [e.task_id for e in mesh.events["i"] if isinstance(e, Execute)] == ["task-0"]
+    mesh.run("i", 0.5)
+    mesh.collect()
+    assert [e for e in mesh.events["i"] if isinstance(e, Completed)] == [
+        Completed(task_id=TaskId("task-0"), node=NodeId("i"), value="v-task-0")
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: RemoteProtocolError, counted, state unchanged
+# ---------------------------------------------------------------------------------------
+
+
+def rejects(core: Contract, src: str, msg: Wire, reason: str) -> None:
+    before = core.stats().get(f"rejected.{reason}", 0)
+    with pytest.raises(RemoteProtocolError) as info:
+        core.receive(NodeId(src), msg, 0.0)
+    assert info.value.reason == reason
+    assert core.stats()[f"rejected.{reason}"] == before + 1
+
+
+def test_bad_bids_are_rejected_and_the_auction_carries_on() -> None:
+    mesh = initiator_mesh()
+    core = mesh.cores["i"]
+    cfp = open_auction(mesh).cfp
+    rejects(core, "a", Propose(cfp=cfp + 999, costs=(1.0,), transfer_s={}), "unknown-cfp")
+    rejects(core, "a", Propose(cfp=cfp, costs=(math.nan,), transfer_s={}), "bad-cost")
+    rejects(core, "a", Propose(cfp=cfp, costs=(-1.0,), transfer_s={}), "bad-cost")
+    rejects(core, "a", Propose(cfp=cfp, costs=(math.inf,), transfer_s={}), "bad-cost")
+    rejects(core, "a", Propose(cfp=cfp, costs=(), transfer_s={}), "bad-cost")
+    bogus = {TaskId("nope"): 1.0}
+    rejects(core, "a", Propose(cfp=cfp, costs=(1.0,), transfer_s=bogus), "unknown-task")
+    rejects(core, "zz", Propose(cfp=cfp, costs=(1.0,), transfer_s={}), "not-asked")
+    assert mesh.out("i") == []
+    bid(mesh, "a", cfp, 3.0)
+    rejects(core, "a", Propose(cfp=cfp, costs=(1.0,), transfer_s={}), "duplicate")
+    bid(mesh, "b", cfp, 2.0)
+    sent = bid(mesh, "c", cfp, 4.0)
+    assert [d for _, d, _ in of(sent, Accept)] == ["b"]
+
+
+def test_results_from_a_non_winner_are_rejected() -> None:
+    mesh = initiator_mesh()
+    awarded_to_a(mesh)
+    core = mesh.cores["i"]
+    t0 = TaskId("task-0")
+    rejects(core, "b", Result(tasks=(t0,), values=(1,)), "not-winner")
+    rejects(core, "b", Failure(tasks=(t0,), errors=("x",)), "not-winner")
+    rejects(core, "a", Result(tasks=(TaskId("task-77"),), values=(1,)), "unknown-task")
+    rejects(core, "a", Result(tasks=(t0,), values=(1, 2)), "malformed")
+    # A message mixing a valid and an invalid entry changes nothing.
+    rejects(core, "a", Result(tasks=(t0, TaskId("task-77")), values=(1, 2)), "unknown-task")
+    rejects(core, "b", Confirm(cfp=1, tasks=(t0,)), "not-winner")
+    assert core.take_events() == []
+    core.receive(NodeId("a"), Result(tasks=(t0,), values=(1,)), 0.1)
+    assert core.take_events() == [Completed(task_id=t0, node=NodeId("a"), value=1)]
+
+
+def test_unsolicited_awards_and_bad_calls_are_rejected() -> None:
+    mesh = participant(cpu=2)
+    p = mesh.cores["p"]
+    rejects(p, "i", Accept(cfp=5, tasks=(TaskId("x"),), payloads=(0,)), "unsolicited")
+    rejects(p, "i", Reject(cfp=5), "unsolicited")
+    rejects(p, "i", call(1, 0), "bad-batch")
+    bad = Requirements(task="t", resources={"cpu": -1.0}, libraries={}, labels={})
+    rejects(p, "i", call(1, 1, bad), "bad-requirements")
+    rejects(p, "i", call(1, 1, est=math.nan), "bad-cost")
+    p.receive(NodeId("i"), call(1, 2), 0.0)
+    mesh.out("p")
+    rejects(p, "i", call(1, 2), "duplicate")
+    rejects(p, "j", Accept(cfp=1, tasks=(TaskId("x1-0"),), payloads=(0,)), "unsolicited")
+    rejects(p, "i", Accept(cfp=1, tasks=(TaskId("zz"),), payloads=(0,)), "unknown-task")
+    three = (TaskId("x1-0"), TaskId("x1-1"), TaskId("x1-0"))
+    rejects(p, "i", Accept(cfp=1, tasks=three, payloads=(0, 1, 2)), "malformed")
+    assert p.take_events() == []
+    assert p.load().running == 0
+    p.receive(NodeId("i"), Accept(cfp=1, tasks=(TaskId("x1-0"),), payloads=(0,)), 0.0)
+    assert [e.task_id for e in p.take_events()] == ["x1-0"]
+    rejects(p, "j", Cancel(tasks=(TaskId("x1-0"),)), "not-initiator")
+
+
+def test_over_award_is_rejected() -> None:
+    mesh = participant(cpu=1)
+    p = mesh.cores["p"]
+    p.receive(NodeId("j"), call(9, 3), 0.0)  # fills the queue: next bid offers one slot
+    p.receive(NodeId("i"), call(1, 3), 0.0)
+    prop = last(mesh.out("p"), Propose)
+    assert len(prop.costs) == 1
+    ids = (TaskId("x1-0"), TaskId("x1-1"))
+    rejects(p, "i", Accept(cfp=1, tasks=ids, payloads=(0, 1)), "over-award")
+
+
+# ---------------------------------------------------------------------------------------
+# Wire
+# ---------------------------------------------------------------------------------------
+
+
+def test_every_contract_message_survives_the_codec() -> None:
+    t = (TaskId("a"), TaskId("b"))
+    msgs: list[Wire] = [
+        call(3, 2),
+        CallForProposals(
+            cfp=1,
+            requirements=req(gpu=1),
+            tasks=t,
+            est_runtime_s=None,
+            inputs={TaskId("a"): {NodeId("n"): 10}},
+        ),
+        Propose(cfp=1, costs=(0.5, 1.0), transfer_s={TaskId("a"): 0.1}),
+        Refuse(cfp=1, reason={"missing": "gpu"}),
+        Accept(cfp=1, tasks=t, payloads=({"name": "f", "args": [1, 2]}, None)),
+        Reject(cfp=1),
+        Confirm(cfp=1, tasks=t),
+        Decline(cfp=1, tasks=t, reason="busy"),
+        Progress(tasks=t),
+        Result(tasks=t, values=(1, "x")),
+        Failure(tasks=t, errors=({"message": "boom"}, "x")),
+        Cancel(tasks=t),
+    ]
+    for m in msgs:
+        assert loads(dumps(m)) == m
