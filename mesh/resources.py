@@ -51,13 +51,13 @@ def version_satisfies(installed: str, specifier: str) -> bool:
     if not spec:
         return True
     try:
-        specs = SpecifierSet(spec)
-    except InvalidSpecifier:
-        return False
-    try:
         version = Version(installed)
     except InvalidVersion:
         return spec.replace(" ", "") in (f"=={installed}", f"==={installed}")
+    try:
+        specs = SpecifierSet(spec)
+    except InvalidSpecifier:
+        return False
     # What is installed is what runs: a pre-release the operator chose still counts.
     return specs.contains(version, prereleases=True)
 
