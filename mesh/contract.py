@@ -318,13 +318,14 @@ class _Held:
         "initiator",
         "need",
         "payload",
+        "renewed",
         "req",
         "seed",
         "started",
         "task_id",
     )
 
-    def __init__(self, task_id: TaskId, res: _Reservation, payload: Any) -> None:
+    def __init__(self, task_id: TaskId, res: _Reservation, payload: Any, now: float) -> None:
         self.task_id = task_id
         self.initiator = res.initiator
         self.cfp = res.cfp
@@ -334,6 +335,7 @@ class _Held:
         self.seed = res.seed
         self.payload = payload
         self.started: float | None = None
+        self.renewed = now  # when the initiator last renewed the lease (the confirm)
         self.cancelled = False
 
 
@@ -1316,7 +1318,7 @@ class Contract:
         res.taken += len(take)
         res.reserved = 0
         for tid, payload in take:
-            held = _Held(tid, res, payload)
+            held = _Held(tid, res, payload, now)
             self._held[tid] = held
             self._queue.append(held)
         confirmed = tuple(again) + tuple(tid for tid, _ in take)
@@ -1403,14 +1405,22 @@ class Contract:
 
     def _send_progress(self, now: float) -> None:
         self._progress_at = INF
+        interval = self._cfg.progress_interval_s
+        # Renew only leases that could lapse before the round after next: a task that
+        # finishes within a lease never costs a progress message.
+        due = now - (self._cfg.lease_s - 2 * interval)
         by: dict[NodeId, list[TaskId]] = {}
+        remote = False
         for h in self._held.values():
             if not h.cancelled and h.initiator != self._node:
-                by.setdefault(h.initiator, []).append(h.task_id)
+                remote = True
+                if h.renewed <= due:
+                    h.renewed = now
+                    by.setdefault(h.initiator, []).append(h.task_id)
         for initiator, ids in by.items():
             self._send(initiator, Progress(tasks=tuple(ids)))
-        if by:
-            self._progress_at = now + self._cfg.progress_interval_s
+        if remote:
+            self._progress_at = now + interval
 
     def _expire_reservations(self, now: float) -> None:
         while self._res_expiry and self._res_expiry[0].expires <= now:

@@ -472,19 +472,42 @@ def test_gpu_lanes_bound_gpu_tasks_and_cpu_tasks_pass_a_blocked_one() -> None:
     assert [e.task_id for e in p.take_events()] == ["x1-0", "x2-0"]
 
 
-def test_progress_is_one_message_per_initiator() -> None:
+def test_progress_is_one_message_per_initiator_and_only_for_long_holds() -> None:
     mesh = participant(cpu=1)
     p = mesh.cores["p"]
     p.receive(NodeId("i"), call(1, 3), 0.0)
     ids = tuple(TaskId(f"x1-{k}") for k in range(3))
     p.receive(NodeId("i"), Accept(cfp=1, tasks=ids, payloads=(0, 1, 2)), 0.0)
     mesh.out("p")
-    t = p.next_timer()
-    assert t is not None
-    assert t <= CFG.progress_interval_s
-    p.handle_timer(CFG.progress_interval_s)
-    sent = mesh.out("p")
-    assert [(d, m) for _, d, m in sent] == [("i", Progress(tasks=ids))]
+    sent: list[tuple[float, Wire]] = []
+    now = 0.0
+    while now < CFG.lease_s:
+        t = p.next_timer()
+        assert t is not None
+        now = max(now, t)
+        p.handle_timer(now)
+        sent += [(now, m) for _, _, m in mesh.out("p")]
+    (at, msg), *_ = sent
+    assert msg == Progress(tasks=ids)
+    # Not before it is needed, and in time for the lease, with a round to spare.
+    assert CFG.lease_s - 2 * CFG.progress_interval_s <= at <= CFG.lease_s - CFG.progress_interval_s
+
+
+def test_a_long_task_keeps_its_lease_end_to_end() -> None:
+    mesh = Mesh({"i": caps(tasks=()), "a": caps()})
+    core = mesh.cores["i"]
+    core.submit(spec(0), None, 0.0)
+    core.handle_timer(0.0)
+    mesh.pump(0.0)
+    now = 0.0
+    while now < 10 * CFG.lease_s:
+        now += CFG.progress_interval_s / 3
+        mesh.timers(now)
+        mesh.pump(now)
+    assert core.stats().get("reannounces", 0) == 0
+    mesh.run("a", now)
+    mesh.pump(now)
+    assert [type(e) for e in mesh.events["i"]] == [Completed]
 
 
 def test_not_accepting_refuses_and_gives_queued_tasks_back() -> None:
