@@ -1,0 +1,602 @@
+"""Runs tasks in worker processes, one task per worker, as many workers as the node has slots.
+
+The executor never blocks the event loop: workers are separate processes (started with
+``python -m node.worker``, not forked, because the daemon runs threads), messages to them are
+written and read by asyncio protocol callbacks, and the one slow step on this side (copying a
+large argument into shared memory) runs in a thread. See ``node.worker`` for the pipe
+protocol and the shared-memory segments.
+
+Guarantees: never more tasks running than slots; tasks start in the order they were
+submitted; a task that raises comes back as an ``Outcome`` with its exception's type,
+message and remote traceback; a worker that dies fails only the task it was running
+(``WorkerDied``) and is replaced; a timeout or a cancellation kills the task's worker (the
+only way to stop arbitrary code) and a fresh one takes its place. No shared-memory segment
+outlives the executor, even when workers die.
+
+This module may not import torch or any task module's heavy dependencies: the daemon stays
+lean and only workers load what tasks need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import signal
+import site
+import socket
+import sys
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+
+from mesh.codec import Chunks, encode_body
+from mesh.config import NodeConfig
+from mesh.errors import LocalProtocolError, MeshError
+from mesh.messages import NodeId
+from node.worker import (
+    HEADER,
+    INLINE,
+    decode_payload,
+    remove_segments,
+    segment_frame,
+    unlink_quietly,
+    write_segment,
+)
+from tasks import Registry
+
+log = logging.getLogger(__name__)
+
+WORKER_DIED: Final = "WorkerDied"
+TIMEOUT: Final = "Timeout"
+CANCELLED: Final = "Cancelled"
+UNKNOWN_TASK: Final = "UnknownTask"
+
+_KEEP_ARGS_BYTES: Final = 256 * 1024 * 1024
+"""A worker's argument segment is kept for reuse up to this size, and freed above it."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """How one run of a task ended."""
+
+    ok: bool
+    value: Any
+    """The task's result when ``ok``; None otherwise."""
+    error_type: str = ""
+    """When not ok: the exception's class name, or WorkerDied, Timeout, Cancelled, UnknownTask."""
+    message: str = ""
+    traceback: str = ""
+    """The traceback as formatted in the worker, starting at the task function."""
+    runtime_s: float = 0.0
+    """Seconds the task ran, measured in the worker (0 when it never ran)."""
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    task_id: str
+    seq: int
+    body: Chunks
+    """The encoded call; it still refers to the caller's arrays (encoding does not copy)."""
+    size: int
+    timeout: float | None
+    future: asyncio.Future[Outcome]
+    worker: _Worker | None = None
+    timer: asyncio.TimerHandle | None = None
+    started: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class _Worker:
+    index: int
+    prefix: str
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    proc: asyncio.subprocess.Process | None = None
+    transport: asyncio.Transport | None = None
+    job: _Job | None = None
+    killed: bool = False
+    pid: int = 0
+    pidfd: int = -1
+
+
+class _Pipe(asyncio.Protocol):
+    """The executor's end of one worker's socket: splits the stream into frames."""
+
+    def __init__(self, executor: Executor, worker: _Worker) -> None:
+        self.executor = executor
+        self.worker = worker
+        self.buf = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos = 0
+        size = HEADER.size
+        while len(buf) - pos >= size:
+            kind, length = HEADER.unpack_from(buf, pos)
+            end = pos + size + length
+            if len(buf) < end:
+                break
+            payload = bytes(buf[pos + size : end])
+            pos = end
+            self.executor._on_frame(self.worker, kind, payload)
+        if pos:
+            del buf[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.executor._on_pipe_lost(self.worker)
+
+
+def _child_pythonpath() -> str:
+    """The parent's own source directories, so workers import the same task modules."""
+    system = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    system.update(os.path.realpath(p) for p in site.getsitepackages())
+    keep: list[str] = []
+    for entry in sys.path:
+        path = os.path.realpath(entry or os.getcwd())
+        if not os.path.isdir(path) or any(path == s or path.startswith(s + os.sep) for s in system):
+            continue
+        if path not in keep:
+            keep.append(path)
+    inherited = os.environ.get("PYTHONPATH")
+    if inherited:
+        keep.append(inherited)
+    return os.pathsep.join(keep)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "worker process ended"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"worker process was killed by {name} (exit code {code})"
+    return f"worker process exited with code {code}"
+
+
+class Executor:
+    """A pool of ``slots`` worker processes running named tasks.
+
+    Use as ``async with Executor(...) as ex: outcome = await ex.run(...)``. ``without``
+    names libraries the workers refuse to import (a node kept off ML work).
+    """
+
+    def __init__(
+        self,
+        *,
+        node_id: NodeId,
+        slots: int,
+        registry_modules: Sequence[str],
+        config: NodeConfig,
+        without: Sequence[str] = (),
+        entry_points: bool = True,
+    ) -> None:
+        if slots < 1:
+            raise LocalProtocolError(f"an executor needs at least one slot, not {slots}")
+        self.node_id = node_id
+        self._slots = slots
+        self.config = config
+        self.without = tuple(without)
+        self.registry = Registry.load(registry_modules, entry_points=entry_points)
+        self._modules = tuple(registry_modules)
+        self._entry_points = entry_points
+        self._prefix = f"mesh-{os.getpid()}-{secrets.token_hex(4)}"
+        self._seq = itertools.count(1)
+        self._worker_index = itertools.count(1)
+        self._queue: deque[_Job] = deque()
+        self._jobs: dict[str, _Job] = {}
+        self._workers: set[_Worker] = set()
+        self._idle: list[_Worker] = []
+        self._tg: asyncio.TaskGroup | None = None
+        self._closing = False
+        self._no_workers = asyncio.Event()
+        self._no_workers.set()
+        self._env = self._worker_env()
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._tg is not None:
+            raise LocalProtocolError("executor already started")
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        if self.config.executor_prestart:
+            for _ in range(self._slots):
+                self._spawn()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        tg = self._tg
+        if tg is None:
+            return None
+        self._closing = True
+        while self._queue:
+            self._resolve(self._queue.popleft(), self._failed(CANCELLED, "executor stopped"))
+        for w in self._workers:
+            self._send_stop(w)
+        try:
+            async with asyncio.timeout(self.config.executor_stop_grace_s):
+                await self._no_workers.wait()
+        except TimeoutError:
+            for w in self._workers:
+                self._kill(w)
+        finally:
+            try:
+                await tg.__aexit__(exc_type, exc, tb)
+            finally:
+                for job in list(self._jobs.values()):
+                    self._resolve(job, self._failed(CANCELLED, "executor stopped"))
+                remove_segments(self._prefix)
+                self._tg = None
+        return None
+
+    @staticmethod
+    def _send_stop(worker: _Worker) -> None:
+        if worker.transport is not None and not worker.transport.is_closing():
+            chunks, size = encode_body(["stop"])
+            worker.transport.writelines([HEADER.pack(INLINE, size), *chunks])
+
+    # --- public API -------------------------------------------------------------------
+
+    @property
+    def slots(self) -> int:
+        return self._slots
+
+    @property
+    def running(self) -> int:
+        """Tasks executing in a worker right now."""
+        return len(self._jobs) - len(self._queue)
+
+    @property
+    def queued(self) -> int:
+        """Tasks waiting for a free worker."""
+        return len(self._queue)
+
+    @property
+    def workers(self) -> int:
+        """Worker processes alive or starting."""
+        return len(self._workers)
+
+    def worker_pids(self) -> tuple[int, ...]:
+        """Process ids of the workers that are ready (for diagnostics and tests)."""
+        return tuple(w.pid for w in self._workers if w.ready.is_set() and w.pid)
+
+    async def run(
+        self,
+        task_id: str,
+        name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - bounds the run in the worker, not the await
+    ) -> Outcome:
+        """Run task ``name`` once and return how it ended; never raises for the task's sake.
+
+        ``timeout`` bounds the seconds the task runs (time spent queued does not count).
+        Raises ``LocalProtocolError`` if the executor is not open, ``task_id`` is already
+        running here, or the arguments cannot be encoded. Cancelling the caller cancels the
+        task.
+        """
+        if self._tg is None or self._closing:
+            raise LocalProtocolError("executor is not running")
+        if task_id in self._jobs:
+            raise LocalProtocolError(f"task {task_id} is already running here")
+        if name not in self.registry:
+            return self._failed(UNKNOWN_TASK, f"task {name} is not installed on {self.node_id}")
+        if timeout is not None and timeout <= 0:
+            return self._failed(TIMEOUT, f"task {task_id} had no time left to run")
+        seq = next(self._seq)
+        # Zero-copy for arrays: a large argument is copied once, into shared memory, when a
+        # worker is free to take it.
+        body, size = encode_body(["run", seq, task_id, name, list(args), dict(kwargs or {})])
+        job = _Job(
+            task_id=task_id,
+            seq=seq,
+            body=body,
+            size=size,
+            timeout=timeout,
+            future=asyncio.get_running_loop().create_future(),
+        )
+        self._jobs[task_id] = job
+        self._queue.append(job)
+        self._dispatch()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            self._abandon(job, self._failed(CANCELLED, "the caller was cancelled"))
+            raise
+
+    def cancel(self, task_id: str) -> bool:
+        """Stop ``task_id``: drop it if queued, kill its worker if running. False if unknown."""
+        job = self._jobs.get(task_id)
+        if job is None:
+            return False
+        self._abandon(job, self._failed(CANCELLED, f"task {task_id} was cancelled"))
+        return True
+
+    # --- internals --------------------------------------------------------------------
+
+    @staticmethod
+    def _failed(error_type: str, message: str, runtime_s: float = 0.0) -> Outcome:
+        return Outcome(
+            ok=False, value=None, error_type=error_type, message=message, runtime_s=runtime_s
+        )
+
+    def _worker_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _child_pythonpath()
+        # Without this every worker's BLAS or torch would use every core: slots x cores threads.
+        threads = str(max(1, (os.cpu_count() or 1) // self._slots))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env.setdefault(var, threads)
+        return env
+
+    def _resolve(self, job: _Job, outcome: Outcome) -> None:
+        if self._jobs.get(job.task_id) is job:
+            del self._jobs[job.task_id]
+        if job.timer is not None:
+            job.timer.cancel()
+            job.timer = None
+        if not job.future.done():
+            job.future.set_result(outcome)
+
+    def _abandon(self, job: _Job, outcome: Outcome) -> None:
+        if job.future.done() and self._jobs.get(job.task_id) is not job:
+            return
+        worker = job.worker
+        if worker is None:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(job)
+        self._resolve(job, outcome)
+        if worker is not None and worker.job is job:
+            self._kill(worker)
+
+    def _dispatch(self) -> None:
+        while self._queue and self._idle:
+            worker = self._idle.pop()
+            job = self._queue.popleft()
+            self._start(worker, job)
+        if self._closing or not self._queue:
+            return
+        starting = sum(1 for w in self._workers if not w.ready.is_set())
+        room = self._slots - len(self._workers)
+        for _ in range(min(room, len(self._queue) - starting)):
+            self._spawn()
+
+    def _start(self, worker: _Worker, job: _Job) -> None:
+        transport = worker.transport
+        if transport is None or transport.is_closing():
+            self._queue.appendleft(job)
+            return
+        worker.job = job
+        job.worker = worker
+        if job.size > self.config.executor_shm_threshold_bytes and self._tg is not None:
+            self._tg.create_task(self._start_large(worker, job), name=f"mesh-args-{job.seq}")
+            return
+        transport.writelines([HEADER.pack(INLINE, job.size), *job.body])
+        self._started(job)
+
+    def _started(self, job: _Job) -> None:
+        job.body = []
+        if job.timeout is not None:
+            loop = asyncio.get_running_loop()
+            job.timer = loop.call_later(job.timeout, self._expire, job)
+
+    async def _start_large(self, worker: _Worker, job: _Job) -> None:
+        """Copy a large call into the worker's argument segment (in a thread), then send it."""
+        name = worker.prefix + "-args"
+        work = asyncio.ensure_future(
+            asyncio.to_thread(write_segment, name, job.body, job.size, reuse=True)
+        )
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # The copy runs on; whatever it leaves is removed when it ends.
+            work.add_done_callback(lambda _: unlink_quietly(name))
+            raise
+        except OSError as exc:  # /dev/shm full, most likely
+            if worker.job is job:
+                worker.job = None
+                if not worker.killed and not self._closing:
+                    self._idle.append(worker)
+            self._resolve(
+                job, self._failed(type(exc).__name__, f"cannot pass the arguments: {exc}")
+            )
+            self._dispatch()
+            return
+        transport = worker.transport
+        if worker.job is not job or worker.killed or transport is None or transport.is_closing():
+            return  # cancelled or timed out meanwhile; the worker's exit cleans the segment up
+        transport.writelines(segment_frame(name, job.size))
+        self._started(job)
+
+    def _expire(self, job: _Job) -> None:
+        job.timer = None
+        self._abandon(
+            job,
+            self._failed(
+                TIMEOUT, f"task {job.task_id} ran over its {job.timeout:g} s", job.timeout or 0.0
+            ),
+        )
+
+    def _kill(self, worker: _Worker) -> None:
+        worker.killed = True
+        if worker in self._idle:
+            self._idle.remove(worker)
+        proc = worker.proc
+        if proc is None or proc.returncode is not None:
+            return
+        # Not proc.kill(): Popen.send_signal polls first, and reaping the child here would
+        # take its exit status from the watcher that reports it. A pidfd cannot hit a reused
+        # pid even when the child is already gone.
+        with contextlib.suppress(ProcessLookupError):
+            if worker.pidfd >= 0:
+                signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
+            else:
+                os.kill(proc.pid, signal.SIGKILL)
+
+    def _spawn(self) -> None:
+        if self._tg is None or self._closing:
+            return
+        index = next(self._worker_index)
+        worker = _Worker(index=index, prefix=f"{self._prefix}-w{index}")
+        self._workers.add(worker)
+        self._no_workers.clear()
+        self._tg.create_task(self._supervise(worker), name=f"mesh-worker-{index}")
+
+    async def _supervise(self, worker: _Worker) -> None:
+        """Start one worker, watch it until it exits, then clean up after it."""
+        code: int | None = None
+        try:
+            await self._launch(worker)
+            proc = worker.proc
+            if proc is None:
+                return
+            try:
+                async with asyncio.timeout(self.config.executor_worker_start_timeout_s):
+                    await worker.ready.wait()
+            except TimeoutError:
+                log.warning("worker %d did not start in time; killing it", worker.index)
+                self._kill(worker)
+            code = await proc.wait()
+        except OSError as exc:
+            log.error("cannot start a worker process: %s", exc)
+        finally:
+            self._after_exit(worker, code)
+
+    async def _launch(self, worker: _Worker) -> None:
+        parent, child = socket.socketpair()
+        try:
+            argv = [
+                sys.executable,
+                "-m",
+                "node.worker",
+                "--fd",
+                str(child.fileno()),
+                "--node-id",
+                self.node_id,
+                "--prefix",
+                worker.prefix,
+                "--threshold",
+                str(self.config.executor_shm_threshold_bytes),
+            ]
+            for module in self._modules:
+                argv += ["--tasks", module]
+            for lib in self.without:
+                argv += ["--without", lib]
+            if not self._entry_points:
+                argv.append("--no-entry-points")
+            worker.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                pass_fds=(child.fileno(),),
+                env=self._env,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+            if hasattr(os, "pidfd_open"):
+                worker.pidfd = os.pidfd_open(worker.proc.pid)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_unix_connection(lambda: _Pipe(self, worker), sock=parent)
+        worker.transport = transport
+        if self._closing:
+            self._send_stop(worker)
+
+    def _after_exit(self, worker: _Worker, code: int | None) -> None:
+        self._workers.discard(worker)
+        if not self._workers:
+            self._no_workers.set()
+        if worker in self._idle:
+            self._idle.remove(worker)
+        if worker.transport is not None:
+            worker.transport.close()
+        if worker.pidfd >= 0:
+            os.close(worker.pidfd)
+            worker.pidfd = -1
+        remove_segments(worker.prefix + "-")
+        job = worker.job
+        worker.job = None
+        if job is not None:
+            self._resolve(job, self._failed(WORKER_DIED, _exit_text(code)))
+        if not worker.ready.is_set() and not self._closing:
+            # A worker that cannot even start (a broken task module, no memory) would be
+            # restarted forever; fail what waits instead and try again on the next run().
+            message = f"no worker could start: {_exit_text(code)}"
+            while self._queue:
+                self._resolve(self._queue.popleft(), self._failed(WORKER_DIED, message))
+            return
+        if self._closing:
+            return
+        if self.config.executor_prestart and len(self._workers) < self._slots:
+            self._spawn()
+        self._dispatch()
+
+    def _on_frame(self, worker: _Worker, kind: int, payload: bytes) -> None:
+        try:
+            msg = decode_payload(kind, payload)
+            op = msg[0]
+        except (MeshError, IndexError, TypeError) as exc:
+            log.error("worker %d sent an unreadable message (%s); replacing it", worker.index, exc)
+            self._kill(worker)
+            return
+        if op == "done":
+            self._on_done(worker, msg)
+        elif op == "ready":
+            worker.pid = int(msg[1])
+            worker.ready.set()
+            if self._closing:
+                return
+            self._idle.append(worker)
+            self._dispatch()
+        else:
+            log.error("worker %d sent unknown message %r; replacing it", worker.index, op)
+            self._kill(worker)
+
+    def _on_done(self, worker: _Worker, msg: list[Any]) -> None:
+        job = worker.job
+        try:
+            _, seq, ok, value, error_type, message, tb, runtime = msg
+            if job is None or seq != job.seq:
+                raise ValueError(f"reply to task {seq} it was not running")
+            outcome = Outcome(
+                ok=bool(ok),
+                value=value,
+                error_type=str(error_type),
+                message=str(message),
+                traceback=str(tb),
+                runtime_s=float(runtime),
+            )
+        except (ValueError, TypeError) as exc:
+            log.error("worker %d sent a bad reply (%s); replacing it", worker.index, exc)
+            self._kill(worker)
+            return
+        worker.job = None
+        self._resolve(job, outcome)
+        if job.size > _KEEP_ARGS_BYTES:
+            # Keeping the pages saves the next large call their allocation, but not at any size.
+            unlink_quietly(worker.prefix + "-args")
+        if worker.killed or self._closing:
+            return
+        self._idle.append(worker)
+        self._dispatch()
+
+    def _on_pipe_lost(self, worker: _Worker) -> None:
+        # The process exit (seen by _supervise) settles the task; a pipe closed under a live
+        # worker is a bug on one side, so make sure that exit happens.
+        if worker.proc is not None and worker.proc.returncode is None and not self._closing:
+            self._kill(worker)
