@@ -217,7 +217,9 @@ def _check_for(tp: Any) -> Check:
         return _check_enum(tp)
     if isinstance(tp, type) and issubclass(tp, Wire):
         return _check_wire(tp)
-    if origin is tuple or tp is tuple:
+    if tp is tuple:
+        return _check_tuple((Any, Ellipsis))
+    if origin is tuple:
         return _check_tuple(args)
     if origin is frozenset or tp is frozenset:
         return _check_frozenset(_check_for(args[0]) if args else _check_any)
@@ -274,8 +276,8 @@ def _check_wire(wire_tp: type[Wire]) -> Check:
 
 
 def _check_tuple(args: tuple[Any, ...]) -> Check:
-    if not args or (len(args) == 2 and args[1] is Ellipsis):
-        item = _check_for(args[0]) if args else _check_any
+    if len(args) == 2 and args[1] is Ellipsis:
+        item = _check_for(args[0])
 
         def check_seq(v: Any) -> Any:
             if type(v) is not list:
@@ -283,7 +285,7 @@ def _check_tuple(args: tuple[Any, ...]) -> Check:
             return tuple([item(x) for x in v])
 
         return check_seq
-    if args == ((),):  # tuple[()]: the empty tuple
+    if args == ((),):  # tuple[()] on Pythons that spell the empty tuple this way
         args = ()
     items = [_check_for(a) for a in args]
 
@@ -702,13 +704,14 @@ class ReplayGuard:
     sequence numbers are refused.
 
     The table is an LRU capped at ``max_streams``. Forgetting a stream must not reopen it
-    to replays, so the guard keeps a floor: the newest timestamp of any forgotten stream.
-    A stream it does not know is accepted only with a timestamp above that floor. Under a
-    flood of streams this may turn away a new peer whose clock lags, for at most twice the
-    skew; it never lets a replay through.
+    to replays, so each forgotten stream leaves its newest timestamp as a floor in one of
+    ``max_streams`` buckets (chosen by hash); a stream the guard does not know is accepted
+    only with a timestamp above its bucket's floor. Under a flood of streams this may turn
+    away a new stream whose clock lags one it shares a bucket with, for at most twice the
+    skew; it never lets a replay through, and its memory is fixed.
     """
 
-    __slots__ = ("_floor", "_mask", "_streams", "max_skew_s", "max_streams", "window")
+    __slots__ = ("_floors", "_mask", "_streams", "max_skew_s", "max_streams", "window")
 
     def __init__(self, *, max_skew_s: float, max_streams: int = 4096, window: int = 1024) -> None:
         if not max_skew_s > 0 or max_streams < 1 or window < 1:
@@ -719,7 +722,7 @@ class ReplayGuard:
         self._mask = (1 << window) - 1
         # (sender, boot) -> [highest seq, bitmap of seen seqs below it, newest timestamp]
         self._streams: OrderedDict[tuple[str, int], list[Any]] = OrderedDict()
-        self._floor = -math.inf
+        self._floors = [-math.inf] * max_streams
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -734,14 +737,15 @@ class ReplayGuard:
         key = (sender, boot)
         state = self._streams.get(key)
         if state is None:
-            if sent_at <= self._floor:
+            if sent_at <= self._floors[hash(key) % self.max_streams]:
                 raise RemoteProtocolError(
-                    f"frame from {sender} predates forgotten streams", reason="replay"
+                    f"frame from {sender} is no newer than a forgotten stream", reason="replay"
                 )
             self._streams[key] = [seq, 1, sent_at]
             if len(self._streams) > self.max_streams:
-                _, old = self._streams.popitem(last=False)
-                self._floor = max(self._floor, old[2])
+                old_key, old = self._streams.popitem(last=False)
+                bucket = hash(old_key) % self.max_streams
+                self._floors[bucket] = max(self._floors[bucket], old[2])
             return
         self._streams.move_to_end(key)
         top, bits, newest = state
