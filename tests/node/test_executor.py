@@ -100,7 +100,7 @@ def segments(prefix: str) -> set[str]:
 
 async def wait_for(condition: Callable[[], bool], what: str) -> None:
     async with asyncio.timeout(DEADLINE_S):
-        while not condition():
+        while not condition():  # noqa: ASYNC110 - state of other processes, no event to await
             await asyncio.sleep(0.01)
     assert condition(), what
 
