@@ -21,9 +21,12 @@ class LocalProtocolError(MeshError):
 class RemoteProtocolError(MeshError):
     """A peer sent something unacceptable.
 
-    ``reason`` is a short, stable, machine-readable word (``"bad-mac"``, ``"replay"``,
-    ``"oversized"``, ...) used as a metrics label, so that rejected frames can be counted
-    by cause without parsing messages.
+    ``reason`` is a short, stable, machine-readable word used as a metrics label, so that
+    rejected frames can be counted by cause without parsing messages. The codec uses:
+    ``bad-mac`` (authentication failed), ``oversized``, ``truncated``, ``version``,
+    ``stale`` (timestamp outside the allowed skew), ``replay``, ``malformed`` (not msgpack,
+    bad envelope, nested too deeply), ``unknown-type`` (wire tag or ext code),
+    ``bad-field`` (a field of the wrong type) and ``bad-array`` (dtype, shape or buffer).
     """
 
     def __init__(self, message: str, *, reason: str = "malformed") -> None:
