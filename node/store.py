@@ -56,35 +56,35 @@ class ObjectStoreFullError(MeshError):
 def nbytes_of(value: Any) -> int:
     """Bytes of payload in ``value``: arrays, tensors, bytes and strings, nested anywhere.
 
-    What the daemon compares with the store threshold; it ignores the few bytes of msgpack
-    structure around them. Shared sub-values are counted once.
+    What the daemon compares with the store threshold. A value that appears twice counts
+    twice, as the codec would send it twice; the few bytes of msgpack structure around the
+    payload are ignored. A container inside itself (which cannot be encoded) counts once.
     """
-    total = 0
-    seen: set[int] = set()
-    stack: list[Any] = [value]
-    torch = sys.modules.get("torch")
-    while stack:
-        item = stack.pop()
-        if isinstance(item, np.ndarray):
-            total += item.nbytes
-        elif isinstance(item, bytes | bytearray | memoryview):
-            total += memoryview(item).nbytes
-        elif isinstance(item, str):
-            total += len(item)
-        elif isinstance(item, list | tuple | dict | set | frozenset | Wire):
-            if id(item) in seen:
-                continue
-            seen.add(id(item))
-            if isinstance(item, dict):
-                stack.extend(item.keys())
-                stack.extend(item.values())
-            elif isinstance(item, Wire):
-                stack.extend(getattr(item, name) for name in field_names(type(item)))
-            else:
-                stack.extend(item)
-        elif torch is not None and isinstance(item, torch.Tensor):
-            total += item.numel() * item.element_size()
-    return total
+    return _nbytes(value, set(), sys.modules.get("torch"))
+
+
+def _nbytes(item: Any, path: set[int], torch: Any) -> int:
+    if isinstance(item, np.ndarray):
+        return int(item.nbytes)
+    if isinstance(item, bytes | bytearray | memoryview):
+        return memoryview(item).nbytes
+    if isinstance(item, str):
+        return len(item)
+    if torch is not None and isinstance(item, torch.Tensor):
+        return int(item.numel() * item.element_size())
+    if not isinstance(item, list | tuple | dict | set | frozenset | Wire) or id(item) in path:
+        return 0
+    if isinstance(item, dict):
+        parts: list[Any] = [*item.keys(), *item.values()]
+    elif isinstance(item, Wire):
+        parts = [getattr(item, name) for name in field_names(type(item))]
+    else:
+        parts = list(item)
+    path.add(id(item))
+    try:
+        return sum(_nbytes(part, path, torch) for part in parts)
+    finally:
+        path.discard(id(item))
 
 
 def default_limit() -> int:
