@@ -281,7 +281,6 @@ class Opaque:
         torch.zeros(2, dtype=torch.float8_e4m3fn),
         torch.zeros(2).to_sparse(),
         torch.zeros(2, device="meta"),
-        torch.quantize_per_tensor(torch.zeros(2), 0.1, 0, torch.quint8),
     ],
     ids=lambda v: type(v).__name__,
 )
