@@ -57,6 +57,10 @@ class MembershipConfig:
     gossip (14 at n = 1000): then the chance that a given node misses it is about
     exp(-14 * 0.95) ~ 2e-6, and anti-entropy repairs the rest."""
 
+    retransmit_min: int = 9
+    """Floor of the retransmit count: in small meshes ln(n) is too small a margin
+    against loss; 9 is three rounds at fanout 3."""
+
     max_updates_per_message: int = 8
     """Updates piggybacked per message, least-sent first; keeps gossip frames small."""
 
@@ -156,14 +160,16 @@ class ContractConfig:
     award that arrives late still finds its slots, yet short enough that a lost reject
     blocks nothing for long."""
 
-    lease_s: float = 15.0
+    lease_s: float = 30.0
     """An award lapses if the winner sends no progress for this long; the task is then
-    announced again. Membership normally notices a dead winner first; the lease covers a
-    winner that lives but lost the task (restart, partition)."""
+    announced again. Membership notices a dead winner within seconds; the lease only covers
+    a winner that lives but lost the task (restart, partition), so it can be long, and
+    tasks shorter than a lease never cost a progress message."""
 
-    progress_interval_s: float = 5.0
-    """How often a winner renews the leases of the tasks it holds, one message per
-    initiator. A third of the lease: two progress messages may be lost before it lapses."""
+    progress_interval_s: float = 10.0
+    """How often a winner renews the leases it holds that could lapse before its next round
+    (one message per initiator). A third of the lease: one may be lost with a round to
+    spare."""
 
     batch_delay_s: float = 0.002
     """How long a submitted task waits for others to share its call for proposals. Batching

@@ -69,6 +69,8 @@ MAX_CFP_TASKS: Final = 4096
 """Hard bound on tasks in a received call for proposals, whatever the sender's config."""
 
 _EPS: Final = 1e-9
+POOL: Final = 16
+"""Candidates drawn uniformly per wanted candidate before the load-weighted choice."""
 
 # ---------------------------------------------------------------------------------------
 # Public value types
@@ -443,7 +445,8 @@ class Contract:
         self._sweep_at = INF
         self._done: OrderedDict[TaskId, frozenset[NodeId]] = OrderedDict()
         self._records: OrderedDict[TaskId, _Task] = OrderedDict()
-        self._match_cache: dict[_Key, dict[NodeId, tuple[Capabilities, dict[str, object]]]] = {}
+        self._checked: dict[_Key, dict[NodeId, tuple[Capabilities, dict[str, object]]]] = {}
+        self._match_cache: dict[_Key, tuple[list[MemberView], list[MemberView], bool]] = {}
         # participant
         self._reservations: dict[tuple[NodeId, int], _Reservation] = {}
         self._res_expiry: deque[_Reservation] = deque()
@@ -722,33 +725,55 @@ class Contract:
     # Initiator: candidates, calls for proposals, decisions
     # -----------------------------------------------------------------------------------
 
-    def _match(self, group: _Group) -> tuple[list[MemberView], dict[str, object]]:
-        """Live capable members, and what the others lack (for ``NoCapablePeerError``)."""
+    def _match(self, group: _Group) -> list[MemberView]:
+        """Live members whose gossiped capabilities meet the group's requirements.
+
+        Cached per requirements while the view hands back the same member list (a view
+        builds a new list whenever a member changes), so a burst of auctions costs one
+        pass over the mesh."""
+        members = self._peers.members()
         key = _req_key(group.requirements, None)
-        cache = self._match_cache.get(key)
-        if cache is None:
-            if len(self._match_cache) > 1024:
+        hit = self._match_cache.get(key)
+        if hit is not None and hit[0] is members and hit[2] == self._accepting:
+            return hit[1]
+        checked = self._checked.get(key)
+        if checked is None:
+            if len(self._checked) > 1024:
+                self._checked.clear()
                 self._match_cache.clear()
-            cache = self._match_cache[key] = {}
+            checked = self._checked[key] = {}
         capable: list[MemberView] = []
-        lacking: list[dict[str, object]] = []
-        for m in self._peers.members():
+        for m in members:
             if m.state != MemberState.ALIVE:
                 continue
             if m.node == self._node and not self._accepting:
                 continue
-            hit = cache.get(m.node)
-            if hit is None or hit[0] is not m.capabilities:
-                hit = (m.capabilities, check(group.requirements, m.capabilities))
-                cache[m.node] = hit
-            if hit[1]:
-                lacking.append(hit[1])
-            else:
+            seen = checked.get(m.node)
+            if seen is None or seen[0] is not m.capabilities:
+                seen = (m.capabilities, check(group.requirements, m.capabilities))
+                checked[m.node] = seen
+            if not seen[1]:
                 capable.append(m)
-        return capable, merge_reasons(lacking)
+        self._match_cache[key] = (members, capable, self._accepting)
+        return capable
+
+    def _lacking(self, group: _Group) -> dict[str, object]:
+        """What the live members lack for the group's requirements, merged."""
+        return merge_reasons(
+            lack
+            for m in self._peers.members()
+            if m.state == MemberState.ALIVE
+            for lack in [check(group.requirements, m.capabilities)]
+            if lack
+        )
 
     def _sample(self, candidates: list[MemberView], tasks: list[_Task], est: float) -> list[NodeId]:
-        """d candidates, weighted to low backlog and to holders of the batch's inputs."""
+        """d candidates, weighted to low backlog and to holders of the batch's inputs.
+
+        The weighted draw runs over a uniform pool of ``POOL * d`` candidates plus every
+        input holder, so its cost does not grow with the mesh: among 48 random peers the
+        least loaded few are as good as the least loaded few of all, and herds of
+        initiators chasing one stale "idle" node are avoided."""
         d = self._cfg.candidates
         if len(candidates) <= d:
             return [m.node for m in candidates]
@@ -758,10 +783,16 @@ class Contract:
             for n, b in t.spec.input_bytes.items():
                 held[n] = held.get(n, 0) + b
                 total += b
+        pool = candidates
+        if len(candidates) > POOL * d:
+            pool = self._rng.sample(candidates, POOL * d)
+            if held:
+                inside = {m.node for m in pool}
+                pool += [m for m in candidates if m.node in held and m.node not in inside]
         per_task = 1.0 / (len(tasks) * self._cfg.bandwidth_bytes_per_s)
         rng = self._rng.random
         keyed: list[tuple[float, NodeId]] = []
-        for m in candidates:
+        for m in pool:
             score = est + m.load.backlog_s
             if total:
                 score += (total - held.get(m.node, 0)) * per_task
@@ -792,10 +823,11 @@ class Contract:
         self, group: _Group, tasks: list[_Task], exclude: frozenset[NodeId], now: float
     ) -> None:
         """Open one auction for ``tasks`` among capable candidates outside ``exclude``."""
-        candidates, lacking = self._match(group)
+        candidates = self._match(group)
         if exclude:
             candidates = [m for m in candidates if m.node not in exclude]
         if not candidates:
+            lacking = self._lacking(group)
             if exclude:
                 self._fail_unplaced(tasks, lacking, now)
             else:
@@ -971,8 +1003,7 @@ class Contract:
         first = tasks[0]
         exclude = first.exclude | frozenset(auction.asked)
         if first.widened >= self._cfg.widen_rounds:
-            _, lacking = self._match(auction.group)
-            self._fail_unplaced(tasks, lacking, now)
+            self._fail_unplaced(tasks, self._lacking(auction.group), now)
             return
         self._stats["widened"] += len(tasks)
         for t in tasks:
