@@ -473,6 +473,9 @@ class Executor:
             code = await proc.wait()
         except OSError as exc:
             log.error("cannot start a worker process: %s", exc)
+        except asyncio.CancelledError:
+            self._kill(worker)  # the executor is being torn down: no worker may outlive it
+            raise
         finally:
             self._after_exit(worker, code)
 
