@@ -457,6 +457,7 @@ class Contract:
         self._used: dict[str, float] = {}
         self._history: dict[str, float] = {}
         self._speed = 1.0  # measured / estimated runtime, over every task with an estimate
+        self._speed_samples = 0
         self._progress_at = INF
         self._results: dict[NodeId, tuple[list[TaskId], list[Any]]] = {}
         self._failures: dict[NodeId, tuple[list[TaskId], list[Any]]] = {}
@@ -1236,7 +1237,11 @@ class Contract:
         old = self._history.get(name)
         self._history[name] = measured if old is None else old + alpha * (measured - old)
         if held.seed:
-            self._speed += alpha * (measured / held.seed - self._speed)
+            # A plain mean over the first few runs, then the moving average: the first
+            # measurements are what tells a slow node from a fast one, so they count fully.
+            self._speed_samples += 1
+            weight = max(alpha, 1.0 / self._speed_samples)
+            self._speed += weight * (measured / held.seed - self._speed)
 
     def _work(self, key: str, now: float) -> list[float]:
         """Seconds of committed work competing for resource ``key``, in start order."""
@@ -1403,36 +1408,39 @@ class Contract:
             self._send(initiator, Decline(cfp=cfp, tasks=tuple(ids), reason=reason))
             self._stats["declines_sent"] += 1
 
-    def _fits(self, need: dict[str, float]) -> bool:
+    def _start_ready(self, now: float) -> None:
+        """Start queued tasks in order while they fit. A task that does not fit blocks the
+        resources it is short of: later tasks may pass it only if they need none of them,
+        so a two-slot task is not starved by a stream of one-slot tasks."""
+        queue = self._queue
         have = self._caps.resources
         used = self._used
-        for k, v in need.items():
-            if v > 0 and used.get(k, 0.0) + v > have.get(k, 0.0) + _EPS:
-                return False
-        return True
-
-    def _start_ready(self, now: float) -> None:
-        """Start queued tasks while they fit; a task that does not fit lets others pass."""
-        queue = self._queue
+        blocked: set[str] = set()
         i = 0
         while i < len(queue) and i < 64:
             held = queue[i]
             if held.cancelled:
                 del queue[i]
                 continue
-            if self._fits(held.need):
-                del queue[i]
-                held.started = now
-                self._running[held.task_id] = held
-                for k, v in held.need.items():
-                    self._used[k] = self._used.get(k, 0.0) + v
-                payload, held.payload = held.payload, None
-                self._events.append(
-                    Execute(task_id=held.task_id, initiator=held.initiator, payload=payload)
-                )
-                self._stats["executions"] += 1
+            short = [
+                k
+                for k, v in held.need.items()
+                if v > 0 and (k in blocked or used.get(k, 0.0) + v > have.get(k, 0.0) + _EPS)
+            ]
+            if short:
+                blocked.update(k for k, v in held.need.items() if v > 0 and k in short)
+                i += 1
                 continue
-            i += 1
+            del queue[i]
+            held.started = now
+            self._running[held.task_id] = held
+            for k, v in held.need.items():
+                used[k] = used.get(k, 0.0) + v
+            payload, held.payload = held.payload, None
+            self._events.append(
+                Execute(task_id=held.task_id, initiator=held.initiator, payload=payload)
+            )
+            self._stats["executions"] += 1
 
     def _send_progress(self, now: float) -> None:
         self._progress_at = INF
