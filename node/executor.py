@@ -535,7 +535,11 @@ class Executor:
         job = worker.job
         worker.job = None
         if job is not None:
-            self._resolve(job, self._failed(WORKER_DIED, _exit_text(code)))
+            if self._closing:
+                outcome = self._failed(CANCELLED, "executor stopped before the task ended")
+            else:
+                outcome = self._failed(WORKER_DIED, _exit_text(code))
+            self._resolve(job, outcome)
         if not worker.ready.is_set() and not self._closing:
             # A worker that cannot even start (a broken task module, no memory) would be
             # restarted forever; fail what waits instead and try again on the next run().

@@ -35,11 +35,13 @@ This module may not import torch or other heavy libraries itself: tasks import w
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import gc
 import importlib.abc
 import importlib.machinery
 import importlib.metadata
+import inspect
 import itertools
 import mmap
 import os
@@ -282,6 +284,9 @@ def _run_one(registry: Registry, node_id: NodeId, msg: list[Any]) -> list[Any]:
     try:
         with running_as(TaskContext(node_id=node_id, task_id=task_id)):
             value = tdef.fn(*args, **kwargs)
+            if inspect.iscoroutine(value):
+                # An ``async def`` task gets an event loop of its own for the one call.
+                value = asyncio.run(value)
     except Exception as exc:
         runtime = time.perf_counter() - started
         # The first frame is this function's call: the remote traceback starts in the task.
