@@ -33,7 +33,9 @@ PLUGIN = "mesh_test_executor_tasks"
 PLUGIN_SOURCE = textwrap.dedent(
     '''
     """Tasks the executor tests need beyond the built-in ones."""
+    import asyncio
     import importlib
+    import signal
     import os
     import time
 
@@ -86,6 +88,17 @@ PLUGIN_SOURCE = textwrap.dedent(
     @task
     def pid() -> int:
         return os.getpid()
+
+
+    @task
+    def segfault() -> None:
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+    @task
+    async def later(x: int) -> int:
+        await asyncio.sleep(0)
+        return x + 1
     '''
 )
 
@@ -125,11 +138,11 @@ async def ex(plugin_dir: Path) -> AsyncIterator[Executor]:
 
 
 def fresh(slots: int, **kwargs: object) -> Executor:
+    kwargs.setdefault("config", config())
     return Executor(
         node_id=NodeId("node-b"),
         slots=slots,
         registry_modules=(PLUGIN,),
-        config=config(),
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -233,6 +246,17 @@ async def test_worker_death_fails_only_its_task_and_is_replaced(ex: Executor) ->
     assert (await bounded(ex.run("t-after-crash", "echo", ["still up"]))).value == "still up"
 
 
+async def test_a_signal_death_names_the_signal(ex: Executor) -> None:
+    out = await bounded(ex.run("t-segv", "segfault"))
+    assert (out.ok, out.error_type) == (False, "WorkerDied")
+    assert "SIGSEGV" in out.message
+    await wait_for(lambda: len(ex.worker_pids()) == ex.slots, "worker replaced")
+
+
+async def test_async_task_runs_to_completion(ex: Executor) -> None:
+    assert (await bounded(ex.run("t-later", "later", [41]))).value == 42
+
+
 async def test_worker_death_with_a_large_argument_leaks_no_segment(ex: Executor) -> None:
     big = np.ones(2 * 1024 * 1024)  # 16 MiB: through shared memory
     out = await bounded(ex.run("t-crash-big", "crash_holding", [big]))
@@ -313,6 +337,16 @@ async def test_stop_ends_every_worker_and_removes_every_segment(plugin_dir: Path
             os.kill(pid, 0)
     with pytest.raises(LocalProtocolError):
         await executor.run("t-late", "noop")
+
+
+async def test_stop_cancels_what_is_still_running(plugin_dir: Path) -> None:
+    executor = fresh(1, config=config(executor_stop_grace_s=0.2))
+    async with executor:
+        running = asyncio.ensure_future(executor.run("t-long", "sleep", [60]))
+        queued = asyncio.ensure_future(executor.run("t-queued", "noop"))
+        await wait_for(lambda: executor.running == 1, "task running")
+    assert (await bounded(running)).error_type == "Cancelled"
+    assert (await bounded(queued)).error_type == "Cancelled"
 
 
 async def test_unknown_task_module_is_refused_at_construction() -> None:
