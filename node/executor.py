@@ -102,6 +102,7 @@ class _Worker:
     killed: bool = False
     pid: int = 0
     pidfd: int = -1
+    gpu: int | None = None
 
 
 class _Pipe(asyncio.Protocol):
@@ -165,7 +166,8 @@ class Executor:
     """A pool of ``slots`` worker processes running named tasks.
 
     Use as ``async with Executor(...) as ex: outcome = await ex.run(...)``. ``without``
-    names libraries the workers refuse to import (a node kept off ML work).
+    names libraries the workers refuse to import (a node kept off ML work);
+    ``gpu_devices`` (CUDA indices) pins each worker to one of them.
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class Executor:
         config: NodeConfig,
         without: Sequence[str] = (),
         entry_points: bool = True,
+        gpu_devices: Sequence[int] = (),
     ) -> None:
         if slots < 1:
             raise LocalProtocolError(f"an executor needs at least one slot, not {slots}")
@@ -187,6 +190,7 @@ class Executor:
         self.registry = Registry.load(registry_modules, entry_points=entry_points)
         self._modules = tuple(registry_modules)
         self._entry_points = entry_points
+        self._gpu_devices = tuple(gpu_devices)
         self._prefix = f"mesh-{os.getpid()}-{secrets.token_hex(4)}"
         self._seq = itertools.count(1)
         self._worker_index = itertools.count(1)
@@ -501,10 +505,17 @@ class Executor:
                 argv += ["--without", lib]
             if not self._entry_points:
                 argv.append("--no-entry-points")
+            env = self._env
+            if self._gpu_devices:
+                # One device per worker, spread evenly: a task sees cuda:0 and never
+                # contends with another worker's task for memory it did not plan for.
+                busy = [w.gpu for w in self._workers]
+                worker.gpu = min(self._gpu_devices, key=busy.count)
+                env = {**env, "CUDA_VISIBLE_DEVICES": str(worker.gpu)}
             worker.proc = await asyncio.create_subprocess_exec(
                 *argv,
                 pass_fds=(child.fileno(),),
-                env=self._env,
+                env=env,
                 stdin=asyncio.subprocess.DEVNULL,
             )
             if hasattr(os, "pidfd_open"):

@@ -91,6 +91,11 @@ PLUGIN_SOURCE = textwrap.dedent(
 
 
     @task
+    def visible_gpus() -> str:
+        return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
+    @task
     def segfault() -> None:
         os.kill(os.getpid(), signal.SIGSEGV)
 
@@ -347,6 +352,15 @@ async def test_stop_cancels_what_is_still_running(plugin_dir: Path) -> None:
         await wait_for(lambda: executor.running == 1, "task running")
     assert (await bounded(running)).error_type == "Cancelled"
     assert (await bounded(queued)).error_type == "Cancelled"
+
+
+async def test_each_worker_is_pinned_to_one_gpu(plugin_dir: Path) -> None:
+    async with fresh(2, gpu_devices=(0, 1)) as two:
+        await wait_for(lambda: len(two.worker_pids()) == 2, "both workers ready")
+        pinned = {w.gpu for w in two._workers}
+        assert pinned == {0, 1}
+        seen = await bounded(two.run("t-gpu", "visible_gpus"))
+        assert seen.value in {"0", "1"}
 
 
 async def test_unknown_task_module_is_refused_at_construction() -> None:
