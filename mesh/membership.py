@@ -356,7 +356,9 @@ class Membership:
         self._probe: _Probe | None = None
         self._relays: OrderedDict[int, tuple[Address, int, float]] = OrderedDict()
         self._seq = 0
-        self._queue: dict[NodeId, list[object]] = {}
+        # (node, is_record) -> [update, times sent]. A newer record replaces an older one
+        # and a newer claim an older claim, but a claim never stops a record's spread.
+        self._queue: dict[tuple[NodeId, bool], list[object]] = {}
         self._suspicions: list[tuple[float, NodeId]] = []
         self._purges: list[tuple[float, NodeId]] = []
         self._seeds: dict[Address, None] = {}
@@ -364,7 +366,7 @@ class Membership:
         self._events: list[MembershipEvent] = []
         self._validator = _Validator()
         self._pending_load: Load | None = None
-        self._last_publish = now
+        self._last_publish = -math.inf  # the first change goes out at once
         self._next_publish: float | None = None
         # Random phases so that nodes started together do not probe and gossip in lockstep.
         self._next_probe = now + rng.random() * config.probe_interval_s
@@ -397,6 +399,13 @@ class Membership:
             return self._own_view()
         m = self._members.get(node)
         return None if m is None else self._view(m)
+
+    def record_of(self, node: NodeId) -> NodeRecord | None:
+        """The newest record known of ``node`` (its version tells how fresh it is)."""
+        if node == self.node:
+            return self._own
+        m = self._members.get(node)
+        return None if m is None else m.record
 
     def live_members(self) -> list[NodeId]:
         """Other nodes that are alive or suspect (the ones probed and gossiped to)."""
@@ -621,7 +630,8 @@ class Membership:
         return len(self._live_nodes()) + 1
 
     def _retransmit_limit(self) -> int:
-        return max(1, math.ceil(self.config.retransmit_mult * math.log(self._n() + 1)))
+        cfg = self.config
+        return max(cfg.retransmit_min, math.ceil(cfg.retransmit_mult * math.log(self._n() + 1)))
 
     def _suspicion_bounds(self) -> tuple[float, float]:
         cfg = self.config
@@ -771,7 +781,7 @@ class Membership:
     # ----------------------------------------------------------------- dissemination
 
     def _enqueue(self, update: MembershipUpdate) -> None:
-        self._queue[update.node] = [update, 0]
+        self._queue[update.node, isinstance(update, NodeRecord)] = [update, 0]
 
     def _piggyback(self, copies: int) -> tuple[MembershipUpdate, ...]:
         queue = self._queue
@@ -789,7 +799,7 @@ class Membership:
             sent: int = item[1]  # type: ignore[assignment]
             sent += copies
             if sent >= limit:
-                del queue[update.node]
+                del queue[update.node, isinstance(update, NodeRecord)]
             else:
                 item[1] = sent
         return tuple(out)
@@ -1089,7 +1099,8 @@ class Membership:
                 continue  # died again later; a later heap entry covers it
             del members[node]
             del self._digest[node]
-            self._queue.pop(node, None)
+            self._queue.pop((node, True), None)
+            self._queue.pop((node, False), None)
             tombs = self._tombstones
             tombs.pop(node, None)
             if len(tombs) >= self.config.max_members:
