@@ -158,8 +158,9 @@ class InMemoryTransport:
             credits.release()
             raise ConnectionError(f"transport {self._address} is closed")
         loop = asyncio.get_running_loop()
-        # Later frames never overtake earlier ones to the same peer, as on a stream.
-        at = max(loop.time() + delay, self._last_arrival.get(dst, 0.0))
+        # Later frames never overtake earlier ones to the same peer, as on a stream; the
+        # loop's timer heap does not order equal times, so each frame is a little later.
+        at = max(loop.time() + delay, self._last_arrival.get(dst, -1.0) + 1e-6)
         self._last_arrival[dst] = at
         self.sent += 1
         loop.call_at(at, peer._arrive, data, credits.release)
