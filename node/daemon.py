@@ -1,0 +1,790 @@
+"""The node daemon: wires config, discovery, transport, cores, executor, store and API.
+
+One ``Daemon`` is one running ``mesh-node``. It binds the node's single port (peer
+websocket, HTTP API and client sessions share it), builds the membership and contract
+cores and runs them with ``mesh.driver.Driver`` over the websocket transport, feeds seeds
+(``--join``) and mDNS finds into membership, turns contract events into work for the
+executor, keeps large results in the object store, fetches referenced arguments from their
+holders, and gossips its load.
+
+Shutdown (SIGTERM/SIGINT, see ``run_node``) is graceful: stop bidding, give back queued
+tasks, let running tasks finish within the grace period, leave the mesh, unregister from
+mDNS, close everything.
+
+What it may not do: decide placement (the contract core does), interpret frames (the
+codec and cores do), or block the event loop (probing runs in a thread, tasks in worker
+processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+import os
+import random
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiohttp
+import numpy as np
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from mesh.client import DEFAULT_PORT, fetch_object, key_bytes
+from mesh.codec import Chunks, Codec, key_fingerprint
+from mesh.config import MeshConfig, NodeConfig
+from mesh.contract import (
+    FAILED_NO_PEER,
+    FAILED_TASK,
+    CancelExecution,
+    Completed,
+    Contract,
+    Execute,
+    Failed,
+    TaskSpec,
+)
+from mesh.core import MemberState
+from mesh.driver import CONTRACT_TAGS, MEMBERSHIP_TAGS, Driver, Route
+from mesh.errors import LocalProtocolError, MeshError, ObjectLostError
+from mesh.membership import MemberDown, Membership
+from mesh.messages import Address, Load, NodeId, ObjectRef, Requirements, TaskCall, TaskId
+from node.api import Api, Deliver, jsonable, result_json
+from node.capabilities import probe
+from node.executor import Executor
+from node.store import ObjectStore, nbytes_of
+from node.transport_ws import WS_PATH, WsTransport
+from tasks import Registry
+
+log = logging.getLogger(__name__)
+
+_KIND: Final = {FAILED_TASK: "task", FAILED_NO_PEER: "no-peer"}
+"""Contract failure kinds -> the error kinds clients understand (others are ``lost``)."""
+
+_MAX_ARG_DEPTH: Final = 8
+"""How deep argument containers are searched for references and large arrays."""
+
+
+class StartError(MeshError):
+    """The node cannot start (port in use, address not on this machine); one line for the
+    operator."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeOptions:
+    """How to run one node; what ``mesh-node start`` parses."""
+
+    key: str
+    host: str | None = None
+    """Address to listen on and advertise; None: all interfaces, advertising the primary one."""
+    port: int = DEFAULT_PORT
+    name: str | None = None
+    joins: tuple[str, ...] = ()
+    mdns: bool = True
+    mdns_interfaces: tuple[str, ...] = ()
+    slots: int | None = None
+    resources: Mapping[str, float] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    task_modules: tuple[str, ...] = ()
+    without: tuple[str, ...] = ()
+    config: MeshConfig = field(default_factory=MeshConfig.lan)
+    grace_s: float | None = None
+    """Overrides ``NodeConfig.shutdown_grace_s``."""
+    seed: int | None = None
+    """Seeds the cores' random generator (reproducible runs); None: from the OS."""
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    """A task this node initiated and has not delivered yet."""
+
+    name: str
+    deliver: Deliver
+    temp_objects: list[str]
+    done: asyncio.Event | None = None
+
+
+def primary_address() -> str:
+    """The address other machines most likely reach this one at (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            addr: str = s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+    return addr
+
+
+def bind_socket(host: str | None, port: int) -> socket.socket:
+    """Listen on ``host:port``; a ``StartError`` with a one-line reason if impossible."""
+    where = host or "0.0.0.0"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((where, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartError(f"port {port} is already in use on {where}") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise StartError(f"cannot listen on {where}: not an address of this machine") from None
+        if isinstance(exc, socket.gaierror):
+            raise StartError(f"cannot listen on {where}: unknown host") from None
+        raise StartError(f"cannot listen on {where}:{port}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class Daemon:
+    """One node. ``await run(stop)`` serves until ``stop`` is set, then shuts down."""
+
+    def __init__(self, options: NodeOptions, *, out: Callable[[str], None] = print) -> None:
+        self.options = options
+        self.mesh_config = options.config
+        self.config: NodeConfig = options.config.node
+        self._out = out
+        self._key = key_bytes(options.key)
+        self._rng = random.Random(options.seed if options.seed is not None else os.urandom(16))
+        self._id_prefix = secrets.token_hex(4)
+        self._ids = itertools.count(1)
+        self._pending: dict[TaskId, _Pending] = {}
+        self._finished: OrderedDict[TaskId, dict[str, Any]] = OrderedDict()
+        self._jobs: dict[TaskId, asyncio.Task[None]] = {}
+        self._jobs_idle = asyncio.Event()
+        self._jobs_idle.set()
+        self.outcomes: Counter[str] = Counter()
+        """Tasks this node initiated, by how they ended (completed, task-error, ...)."""
+        self.executed: Counter[str] = Counter()
+        """Tasks this node ran, by outcome (ok, error, cancelled, lost-input)."""
+        self.fetched_bytes = 0
+        self._started = time.monotonic()
+        self._accepting = True
+        self._tg: asyncio.TaskGroup | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._discovery: Any = None
+        self._metrics_registry = CollectorRegistry(auto_describe=False)
+        self._metrics_registry.register(_Collector(self))
+        # Built in run(): they need the bound address.
+        self.node_id: NodeId = NodeId("")
+        self.address: Address = Address("")
+        self.registry: Registry
+        self.store: ObjectStore
+        self.membership: Membership
+        self.contract: Contract
+        self.transport: WsTransport
+        self.driver: Driver
+        self.executor: Executor
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start, serve until ``stop`` is set, shut down gracefully."""
+        opts = self.options
+        sock = bind_socket(opts.host, opts.port)
+        port = sock.getsockname()[1]
+        advertised = opts.host if opts.host and opts.host != "0.0.0.0" else primary_address()
+        self.address = Address(f"{advertised}:{port}")
+        self.node_id = NodeId(opts.name or f"{socket.gethostname()}-{port}")
+        runner: web.AppRunner | None = None
+        try:
+            self.registry = await asyncio.to_thread(Registry.load, opts.task_modules)
+            capabilities = await asyncio.to_thread(
+                probe,
+                slots=opts.slots,
+                resources=dict(opts.resources),
+                labels=dict(opts.labels),
+                task_names=self.registry.names(),
+                libraries_wanted=sorted(self.registry.libraries()),
+                without=opts.without,
+            )
+            slots = max(1, int(capabilities.resources.get("cpu", 1)))
+            codec = Codec(
+                self._key,
+                self.node_id,
+                max_frame_bytes=self.config.max_frame_bytes,
+                max_skew_s=self.config.max_clock_skew_s,
+            )
+            now = time.monotonic()
+            self.store = ObjectStore.from_config(self.node_id, self.config)
+            self.membership = Membership(
+                node=self.node_id,
+                address=self.address,
+                config=self.mesh_config.membership,
+                rng=self._rng,
+                now=now,
+                capabilities=capabilities,
+                load=Load(running=0, queued=0, backlog_s=0.0),
+            )
+            self.contract = Contract(
+                node=self.node_id,
+                config=self.mesh_config.contract,
+                rng=self._rng,
+                peers=self.membership,
+                capabilities=capabilities,
+            )
+            self.transport = WsTransport(codec=codec, config=self.config, wall_clock=time.time)
+            self.driver = Driver(
+                node=self.node_id,
+                transport=self.transport,
+                codec=codec,
+                routes=(
+                    Route(MEMBERSHIP_TAGS, self.membership),
+                    Route(CONTRACT_TAGS, self.contract),
+                ),
+                on_step=self._on_step,
+            )
+            app = web.Application(client_max_size=self.config.api_max_body_bytes)
+            self.api = Api(self, self._key, exempt=frozenset({WS_PATH}))
+            self.transport.add_routes(app)
+            self.api.add_routes(app)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            await web.SockSite(runner, sock, shutdown_timeout=1.0).start()
+            await self.transport.start(self.address)
+            self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.config.object_fetch_timeout_s)
+            )
+            async with (
+                Executor(
+                    node_id=self.node_id,
+                    slots=slots,
+                    registry_modules=opts.task_modules,
+                    config=self.config,
+                    without=opts.without,
+                ) as self.executor,
+                asyncio.TaskGroup() as tg,
+            ):
+                self._tg = tg
+                driving = tg.create_task(self.driver.run())
+                gossiping = tg.create_task(self._gossip_load())
+                for seed in opts.joins:
+                    self.membership.join(Address(seed), time.monotonic())
+                self.driver.wake()
+                await self._start_discovery()
+                self._announce(slots)
+                await stop.wait()
+                await self._shutdown()
+                gossiping.cancel()
+                self.driver.stop()
+                await driving
+                for job in list(self._jobs.values()):
+                    job.cancel()
+        finally:
+            self._tg = None
+            await self._close_discovery()
+            if hasattr(self, "transport"):
+                await self.transport.close()
+            if self._http is not None:
+                await self._http.close()
+            if runner is not None:
+                await runner.cleanup()
+            else:
+                sock.close()
+
+    def _announce(self, slots: int) -> None:
+        mdns = "on" if self._discovery is not None else "off"
+        self._out(f"mesh-node {self.node_id} listening on {self.address}")
+        self._out(
+            f"  {slots} slots, {len(self.registry)} tasks, mDNS {mdns}, "
+            f"mesh {key_fingerprint(self._key)}"
+        )
+        self._out(
+            f"  another machine joins with: mesh-node start --join {self.address} --key KEY"
+            "  (or just the same key, found by mDNS)"
+        )
+
+    async def _start_discovery(self) -> None:
+        if not self.options.mdns:
+            return
+        from node.discovery import Discovery
+
+        host, _, port = self.address.rpartition(":")
+        interfaces = list(self.options.mdns_interfaces) or (
+            [self.options.host] if self.options.host and self.options.host != "0.0.0.0" else None
+        )
+        discovery = Discovery(
+            node=self.node_id,
+            host=host,
+            port=int(port),
+            key_fingerprint=key_fingerprint(self._key),
+            on_found=self._on_found,
+            interfaces=interfaces,
+        )
+        try:
+            await discovery.start()
+        except (OSError, MeshError) as exc:
+            log.warning("mDNS is unavailable (%s); peers must be given with --join", exc)
+            return
+        self._discovery = discovery
+
+    async def _close_discovery(self) -> None:
+        discovery, self._discovery = self._discovery, None
+        if discovery is not None:
+            try:
+                async with asyncio.timeout(3.0):
+                    await discovery.close()
+            except (TimeoutError, OSError) as exc:
+                log.warning("mDNS did not close cleanly: %s", exc)
+
+    def _on_found(self, node: NodeId, address: Address) -> None:
+        if node == self.node_id or not hasattr(self, "membership"):
+            return
+        self.membership.join(address, time.monotonic())
+        self.driver.wake()
+
+    async def _shutdown(self) -> None:
+        """Stop bidding, let running tasks finish (within the grace), leave, unregister."""
+        self._accepting = False
+        self.contract.set_accepting(False, time.monotonic())
+        self.driver.wake()
+        grace = self.options.grace_s
+        if grace is None:
+            grace = self.config.shutdown_grace_s
+        if self._jobs:
+            self._out(f"mesh-node {self.node_id}: finishing {len(self._jobs)} running tasks")
+            try:
+                async with asyncio.timeout(grace):
+                    await self._jobs_idle.wait()
+            except TimeoutError:
+                self._out(f"mesh-node {self.node_id}: grace over, handing back the rest")
+        self.membership.leave(time.monotonic())
+        self.driver.wake()
+        await asyncio.gather(self._close_discovery(), self._drain(1.0))
+        for task_id in list(self._pending):
+            self._deliver_failure(task_id, "lost", "the node it was submitted to shut down", "")
+
+    async def _drain(self, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await self.driver.drain()
+        except TimeoutError:
+            log.info("leaving without every goodbye sent")
+
+    async def _gossip_load(self) -> None:
+        last: Load | None = None
+        while True:
+            await asyncio.sleep(self.config.load_gossip_interval_s)
+            load = self.contract.load()
+            if load != last:
+                last = load
+                self.membership.set_load(load, time.monotonic())
+                self.driver.wake()
+
+    # -- the cores' events ----------------------------------------------------------------
+
+    def _on_step(self, now: float) -> None:
+        while True:
+            m_events = self.membership.take_events()
+            for m in m_events:
+                if isinstance(m, MemberDown):
+                    self.contract.peer_down(m.node, now)
+            c_events = self.contract.take_events()
+            for ev in c_events:
+                if isinstance(ev, Execute):
+                    self._on_execute(ev)
+                elif isinstance(ev, CancelExecution):
+                    job = self._jobs.get(ev.task_id)
+                    if job is not None:
+                        job.cancel()
+                elif isinstance(ev, Completed):
+                    self.outcomes["completed"] += 1
+                    self._deliver(ev.task_id, True, ev.value, ev.node)
+                elif isinstance(ev, Failed):
+                    self.outcomes[ev.kind] += 1
+                    self._on_failed(ev)
+            if not m_events and not c_events:
+                return
+
+    def _on_failed(self, ev: Failed) -> None:
+        details = dict(ev.details)
+        pending = self._pending.get(ev.task_id)
+        info: dict[str, Any] = {
+            "kind": _KIND.get(ev.kind, "lost"),
+            "message": ev.message,
+            "type": str(details.get("exc_type", "")),
+            "traceback": str(details.get("traceback", "")),
+            "task": str(details.get("task", pending.name if pending else "")),
+        }
+        if isinstance(details.get("missing"), dict):
+            info["missing"] = details["missing"]
+        if info["kind"] == "no-peer":
+            missing = info.get("missing") or {}
+            parts = ", ".join(f"{k}={v}" for k, v in sorted(missing.items()))
+            info["message"] = f"no peer can run {info['task']}: missing {parts or 'capabilities'}"
+        self._deliver(ev.task_id, False, info, ev.node or "")
+
+    def _deliver_failure(self, task_id: TaskId, kind: str, message: str, node: str) -> None:
+        self._deliver(task_id, False, {"kind": kind, "message": message}, node)
+
+    def _deliver(self, task_id: TaskId, ok: bool, value: Any, node: str) -> None:
+        pending = self._pending.pop(task_id, None)
+        if pending is None:
+            return
+        for oid in pending.temp_objects:
+            self.store.release(oid)
+        record = result_json(task_id, ok, value, node)
+        record["state"] = "done" if ok else "failed"
+        record["task"] = pending.name
+        self._finished[task_id] = record
+        while len(self._finished) > self.config.results_kept:
+            self._finished.popitem(last=False)
+        if pending.done is not None:
+            pending.done.set()
+        pending.deliver(task_id, ok, value, node)
+
+    # -- submitting (initiator) -------------------------------------------------------------
+
+    def submit(
+        self,
+        name: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        options: Mapping[str, Any],
+        deliver: Deliver,
+    ) -> TaskId:
+        """Auction task ``name``; ``deliver`` gets its outcome once."""
+        if not self._accepting:
+            raise LocalProtocolError("the node is shutting down")
+        task_id = TaskId(f"{self._id_prefix}-{next(self._ids)}")
+        temp: list[str] = []
+        holders: Counter[NodeId] = Counter()
+        call_args = tuple(self._prepare(a, temp, holders, 0) for a in args)
+        call_kwargs = {str(k): self._prepare(v, temp, holders, 0) for k, v in kwargs.items()}
+        req = self.registry.requirements(name)
+        if options.get("labels") or options.get("resources"):
+            req = Requirements(
+                task=req.task,
+                resources={**req.resources, **options.get("resources", {})},
+                libraries=dict(req.libraries),
+                labels={**req.labels, **options.get("labels", {})},
+            )
+        tdef = self.registry.get(name)
+        spec = TaskSpec(
+            task_id=task_id,
+            requirements=req,
+            input_bytes=dict(holders),
+            est_runtime_s=tdef.est_runtime_s if tdef is not None else None,
+        )
+        call = TaskCall(
+            name=name, args=call_args, kwargs=call_kwargs, timeout_s=options.get("timeout")
+        )
+        self._pending[task_id] = _Pending(name=name, deliver=deliver, temp_objects=temp)
+        try:
+            self.contract.submit(spec, call, time.monotonic())
+        except LocalProtocolError:
+            self._pending.pop(task_id, None)
+            for oid in temp:
+                self.store.release(oid)
+            raise
+        self.driver.wake()
+        return task_id
+
+    def _prepare(self, value: Any, temp: list[str], holders: Counter[NodeId], depth: int) -> Any:
+        """Large arrays become references to this node's store; refs are counted by holder."""
+        if isinstance(value, ObjectRef):
+            holders[value.holder] += value.nbytes
+            return value
+        if isinstance(value, np.ndarray):
+            if value.nbytes > self.config.store_threshold_bytes:
+                ref = self.store.put(value)
+                temp.append(ref.id)
+                holders[ref.holder] += ref.nbytes
+                return ref
+            return value
+        if depth >= _MAX_ARG_DEPTH:
+            return value
+        if isinstance(value, list | tuple):
+            return [self._prepare(v, temp, holders, depth + 1) for v in value]
+        if isinstance(value, dict):
+            return {k: self._prepare(v, temp, holders, depth + 1) for k, v in value.items()}
+        return value
+
+    def cancel(self, task_id: str) -> bool:
+        if TaskId(task_id) not in self._pending:
+            return False
+        self.contract.cancel(TaskId(task_id), time.monotonic())
+        self.driver.wake()
+        return True
+
+    # -- running (participant) --------------------------------------------------------------
+
+    def _on_execute(self, ev: Execute) -> None:
+        if self._tg is None:
+            return
+        task = self._tg.create_task(self._execute(ev.task_id, ev.payload))
+        self._jobs[ev.task_id] = task
+        self._jobs_idle.clear()
+
+    async def _execute(self, task_id: TaskId, call: Any) -> None:
+        ok, outcome = False, "error"
+        value: Any = {}
+        try:
+            if not isinstance(call, TaskCall):
+                value = {"message": "the award carried no task call", "exc_type": "BadPayload"}
+                return
+            try:
+                args = await self._materialise(list(call.args), 0)
+                kwargs = await self._materialise(dict(call.kwargs), 0)
+            except MeshError as exc:
+                outcome = "lost-input"
+                value = {"message": str(exc), "exc_type": type(exc).__name__}
+                return
+            try:
+                result = await self.executor.run(
+                    task_id, call.name, args, kwargs, timeout=call.timeout_s
+                )
+            except MeshError as exc:
+                value = {"message": str(exc), "exc_type": type(exc).__name__}
+                return
+            if not result.ok:
+                value = {
+                    "message": result.message,
+                    "exc_type": result.error_type,
+                    "traceback": result.traceback,
+                }
+                return
+            ok, value, outcome = True, result.value, "ok"
+            if nbytes_of(value) > self.config.store_threshold_bytes:
+                try:
+                    value = self.store.put(value)
+                except MeshError as exc:
+                    ok, outcome = False, "error"
+                    value = {"message": str(exc), "exc_type": type(exc).__name__}
+        except asyncio.CancelledError:
+            ok, outcome = False, "cancelled"
+            value = {"message": "cancelled", "exc_type": "Cancelled"}
+            raise
+        finally:
+            self.executed[outcome] += 1
+            self._jobs.pop(task_id, None)
+            if not self._jobs:
+                self._jobs_idle.set()
+            try:
+                self.contract.task_finished(task_id, ok, value, time.monotonic())
+            except LocalProtocolError as exc:
+                log.debug("finished task %s unknown to the contract core: %s", task_id, exc)
+            self.driver.wake()
+
+    async def _materialise(self, value: Any, depth: int) -> Any:
+        """``value`` with every ``ObjectRef`` replaced by the object (fetched if remote)."""
+        if isinstance(value, ObjectRef):
+            return await self.fetch(value)
+        if depth >= _MAX_ARG_DEPTH:
+            return value
+        if isinstance(value, list | tuple):
+            if not any(isinstance(v, ObjectRef | list | tuple | dict) for v in value):
+                return list(value)
+            return [await self._materialise(v, depth + 1) for v in value]
+        if isinstance(value, dict):
+            return {k: await self._materialise(v, depth + 1) for k, v in value.items()}
+        return value
+
+    async def fetch(self, ref: ObjectRef) -> Any:
+        """A referenced object: from this store, or fetched from its holder."""
+        if ref.holder == self.node_id:
+            return self.store.get(ref)
+        member = self.membership.member(ref.holder)
+        if member is None or member.state in (MemberState.DEAD, MemberState.LEFT):
+            raise ObjectLostError(ref.id, ref.holder)
+        if self._http is None:
+            raise LocalProtocolError("the node is not running")
+        value = await fetch_object(self._http, self._key, member.address, ref)
+        self.fetched_bytes += ref.nbytes
+        return value
+
+    # -- what the API shows -----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        states = Counter(str(m.state) for m in self.membership.members() if m.node != self.node_id)
+        load = self.contract.load()
+        return {
+            "id": self.node_id,
+            "address": self.address,
+            "mesh": key_fingerprint(self._key),
+            "peers": states.get("alive", 0) + states.get("suspect", 0),
+            "peers_by_state": dict(states),
+            "running": len(self._jobs),
+            "queued": load.queued + self.executor.queued,
+            "completed": self.executed["ok"],
+            "failed": self.executed["error"] + self.executed["lost-input"],
+            "submitted_pending": len(self._pending),
+            "outcomes": dict(self.outcomes),
+            "slots": self.executor.slots,
+            "accepting": self._accepting,
+            "mdns": self._discovery is not None,
+            "mdns_found": int(getattr(self._discovery, "found_count", 0) or 0),
+            "objects": len(self.store),
+            "object_bytes": self.store.used_bytes,
+            "uptime_s": round(time.monotonic() - self._started, 3),
+        }
+
+    def peers(self) -> list[dict[str, Any]]:
+        out = []
+        for m in sorted(self.membership.members(), key=lambda m: m.node):
+            caps = m.capabilities
+            out.append(
+                {
+                    "id": m.node,
+                    "address": m.address,
+                    "state": str(m.state),
+                    "self": m.node == self.node_id,
+                    "incarnation": m.incarnation,
+                    "load": {
+                        "running": m.load.running,
+                        "queued": m.load.queued,
+                        "backlog_s": m.load.backlog_s,
+                    },
+                    "capabilities": {
+                        "resources": dict(caps.resources),
+                        "libraries": dict(caps.libraries),
+                        "tasks": list(caps.tasks),
+                        "labels": dict(caps.labels),
+                    },
+                }
+            )
+        return out
+
+    def why(self, task_id: str) -> dict[str, Any] | None:
+        record = self.contract.record(TaskId(task_id))
+        if record is None:
+            return None
+        return {
+            "task_id": record.task_id,
+            "task": record.task,
+            "state": record.state,
+            "winner": record.winner,
+            "cost_s": record.cost_s,
+            "why": record.why,
+            "attempts": record.attempts,
+            "rounds": [
+                {
+                    "cfp": r.cfp,
+                    "asked": list(r.asked),
+                    "bids": dict(r.bids),
+                    "slots": dict(r.slots),
+                    "refusals": jsonable(r.refusals),
+                    "silent": list(r.silent),
+                }
+                for r in record.rounds
+            ],
+        }
+
+    def task_info(self, task_id: str) -> dict[str, Any] | None:
+        tid = TaskId(task_id)
+        pending = self._pending.get(tid)
+        if pending is not None:
+            return {"task_id": tid, "task": pending.name, "state": "pending"}
+        return self._finished.get(tid)
+
+    def wait_task(self, task_id: str) -> Any:
+        pending = self._pending.get(TaskId(task_id))
+        if pending is None:
+            return None
+        if pending.done is None:
+            pending.done = asyncio.Event()
+        return pending.done.wait()
+
+    def object_body(self, object_id: str) -> tuple[Chunks, int] | None:
+        if object_id not in self.store:
+            return None
+        return self.store.encoded(object_id)
+
+    def metrics(self) -> bytes:
+        data: bytes = generate_latest(self._metrics_registry)
+        return data
+
+
+class _Collector:
+    """Reads the node's counters at scrape time (one registry per node, no globals)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    def collect(self) -> list[Metric]:
+        d = self.d
+        if not hasattr(d, "driver"):
+            return []
+        peers = GaugeMetricFamily("mesh_peers", "Known nodes by state", labels=["state"])
+        states = Counter(str(m.state) for m in d.membership.members() if m.node != d.node_id)
+        for state in MemberState:
+            peers.add_metric([str(state)], states.get(str(state), 0))
+        tasks = CounterMetricFamily(
+            "mesh_tasks", "Tasks this node initiated, by outcome", labels=["outcome"]
+        )
+        for outcome, n in sorted(d.outcomes.items()):
+            tasks.add_metric([outcome], n)
+        executed = CounterMetricFamily(
+            "mesh_executed", "Tasks this node ran, by outcome", labels=["outcome"]
+        )
+        for outcome, n in sorted(d.executed.items()):
+            executed.add_metric([outcome], n)
+        stats = d.contract.stats()
+        bids = CounterMetricFamily("mesh_bids", "Bids (proposals) this node sent")
+        bids.add_metric([], stats.get("sent.Propose", 0))
+        contract = CounterMetricFamily(
+            "mesh_contract_events", "Contract-net counters", labels=["event"]
+        )
+        for name, n in sorted(stats.items()):
+            contract.add_metric([name], n)
+        counters = d.transport.counters()
+        sent = CounterMetricFamily("mesh_bytes_sent", "Bytes sent to peers")
+        sent.add_metric([], counters.get("bytes_sent", 0))
+        received = CounterMetricFamily("mesh_bytes_received", "Bytes received from peers")
+        received.add_metric([], counters.get("bytes_received", 0))
+        rejected = CounterMetricFamily(
+            "mesh_rejected_frames", "Frames and requests rejected, by reason", labels=["reason"]
+        )
+        reasons: Counter[str] = Counter(d.transport.rejected)
+        reasons.update(d.driver.rejected)
+        reasons["http-auth"] += d.api.auth.failures
+        for reason, n in sorted(reasons.items()):
+            rejected.add_metric([reason], n)
+        running = GaugeMetricFamily("mesh_running_tasks", "Tasks running on this node")
+        running.add_metric([], len(d._jobs))
+        store = GaugeMetricFamily("mesh_object_store_bytes", "Bytes held in the object store")
+        store.add_metric([], d.store.used_bytes)
+        return [peers, tasks, executed, bids, contract, sent, received, rejected, running, store]
+
+
+async def run_node(options: NodeOptions, *, out: Callable[[str], None] = print) -> int:
+    """Run a node until SIGTERM or SIGINT; the process exit status."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await Daemon(options, out=out).run(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def configure_logging(verbose: bool) -> None:
+    """Log to stderr; quiet by default (the node prints its own start-up lines)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+__all__ = [
+    "Daemon",
+    "NodeOptions",
+    "StartError",
+    "bind_socket",
+    "configure_logging",
+    "primary_address",
+    "run_node",
+]
