@@ -1,0 +1,295 @@
+"""The ``mesh-node`` command line: start a node, and talk to one over its HTTP API.
+
+::
+
+    mesh-node start [--host ADDR] [--port N] [--name NAME] [--key KEY] [--join HOST:PORT]...
+                    [--no-mdns] [--mdns-interface ADDR]... [--slots N]
+                    [--resource NAME=AMOUNT]... [--label KEY=VALUE]... [--tasks MODULE]...
+                    [--without LIB]... [--preset lan|local|test] [--grace S]
+    mesh-node peers   [--node URL] [--key KEY] [--json]
+    mesh-node submit TASK [ARGS] [--node URL] [--key KEY] [--timeout S] [--json]
+    mesh-node status  [--node URL] [--key KEY] [--json]
+    mesh-node why TASK_ID [--node URL] [--key KEY] [--json]
+
+``mesh-node`` alone is ``mesh-node start``. The key comes from ``--key``, else
+``$MESH_KEY``, else the key file (``start`` creates it on first run). Errors are one line on
+stderr and a non-zero exit status; ``--json`` output is for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, Final
+
+import aiohttp
+
+from mesh.client import DEFAULT_PORT, normalise_url, request_json, resolve_key
+from mesh.client import key_bytes as derive_key
+from mesh.config import MeshConfig
+from mesh.errors import MeshError
+
+PRESETS: Final = {"lan": MeshConfig.lan, "local": MeshConfig.local, "test": MeshConfig.test}
+PRESET_ENV: Final = "MESH_PRESET"
+COMMANDS: Final = ("start", "peers", "submit", "status", "why")
+
+
+def _pair(text: str, sep: str = "=") -> tuple[str, str]:
+    key, found, value = text.partition(sep)
+    if not found or not key:
+        raise argparse.ArgumentTypeError(f"expected NAME{sep}VALUE, got {text!r}")
+    return key, value
+
+
+def _resource(text: str) -> tuple[str, float]:
+    name, amount = _pair(text)
+    try:
+        return name, float(amount)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"resource amount must be a number: {text!r}") from None
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {port}")
+    return port
+
+
+def _seed(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    _port(port)
+    return text
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mesh-node", description="A peer-to-peer compute mesh for the local network."
+    )
+    sub = p.add_subparsers(dest="command")
+
+    s = sub.add_parser("start", help="run a node in the foreground")
+    s.add_argument("--host", help="address to listen on and advertise (default: all, LAN IP)")
+    s.add_argument("--port", type=_port, default=DEFAULT_PORT, help="0 picks a free port")
+    s.add_argument("--name", help="node id (default: HOSTNAME-PORT)")
+    s.add_argument("--key", help="mesh key (default: $MESH_KEY, then the key file)")
+    s.add_argument("--join", action="append", default=[], type=_seed, metavar="HOST:PORT")
+    s.add_argument("--no-mdns", action="store_true", help="find peers only through --join")
+    s.add_argument(
+        "--mdns-interface", action="append", default=[], metavar="ADDR", help="mDNS on ADDR"
+    )
+    s.add_argument("--slots", type=int, help="tasks run at once (default: CPU count)")
+    s.add_argument("--resource", action="append", default=[], type=_resource, metavar="NAME=AMOUNT")
+    s.add_argument("--label", action="append", default=[], type=_pair, metavar="KEY=VALUE")
+    s.add_argument("--tasks", action="append", default=[], metavar="MODULE")
+    s.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        metavar="LIB",
+        help="leave a library out (e.g. torch: keeps this machine off ML work)",
+    )
+    s.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=os.environ.get(PRESET_ENV, "lan"),
+        help=f"timings: lan (default, or ${PRESET_ENV}), local, test",
+    )
+    s.add_argument("--grace", type=float, help="seconds running tasks get on SIGTERM")
+    s.add_argument("--seed", type=int, help="seed the protocol's random choices")
+    s.add_argument("-v", "--verbose", action="store_true")
+
+    def client_args(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--node", help=f"node URL (default: http://127.0.0.1:{DEFAULT_PORT})")
+        c.add_argument("--key", help="mesh key (default: $MESH_KEY, then the key file)")
+        c.add_argument("--json", action="store_true", help="machine-readable output")
+
+    client_args(sub.add_parser("peers", help="list the nodes this node knows"))
+    st = sub.add_parser("status", help="this node's state")
+    client_args(st)
+    sb = sub.add_parser("submit", help="run a task and print its result")
+    sb.add_argument("task")
+    sb.add_argument("args", nargs="?", help="JSON array (positional) or object (keywords)")
+    sb.add_argument("--timeout", type=float, help="seconds to wait (and to let it run)")
+    client_args(sb)
+    w = sub.add_parser("why", help="how a task was placed: asked, bids, refusals, winner")
+    w.add_argument("task_id")
+    client_args(w)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0] not in (*COMMANDS, "-h", "--help"):
+        args_list.insert(0, "start")
+    ns = parser().parse_args(args_list)
+    try:
+        if ns.command == "start":
+            return _start(ns)
+        return asyncio.run(_client_command(ns))
+    except MeshError as exc:
+        print(f"mesh-node: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---------------------------------------------------------------------------------------
+# start
+# ---------------------------------------------------------------------------------------
+
+
+def _start(ns: argparse.Namespace) -> int:
+    from node.daemon import NodeOptions, configure_logging, run_node
+
+    configure_logging(ns.verbose)
+    if ns.slots is not None and ns.slots < 1:
+        raise MeshError(f"--slots must be at least 1, not {ns.slots}")
+    key = resolve_key(ns.key, create=True)
+    options = NodeOptions(
+        key=key,
+        host=ns.host,
+        port=ns.port,
+        name=ns.name,
+        joins=tuple(ns.join),
+        mdns=not ns.no_mdns,
+        mdns_interfaces=tuple(ns.mdns_interface),
+        slots=ns.slots,
+        resources=dict(ns.resource),
+        labels=dict(ns.label),
+        task_modules=tuple(ns.tasks),
+        without=tuple(ns.without),
+        config=PRESETS[ns.preset](),
+        grace_s=ns.grace,
+        seed=ns.seed,
+    )
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    return asyncio.run(run_node(options, out=out))
+
+
+# ---------------------------------------------------------------------------------------
+# client commands
+# ---------------------------------------------------------------------------------------
+
+
+def _parse_task_args(text: str | None) -> tuple[list[Any], dict[str, Any]]:
+    if text is None or not text.strip():
+        return [], {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise MeshError(f"ARGS is not valid JSON: {exc}") from None
+    if isinstance(value, list):
+        return value, {}
+    if isinstance(value, dict):
+        return [], value
+    raise MeshError("ARGS must be a JSON array (positional) or a JSON object (keywords)")
+
+
+async def _client_command(ns: argparse.Namespace) -> int:
+    base = normalise_url(ns.node)
+    key = derive_key(resolve_key(ns.key))
+    async with aiohttp.ClientSession() as session:
+        if ns.command == "peers":
+            peers = await request_json(session, key, base, "GET", "/v1/peers")
+            _print_peers(peers, ns.json)
+            return 0
+        if ns.command == "status":
+            status = await request_json(session, key, base, "GET", "/v1/status")
+            _print_mapping(status, ns.json)
+            return 0
+        if ns.command == "why":
+            record = await request_json(session, key, base, "GET", f"/v1/tasks/{ns.task_id}/why")
+            _print_why(record, ns.json)
+            return 0
+        args, kwargs = _parse_task_args(ns.args)
+        body: dict[str, Any] = {
+            "task": ns.task,
+            "args": args,
+            "kwargs": kwargs,
+            "wait": ns.timeout if ns.timeout is not None else 86400.0,
+        }
+        if ns.timeout is not None:
+            body["timeout"] = ns.timeout
+        reply = await request_json(session, key, base, "POST", "/v1/tasks", body)
+        return _print_result(reply, ns.json)
+
+
+def _print_peers(peers: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(peers))
+        return
+    print(f"{'id':<24} {'address':<22} {'state':<8} {'running':>7} {'queued':>6}  resources")
+    for p in peers:
+        load = p.get("load", {})
+        res = p.get("capabilities", {}).get("resources", {})
+        shown = ", ".join(
+            f"{k}={v:g}" for k, v in sorted(res.items()) if k in ("cpu", "gpu") or "mem" not in k
+        )
+        me = " *" if p.get("self") else ""
+        print(
+            f"{p['id'] + me:<24} {p['address']:<22} {p['state']:<8} "
+            f"{load.get('running', 0):>7} {load.get('queued', 0):>6}  {shown}"
+        )
+
+
+def _print_mapping(value: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(value))
+        return
+    for k, v in value.items():
+        print(f"{k:<18} {json.dumps(v) if isinstance(v, dict | list) else v}")
+
+
+def _print_why(record: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(record))
+        return
+    print(f"task {record['task_id']} ({record['task']}): {record['state']}")
+    for r in record.get("rounds", []):
+        print(f"  call for proposals {r['cfp']}: asked {', '.join(r['asked']) or 'nobody'}")
+        for node, cost in sorted(r.get("bids", {}).items(), key=lambda kv: kv[1]):
+            print(f"    bid     {node:<24} {cost:.4f} s ({r['slots'].get(node, 1)} slots)")
+        for node, reason in r.get("refusals", {}).items():
+            detail = ", ".join(f"{k}: {v}" for k, v in reason.items())
+            print(f"    refused {node:<24} {detail}")
+        for node in r.get("silent", []):
+            print(f"    silent  {node}")
+    cost = record.get("cost_s")
+    cost_text = f" at {cost:.4f} s" if isinstance(cost, int | float) else ""
+    print(f"  winner: {record.get('winner') or 'none'}{cost_text}; {record.get('why', '')}")
+
+
+def _print_result(reply: dict[str, Any], as_json: bool) -> int:
+    if "ok" not in reply:
+        print(
+            f"mesh-node: task {reply.get('task_id')} did not finish: {reply.get('error', '')}",
+            file=sys.stderr,
+        )
+        return 2
+    if reply["ok"]:
+        if as_json:
+            print(json.dumps(reply))
+        else:
+            print(json.dumps(reply["result"]))
+        return 0
+    details = reply.get("details", {})
+    kind = details.get("type") or details.get("kind", "")
+    message = reply.get("error", "task failed")
+    if as_json:
+        print(json.dumps(reply))
+    where = f" on {reply['node']}" if reply.get("node") else ""
+    print(f"mesh-node: task {reply['task_id']} failed{where}: {kind}: {message}", file=sys.stderr)
+    return 1
