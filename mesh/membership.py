@@ -683,9 +683,12 @@ class Membership:
         self._due = due
 
     def _check_stall(self, now: float) -> None:
+        # Late for the timer we asked for, and not merely still catching up with the
+        # calls that followed a stall already seen at the previous ``now``.
+        prev = self._now
         self._now = now
         due = self._due
-        if due is None or now <= due + self.config.stall_threshold_s:
+        if due is None or now <= max(due, prev) + self.config.stall_threshold_s:
             return
         # Our own loop did not run for a while: silence we observed was ours. Restart
         # every suspicion we hold, drop the probe in flight and refute in advance, since
@@ -850,8 +853,13 @@ class Membership:
                 record=r, state=MemberState.ALIVE, state_inc=r.incarnation, since=now
             )
             self._live_dirty = True
-            # Probed at the end of the current pass; passes are reshuffled.
-            self._probe_order.append(node)
+            # A random place among those not yet probed in this pass (as SWIM does), so
+            # that nodes which learned the same list do not probe in the same order.
+            order = self._probe_order
+            order.append(node)
+            start = min(self._probe_index, len(order) - 1)
+            j = start + int(self._rng.random() * (len(order) - start))
+            order[j], order[-1] = order[-1], order[j]
             self._digest[node] = (r.incarnation, r.version, 0)
             self._event(MemberUp(node=node))
             if spread:

@@ -78,6 +78,23 @@ class WireSizer:
         return self._body_extra + self._packed(msg)
 
     def _packed(self, value: Any) -> int:
+        # msgpack's own size rules for the common scalars; anything else is packed.
+        t = type(value)
+        if t is int:
+            if 0 <= value < 128 or -32 <= value < 0:
+                return 1
+            if -128 <= value < 256:
+                return 2
+            if -32768 <= value < 65536:
+                return 3
+            if -(2**31) <= value < 2**32:
+                return 5
+            return 9
+        if t is str:
+            n = len(value) if value.isascii() else len(value.encode())
+            return n + (1 if n < 32 else 2 if n < 256 else 3 if n < 65536 else 5)
+        if t is float:
+            return 9
         if isinstance(value, Wire):
             return _ext_len(self._payload(value))
         if isinstance(value, tuple | list):
