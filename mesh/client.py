@@ -76,7 +76,7 @@ HEADER_SIGNATURE: Final = "X-Mesh-Signature"
 SESSION_PATH: Final = "/v1/session"
 OBJECT_CONTENT_TYPE: Final = "application/x-mesh-body"
 
-_MAX_MESSAGE: Final = 4 * 1024 * 1024 * 1024
+_MAX_MESSAGE: Final = 1024 * 1024 * 1024
 """Largest websocket message the client accepts from its node (results above the store
 threshold stay on their node, so real results are far smaller)."""
 
