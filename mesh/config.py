@@ -35,10 +35,11 @@ class MembershipConfig:
     then fails falsely with probability ~1e-3, and each false suspicion gets refuted."""
 
     suspicion_mult: float = 3.5
-    """Suspicion timeout floor = mult * log10(max(n, 10)) * probe_interval: long enough for
-    a suspected node to hear of it and spread its refutation (a few gossip rounds) after a
-    2 s stall of its own loop, short enough to declare a crash dead within 7 s (N=100) and
-    10 s (N=1000)."""
+    """Suspicion timeout floor = mult * max(log10(n), 2) * probe_interval (2.8 s up to
+    n = 100, 4.2 s at n = 1000): long enough for a node whose loop stalled for 2 s to hear
+    of it and spread its refutation, short enough to declare a crash dead everywhere
+    within 7 s (n = 100) and 10 s (n = 1000). The log floor of 2 keeps small meshes, where
+    many confirmations arrive at once, from convicting a 2 s stall."""
 
     suspicion_max_mult: float = 2.0
     """Lifeguard: a suspicion starts at max_mult times the floor and shrinks towards the

@@ -635,7 +635,7 @@ class Membership:
 
     def _suspicion_bounds(self) -> tuple[float, float]:
         cfg = self.config
-        floor = cfg.suspicion_mult * max(1.0, math.log10(self._n())) * cfg.probe_interval_s
+        floor = cfg.suspicion_mult * max(2.0, math.log10(self._n())) * cfg.probe_interval_s
         return floor, floor * max(1.0, cfg.suspicion_max_mult)
 
     def _suspicion_timeout(self, confirmations: int) -> float:

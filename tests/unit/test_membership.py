@@ -369,7 +369,7 @@ def test_stall_restarts_held_suspicions() -> None:
 
 def test_lifeguard_confirmations_shorten_a_suspicion() -> None:
     net, (a, b, *_rest) = mesh_of(5)
-    lo = CFG.suspicion_mult * math.log10(10) * CFG.probe_interval_s
+    lo = CFG.suspicion_mult * 2.0 * CFG.probe_interval_s
     hi = lo * CFG.suspicion_max_mult
     net.crash(b)
     t0 = net.now
