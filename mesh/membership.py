@@ -856,6 +856,10 @@ class Membership:
             # A random place among those not yet probed in this pass (as SWIM does), so
             # that nodes which learned the same list do not probe in the same order.
             order = self._probe_order
+            if len(order) > 2 * self.config.max_members:
+                # Churn within one pass: drop entries of nodes that have gone since.
+                order[:] = [x for x in order if x in self._members]
+                self._probe_index = min(self._probe_index, len(order))
             order.append(node)
             start = min(self._probe_index, len(order) - 1)
             j = start + int(self._rng.random() * (len(order) - start))
