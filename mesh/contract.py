@@ -380,7 +380,7 @@ class _Reservation:
         self.taken = 0
         self.expires = now + config.reservation_s
         # Long enough to tell a late award (decline it) from one never solicited (reject it).
-        self.forget_at = now + max(config.lease_s, 4 * config.reservation_s)
+        self.forget_at = now + 4 * config.reservation_s
 
 
 def _finite_nonneg(x: float) -> bool:
@@ -450,6 +450,12 @@ class Contract:
         # participant
         self._reservations: dict[tuple[NodeId, int], _Reservation] = {}
         self._res_expiry: deque[_Reservation] = deque()
+        # Reservations still holding slots: what bids and load are computed from.
+        self._active: dict[tuple[NodeId, int], _Reservation] = {}
+        # Work queued or reserved here, per resource it needs: what a bid's wait is made of,
+        # kept as running sums so that a bid costs O(slots), not O(queue).
+        self._pending_work: dict[str, float] = {}
+        self._pending_count: dict[str, int] = {}
         self._res_forget: deque[_Reservation] = deque()
         self._queue: deque[_Held] = deque()
         self._running: dict[TaskId, _Held] = {}
@@ -572,7 +578,7 @@ class Contract:
                     self._decide(auction, now)
         # Its submitters are gone with it: nobody wants these results.
         for key in [k for k in self._reservations if k[0] == node]:
-            self._reservations[key].reserved = 0
+            self._release(self._reservations[key])
         for held in list(self._held.values()):
             if held.initiator == node:
                 self._drop_held(held)
@@ -636,9 +642,9 @@ class Contract:
         """Running, queued and backlog (committed seconds per slot), for gossip."""
         slots = max(1.0, self._caps.resources.get("cpu", 1.0))
         queued = sum(1 for h in self._queue if not h.cancelled and h.started is None)
-        reserved = sum(r.reserved for r in self._reservations.values())
+        reserved = sum(r.reserved for r in self._active.values())
         work = sum(h.est for h in self._held.values())
-        work += sum(r.reserved * r.est for r in self._reservations.values())
+        work += sum(r.reserved * r.est for r in self._active.values())
         return Load(running=len(self._running), queued=queued + reserved, backlog_s=work / slots)
 
     # -----------------------------------------------------------------------------------
@@ -916,6 +922,8 @@ class Contract:
         """Award each task of ``auction`` to the cheapest slot left; requeue the rest."""
         del self._auctions[auction.cfp]
         auction.decided = True
+        if self._groups:  # tasks wait for a free auction: this one just freed
+            self._flush_at = min(self._flush_at, now)
         tasks = [t for t in auction.tasks if not t.ended and t.state is TaskState.AUCTION]
         bids = auction.bids
         auction.round = RoundRecord(
@@ -1243,42 +1251,43 @@ class Contract:
             weight = max(alpha, 1.0 / self._speed_samples)
             self._speed += weight * (measured / held.seed - self._speed)
 
-    def _work(self, key: str, now: float) -> list[float]:
-        """Seconds of committed work competing for resource ``key``, in start order."""
-        out: list[float] = []
-        everything = key == "cpu"
-        for h in self._running.values():
-            if everything or h.need.get(key, 0.0) > 0:
-                started = h.started if h.started is not None else now
-                out.append(max(0.0, h.est - (now - started)))
-        for h in self._queue:
-            if not h.cancelled and (everything or h.need.get(key, 0.0) > 0):
-                out.append(h.est)
-        for r in self._reservations.values():
-            if r.reserved and (everything or r.need.get(key, 0.0) > 0):
-                out.extend([r.est] * r.reserved)
-        return out
+    def _account(self, need: dict[str, float], est: float, n: int) -> None:
+        work, count = self._pending_work, self._pending_count
+        for k, v in need.items():
+            if v > 0:
+                work[k] = work.get(k, 0.0) + est * n
+                count[k] = count.get(k, 0) + n
 
     def _bid(self, need: dict[str, float], est: float, n: int, now: float) -> list[float]:
-        """Completion times of up to ``n`` more tasks, by list scheduling on this node."""
+        """Completion times of up to ``n`` more tasks on this node: running tasks by their
+        remaining time, queued and reserved work spread evenly over the lanes."""
         key, lanes = _limiting(need, self._caps.resources)
         lanes = max(1, lanes)
         free_at = [0.0] * lanes
-        work = self._work(key, now)
-        for w in work:
-            heapq.heapreplace(free_at, free_at[0] + w)
-        room = lanes * (1 + self._cfg.queue_per_slot) - len(work)
-        offer = min(n, self._cfg.max_offer, max(1, room))
+        running = 0
+        for h in self._running.values():
+            if h.need.get(key, 0.0) > 0:
+                started = h.started if h.started is not None else now
+                heapq.heapreplace(free_at, free_at[0] + max(0.0, h.est - (now - started)))
+                running += 1
+        pending = max(0.0, self._pending_work.get(key, 0.0))
+        if pending:
+            share = pending / lanes
+            free_at = [t + share for t in free_at]
+            heapq.heapify(free_at)
+        room = lanes * (1 + self._cfg.queue_per_slot) - running - self._pending_count.get(key, 0)
+        horizon = self._cfg.queue_horizon_s
+        limit = min(n, self._cfg.max_offer)
         costs: list[float] = []
-        for _ in range(offer):
+        while len(costs) < limit:
             c = free_at[0] + est
+            # Always one slot (busy is not a refusal), the queue depth, and beyond it
+            # whatever still completes within the horizon (short tasks come in thousands).
+            if costs and len(costs) >= room and c > horizon:
+                break
             heapq.heapreplace(free_at, c)
             costs.append(c)
         return costs
-
-    def _room(self, need: dict[str, float], now: float) -> int:
-        key, lanes = _limiting(need, self._caps.resources)
-        return max(1, lanes) * (1 + self._cfg.queue_per_slot) - len(self._work(key, now))
 
     def _on_cfp(self, src: NodeId, msg: CallForProposals, now: float) -> None:
         key = (src, msg.cfp)
@@ -1320,6 +1329,8 @@ class Contract:
         res = _Reservation(src, msg.cfp, msg, need, est, len(costs), now, self._cfg)
         self._reservations[key] = res
         self._res_expiry.append(res)
+        self._active[key] = res
+        self._account(need, est, res.offered)
         self._res_forget.append(res)
         self._stats["bids_sent"] += 1
         self._send(src, Propose(cfp=msg.cfp, costs=tuple(costs), transfer_s=transfer))
@@ -1345,18 +1356,21 @@ class Contract:
             reason = "leaving" if not self._accepting else "incapable"
             self._send(src, Decline(cfp=msg.cfp, tasks=tuple(t for t, _ in fresh), reason=reason))
             self._stats["declines_sent"] += 1
-            res.reserved = 0
+            self._release(res)
             return
         # The reservation is soft: an award after it expired (or after a reject, when the
         # initiator falls back to this bid) is taken only if there is room now.
-        room = res.reserved + max(0, self._room(res.need, now))
+        room = res.reserved
+        if room < len(fresh):
+            room += len(self._bid(res.need, res.est, len(fresh) - room, now))
         take, back = fresh[:room], fresh[room:]
         res.taken += len(take)
-        res.reserved = 0
+        self._release(res)
         for tid, payload in take:
             held = _Held(tid, res, payload, now)
             self._held[tid] = held
             self._queue.append(held)
+            self._account(held.need, held.est, 1)
         confirmed = tuple(again) + tuple(tid for tid, _ in take)
         if confirmed:
             self._send(src, Confirm(cfp=msg.cfp, tasks=confirmed))
@@ -1372,7 +1386,7 @@ class Contract:
         res = self._reservations.get((src, msg.cfp))
         if res is None:
             raise RemoteProtocolError(f"reject for {msg.cfp} never called", reason="unsolicited")
-        res.reserved = 0
+        self._release(res)
         self._stats["rejects_received"] += 1
 
     def _on_cancel(self, src: NodeId, msg: Cancel) -> None:
@@ -1392,8 +1406,16 @@ class Contract:
                 held.cancelled = True
                 self._events.append(CancelExecution(task_id=held.task_id))
         else:
+            if not held.cancelled:
+                self._account(held.need, held.est, -1)
             held.cancelled = True
             self._held.pop(held.task_id, None)
+
+    def _release(self, res: _Reservation) -> None:
+        if res.reserved:
+            self._account(res.need, res.est, -res.reserved)
+        res.reserved = 0
+        self._active.pop((res.initiator, res.cfp), None)
 
     def _cannot_run(self, held: _Held) -> bool:
         return bool(check(held.req, self._caps))
@@ -1401,6 +1423,8 @@ class Contract:
     def _give_back(self, helds: list[_Held], reason: str) -> None:
         by: dict[tuple[NodeId, int], list[TaskId]] = {}
         for h in helds:
+            if not h.cancelled:
+                self._account(h.need, h.est, -1)
             h.cancelled = True
             self._held.pop(h.task_id, None)
             by.setdefault((h.initiator, h.cfp), []).append(h.task_id)
@@ -1428,10 +1452,13 @@ class Contract:
                 if v > 0 and (k in blocked or used.get(k, 0.0) + v > have.get(k, 0.0) + _EPS)
             ]
             if short:
-                blocked.update(k for k, v in held.need.items() if v > 0 and k in short)
+                blocked.update(short)
+                if "cpu" in blocked:
+                    break  # every task needs a slot: nothing further can start
                 i += 1
                 continue
             del queue[i]
+            self._account(held.need, held.est, -1)
             held.started = now
             self._running[held.task_id] = held
             for k, v in held.need.items():
@@ -1463,7 +1490,7 @@ class Contract:
 
     def _expire_reservations(self, now: float) -> None:
         while self._res_expiry and self._res_expiry[0].expires <= now:
-            self._res_expiry.popleft().reserved = 0
+            self._release(self._res_expiry.popleft())
         while self._res_forget and self._res_forget[0].forget_at <= now:
             r = self._res_forget.popleft()
             self._reservations.pop((r.initiator, r.cfp), None)
