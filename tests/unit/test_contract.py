@@ -776,3 +776,33 @@ def test_every_contract_message_survives_the_codec() -> None:
     ]
     for m in msgs:
         assert loads(dumps(m)) == m
+
+
+def test_short_tasks_get_offers_up_to_the_horizon() -> None:
+    mesh = participant(cpu=2)
+    p = mesh.cores["p"]
+    p.receive(NodeId("i"), call(1, 500, est=0.001), 0.0)
+    prop = last(mesh.out("p"), Propose)
+    # Far beyond the queue depth of 6: everything that completes within the horizon.
+    assert len(prop.costs) == min(CFG.max_offer, int(2 * CFG.queue_horizon_s / 0.001))
+    assert prop.costs[-1] <= CFG.queue_horizon_s
+
+
+def test_queued_tasks_wait_for_a_free_auction_and_then_go() -> None:
+    config = replace(CFG, max_auctions=1)
+    mesh = Mesh({"i": caps(tasks=("t", "u")), "a": caps(tasks=("t", "u"))}, config=config)
+    core = mesh.cores["i"]
+    core.submit(spec(0), None, 0.0)
+    core.submit(spec(1, req("u")), None, 0.0)
+    now = 0.0
+    for _ in range(20):
+        mesh.timers(now)
+        mesh.pump(now)
+        for n in ("i", "a"):
+            mesh.run(n, now)
+        mesh.pump(now)
+        now += 0.01
+    assert sorted(e.task_id for e in mesh.events["i"] if isinstance(e, Completed)) == [
+        "task-0",
+        "task-1",
+    ]
