@@ -84,6 +84,7 @@ def run_size(n: int, initiators: int, tasks: int, seed: int) -> tuple[dict[str, 
         "completed_after_crash": round(crash.completed / crash.tasks, 5),
     }
     d = config.candidates
+    missing = failed.details.get("missing") if failed else "-"
     lines = [
         f"n={n}: {real} tasks from {initiators} initiators over {window:.1f}s",
         _run_line("whole", whole, greedy),
@@ -91,7 +92,7 @@ def run_size(n: int, initiators: int, tasks: int, seed: int) -> tuple[dict[str, 
         "  messages by kind: "
         + ", ".join(f"{k} {v / real:.2f}" for k, v in sorted(whole.messages_by_kind.items())),
         f"  probe needing an fpga: {failed.kind if failed else 'no outcome'} after "
-        f"{probe_latency * 1000:.2f} ms, missing {failed.details.get('missing') if failed else '-'}",
+        f"{probe_latency * 1000:.2f} ms, missing {missing}",
         "  goals: "
         + ", ".join(
             f"{name} {'met' if ok else 'NOT met'}"
