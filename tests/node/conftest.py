@@ -1,9 +1,10 @@
 """Real ``mesh-node`` processes on 127.0.0.1 for the node tests.
 
 Nodes run with ``--no-mdns``, ``--join`` to the first node, a shared random key and the
-``test`` preset (or ``local`` where timing slack matters more than detection speed). Every wait has a deadline; every process started here is ended by its pid
-when the test (or module) using it finishes, also on failure. ``XDG_CONFIG_HOME`` points
-into the test's temporary directory, so no test touches the user's key file.
+``test`` preset (or ``local`` where timing slack matters more than detection speed).
+Every wait has a deadline; every process started here is ended by its pid when the test
+(or module) using it finishes, also on failure. ``XDG_CONFIG_HOME`` points into the test's
+temporary directory, so no test touches the user's key file.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ T = TypeVar("T")
 def wait_for(cond: Callable[[], T], timeout: float, what: str, step: float = 0.05) -> T:
     """Poll ``cond`` until it returns something truthy; fail naming ``what`` at the deadline."""
     deadline = time.monotonic() + timeout
-    last: Any = None
+    last: T | None = None
     while True:
         last = cond()
         if last:
@@ -126,10 +127,13 @@ class Cluster:
                 m = _LISTENING.search(node.output())
                 return m.group(1) if m else None
 
-            node.address = wait_for(listening, 60, f"node {name} to listen")
+            found = wait_for(listening, 60, f"node {name} to listen")
+            node.address = found or ""
         return node
 
-    def cli(self, node: Node | str, *args: str, key: str | None = None, timeout: float = 60):
+    def cli(
+        self, node: Node | str, *args: str, key: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         target = self.nodes[node] if isinstance(node, str) else node
         return subprocess.run(
             [*NODE, *args, "--node", target.url, "--key", key or self.key],

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from mesh.client import connect
 from mesh.errors import TaskError
 from tests.node.conftest import Cluster, wait_for
@@ -26,7 +28,7 @@ def test_whoami_runs_elsewhere_when_own_slots_are_busy(trio: Cluster) -> None:
         with connect(trio.nodes[name].url, key=trio.key) as c:
             # Fill this node's two slots with work only it may run.
             busy = [c.submit_with("sleep", [1.5], labels={"name": name}) for _ in range(2)]
-            wait_for(lambda n=name: trio.cli_json(n, "status")["running"] == 2, 20, "busy")
+            wait_for(lambda: trio.cli_json(name, "status")["running"] == 2, 20, "busy")  # noqa: B023
             ran = c.gather([c.submit("whoami") for _ in range(4)], timeout=30)
             assert set(ran) <= {"a", "b", "c"}
             assert set(ran) - {name}, f"every whoami from {name} waited for {name}"
@@ -60,19 +62,17 @@ def test_why_shows_the_bids(trio: Cluster) -> None:
     assert record["rounds"][0]["asked"]
     text = trio.cli("a", "why", res["task_id"])
     assert text.returncode == 0
-    assert "bid" in text.stdout and "winner" in text.stdout
+    assert "bid" in text.stdout
+    assert "winner" in text.stdout
 
 
 def test_worker_exit_fails_only_that_task(trio: Cluster) -> None:
     with connect(trio.nodes["c"].url, key=trio.key) as c:
         crash = c.submit("crash", 3)
         others = [c.submit("echo", i) for i in range(20)]
-        try:
+        with pytest.raises(TaskError) as failed:
             crash.result(timeout=60)
-        except TaskError as exc:
-            assert exc.exc_type == "WorkerDied"
-        else:
-            raise AssertionError("a task that ends its worker must fail")
+        assert failed.value.exc_type == "WorkerDied"
         assert c.gather(others, timeout=60) == list(range(20))
         assert c.submit("echo", "still here").result(timeout=30) == "still here"
     assert trio.all_alive(["a", "b", "c"])
@@ -83,7 +83,8 @@ def test_256mib_reference_is_fetched_peer_to_peer(trio: Cluster) -> None:
     n = n_bytes // 8
     with connect(trio.nodes["a"].url, key=trio.key) as c:
         ref = c.submit_with("make_array", [n_bytes], labels={"name": "c"}).result(timeout=120)
-        assert ref.holder == "c" and ref.shape == (n,)
+        assert ref.holder == "c"
+        assert ref.shape == (n,)
         total = c.submit_with("array_sum", [ref], labels={"name": "b"})
         assert total.result(timeout=180) == float(n * (n - 1) // 2)
         assert total.node == "b"
