@@ -1,0 +1,164 @@
+"""Three real nodes on loopback: throughput, latency, array transfer, idle cost.
+
+Starts three ``mesh-node`` processes (``local`` preset, no mDNS, joined by ``--join``) and
+measures through the public client:
+
+- ``noop_tasks_per_s``: 5000 ``noop`` submitted at once, until every result is back;
+- ``latency_ms_p50`` / ``_p99``: 500 ``noop`` one after the other;
+- ``transfer_64mib_mib_per_s``: a 64 MiB array argument to ``array_sum`` (submit to result);
+- ``idle_rss_mb`` / ``idle_cpu_percent``: one node (daemon and its workers) over 30 s of
+  idling, torch never imported.
+
+The last line printed is one JSON object with those keys. ``--quick`` shrinks every figure
+for a smoke run. Processes are ended by pid, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from mesh.client import Client, connect
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_node(
+    name: str, key: str, logdir: Path, join: str | None
+) -> tuple[subprocess.Popen[bytes], str]:
+    log = logdir / f"{name}.log"
+    args = [
+        sys.executable,
+        "-m",
+        "node",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--no-mdns",
+        "--preset",
+        "local",
+        "--name",
+        name,
+        "--key",
+        key,
+    ]
+    if join:
+        args += ["--join", join]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CONFIG_HOME": str(logdir)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        m = re.search(r"listening on (\S+)", log.read_text())
+        if m:
+            return proc, m.group(1)
+        if proc.poll() is not None:
+            raise SystemExit(f"node {name} exited: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    raise SystemExit(f"node {name} did not start")
+
+
+def wait_alive(c: Client, n: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if sum(p["state"] == "alive" for p in c.peers()) == n:
+            return
+        time.sleep(0.1)
+    raise SystemExit("the three nodes did not see each other")
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    p = psutil.Process(pid)
+    return [p, *p.children(recursive=True)]
+
+
+def idle_figures(pid: int, seconds: float) -> tuple[float, float]:
+    procs = tree(pid)
+    cpu0 = sum(sum(p.cpu_times()[:2]) for p in procs)
+    time.sleep(seconds)
+    procs = [p for p in procs if p.is_running()]
+    cpu1 = sum(sum(p.cpu_times()[:2]) for p in procs)
+    rss = sum(p.memory_info().rss for p in procs) / 2**20
+    return rss, 100.0 * (cpu1 - cpu0) / seconds
+
+
+def measure(c: Client, quick: bool) -> dict[str, float]:
+    n_tasks = 1000 if quick else 5000
+    n_seq = 100 if quick else 500
+    c.gather([c.submit("noop") for _ in range(300)], timeout=120)  # warm the workers
+    t0 = time.perf_counter()
+    c.gather([c.submit("noop") for _ in range(n_tasks)], timeout=600)
+    throughput = n_tasks / (time.perf_counter() - t0)
+    lat = []
+    for _ in range(n_seq):
+        t = time.perf_counter()
+        c.submit("noop").result(timeout=60)
+        lat.append((time.perf_counter() - t) * 1000)
+    arr = np.random.default_rng(1).random(64 * 2**20 // 8)
+    expected = float(arr.sum())
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        got = c.submit("array_sum", arr).result(timeout=120)
+        best = min(best, time.perf_counter() - t)
+        if abs(got - expected) > 1e-6 * abs(expected):
+            raise SystemExit(f"array_sum returned {got}, expected {expected}")
+    return {
+        "noop_tasks_per_s": round(throughput, 1),
+        "latency_ms_p50": round(float(np.percentile(lat, 50)), 3),
+        "latency_ms_p99": round(float(np.percentile(lat, 99)), 3),
+        "transfer_64mib_mib_per_s": round(64 / best, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small counts and a 5 s idle window")
+    ns = ap.parse_args()
+    key = secrets.token_hex(16)
+    procs: list[subprocess.Popen[bytes]] = []
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
+        try:
+            first, address = start_node("a", key, Path(tmp), None)
+            procs.append(first)
+            for name in ("b", "c"):
+                procs.append(start_node(name, key, Path(tmp), address)[0])
+            with connect(address, key=key) as c:
+                wait_alive(c, 3)
+                result.update(measure(c, ns.quick))
+            rss, cpu = idle_figures(first.pid, 5.0 if ns.quick else 30.0)
+            result["idle_rss_mb"] = round(rss, 1)
+            result["idle_cpu_percent"] = round(cpu, 2)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.kill(p.pid, signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.kill(p.pid, signal.SIGKILL)
+                    p.wait()
+    for k, v in result.items():
+        print(f"{k:<28} {v}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
