@@ -62,6 +62,7 @@ class WireType(IntEnum):
     # --- 80-95: node: peer hello, transfer, API (node/transport_ws.py, node/daemon.py) ---
     PEER_HELLO = 80
     TASK_CALL = 88
+    SHM_ARG = 89
     # --- 96-127: structures shared by several parts ---
     CAPABILITIES = 96
     LOAD = 97
@@ -437,3 +438,16 @@ class TaskCall(Wire):
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     timeout_s: float | None
+
+
+@wire(WireType.SHM_ARG)
+class ShmArg(Wire):
+    """A large argument a client on the node's own machine left in shared memory.
+
+    ``name`` is a file under ``/dev/shm`` holding ``nbytes`` of a ``mesh.codec`` body; the
+    node reads it into its object store and removes it. It never crosses the network:
+    loopback sockets would copy the bytes several times more.
+    """
+
+    name: str
+    nbytes: int
