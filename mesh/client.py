@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import os
 import secrets
@@ -47,10 +49,12 @@ from collections.abc import (
 )
 from pathlib import Path
 from typing import Any, Final, Self
+from urllib.parse import urlsplit
 
 import aiohttp
+import numpy as np
 
-from mesh.codec import dumps, loads
+from mesh.codec import dumps, encode_body, loads
 from mesh.errors import (
     AuthenticationError,
     LocalProtocolError,
@@ -60,7 +64,7 @@ from mesh.errors import (
     TaskError,
     TaskLostError,
 )
-from mesh.messages import ObjectRef
+from mesh.messages import ObjectRef, ShmArg
 
 DEFAULT_PORT: Final = 7470
 """The port ``mesh-node start`` listens on unless told otherwise."""
@@ -74,6 +78,11 @@ HEADER_NONCE: Final = "X-Mesh-Nonce"
 HEADER_SIGNATURE: Final = "X-Mesh-Signature"
 
 SESSION_PATH: Final = "/v1/session"
+
+SHM_DIR: Final = Path("/dev/shm")
+SHM_PREFIX: Final = "mesh-up-"
+SHM_THRESHOLD: Final = 1024 * 1024
+"""Arrays from this size on go to a node on the same machine through shared memory."""
 OBJECT_CONTENT_TYPE: Final = "application/x-mesh-body"
 
 _MAX_MESSAGE: Final = 1024 * 1024 * 1024
@@ -330,6 +339,7 @@ class AsyncClient:
         self._addresses: dict[str, str] = {}
         self._main: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
+        self._shm_dir = SHM_DIR if _is_loopback(url) and SHM_DIR.is_dir() else None
 
     @classmethod
     async def connect(
@@ -458,10 +468,35 @@ class AsyncClient:
             deliver("", False, {"kind": "lost", "message": str(exc)}, "", exc)
             return -1
         cid = next(self._ids)
+        if self._shm_dir is not None:
+            files: list[str] = []
+            args = tuple(self._to_shm(a, files) for a in args)
+            kwargs = {k: self._to_shm(v, files) for k, v in kwargs.items()}
+            if files:
+                deliver = _removing(files, self._shm_dir, deliver)
         self._waiting[cid] = deliver
         self._batch.append([cid, name, list(args), kwargs, dict(options)])
         self._has_batch.set()
         return cid
+
+    def _to_shm(self, value: Any, files: list[str]) -> Any:
+        """A large array for a node on this machine goes through shared memory: the node
+        reads it from there at memory speed instead of through a websocket."""
+        if not isinstance(value, np.ndarray) or value.nbytes < SHM_THRESHOLD:
+            return value
+        if self._shm_dir is None:
+            return value
+        chunks, size = encode_body(value)
+        name = f"{SHM_PREFIX}{secrets.token_hex(12)}"
+        try:
+            with open(self._shm_dir / name, "xb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+        except OSError:
+            _unlink(self._shm_dir / name)
+            return value
+        files.append(name)
+        return ShmArg(name=name, nbytes=size)
 
     def _submit_future(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], options: Mapping[str, Any]
@@ -586,6 +621,34 @@ class AsyncClient:
         if address is None:
             raise ObjectLostError(ref.id, ref.holder)
         return await fetch_object(self._session, self._key, address, ref)
+
+
+def _is_loopback(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _removing(
+    files: list[str], directory: Path, deliver: Callable[[str, bool, Any, str, Any], None]
+) -> Callable[[str, bool, Any, str, Any], None]:
+    """``deliver`` that first removes shared-memory files the node did not consume."""
+
+    def wrapped(task_id: str, ok: bool, value: Any, node: str, exc: Any) -> None:
+        for name in files:
+            _unlink(directory / name)
+        deliver(task_id, ok, value, node, exc)
+
+    return wrapped
 
 
 def _options(

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -44,14 +46,19 @@ from mesh.client import (
     HEADER_TIME,
     OBJECT_CONTENT_TYPE,
     SESSION_PATH,
+    SHM_DIR,
+    SHM_PREFIX,
     request_mac,
 )
 from mesh.codec import Chunks, dumps, loads
 from mesh.config import NodeConfig
 from mesh.errors import LocalProtocolError, MeshError
-from mesh.messages import ObjectRef, TaskId, Wire, field_names
+from mesh.messages import ObjectRef, ShmArg, TaskId, Wire, field_names
 
 log = logging.getLogger(__name__)
+
+_SHM_NAME: Final = re.compile(re.escape(SHM_PREFIX) + r"[0-9a-f]{24}")
+_SHM_MAX: Final = 64 * 1024 * 1024 * 1024
 
 PUBLIC_PATHS: Final = frozenset({"/metrics", "/openapi.json"})
 
@@ -434,7 +441,7 @@ class Api:
                     if msg.type != WSMsgType.BINARY:
                         continue
                     try:
-                        self._on_session_message(msg.data, deliver_for)
+                        await self._on_session_message(msg.data, deliver_for)
                     except MeshError as exc:
                         await ws.send_bytes(dumps({"op": "error", "message": str(exc)}))
                         break
@@ -444,7 +451,7 @@ class Api:
             await ws.close()
         return ws
 
-    def _on_session_message(self, data: bytes, deliver_for: Callable[[Any], Deliver]) -> None:
+    async def _on_session_message(self, data: bytes, deliver_for: Callable[[Any], Deliver]) -> None:
         body = loads(data)
         if not isinstance(body, dict) or body.get("op") != "submit":
             raise BadRequest("expected {'op': 'submit', 'tasks': [...]}")
@@ -463,9 +470,48 @@ class Api:
                 deliver(TaskId(""), False, _bad("kwargs must be a map"), "")
                 continue
             try:
+                if _has_shm(args) or _has_shm(list(kwargs.values())):
+                    args = [await load_shm(a) for a in args]
+                    kwargs = {k: await load_shm(v) for k, v in kwargs.items()}
                 self.service.submit(name, args, kwargs, parse_options(options), deliver)
             except (BadRequest, LocalProtocolError) as exc:
                 deliver(TaskId(""), False, _bad(str(exc)), "")
+
+
+def _has_shm(values: list[Any]) -> bool:
+    return any(isinstance(v, ShmArg) for v in values)
+
+
+async def load_shm(value: Any) -> Any:
+    """The value a same-machine client left in shared memory (the file is removed)."""
+    if not isinstance(value, ShmArg):
+        return value
+    if not _SHM_NAME.fullmatch(value.name) or not 0 < value.nbytes <= _SHM_MAX:
+        raise BadRequest(f"bad shared-memory argument {value.name!r}")
+    path = SHM_DIR / value.name
+
+    def read() -> bytearray:
+        buf = bytearray(value.nbytes)
+        try:
+            with open(path, "rb") as f:
+                got = f.readinto(buf)
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if got != value.nbytes:
+            raise BadRequest(f"shared-memory argument {value.name} is truncated")
+        return buf
+
+    try:
+        data = await asyncio.to_thread(read)
+    except FileNotFoundError:
+        raise BadRequest(
+            f"shared-memory argument {value.name} not found: is the client on this machine?"
+        ) from None
+    try:
+        return loads(data)
+    except MeshError as exc:
+        raise BadRequest(f"shared-memory argument {value.name}: {exc}") from None
 
 
 def _bad(message: str) -> dict[str, Any]:

@@ -306,7 +306,11 @@ class Daemon:
     async def _start_discovery(self) -> None:
         if not self.options.mdns:
             return
-        from node.discovery import Discovery
+        try:
+            from node.discovery import Discovery
+        except ImportError as exc:
+            log.warning("mDNS discovery is not available (%s); use --join", exc)
+            return
 
         host, _, port = self.address.rpartition(":")
         interfaces = list(self.options.mdns_interfaces) or (
