@@ -201,7 +201,9 @@ def _parse_task_args(text: str | None) -> tuple[list[Any], dict[str, Any]]:
 async def _client_command(ns: argparse.Namespace) -> int:
     base = normalise_url(ns.node)
     key = derive_key(resolve_key(ns.key))
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
+    ) as session:
         if ns.command == "peers":
             peers = await request_json(session, key, base, "GET", "/v1/peers")
             _print_peers(peers, ns.json)
