@@ -612,15 +612,31 @@ class AsyncClient:
             return await self.fetch(value)
         return value
 
-    async def fetch(self, ref: ObjectRef) -> Any:
-        """The value behind ``ref``, fetched from the node that holds it."""
+    async def _holder(self, ref: ObjectRef) -> str:
         address = self._addresses.get(ref.holder)
         if address is None:
             await self.peers()
             address = self._addresses.get(ref.holder)
         if address is None:
             raise ObjectLostError(ref.id, ref.holder)
-        return await fetch_object(self._session, self._key, address, ref)
+        return address
+
+    async def fetch(self, ref: ObjectRef) -> Any:
+        """The value behind ``ref``, fetched from the node that holds it."""
+        return await fetch_object(self._session, self._key, await self._holder(ref), ref)
+
+    async def release(self, ref: ObjectRef) -> bool:
+        """Free ``ref`` on its holder; False if it was not held (any more)."""
+        base = normalise_url(await self._holder(ref))
+        try:
+            await request_json(self._session, self._key, base, "DELETE", f"/v1/objects/{ref.id}")
+        except AuthenticationError:
+            raise
+        except MeshError as exc:
+            if " 404 " in str(exc):
+                return False
+            raise
+        return True
 
 
 def _is_loopback(url: str) -> bool:
@@ -836,6 +852,11 @@ class Client:
         """The auction record of a task submitted through this node."""
         record: dict[str, Any] = self._call(self._async.why(task_id))
         return record
+
+    def release(self, ref: ObjectRef) -> bool:
+        """Free ``ref`` on the node that holds it; False if it was not held."""
+        released: bool = self._call(self._async.release(ref))
+        return released
 
     def result(self, value: Any, timeout: float | None = None) -> Any:
         """``value`` with references fetched: an ``ObjectRef``, a future, or plain data."""

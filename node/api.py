@@ -8,7 +8,7 @@ Routes (all under the node's one port, next to the peer websocket):
 - ``GET /v1/tasks/{id}`` (``?wait=S`` to long-poll), ``DELETE /v1/tasks/{id}`` (cancel),
   ``GET /v1/tasks/{id}/why``: the auction record.
 - ``GET /v1/objects/{id}``: a stored object, encoded by ``mesh.codec`` (peers fetch
-  referenced arguments here).
+  referenced arguments here); ``DELETE`` releases it.
 - ``GET /v1/session``: the client's websocket; batches of submissions in, streamed
   results out, both msgpack bodies made by ``mesh.codec``.
 - ``GET /metrics`` (Prometheus text) and ``GET /openapi.json``: readable without the key;
@@ -95,6 +95,8 @@ class Service(Protocol):
     def cancel(self, task_id: str) -> bool: ...
 
     def object_body(self, object_id: str) -> tuple[Chunks, int] | None: ...
+
+    def release_object(self, object_id: str) -> bool: ...
 
     def metrics(self) -> bytes: ...
 
@@ -275,6 +277,7 @@ class Api:
         r.add_delete("/v1/tasks/{id}", self._cancel)
         r.add_get("/v1/tasks/{id}/why", self._why)
         r.add_get("/v1/objects/{id}", self._object)
+        r.add_delete("/v1/objects/{id}", self._release)
         r.add_get(SESSION_PATH, self._session)
         r.add_get("/metrics", self._metrics)
         r.add_get("/openapi.json", self._openapi)
@@ -408,6 +411,12 @@ class Api:
             await resp.write(chunk)
         await resp.write_eof()
         return resp
+
+    async def _release(self, request: web.Request) -> web.Response:
+        object_id = request.match_info["id"]
+        if not self.service.release_object(object_id):
+            return _error(404, f"object {object_id} is not held here")
+        return web.json_response({"released": object_id})
 
     # -- client session ------------------------------------------------------------------
 
@@ -599,7 +608,10 @@ OPENAPI: Final[dict[str, Any]] = {
             "delete": _op("Cancel a task", params=("id",)),
         },
         "/v1/tasks/{id}/why": {"get": _op("The auction record of a task", params=("id",))},
-        "/v1/objects/{id}": {"get": _op("A stored object (mesh codec body)", params=("id",))},
+        "/v1/objects/{id}": {
+            "get": _op("A stored object (mesh codec body)", params=("id",)),
+            "delete": _op("Release a stored object", params=("id",)),
+        },
         SESSION_PATH: {"get": _op("Client websocket: msgpack batches of submissions/results")},
         "/metrics": {"get": {"summary": "Prometheus metrics (no key needed)", "responses": {}}},
         "/openapi.json": {"get": {"summary": "This description (no key needed)", "responses": {}}},

@@ -703,6 +703,9 @@ class Daemon:
             return None
         return self.store.encoded(object_id)
 
+    def release_object(self, object_id: str) -> bool:
+        return self.store.release(object_id)
+
     def metrics(self) -> bytes:
         data: bytes = generate_latest(self._metrics_registry)
         return data

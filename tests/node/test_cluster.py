@@ -11,6 +11,7 @@ import pytest
 
 from mesh.client import connect
 from mesh.errors import TaskError
+from mesh.messages import ObjectRef
 from tests.node.conftest import Cluster, wait_for
 
 
@@ -88,9 +89,13 @@ def test_256mib_reference_is_fetched_peer_to_peer(trio: Cluster) -> None:
         total = c.submit_with("array_sum", [ref], labels={"name": "b"})
         assert total.result(timeout=180) == float(n * (n - 1) // 2)
         assert total.node == "b"
-        # A small slice of it back at the client, fetched from its holder.
-        small = c.submit("make_array", 800).result(timeout=30)
-        assert list(c.result(small)) == [float(i) for i in range(100)]
+        # A smaller one back at the client, fetched from its holder.
+        mib = c.submit_with("make_array", [1 << 20], labels={"name": "c"}).result(timeout=30)
+        assert isinstance(mib, ObjectRef)
+        assert c.result(mib).tolist() == [float(i) for i in range(1 << 17)]
+        assert c.release(mib) is True
+        assert c.release(ref) is True
+        assert c.release(ref) is False
 
 
 def test_sigkill_during_tasks_every_task_completes(cluster: Cluster) -> None:
