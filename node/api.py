@@ -31,6 +31,8 @@ import hashlib
 import hmac
 import json
 import logging
+import mmap
+import os
 import re
 import time
 from collections import OrderedDict
@@ -499,17 +501,17 @@ async def load_shm(value: Any) -> Any:
         raise BadRequest(f"bad shared-memory argument {value.name!r}")
     path = SHM_DIR / value.name
 
-    def read() -> bytearray:
-        buf = bytearray(value.nbytes)
+    def read() -> mmap.mmap:
+        # Mapped, not read: the array stays in the client's pages and costs no copy here.
+        # The name is removed at once; the mapping keeps the pages until it is dropped.
         try:
             with open(path, "rb") as f:
-                got = f.readinto(buf)
+                if os.fstat(f.fileno()).st_size != value.nbytes:
+                    raise BadRequest(f"shared-memory argument {value.name} has the wrong size")
+                return mmap.mmap(f.fileno(), value.nbytes, access=mmap.ACCESS_READ)
         finally:
             with contextlib.suppress(OSError):
                 path.unlink()
-        if got != value.nbytes:
-            raise BadRequest(f"shared-memory argument {value.name} is truncated")
-        return buf
 
     try:
         data = await asyncio.to_thread(read)
@@ -518,7 +520,7 @@ async def load_shm(value: Any) -> Any:
             f"shared-memory argument {value.name} not found: is the client on this machine?"
         ) from None
     try:
-        return loads(data)
+        return loads(memoryview(data))
     except MeshError as exc:
         raise BadRequest(f"shared-memory argument {value.name}: {exc}") from None
 
