@@ -61,8 +61,9 @@ KIND_BATCH: Final = 0x02
 KIND_CHUNK: Final = 0x03
 KIND_BYE: Final = 0x04
 
-_LEN = struct.Struct("<I")
-_CHUNK_HEAD = struct.Struct("<BQ")
+_BATCH_HEAD = struct.Struct("<B3xI")  # kind, frame count; then u32 sizes, padded to 16
+_CHUNK_HEAD = struct.Struct("<B7xQ")  # kind, frame size; the piece starts 16-aligned
+_ALIGN: Final = 16
 _BYE = bytes((KIND_BYE,))
 _MAX_ADDRESS_LEN: Final = 300
 
@@ -379,32 +380,37 @@ class WsTransport:
         return await self._inbox.get()
 
     async def close(self) -> None:
-        """Close every connection and end every task; pending ``recv`` raise ConnectionError."""
-        if self._closing:
-            if self._runner is not None and not self._runner.done():
-                await asyncio.shield(self._runner)
-            return
-        self._closing = True
-        self._inbox.close()
-        for peer in self._peers.values():
-            self.dropped += peer.queued()
-            peer.control.clear()
-            peer.bulk.clear()
-            peer.cursor = None
-            peer.space.set()
-        try:
-            async with asyncio.timeout(self._cfg.ws_close_timeout_s):
-                async with asyncio.TaskGroup() as tg:
-                    for conn in list(self._open):
-                        tg.create_task(self._close_ws(conn, WSCloseCode.GOING_AWAY))
-        except TimeoutError:
-            log.info("closing handshakes did not finish in time; connections dropped")
+        """Close every connection and end every task; pending ``recv`` raise ConnectionError.
+
+        Safe to call more than once, and from a task that is cancelled meanwhile: the
+        tasks are told to stop whatever happens to the closing handshakes.
+        """
+        if not self._closing:
+            self._closing = True
+            self._inbox.close()
+            for peer in self._peers.values():
+                self.dropped += peer.queued()
+                peer.control.clear()
+                peer.bulk.clear()
+                peer.bulk_bytes = 0
+                peer.cursor = None
+                peer.space.set()
+            try:
+                async with asyncio.timeout(self._cfg.ws_close_timeout_s):
+                    async with asyncio.TaskGroup() as tg:
+                        for conn in list(self._open):
+                            tg.create_task(self._close_ws(conn, WSCloseCode.GOING_AWAY))
+            except TimeoutError:
+                log.info("closing handshakes did not finish in time; connections dropped")
+            finally:
+                self._stop.set()
         self._stop.set()
         try:
             if self._runner is not None and not self._runner.done():
-                await self._runner
+                # Shielded: a cancelled close() still lets the runner finish stopping.
+                await asyncio.shield(self._runner)
         finally:
-            if self._session is not None:
+            if self._session is not None and not self._session.closed:
                 await self._session.close()
 
     async def __aenter__(self) -> WsTransport:
@@ -487,19 +493,22 @@ class WsTransport:
     async def _send_next(self, peer: _Peer, conn: _Conn) -> None:
         """Write one websocket message to ``conn``: a batch of small frames, else a piece."""
         if peer.control:
-            parts: list[Buffer] = [bytes((KIND_BATCH,))]
             room = self._cfg.ws_small_frame_bytes
-            frames = 0
-            nbytes = 0
-            while peer.control and (frames == 0 or peer.control[0][1] + 4 <= room):
+            sizes: list[int] = []
+            body: list[Buffer] = []
+            while peer.control and (not sizes or peer.control[0][1] + _ALIGN + 4 <= room):
                 chunks, size = peer.control.popleft()
-                parts.append(_LEN.pack(size))
-                parts.extend(chunks)
-                room -= size + 4
-                frames += 1
-                nbytes += size
+                sizes.append(size)
+                body.extend(chunks)
+                if pad := -size % _ALIGN:
+                    body.append(bytes(pad))
+                room -= size + _ALIGN + 4
             peer.space.set()
-            if await self._write(conn, b"".join(parts)):
+            frames = len(sizes)
+            nbytes = sum(sizes)
+            head = _BATCH_HEAD.pack(KIND_BATCH, frames) + struct.pack(f"<{frames}I", *sizes)
+            head += bytes(-len(head) % _ALIGN)
+            if await self._write(conn, b"".join([head, *body])):
                 self.frames_sent += frames
                 self.bytes_sent += nbytes
             else:
@@ -740,17 +749,7 @@ class WsTransport:
             raise RemoteProtocolError("empty message", reason="malformed")
         kind = data[0]
         if kind == KIND_BATCH:
-            pos = 1
-            end = data.nbytes
-            while pos < end:
-                if pos + 4 > end:
-                    raise RemoteProtocolError("truncated batch", reason="truncated")
-                (size,) = _LEN.unpack_from(data, pos)
-                pos += 4
-                if size == 0 or pos + size > end:
-                    raise RemoteProtocolError("truncated batch", reason="truncated")
-                await self._deliver(data[pos : pos + size])
-                pos += size
+            await self._on_batch(data)
         elif kind == KIND_CHUNK:
             await self._on_chunk(conn, data)
         elif kind == KIND_BYE:
@@ -762,6 +761,29 @@ class WsTransport:
             raise RemoteProtocolError("second hello on a connection", reason="malformed")
         else:
             raise RemoteProtocolError(f"unknown message kind {kind}", reason="malformed")
+
+    async def _on_batch(self, data: memoryview) -> None:
+        # Every frame starts 16-aligned in the message (whose bytes are 16-aligned in
+        # memory), so arrays the codec decodes from it are aligned for every dtype.
+        end = data.nbytes
+        if end < _BATCH_HEAD.size:
+            raise RemoteProtocolError("truncated batch", reason="truncated")
+        _, count = _BATCH_HEAD.unpack_from(data, 0)
+        table_end = _BATCH_HEAD.size + 4 * count
+        if count == 0 or table_end > end:
+            raise RemoteProtocolError("truncated batch", reason="truncated")
+        sizes = struct.unpack_from(f"<{count}I", data, _BATCH_HEAD.size)
+        pos = table_end + (-table_end % _ALIGN)
+        frames: list[memoryview] = []
+        for size in sizes:
+            if size == 0 or pos + size > end:
+                raise RemoteProtocolError("truncated batch", reason="truncated")
+            frames.append(data[pos : pos + size])
+            pos += size + (-size % _ALIGN)
+        if pos != end:
+            raise RemoteProtocolError("batch longer than its frames", reason="malformed")
+        for frame in frames:
+            await self._deliver(frame)
 
     async def _on_chunk(self, conn: _Conn, data: memoryview) -> None:
         if data.nbytes <= _CHUNK_HEAD.size:
@@ -777,7 +799,10 @@ class WsTransport:
                 await self._deliver(piece)  # a one-piece frame needs no reassembly
                 return
             await self._reserve(total)
-            conn.partial = np.empty(total, dtype=np.uint8)
+            # 64-aligned, like the frame's array buffers are relative to its start.
+            raw = np.empty(total + 64, dtype=np.uint8)
+            skip = -raw.ctypes.data % 64
+            conn.partial = raw[skip : skip + total]
             conn.partial_filled = 0
         elif total != conn.partial.nbytes:
             raise RemoteProtocolError("chunk of another frame", reason="malformed")

@@ -1,0 +1,507 @@
+"""The websocket peer transport between real aiohttp servers on 127.0.0.1.
+
+Each test builds two or three transports on their own ports, moves frames between them and
+checks what arrives, in what order, and what the counters say. Waits are for conditions,
+with a deadline; nothing sleeps for a fixed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import os
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import WSMsgType, web
+
+from mesh.codec import FRAME_PREFIX, MAGIC, VERSION, Buffer, Codec
+from mesh.config import NodeConfig
+from mesh.messages import Address, Load, NodeId, PeerHello
+from node.transport_ws import KIND_BATCH, KIND_CHUNK, KIND_HELLO, WS_PATH, WsTransport
+
+KEY = b"mesh-test-key-0123456789abcdef"
+OTHER_KEY = b"another-mesh-key-0123456789abc"
+
+CONFIG = NodeConfig(
+    max_frame_bytes=48 * 1024 * 1024,
+    ws_chunk_bytes=256 * 1024,
+    ws_connect_timeout_s=2.0,
+    ws_dial_attempts=2,
+    ws_redial_backoff_s=0.05,
+    ws_send_timeout_s=10.0,
+    ws_heartbeat_s=10.0,
+    ws_close_timeout_s=1.0,
+)
+
+DEADLINE_S = 20.0
+
+
+PAD = bytes(8)  # the codec's smallest body; authenticate() refuses shorter frames
+
+
+def sign(body: bytes, key: bytes = KEY) -> bytes:
+    """An authenticated frame around an arbitrary body: all the transport checks."""
+    mac = hmac.new(key, PAD + body, hashlib.sha256).digest()
+    return bytes((MAGIC, VERSION)) + mac + PAD + body
+
+
+def body_of(frame: Buffer) -> bytes:
+    return bytes(memoryview(frame)[FRAME_PREFIX + len(PAD) :])
+
+
+async def eventually(check: Callable[[], bool], what: str) -> None:
+    """Wait until ``check()`` holds; fail after a generous deadline."""
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            # Polled: the conditions are counters of several objects, not one event.
+            while not check():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
+
+
+async def recv(t: WsTransport) -> Buffer:
+    async with asyncio.timeout(DEADLINE_S):
+        return await t.recv()
+
+
+class Node:
+    """A transport served by its own aiohttp app on 127.0.0.1."""
+
+    def __init__(self, transport: WsTransport, runner: web.AppRunner, codec: Codec) -> None:
+        self.t = transport
+        self.runner = runner
+        self.codec = codec
+
+    @property
+    def address(self) -> Address:
+        return self.t.address
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+
+MakeNode = Callable[..., Awaitable[Node]]
+
+
+@pytest.fixture
+async def make_node() -> AsyncIterator[MakeNode]:
+    async with AsyncExitStack() as stack:
+
+        async def make(name: str = "n", *, key: bytes = KEY, config: NodeConfig = CONFIG) -> Node:
+            codec = Codec(key, NodeId(name), max_frame_bytes=config.max_frame_bytes)
+            transport = WsTransport(codec=codec, config=config, wall_clock=time.time)
+            app = web.Application()
+            transport.add_routes(app)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = runner.addresses[0][1]
+            await transport.start(Address(f"127.0.0.1:{port}"))
+            stack.push_async_callback(transport.close)
+            return Node(transport, runner, codec)
+
+        yield make
+
+
+def load_frame(codec: Codec, n: int) -> list[Buffer]:
+    chunks, _ = codec.encode(Load(running=n, queued=0, backlog_s=0.0), time.time())
+    return chunks
+
+
+def load_of(codec: Codec, frame: Buffer) -> int:
+    msg = codec.decode(frame, time.time(), authenticated=True).msg
+    assert isinstance(msg, Load)
+    return msg.running
+
+
+# -- round trips and ordering ------------------------------------------------------------
+
+
+async def test_round_trip_both_ways_on_one_connection(make_node: MakeNode) -> None:
+    a, b = await make_node("a"), await make_node("b")
+    await a.t.send(b.address, load_frame(a.codec, 1))
+    assert load_of(b.codec, await recv(b.t)) == 1
+    await b.t.send(a.address, load_frame(b.codec, 2))
+    assert load_of(a.codec, await recv(a.t)) == 2
+    # b answered over the connection a opened: one connection for the pair.
+    assert (a.t.connects, b.t.connects) == (1, 1)
+    assert (a.t.connections, b.t.connections) == (1, 1)
+    assert a.t.frames_sent == 1
+    assert b.t.frames_received == 1
+    assert a.t.bytes_sent == b.t.bytes_received > 0
+
+
+async def test_frames_from_one_peer_keep_their_order(make_node: MakeNode) -> None:
+    a, b = await make_node("a"), await make_node("b")
+    n = 2000
+    for i in range(n):
+        await a.t.send(b.address, [sign(struct.pack("<Q", i) + bytes(i % 300))])
+    got = [struct.unpack_from("<Q", body_of(await recv(b.t)))[0] for _ in range(n)]
+    assert got == list(range(n))
+    assert a.t.dropped == 0
+    assert not b.t.rejected
+
+
+async def test_three_nodes_all_pairs(make_node: MakeNode) -> None:
+    nodes = [await make_node(name) for name in "abc"]
+    for src in nodes:
+        for dst in nodes:
+            if src is not dst:
+                await src.t.send(dst.address, [sign(f"{src.address}>{dst.address}".encode())])
+    for dst in nodes:
+        got = {body_of(await recv(dst.t)).decode() for _ in range(2)}
+        assert got == {f"{src.address}>{dst.address}" for src in nodes if src is not dst}
+    await eventually(lambda: all(n.t.connections == 2 for n in nodes), "one connection a pair")
+
+
+async def test_send_to_itself_is_delivered_locally(make_node: MakeNode) -> None:
+    a = await make_node("a")
+    await a.t.send(a.address, [b"\x01\x02", b"\x03"])
+    assert bytes(await recv(a.t)) == b"\x01\x02\x03"
+    assert a.t.connections == 0
+
+
+async def test_frame_chunks_are_sent_back_to_back(make_node: MakeNode) -> None:
+    a, b = await make_node("a"), await make_node("b")
+    frame = sign(os.urandom(1000))
+    await a.t.send(b.address, [frame[:1], memoryview(frame)[1:500], bytearray(frame[500:])])
+    assert bytes(await recv(b.t)) == frame
+
+
+# -- big frames ------------------------------------------------------------------------
+
+
+async def test_big_frame_arrives_whole_and_aligned(make_node: MakeNode) -> None:
+    a, b = await make_node("a"), await make_node("b")
+    arr = np.random.default_rng(1).standard_normal(3 * 1024 * 1024 + 7)
+    chunks, _ = a.codec.encode(Load(running=0, queued=0, backlog_s=0.0), time.time())
+    # A real encoded frame followed by a big array frame built from several buffers.
+    await a.t.send(b.address, chunks)
+    body = b"head" + bytes(60) + arr.tobytes()
+    frame = sign(body)
+    await a.t.send(b.address, [frame[:100], memoryview(frame)[100:]])
+    first = await recv(b.t)
+    assert load_of(b.codec, first) == 0
+    got = await recv(b.t)
+    assert memoryview(got).nbytes == len(frame)
+    assert bytes(got) == frame
+    view = np.frombuffer(memoryview(got), dtype=np.uint8)
+    assert view.ctypes.data % 64 == 0
+
+
+async def test_small_frame_overtakes_a_big_one(make_node: MakeNode) -> None:
+    a, b = await make_node("a"), await make_node("b")
+    await a.t.send(b.address, [sign(b"warm-up")])
+    await recv(b.t)
+    big = sign(os.urandom(32 * 1024 * 1024))
+    await a.t.send(b.address, [big])
+    # Once b holds part of the big frame, a control frame must not wait for the rest.
+    await eventually(lambda: b.t._reassembly_used > 0, "the big frame to be under way")
+    await a.t.send(b.address, [sign(b"control")])
+    assert body_of(await recv(b.t)) == b"control"
+    assert bytes(await recv(b.t)) == big
+
+
+async def test_many_big_and_small_frames_interleaved_stay_intact(make_node: MakeNode) -> None:
+    a, b = await make_node("a"), await make_node("b")
+    rng = np.random.default_rng(2)
+    bigs = [sign(rng.bytes(int(rng.integers(300_000, 2_000_000)))) for _ in range(6)]
+    smalls = [sign(struct.pack("<Q", i)) for i in range(300)]
+
+    async def produce() -> None:
+        for i, small in enumerate(smalls):
+            await a.t.send(b.address, [small])
+            if i % 50 == 0:
+                await a.t.send(b.address, [bigs[i // 50]])
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(produce())
+        got = [bytes(await recv(b.t)) for _ in range(len(smalls) + len(bigs))]
+    assert [f for f in got if len(f) < 1000] == smalls
+    assert [f for f in got if len(f) >= 1000] == bigs
+
+
+# -- back pressure and unreachable peers -------------------------------------------------
+
+
+async def test_send_waits_while_the_peer_does_not_read(make_node: MakeNode) -> None:
+    config = dataclasses.replace(
+        CONFIG, ws_send_queue_frames=4, ws_recv_queue_frames=2, ws_recv_queue_bytes=1 << 20
+    )
+    a, b = await make_node("a", config=config), await make_node("b", config=config)
+    n = 1500  # 60 KiB each: far more than the socket buffers hold
+    frames = [sign(struct.pack("<Q", i) + bytes(60_000)) for i in range(n)]
+    sent = 0
+
+    async def produce() -> None:
+        nonlocal sent
+        for frame in frames:
+            await a.t.send(b.address, [frame])
+            sent += 1
+
+    async with asyncio.TaskGroup() as tg:
+        producer = tg.create_task(produce())
+
+        # b reads nothing: a's queue towards b fills and the producer is held back.
+        def queue_full() -> bool:
+            peer = a.t._peers.get(b.address)
+            return peer is not None and len(peer.control) == 4 and b.t.frames_received >= 2
+
+        await eventually(queue_full, "the send queue to fill")
+        assert not producer.done()
+        assert sent < n
+        got = [struct.unpack_from("<Q", body_of(await recv(b.t)))[0] for _ in range(n)]
+    assert got == list(range(n))
+    assert a.t.dropped == 0
+
+
+async def test_unreachable_peer_drops_frames_without_hanging(make_node: MakeNode) -> None:
+    a, b = await make_node("a"), await make_node("b")
+    with_listener = await make_node("gone")
+    gone = with_listener.address
+    await with_listener.runner.cleanup()  # nothing listens on that port any more
+    async with asyncio.timeout(DEADLINE_S):
+        for i in range(10):
+            await a.t.send(gone, [sign(bytes([i]))])
+    await eventually(lambda: a.t.dropped == 10, "frames for the unreachable peer to drop")
+    # The other peer is not held up by it.
+    await a.t.send(b.address, [sign(b"still here")])
+    assert body_of(await recv(b.t)) == b"still here"
+
+
+async def test_send_gives_up_on_a_full_queue_to_a_silent_peer(make_node: MakeNode) -> None:
+    # A listener that accepts TCP and never answers: dials hang until their timeout.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        config = dataclasses.replace(
+            CONFIG,
+            ws_send_queue_frames=2,
+            ws_send_timeout_s=0.2,
+            ws_connect_timeout_s=30.0,
+            ws_dial_attempts=1,
+        )
+        a = await make_node("a", config=config)
+        dst = Address(f"127.0.0.1:{port}")
+        async with asyncio.timeout(DEADLINE_S):
+            for i in range(5):
+                await a.t.send(dst, [sign(bytes([i]))])
+        # Two frames wait in the queue; the others found it full past the send timeout.
+        assert a.t.dropped == 3
+    finally:
+        server.close()
+
+
+async def test_reconnects_after_the_connection_is_lost(make_node: MakeNode) -> None:
+    a, b = await make_node("a"), await make_node("b")
+    await a.t.send(b.address, [sign(b"one")])
+    await recv(b.t)
+    for conn in list(b.t._open):
+        await conn.ws.close()
+    await eventually(lambda: a.t.connections == 0, "a to see the connection close")
+    await a.t.send(b.address, [sign(b"two")])
+    assert body_of(await recv(b.t)) == b"two"
+    assert a.t.connects == 2
+
+
+async def test_simultaneous_dials_settle_on_one_connection(make_node: MakeNode) -> None:
+    for _ in range(5):
+        a, b = await make_node("a"), await make_node("b")
+        async with asyncio.TaskGroup() as tg:
+            for i in range(20):
+                tg.create_task(a.t.send(b.address, [sign(b"a%d" % i)]))
+                tg.create_task(b.t.send(a.address, [sign(b"b%d" % i)]))
+        got_b = {body_of(await recv(b.t)) for _ in range(20)}
+        got_a = {body_of(await recv(a.t)) for _ in range(20)}
+        assert got_b == {b"a%d" % i for i in range(20)}
+        assert got_a == {b"b%d" % i for i in range(20)}
+
+        def settled(a: Node = a, b: Node = b) -> bool:
+            return a.t.connections == 1 and b.t.connections == 1
+
+        await eventually(settled, "the losing connection to close")
+        # Both ends send on the same, surviving connection.
+        await a.t.send(b.address, [sign(b"after")])
+        await b.t.send(a.address, [sign(b"after")])
+        assert body_of(await recv(b.t)) == b"after"
+        assert body_of(await recv(a.t)) == b"after"
+        assert a.t.dropped == 0
+        assert b.t.dropped == 0
+        await a.t.close()
+        await b.t.close()
+
+
+# -- hostile input -------------------------------------------------------------------------
+
+
+def hello(codec: Codec, address: str) -> bytes:
+    chunks, _ = codec.encode(PeerHello(address=address), time.time())
+    return b"".join([bytes((KIND_HELLO,)), *chunks])
+
+
+def batch(*frames: bytes) -> bytes:
+    head = struct.pack(f"<B3xI{len(frames)}I", KIND_BATCH, len(frames), *map(len, frames))
+    out = head + bytes(-len(head) % 16)
+    for f in frames:
+        out += f + bytes(-len(f) % 16)
+    return out
+
+
+async def raw_session(
+    target: Node, first: bytes | str, then: list[bytes | str]
+) -> tuple[int | None, list[bytes]]:
+    """Dial ``target`` by hand, send messages; return the close code and what came back."""
+    received: list[bytes] = []
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"http://{target.address}{WS_PATH}", max_msg_size=0) as ws,
+    ):
+        for msg in [first, *then]:
+            if isinstance(msg, str):
+                await ws.send_str(msg)
+            else:
+                await ws.send_bytes(msg)
+        async with asyncio.timeout(DEADLINE_S):
+            async for reply in ws:
+                if reply.type is WSMsgType.BINARY:
+                    received.append(reply.data)
+        return ws.close_code, received
+
+
+async def test_hostile_connections_are_closed_and_counted(make_node: MakeNode) -> None:
+    a, b = await make_node("a"), await make_node("b")
+    intruder = Codec(KEY, NodeId("intruder"), max_frame_bytes=CONFIG.max_frame_bytes)
+    forger = Codec(OTHER_KEY, NodeId("forger"), max_frame_bytes=CONFIG.max_frame_bytes)
+    replayed = hello(intruder, "127.0.0.1:9")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"http://{a.address}{WS_PATH}") as ws,
+    ):
+        await ws.send_bytes(replayed)
+        assert (await ws.receive()).data[0] == KIND_HELLO
+    good_hello = None  # a fresh, valid hello for each connection (a replayed one is refused)
+    cases: list[tuple[str, bytes | str | None, list[bytes | str]]] = [
+        ("no-hello", os.urandom(200), []),
+        ("replay", replayed, []),
+        ("bad-mac", hello(forger, "127.0.0.1:9"), []),
+        ("text", "hello?", []),
+        ("bad-mac", good_hello, [batch(sign(os.urandom(100), OTHER_KEY))]),
+        ("truncated", good_hello, [bytes((KIND_BATCH,)) + os.urandom(50)]),
+        ("malformed", good_hello, [bytes((0x7F,)) + os.urandom(50)]),
+        ("oversized", good_hello, [bytes((KIND_BATCH,)) + bytes(CONFIG.ws_chunk_bytes + 100)]),
+        (
+            "oversized",
+            good_hello,
+            [struct.pack("<B7xQ", KIND_CHUNK, CONFIG.max_frame_bytes + 1) + bytes(100)],
+        ),
+    ]
+    expected: dict[str, int] = {}
+    for reason, first, then in cases:
+        opening = hello(intruder, "127.0.0.1:9") if first is None else first
+        code, replies = await raw_session(a, opening, then)
+        expected[reason] = expected.get(reason, 0) + 1
+        assert a.t.rejected == expected, reason
+        assert code not in (None, 1000), reason
+        # Only a keyed peer is answered with a hello.
+        assert (len(replies) == 1) == (first is None), reason
+    # After all that, the node still serves its real peers.
+    await b.t.send(a.address, load_frame(b.codec, 7))
+    assert load_of(a.codec, await recv(a.t)) == 7
+    assert a.t.frames_received == 1
+
+
+async def test_good_frames_before_a_forged_one_are_delivered(make_node: MakeNode) -> None:
+    a = await make_node("a")
+    intruder = Codec(KEY, NodeId("intruder"), max_frame_bytes=CONFIG.max_frame_bytes)
+    code, _ = await raw_session(
+        a,
+        hello(intruder, "127.0.0.1:9"),
+        [batch(sign(b"fine")), batch(sign(b"forged", OTHER_KEY)), batch(sign(b"never"))],
+    )
+    assert body_of(await recv(a.t)) == b"fine"
+    assert code == aiohttp.WSCloseCode.POLICY_VIOLATION
+    assert a.t.rejected == {"bad-mac": 1}
+    assert a.t.frames_received == 1
+
+
+async def test_a_node_with_another_key_cannot_connect(make_node: MakeNode) -> None:
+    a = await make_node("a")
+    stranger = await make_node("s", key=OTHER_KEY)
+    await stranger.t.send(a.address, [sign(b"let me in", OTHER_KEY)])
+    await eventually(lambda: stranger.t.dropped == 1, "the stranger to give up")
+    assert a.t.rejected["bad-mac"] >= 1
+    assert stranger.t.rejected["bad-mac"] == 0  # a never answered with a hello
+    assert a.t.frames_received == 0
+
+
+# -- shutdown ------------------------------------------------------------------------------
+
+
+async def test_close_ends_everything(make_node: MakeNode) -> None:
+    baseline = set(asyncio.all_tasks())
+    a, b = await make_node("a"), await make_node("b")
+    await a.t.send(b.address, [sign(b"x")])
+    await recv(b.t)
+    outcome: list[BaseException] = []
+
+    async def waiting_recv() -> None:
+        try:
+            await a.t.recv()
+        except ConnectionError as exc:
+            outcome.append(exc)
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(waiting_recv())
+        await asyncio.sleep(0)
+        await a.t.close()
+    assert len(outcome) == 1
+    with pytest.raises(ConnectionError):
+        await a.t.recv()
+    with pytest.raises(ConnectionError):
+        await a.t.send(b.address, [sign(b"late")])
+    await eventually(lambda: b.t.connections == 0, "b to see a leave")
+    await b.t.close()
+    await a.t.close()  # twice is fine
+    await a.runner.cleanup()
+    await b.runner.cleanup()
+    leftover = {t for t in asyncio.all_tasks() if t not in baseline and not t.done()}
+    assert leftover == set()
+
+
+async def test_unstarted_transport_refuses_peers(make_node: MakeNode) -> None:
+    codec = Codec(KEY, NodeId("idle"), max_frame_bytes=CONFIG.max_frame_bytes)
+    idle = WsTransport(codec=codec, config=CONFIG, wall_clock=time.time)
+    app = web.Application()
+    idle.add_routes(app)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.WSServerHandshakeError):
+                await session.ws_connect(f"http://127.0.0.1:{port}{WS_PATH}")
+        with pytest.raises(ConnectionError):
+            await idle.send(Address("127.0.0.1:9"), [sign(b"x")])
+    finally:
+        await idle.close()
+        await runner.cleanup()
