@@ -250,16 +250,25 @@ class WsTransport:
 
     Use: ``add_routes(app)`` before the daemon's app starts, then ``await start(address)``
     once the listen address is known (the port may come from binding port 0), then
-    ``send``/``recv``, and ``close()`` at the end. ``codec`` authenticates every received
-    frame and signs the hellos; ``wall_clock`` (``time.time``) stamps and checks them.
+    ``send``/``recv``, and ``close()`` at the end. ``codec`` signs and checks the hellos;
+    ``wall_clock`` (``time.time``) stamps them. ``authenticate`` checks every received
+    frame and raises ``RemoteProtocolError`` to refuse it; it defaults to
+    ``codec.authenticate``. It may be called from a worker thread (for big frames), so it
+    must not touch state shared with the event loop.
     """
 
     def __init__(
-        self, *, codec: Codec, config: NodeConfig, wall_clock: Callable[[], float]
+        self,
+        *,
+        codec: Codec,
+        config: NodeConfig,
+        wall_clock: Callable[[], float],
+        authenticate: Callable[[Buffer], None] | None = None,
     ) -> None:
         if config.ws_reassembly_bytes < 1 or config.ws_chunk_bytes < 1:
             raise LocalProtocolError("transport buffer sizes must be positive")
         self._codec = codec
+        self._authenticate = codec.authenticate if authenticate is None else authenticate
         self._cfg = config
         self._wall_clock = wall_clock
         self._address: Address | None = None
@@ -818,7 +827,7 @@ class WsTransport:
             # The MAC over a big frame takes tens of ms; computed in a thread (hashlib lets
             # go of the GIL) it no longer stalls control traffic and heartbeats. This
             # connection waits for it, so its frames stay in order.
-            await asyncio.to_thread(self._codec.authenticate, frame)
+            await asyncio.to_thread(self._authenticate, frame)
             await self._deliver(frame, authenticated=True)
 
     async def _reserve(self, nbytes: int) -> None:
@@ -840,7 +849,7 @@ class WsTransport:
 
     async def _deliver(self, frame: memoryview, *, authenticated: bool = False) -> None:
         if not authenticated:
-            self._codec.authenticate(frame)
+            self._authenticate(frame)
         size = frame.nbytes
         self.frames_received += 1
         self.bytes_received += size

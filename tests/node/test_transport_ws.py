@@ -26,6 +26,7 @@ from mesh.codec import FRAME_PREFIX, MAGIC, VERSION, Buffer, Codec
 from mesh.config import NodeConfig
 from mesh.messages import Address, Load, NodeId, PeerHello
 from node.transport_ws import KIND_BATCH, KIND_CHUNK, KIND_HELLO, WS_PATH, WsTransport
+from tests.transport_suite import CHECKS, Check
 
 KEY = b"mesh-test-key-0123456789abcdef"
 OTHER_KEY = b"another-mesh-key-0123456789abc"
@@ -97,9 +98,17 @@ MakeNode = Callable[..., Awaitable[Node]]
 async def make_node() -> AsyncIterator[MakeNode]:
     async with AsyncExitStack() as stack:
 
-        async def make(name: str = "n", *, key: bytes = KEY, config: NodeConfig = CONFIG) -> Node:
+        async def make(
+            name: str = "n",
+            *,
+            key: bytes = KEY,
+            config: NodeConfig = CONFIG,
+            authenticate: Callable[[Buffer], None] | None = None,
+        ) -> Node:
             codec = Codec(key, NodeId(name), max_frame_bytes=config.max_frame_bytes)
-            transport = WsTransport(codec=codec, config=config, wall_clock=time.time)
+            transport = WsTransport(
+                codec=codec, config=config, wall_clock=time.time, authenticate=authenticate
+            )
             app = web.Application()
             transport.add_routes(app)
             runner = web.AppRunner(app, access_log=None)
@@ -124,6 +133,20 @@ def load_of(codec: Codec, frame: Buffer) -> int:
     msg = codec.decode(frame, time.time(), authenticated=True).msg
     assert isinstance(msg, Load)
     return msg.running
+
+
+# -- the checks every Transport passes ---------------------------------------------------
+
+
+def accept_anything(frame: Buffer) -> None:
+    """The shared checks send bare bytes, not codec frames; hellos stay authenticated."""
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=[c.__name__ for c in CHECKS])
+async def test_transport_suite(check: Check, make_node: MakeNode) -> None:
+    a = await make_node("a", authenticate=accept_anything)
+    b = await make_node("b", authenticate=accept_anything)
+    await check(a.t, b.t)
 
 
 # -- round trips and ordering ------------------------------------------------------------
