@@ -1,0 +1,253 @@
+"""mDNS discovery of mesh peers with python-zeroconf: a finder, never a liveness signal.
+
+Each node registers one instance of ``_mesh-node._tcp.local.`` whose TXT record carries
+``id`` (node id), ``mesh`` (``mesh.codec.key_fingerprint`` of the mesh key, so that two
+meshes on one LAN ignore each other without revealing a key) and ``v`` (protocol version),
+and browses the same type. Each peer of the same mesh is reported once through
+``on_found(node, "host:port")``, and again if its address changes. A clean shutdown sends
+goodbye packets, which peers report through ``on_lost``; a crashed node stays in browsers
+for about 19 minutes (zeroconf raises PTR TTLs to 1125 s), so whether a peer is alive is
+for gossip to decide, never for this module.
+
+This module does not connect to peers, keep a peer table or judge liveness; it only tells
+the daemon who announced itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import ifaddr
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from mesh.errors import LocalProtocolError
+from mesh.messages import Address, NodeId
+
+log = logging.getLogger(__name__)
+
+SERVICE_TYPE: Final = "_mesh-node._tcp.local."
+PROTOCOL_VERSION: Final = "1"
+RESOLVE_TIMEOUT_MS: Final = 3000
+_MAX_LABEL: Final = 63
+
+
+def instance_label(node: NodeId) -> str:
+    """The DNS label a node registers under: its id, or a digest if the id cannot be one."""
+    if node and len(node.encode()) <= _MAX_LABEL and "." not in node:
+        return node
+    return "mesh-" + hashlib.sha256(node.encode()).hexdigest()[:20]
+
+
+def default_interfaces(host: str) -> list[str]:
+    """Where to announce and listen: the pinned host, else every non-loopback IPv4 address.
+
+    A node bound to one address (``--host``) must not advertise addresses it does not serve
+    on; an unpinned node is reachable on all of them. Loopback is left out because peers on
+    other machines cannot use it; tests on one machine pass ``["127.0.0.1"]`` explicitly.
+    """
+    if host and host not in ("0.0.0.0", "::"):
+        return [host]
+    found: list[str] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ipaddress.IPv4Address(ip.ip).is_loopback:
+                found.append(ip.ip)
+    return sorted(set(found))
+
+
+class Discovery:
+    """Registers this node over mDNS and reports the peers of the same mesh."""
+
+    def __init__(
+        self,
+        *,
+        node: NodeId,
+        host: str,
+        port: int,
+        key_fingerprint: str,
+        on_found: Callable[[NodeId, Address], None],
+        on_lost: Callable[[NodeId], None] | None = None,
+        interfaces: Sequence[str] | None = None,
+        cooperating_responders: bool = True,
+    ) -> None:
+        if not 0 < port < 65536:
+            raise LocalProtocolError(f"port {port} cannot be announced")
+        self.node = node
+        self.host = host
+        self.port = port
+        self.fingerprint = key_fingerprint
+        self._on_found = on_found
+        self._on_lost = on_lost
+        self.interfaces = list(interfaces) if interfaces is not None else None
+        self._cooperating = cooperating_responders
+        self._zc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._info: AsyncServiceInfo | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        self._peers: dict[str, tuple[NodeId, Address]] = {}  # instance name -> peer
+        self._found: set[NodeId] = set()
+        self.found_count = 0
+        """Distinct peers found through mDNS since start (``status``: "mDNS found nobody")."""
+        self.ignored: dict[str, int] = {"other-mesh": 0, "other-version": 0, "bad-record": 0}
+        """Instances seen but not reported, by reason."""
+
+    async def start(self) -> None:
+        """Register this node and start browsing for peers."""
+        if self._runner is not None:
+            raise LocalProtocolError("discovery was already started")
+        interfaces = (
+            self.interfaces if self.interfaces is not None else default_interfaces(self.host)
+        )
+        if not interfaces:
+            raise LocalProtocolError("no IPv4 interface to announce this node on")
+        pinned = self.host not in ("", "0.0.0.0", "::")
+        announced = [self.host] if pinned else interfaces
+        self._zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
+        label = instance_label(self.node)
+        self._info = AsyncServiceInfo(
+            SERVICE_TYPE,
+            f"{label}.{SERVICE_TYPE}",
+            parsed_addresses=announced,
+            port=self.port,
+            properties={"id": self.node, "mesh": self.fingerprint, "v": PROTOCOL_VERSION},
+            server=f"{label}.local.",
+        )
+        started = asyncio.Event()
+        # The runner owns the TaskGroup of the resolution tasks; close() awaits it.
+        self._runner = asyncio.create_task(self._run(started), name=f"mdns {self.node}")
+        await started.wait()
+        # Node ids are unique in a mesh, so conflict probing only delays the announcement.
+        # The call returns once the records are queued; awaiting its result waits until
+        # they have been announced.
+        announcing = await self._zc.async_register_service(
+            self._info, cooperating_responders=self._cooperating
+        )
+        await announcing
+        self._browser = AsyncServiceBrowser(
+            self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change]
+        )
+        log.info("mDNS: announced %s on %s, browsing %s", label, announced, SERVICE_TYPE)
+
+    async def close(self) -> None:
+        """Stop browsing and unregister (goodbye packets: peers see this node leave)."""
+        self._stop.set()
+        try:
+            if self._browser is not None:
+                await self._browser.async_cancel()
+                self._browser = None
+            if self._zc is not None:
+                if self._info is not None:
+                    # Awaiting the returned task waits until the goodbyes have been sent.
+                    await (await self._zc.async_unregister_service(self._info))
+                    self._info = None
+                await self._zc.async_close()
+                self._zc = None
+        finally:
+            if self._runner is not None and not self._runner.done():
+                await asyncio.shield(self._runner)
+
+    async def __aenter__(self) -> Discovery:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _run(self, started: asyncio.Event) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                started.set()
+                await self._stop.wait()
+                for task in list(self._tasks):
+                    task.cancel()
+        finally:
+            self._tg = None
+
+    def _on_change(
+        self,
+        zeroconf: Zeroconf,
+        service_type: str,
+        name: str,
+        state_change: ServiceStateChange,
+    ) -> None:
+        # Called by the browser on the event loop; resolving needs awaits, so it is a task.
+        if state_change is ServiceStateChange.Removed:
+            peer = self._peers.pop(name, None)
+            if peer is not None and self._on_lost is not None:
+                self._on_lost(peer[0])
+            return
+        tg = self._tg
+        if tg is None or self._stop.is_set():
+            return
+        coro = self._resolve(zeroconf, service_type, name)
+        try:
+            task = tg.create_task(coro, name=f"mdns {name}")
+        except RuntimeError:  # the group is shutting down
+            coro.close()
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
+        info = AsyncServiceInfo(service_type, name)
+        if not await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS):
+            log.debug("mDNS: %s did not resolve", name)
+            return
+        found = self._peer_of(info)
+        if found is None or self._stop.is_set():
+            return
+        node, address = found
+        if self._peers.get(name) == found:
+            return
+        self._peers[name] = found
+        if node not in self._found:
+            self._found.add(node)
+            self.found_count = len(self._found)
+        log.info("mDNS: found %s at %s", node, address)
+        self._on_found(node, address)
+
+    def _peer_of(self, info: AsyncServiceInfo) -> tuple[NodeId, Address] | None:
+        """The peer an instance describes, or None for itself, other meshes and junk."""
+        props: dict[Any, Any] = info.properties or {}
+        node = _text(props.get(b"id"))
+        mesh = _text(props.get(b"mesh"))
+        version = _text(props.get(b"v"))
+        if not node or mesh is None or version is None or not info.port:
+            self.ignored["bad-record"] += 1
+            return None
+        if node == self.node:
+            return None
+        if mesh != self.fingerprint:
+            self.ignored["other-mesh"] += 1
+            return None
+        if version != PROTOCOL_VERSION:
+            self.ignored["other-version"] += 1
+            return None
+        addresses = info.parsed_addresses(IPVersion.V4Only)
+        if not addresses:
+            self.ignored["bad-record"] += 1
+            return None
+        # A peer announcing several addresses is reachable on each; prefer one that is not
+        # loopback unless loopback is all there is (one machine, tests).
+        usable = [a for a in addresses if not ipaddress.IPv4Address(a).is_loopback]
+        host = (usable or addresses)[0]
+        return NodeId(node), Address(f"{host}:{info.port}")
+
+
+def _text(value: object) -> str | None:
+    if not isinstance(value, bytes):
+        return None
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return None
