@@ -111,6 +111,9 @@ class PipelineSize:
     batch_size: int = 64
     max_angle: float = 45.0
     seed: int = 0
+    feature_dtype: Literal["float32", "float16"] = "float16"
+    """What ``extract_features`` returns: float16 halves the features' bytes (they travel to
+    the heads on other nodes), and the heads score the same on either."""
 
     @classmethod
     def small(cls, *, seed: int = 0) -> PipelineSize:
@@ -186,9 +189,9 @@ def _labels(shard: Mapping[str, Array], n: int, what: str) -> tuple[Array, Array
 
 def _feature_shard(shard: Mapping[str, Array], what: str) -> tuple[Array, Array, Array]:
     features = _field(shard, "features", what)
-    if features.ndim != 2 or features.dtype != np.float32:
+    if features.ndim != 2 or features.dtype not in (np.float32, np.float16):
         raise ImageFormatError(
-            f"{what}: expected features of shape (n, k) and dtype float32, "
+            f"{what}: expected features of shape (n, k) and dtype float32 or float16, "
             f"got shape {features.shape} dtype {features.dtype}"
         )
     labels, angles = _labels(shard, features.shape[0], what)
@@ -348,9 +351,17 @@ _SHAPES: Final[dict[str, tuple[int, ...]]] = {
 
 
 def check_weights(weights: object) -> Weights:
-    """Return ``weights`` if it holds every CNN layer with the right shape, else raise."""
+    """Return ``weights`` if it holds every CNN layer with the right shape, else raise.
+
+    A ``train_cnn`` result (a mapping whose ``"weights"`` entry holds the layers) is taken
+    as its weights, so a reference to a training result can be passed on as it is, without
+    the submitter fetching it to pick the weights out.
+    """
     if not isinstance(weights, Mapping):
         raise ImageFormatError(f"weights: expected a mapping of arrays, got {type(weights)}")
+    inner = weights.get("weights")
+    if isinstance(inner, Mapping) and "conv1.weight" not in weights:
+        weights = inner
     out: Weights = {}
     for name, shape in _SHAPES.items():
         value = weights.get(name)
@@ -491,7 +502,10 @@ def train_cnn(
 def average_weights(
     weights: Sequence[Mapping[str, Array]], counts: Sequence[int] | None = None
 ) -> Weights:
-    """Average CNN weights trained on different shards, weighted by their image counts."""
+    """Average CNN weights trained on different shards, weighted by their image counts.
+
+    Each entry may be a weights dict or a whole ``train_cnn`` result.
+    """
     if not weights:
         raise PipelineInputError("average_weights: needs at least one set of weights")
     checked = [check_weights(w) for w in weights]
@@ -545,17 +559,29 @@ def _forward(weights: Weights, images: Array) -> tuple[Array, Array, Array]:
 
 
 @task("vision.extract_features", est_runtime_s=1.0)
-def extract_features(weights: Mapping[str, Array], shard: Mapping[str, Array]) -> Shard:
-    """CNN features of one preprocessed shard: ``{"features": float32 (n, 64), labels, angles}``.
+def extract_features(
+    weights: Mapping[str, Array],
+    shard: Mapping[str, Array],
+    *,
+    dtype: Literal["float32", "float16"] = "float32",
+) -> Shard:
+    """CNN features of one preprocessed shard: ``{"features": (n, 64), labels, angles}``.
 
-    Runs in numpy, so any node can turn the shards it holds into features.
+    Runs in numpy, so any node can turn the shards it holds into features. ``dtype`` is
+    that of the features: ``"float16"`` halves what travels to the classical heads, which
+    compute in float32 either way (ReLU activations need no more than float16's three
+    significant digits).
     """
+    if dtype not in ("float32", "float16"):
+        raise PipelineInputError(
+            f"extract_features: dtype must be float32 or float16, not {dtype!r}"
+        )
     w = check_weights(weights)
     images = _images(shard, np.float16, "extract_features")
     labels, angles = _labels(shard, images.shape[0], "extract_features")
     features, _, _ = _forward(w, images)
     return {
-        "features": features,
+        "features": features.astype(dtype, copy=False),
         "labels": np.array(labels, dtype=np.int64),
         "angles": np.array(angles, dtype=np.float32),
     }
@@ -582,7 +608,7 @@ def _stack_features(shards: Sequence[Mapping[str, Array]], what: str) -> tuple[A
     if len(widths) != 1:
         raise ImageFormatError(f"{what}: feature shards disagree on width: {sorted(widths)}")
     return (
-        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[0].astype(np.float32, copy=False) for p in parts]),
         np.concatenate([p[1] for p in parts]),
         np.concatenate([p[2] for p in parts]),
     )
@@ -758,8 +784,8 @@ def run_sequential(size: PipelineSize | None = None) -> dict[str, Any]:
     ]
     timed("train_cnn", t)
     t = time.perf_counter()
-    train_f = [extract_features(weights, s) for s in train]
-    test_f = [extract_features(weights, s) for s in test]
+    train_f = [extract_features(weights, s, dtype=size.feature_dtype) for s in train]
+    test_f = [extract_features(weights, s, dtype=size.feature_dtype) for s in test]
     timed("extract_features", t)
     t = time.perf_counter()
     cnn = [predict(weights, s) for s in test]

@@ -1,0 +1,128 @@
+"""The image-recognition pipeline on real nodes on 127.0.0.1, and the demo at its small size.
+
+Three nodes, one started with ``--without torch``: every stage completes, the classifiers
+are far above chance, the torch-less node runs numpy and scikit-learn stages but never the
+CNN's training, shards and features travel as references, and the timeline is a PNG. A
+mesh with no torch at all fails the CNN stage at once, saying why. The demo script itself
+runs end to end (it starts and ends its own nodes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from mesh.client import connect
+from mesh.errors import NoCapablePeerError
+from mesh.messages import ObjectRef
+from tasks.vision import PipelineSize
+from tests.node.conftest import ROOT, Cluster, node_env, wait_for
+
+DEMO = ROOT / "examples" / "lan_demo.py"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NOT_TORCH = {"make_shard", "preprocess", "extract_features", "predict", "train_svm",
+             "train_forest", "train_regressor", "evaluate", "average_weights"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("lan_demo", DEMO)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[Cluster]:
+    # The local preset: the test preset's 40 ms probe timeout would suspect a node whose
+    # two cores are busy training, and a suspected node gets no work.
+    c = Cluster(tmp_path, preset="local")
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def test_small_pipeline_across_three_nodes(mesh: Cluster, demo: ModuleType, tmp_path: Path) -> None:
+    mesh.start("a", slots=1)
+    mesh.start("b", slots=1)
+    mesh.start("c", "--without", "torch", slots=1)
+    wait_for(lambda: mesh.all_alive(["a", "b", "c"]), 30, "a, b and c alive everywhere")
+    with connect(mesh.nodes["a"].url, mesh.key) as client:
+        run = demo.run_pipeline(client, PipelineSize.small(), timeout=100)
+
+    assert {s.stage for s in run.steps} == set(demo.STAGES) - {"average_weights"}
+    assert all(s.node and s.value is not None for s in run.steps)
+    best = max(run.figures[k] for k in ("accuracy_svm", "accuracy_forest", "accuracy_cnn"))
+    assert best >= 0.8, run.figures
+    assert run.figures["accuracy_forest"] >= 0.5, run.figures
+    assert run.figures["angle_mae_deg"] < 20.0, run.figures
+
+    on_c = {s.stage for s in run.steps if s.node == "c"}
+    assert "train_cnn" not in on_c
+    assert on_c & NOT_TORCH, on_c
+    trainers = {s.node for s in run.steps if s.stage == "train_cnn"}
+    assert trainers <= {"a", "b"}
+
+    # Shards and features stayed where they were made; tasks took them as references.
+    for s in run.steps:
+        if s.stage in ("make_shard", "preprocess", "extract_features", "train_cnn"):
+            assert isinstance(s.value, ObjectRef), (s.stage, type(s.value))
+    assert all(s.refs for s in run.steps if s.stage not in ("make_shard",))
+    preprocessed = [s for s in run.steps if s.stage == "preprocess"]
+    assert all(s.node == s.refs[0].holder for s in preprocessed)
+    moved, produced = demo.traffic(run)
+    assert 0 <= moved < produced
+
+    width, height = _png_size(demo.write_timeline(run, tmp_path / "timeline.png"))
+    assert width > 100
+    assert height > 100
+
+
+def test_cnn_stage_fails_at_once_without_torch(mesh: Cluster) -> None:
+    mesh.start("plain", "--without", "torch", slots=1)
+    with connect(mesh.nodes["plain"].url, mesh.key) as client:
+        started = time.monotonic()
+        shard = client.submit("vision.make_shard", 0, size=50).result(timeout=60)
+        done = time.monotonic()
+        with pytest.raises(NoCapablePeerError, match="torch"):
+            client.submit("vision.train_cnn", [shard]).result(timeout=30)
+    # At once: no waiting for a lease or a retry, just the auction that found nobody.
+    assert time.monotonic() - done < 10, f"make_shard took {done - started:.1f} s"
+
+
+def test_demo_runs_at_small_size(tmp_path: Path) -> None:
+    timeline = tmp_path / "timeline.png"
+    out = subprocess.run(
+        [sys.executable, str(DEMO), "--small", "--timeline", str(timeline)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env=node_env(tmp_path),
+        cwd=str(ROOT),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "starting three local nodes" in out.stdout
+    assert "Held-out accuracy" in out.stdout
+    assert "Bytes moved between nodes" in out.stdout
+    assert str(timeline) in out.stdout.replace("\n", "")
+    assert _png_size(timeline)[0] > 100
