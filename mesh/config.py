@@ -255,9 +255,10 @@ class ContractConfig:
 class NodeConfig:
     """The daemon: frames, transport queues, executor, object store (``node/``)."""
 
-    max_frame_bytes: int = 64 * 1024 * 1024
-    """Largest frame accepted from a peer. Larger payloads are chunked; a bound is what
-    keeps a bad peer from making a node allocate without limit."""
+    max_frame_bytes: int = 272 * 1024 * 1024
+    """Largest frame accepted from a peer: a 256 MiB array argument plus headroom for its
+    envelope. Frames travel in chunks, so a big one never holds up control messages; the
+    bound is what keeps a bad peer from making a node allocate without limit."""
 
     max_clock_skew_s: float = 120.0
     """Frames whose timestamp is further than this from the local wall clock are refused;
