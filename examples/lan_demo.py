@@ -497,6 +497,8 @@ def write_timeline(run: Run, path: Path) -> Path:
             [(start, max(s.end - start, 0.01))],
             (row - 0.4 + slot * height, height * 0.9),
             facecolors=COLOURS[s.stage],
+            edgecolors="white",
+            linewidth=0.5,
         )
     ax.set_yticks(range(len(nodes)), [_node_name(run, n) for n in nodes])
     ax.set_xlabel("seconds since the pipeline began")

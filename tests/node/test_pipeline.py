@@ -3,13 +3,15 @@
 Three nodes, one started with ``--without torch``: every stage completes, the classifiers
 are far above chance, the torch-less node runs numpy and scikit-learn stages but never the
 CNN's training, shards and features travel as references, and the timeline is a PNG. A
-mesh with no torch at all fails the CNN stage at once, saying why. The demo script itself
+mesh with no torch at all fails the CNN stage at once, saying why, and a stage whose
+shard's holder died fails naming the lost reference. The demo script itself
 runs end to end (it starts and ends its own nodes).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import signal
 import struct
 import subprocess
 import sys
@@ -23,7 +25,7 @@ import pytest
 from mesh.client import connect
 from mesh.codec import dumps
 from mesh.config import MeshConfig
-from mesh.errors import NoCapablePeerError
+from mesh.errors import MeshError, NoCapablePeerError
 from mesh.messages import ObjectRef
 from tasks.vision import PipelineSize
 from tests.node.conftest import ROOT, Cluster, node_env, wait_for
@@ -106,16 +108,29 @@ def test_small_pipeline_across_three_nodes(mesh: Cluster, demo: ModuleType, tmp_
     assert height > 100
 
 
-def test_cnn_stage_fails_at_once_without_torch(mesh: Cluster) -> None:
-    mesh.start("plain", "--without", "torch", slots=1)
-    with connect(mesh.nodes["plain"].url, mesh.key) as client:
+def test_no_torch_fails_at_once_and_a_lost_shard_is_named(mesh: Cluster) -> None:
+    mesh.start("x", "--without", "torch", slots=1)
+    mesh.start("y", "--without", "torch", slots=1)
+    wait_for(lambda: mesh.all_alive(["x", "y"]), 30, "x and y alive everywhere")
+    with connect(mesh.nodes["x"].url, mesh.key) as client:
+        on_y = client.submit_with("vision.make_shard", (0,), {"size": 200}, labels={"name": "y"})
+        shard = on_y.result(timeout=60)
+        assert isinstance(shard, ObjectRef)
+        assert shard.holder == "y"
+
+        # No node has torch: the CNN stage fails from the auction itself, saying what lacks.
         started = time.monotonic()
-        shard = client.submit("vision.make_shard", 0, size=50).result(timeout=60)
-        done = time.monotonic()
         with pytest.raises(NoCapablePeerError, match="torch"):
             client.submit("vision.train_cnn", [shard]).result(timeout=30)
-    # At once: no waiting for a lease or a retry, just the auction that found nobody.
-    assert time.monotonic() - done < 10, f"make_shard took {done - started:.1f} s"
+        assert time.monotonic() - started < 10
+
+        # The shard's holder dies: the next stage fails naming the lost reference.
+        mesh.signal("y", signal.SIGKILL)
+        mesh.nodes["y"].proc.wait(timeout=10)
+        with pytest.raises(MeshError, match=shard.id):
+            client.submit_with("vision.preprocess", (shard,), labels={"name": "x"}).result(
+                timeout=60
+            )
 
 
 def test_demo_runs_at_small_size(tmp_path: Path) -> None:
