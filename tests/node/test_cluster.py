@@ -27,13 +27,16 @@ def test_peers_lists_all_three_alive_on_each(trio: Cluster) -> None:
 def test_whoami_runs_elsewhere_when_own_slots_are_busy(trio: Cluster) -> None:
     for name in ("a", "b", "c"):
         with connect(trio.nodes[name].url, key=trio.key) as c:
-            # Fill this node's two slots with work only it may run.
-            busy = [c.submit_with("sleep", [1.5], labels={"name": name}) for _ in range(2)]
+            # Fill this node's two slots, and its queue behind them, with work only it may
+            # run: its bids then carry the queue's wait (about 2 s) whatever its estimates.
+            busy = [c.submit_with("sleep", [1.0], labels={"name": name}) for _ in range(6)]
             wait_for(lambda: trio.cli_json(name, "status")["running"] == 2, 20, "busy")  # noqa: B023
-            ran = c.gather([c.submit("whoami") for _ in range(4)], timeout=30)
+            futures = [c.submit("whoami") for _ in range(4)]
+            ran = c.gather(futures, timeout=30)
             assert set(ran) <= {"a", "b", "c"}
-            assert set(ran) - {name}, f"every whoami from {name} waited for {name}"
-            assert c.gather(busy, timeout=30) == [1.5, 1.5]
+            records = [c.why(f.task_id) for f in futures]
+            assert set(ran) - {name}, f"every whoami from {name} waited for {name}: {records}"
+            assert c.gather(busy, timeout=30) == [1.0] * 6
 
 
 def test_500_sleeps_complete_exactly_once(trio: Cluster) -> None:
