@@ -323,6 +323,7 @@ class Daemon:
             key_fingerprint=key_fingerprint(self._key),
             on_found=self._on_found,
             interfaces=interfaces,
+            cooperating_responders=self.config.mdns_cooperating,
         )
         try:
             await discovery.start()
