@@ -19,6 +19,10 @@ SVM, a random forest (digit class) and a ridge regressor (rotation angle) side b
 score them with the CNN's own predictions on the held-out shards. Shards and features stay
 on the node that made them as references; only weights and small results travel.
 
+Each stage is pinned to the node holding its input through a label only that node has
+(the local nodes get ``--label node=NAME``; give your machines one the same way); on a mesh
+without such labels the auctions place the stages, and bids favour the holders.
+
 Only the public client API is used (``mesh.client``). A node's busy time is reconstructed
 from what the client sees (when a task's inputs were ready, when its result arrived, and how
 many slots its node has), so it includes queueing inside a slot's turn but not the wait for
@@ -338,9 +342,12 @@ class Pipeline:
             for split, i, n, node in plan
         }
         pre: dict[tuple[str, int], TaskFuture] = {}
-        for f in self.client.as_completed(made, timeout=self.deadline - time.monotonic()):
-            raw = self._wait("make_shard", [f])[0]
-            pre[made[f]] = self._submit("preprocess", (raw,), at=raw)
+        try:
+            for f in self.client.as_completed(made, timeout=self.deadline - time.monotonic()):
+                raw = self._wait("make_shard", [f])[0]
+                pre[made[f]] = self._submit("preprocess", (raw,), at=raw)
+        except TimeoutError:
+            raise MeshError("make_shard: no result before the pipeline's deadline") from None
         train = self._wait("preprocess", [pre["train", i] for i in range(size.train_shards)])
         test = self._wait("preprocess", [pre["test", i] for i in range(size.test_shards)])
 
@@ -358,11 +365,24 @@ class Pipeline:
         heads = ("train_svm", "train_forest", "train_regressor")
         for stage in (*heads, "evaluate"):
             self.on_planned(stage, 1)
-        fitted = [self._submit(h, (train_f, test_f), {"seed": seed}) for h in heads]
+        # The heads run side by side, one per node, the slowest (the forest) where most
+        # feature bytes already are.
+        fitters = [n for n, p in nodes.items() if "scikit-learn" in p["capabilities"]["libraries"]]
+        held: Counter[str] = Counter({n: 0 for n in fitters})
+        for r in _refs([train_f, test_f]):
+            if r.holder in held:
+                held[r.holder] += r.nbytes
+        spots = itertools.cycle([n for n, _ in held.most_common()])
+        fitted = {
+            h: self._submit(h, (train_f, test_f), {"seed": seed}, at=next(spots))
+            for h in ("train_forest", "train_svm", "train_regressor")
+        }
         classes = np.concatenate([p["classes"] for p in cnn])
         angles = np.concatenate([p["angles"] for p in cnn])
         scored = self._submit("evaluate", (test_f,), {"classes": classes, "angles": angles})
-        svm, forest, regressor = (r["info"] for r in self._wait("heads", fitted))
+        svm, forest, regressor = (
+            r["info"] for r in self._wait("heads", [fitted[h] for h in heads])
+        )
         scores = self._wait("evaluate", [scored])[0]
         figures = {
             "images": float(size.train_images),
