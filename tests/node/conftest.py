@@ -78,7 +78,13 @@ class Cluster:
     nodes: dict[str, Node] = field(default_factory=dict)
 
     def start(
-        self, name: str, *extra: str, join: bool = True, slots: int = 2, wait: bool = True
+        self,
+        name: str,
+        *extra: str,
+        join: bool = True,
+        slots: int = 2,
+        wait: bool = True,
+        mdns: bool = False,
     ) -> Node:
         seeds: list[str] = []
         if join:
@@ -96,7 +102,7 @@ class Cluster:
                     "127.0.0.1",
                     "--port",
                     "0",
-                    "--no-mdns",
+                    *(["--mdns-interface", "127.0.0.1"] if mdns else ["--no-mdns"]),
                     "--preset",
                     self.preset,
                     "--name",

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -153,3 +154,23 @@ def test_sigterm_leaves_cleanly_and_finishes_running_tasks(cluster: Cluster) -> 
         assert time.monotonic() - stopped < 30
         # The mesh keeps working without it.
         assert c.submit("whoami").result(timeout=30) in {"a", "b"}
+
+
+def test_mdns_finds_peers_of_the_same_mesh_only(cluster: Cluster, tmp_path: Path) -> None:
+    other = Cluster(tmp_path / "other")
+    (tmp_path / "other").mkdir()
+    try:
+        cluster.start("m1", join=False, mdns=True)
+        cluster.start("m2", join=False, mdns=True)
+        other.start("x1", join=False, mdns=True)
+        wait_for(lambda: cluster.all_alive(["m1", "m2"]), 30, "m1 and m2 find each other")
+        assert cluster.cli_json("m1", "status")["mdns_found"] >= 1
+        assert set(cluster.states("m2")) == {"m1", "m2"}
+        assert set(other.states("x1")) == {"x1"}
+        stopped = time.monotonic()
+        cluster.signal("m2", signal.SIGTERM)
+        assert cluster.nodes["m2"].proc.wait(timeout=30) == 0
+        wait_for(lambda: cluster.states("m1").get("m2") in ("left", None), 10, "m2 leaving")
+        assert time.monotonic() - stopped < 10
+    finally:
+        other.close()
