@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -71,14 +73,6 @@ FIGURES: Final = (
     "pipeline_s",
 )
 HIGHER_IS_BETTER: Final = frozenset({"tasks_per_s", "transfer_mib_per_s"})
-LABELS: Final = {
-    "tasks_per_s": "no-op tasks per second",
-    "latency_ms_p50": "latency p50 (ms)",
-    "latency_ms_p99": "latency p99 (ms)",
-    "transfer_mib_per_s": "64 MiB argument (MiB/s)",
-    "fanout_s": "fan-out 200 x 20 ms (s)",
-    "pipeline_s": "vision pipeline, small (s)",
-}
 SYSTEMS: Final = ("mesh", "ray", "dask")
 
 WORKER_LABEL: Final = {"role": "worker"}
@@ -118,16 +112,21 @@ def array_sum(a: npt.NDArray[np.float64]) -> float:
     return float(np.sum(a, dtype=np.float64))
 
 
-@task("bench.warm", est_runtime_s=0.5)
-def warm(seconds: float) -> bool:
-    """Import what the pipeline's stages import, then hold the slot for ``seconds`` so the
-    next warm task lands on the other worker."""
-    import sklearn.ensemble
-    import sklearn.svm
-    import torch
+@task("bench.warm", est_runtime_s=1.0)
+def warm(seconds: float) -> float:
+    """Run every pipeline stage once on a few images, then hold the slot for ``seconds`` so
+    the next warm task lands on the other worker: the first torch step and the first
+    scikit-learn fit in a process cost seconds that no later run pays."""
+    from tasks import vision as v
 
-    spin(seconds)
-    return bool(torch.__version__) and bool(sklearn.svm.SVC) and bool(sklearn.ensemble)
+    train = [v.preprocess(v.make_shard(0, size=32))]
+    weights = v.train_cnn(train, epochs=1, batch_size=16)["weights"]
+    feats = [v.extract_features(weights, train[0])]
+    v.predict(weights, train[0])
+    v.train_svm(feats, feats)
+    v.train_forest(feats, feats, trees=2)
+    v.train_regressor(feats, feats)
+    return spin(seconds)
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,7 +223,7 @@ def measure(r: Runner, sizes: Sizes) -> dict[str, float]:
 
 
 def warm_up(r: Runner) -> None:
-    """Start every worker and import the pipeline's libraries in it, outside the clock."""
+    """Start every worker and run each pipeline stage once in it, outside the clock."""
     r.gather(r.submit_many("bench.noop", noop, range(200)), WAIT_S)
     r.gather([r.submit("bench.warm", warm, 0.5) for _ in range(2)], WAIT_S)
     r.gather(r.submit_many("bench.spin", spin, [0.002] * 20), WAIT_S)
@@ -292,6 +291,14 @@ def run_pipeline(r: Runner, size: PipelineSize) -> dict[str, float]:
 def _env(tmp: Path) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CONFIG_HOME": str(tmp / "config")}
     env.pop("MESH_KEY", None)
+    # Each working node stands for a one-core machine: the two share this machine's two
+    # cores. A node sizes its workers' BLAS and torch threads as cores / its own slots (2
+    # here), and two such workers on two busy cores make torch's spinning threads wait on
+    # each other for whole time slices (training that takes 1 s took 20 s
+    # and more that way here). Ray and
+    # Dask give each worker one thread; so does this.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = "1"
     return env
 
 
@@ -347,6 +354,8 @@ class MeshRunner:
             self._key,
             "--slots",
             "1",
+            "--label",
+            f"name={name}",
             *extra,
         ]
         if join:
@@ -461,7 +470,7 @@ class RayRunner:
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
             configure_logging=True,
         )
         self._remotes: dict[Callable[..., Any], Any] = {}
@@ -509,11 +518,9 @@ class DaskRunner:
     name = "dask"
 
     def __init__(self) -> None:
-        import logging
-
-        from distributed import Client, LocalCluster
-
-        self._cluster = LocalCluster(
+        # Imported untyped: distributed's partial annotations trip mypy --strict.
+        self._dist: Any = importlib.import_module("distributed")
+        self._cluster = self._dist.LocalCluster(
             n_workers=2,
             threads_per_worker=1,
             processes=True,
@@ -521,7 +528,7 @@ class DaskRunner:
             silence_logs=logging.ERROR,
         )
         try:
-            self._client = Client(self._cluster)
+            self._client = self._dist.Client(self._cluster)
         except BaseException:
             self._cluster.close()
             raise
@@ -534,9 +541,7 @@ class DaskRunner:
         return futures
 
     def gather(self, handles: Sequence[Any], timeout: float) -> list[Any]:
-        from distributed import wait
-
-        wait(list(handles), timeout=timeout)
+        self._dist.wait(list(handles), timeout=timeout)
         values: list[Any] = self._client.gather(list(handles))
         return values
 
@@ -578,8 +583,7 @@ def one_round(system: str, sizes: Sizes, tmp: Path) -> dict[str, float]:
 
 def medians(rounds: list[dict[str, float]]) -> dict[str, float | None]:
     return {
-        k: (round(statistics.median(r[k] for r in rounds), 3) if rounds else None)
-        for k in FIGURES
+        k: (round(statistics.median(r[k] for r in rounds), 3) if rounds else None) for k in FIGURES
     }
 
 
@@ -588,14 +592,27 @@ def advantage(figure: str, mesh: float, other: float) -> float:
     return mesh / other if figure in HIGHER_IS_BETTER else other / mesh
 
 
-def table(result: dict[str, dict[str, float | None]]) -> str:
+def labels(sizes: Sizes) -> dict[str, str]:
+    return {
+        "tasks_per_s": f"no-op tasks per second ({sizes.noop_tasks} at once)",
+        "latency_ms_p50": "latency p50 (ms)",
+        "latency_ms_p99": "latency p99 (ms)",
+        "transfer_mib_per_s": f"{sizes.array_mib} MiB argument (MiB/s)",
+        "fanout_s": (
+            f"fan-out {sizes.fanout_tasks} x {sizes.fanout_task_s * 1000:.0f} ms, wall (s)"
+        ),
+        "pipeline_s": "vision pipeline, small, end to end (s)",
+    }
+
+
+def table(result: dict[str, dict[str, float | None]], sizes: Sizes) -> str:
     systems = [s for s in SYSTEMS if s in result]
     others = [s for s in systems if s != "mesh"]
     head = ["figure", *(s.capitalize() for s in systems)]
     head += [f"Mesh/{s.capitalize()}" for s in others]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k in FIGURES:
-        row = [LABELS[k]]
+        row = [labels(sizes)[k]]
         for s in systems:
             v = result[s][k]
             row.append("-" if v is None else f"{v:.4g}")
@@ -611,7 +628,7 @@ def table(result: dict[str, dict[str, float | None]]) -> str:
     return "\n".join(lines)
 
 
-def chart(result: dict[str, dict[str, float | None]], path: Path) -> None:
+def chart(result: dict[str, dict[str, float | None]], sizes: Sizes, path: Path) -> None:
     """Bars of Mesh's advantage over each other system, per figure (above 1: Mesh ahead)."""
     import matplotlib
 
@@ -632,7 +649,7 @@ def chart(result: dict[str, dict[str, float | None]], path: Path) -> None:
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
-    ax.set_xticks(range(len(FIGURES)), [LABELS[k] for k in FIGURES], rotation=20, ha="right")
+    ax.set_xticks(range(len(FIGURES)), [labels(sizes)[k] for k in FIGURES], rotation=20, ha="right")
     ax.set_ylabel("Mesh advantage (x, log scale; > 1: Mesh ahead)")
     ax.set_title("Mesh against Ray and Dask, same machine, same run")
     ax.legend()
@@ -685,9 +702,7 @@ def recording(pids: dict[str, int], outdir: Path, workload: str) -> Iterator[Non
         cmd = ["py-spy", "record", "-p", str(pid), "-r", "250", "-f", "raw", "-o", str(out)]
         if who != "client":
             cmd.append("--subprocesses")
-        spies.append(
-            subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        )
+        spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     time.sleep(1.0)  # py-spy attaches asynchronously
     try:
         yield
@@ -836,9 +851,9 @@ def main() -> None:
                     print(f"  {s:<5} FAILED: {type(exc).__name__}: {exc}", flush=True)
     result = {s: medians(per[s]) for s in systems}
     print(f"\n{rounds} round(s) in {time.perf_counter() - t_start:.0f} s; medians:\n")
-    print(table(result))
+    print(table(result, sizes))
     if ns.chart and len(systems) > 1:
-        chart(result, ns.chart)
+        chart(result, sizes, ns.chart)
         print(f"\nchart: {ns.chart}")
     for line in failed:
         print(f"failed: {line}", file=sys.stderr)
