@@ -372,7 +372,7 @@ class Pipeline:
         for r in _refs([train_f, test_f]):
             if r.holder in held:
                 held[r.holder] += r.nbytes
-        spots = itertools.cycle([n for n, _ in held.most_common()])
+        spots = itertools.cycle([n for n, _ in held.most_common()] or [None])
         fitted = {
             h: self._submit(h, (train_f, test_f), {"seed": seed}, at=next(spots))
             for h in ("train_forest", "train_svm", "train_regressor")
