@@ -1267,8 +1267,12 @@ class Contract:
         running = 0
         for h in self._running.values():
             if h.need.get(key, 0.0) > 0:
-                started = h.started if h.started is not None else now
-                heapq.heapreplace(free_at, free_at[0] + max(0.0, h.est - (now - started)))
+                elapsed = now - (h.started if h.started is not None else now)
+                # A task past its estimate has shown that it is longer than thought; task
+                # durations are heavy-tailed, so expect it to go on about as long as it has
+                # overrun, not to end now (which would make a busy node bid as if idle).
+                left = h.est - elapsed if elapsed < h.est else elapsed - h.est
+                heapq.heapreplace(free_at, free_at[0] + left)
                 running += 1
         pending = max(0.0, self._pending_work.get(key, 0.0))
         if pending:
