@@ -699,7 +699,8 @@ def recording(pids: dict[str, int], outdir: Path, workload: str) -> Iterator[Non
     spies = []
     for who, pid in pids.items():
         out = outdir / f"{workload}-{who}.txt"
-        cmd = ["py-spy", "record", "-p", str(pid), "-r", "250", "-f", "raw", "-o", str(out)]
+        cmd = ["py-spy", "record", "--nonblocking", "-p", str(pid), "-r", "200", "-f", "raw"]
+        cmd += ["-o", str(out)]
         if who != "client":
             cmd.append("--subprocesses")
         spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
