@@ -26,6 +26,7 @@ alone under py-spy, one recording per workload and process, and prints where the
     python benchmarks/peers.py [--rounds 3] [--chart benchmarks/ratios.png]
     python benchmarks/peers.py --quick
     python benchmarks/peers.py --profile /tmp/mesh-profile
+    python benchmarks/peers.py --from-json saved-output.txt --chart benchmarks/ratios.png
 
 The nodes load this module as a task module (``--tasks benchmarks.peers``) for the
 ``bench.*`` tasks, so at import time it needs numpy and the task registry only: Ray, Dask,
@@ -634,6 +635,7 @@ def chart(result: dict[str, dict[str, float | None]], sizes: Sizes, path: Path) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     others = [s for s in SYSTEMS if s in result and s != "mesh"]
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -649,6 +651,9 @@ def chart(result: dict[str, dict[str, float | None]], sizes: Sizes, path: Path) 
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xticks(range(len(FIGURES)), [labels(sizes)[k] for k in FIGURES], rotation=20, ha="right")
     ax.set_ylabel("Mesh advantage (x, log scale; > 1: Mesh ahead)")
     ax.set_title("Mesh against Ray and Dask, same machine, same run")
@@ -816,8 +821,18 @@ def main() -> None:
     ap.add_argument("--chart", type=Path, help="write the ratio chart to this PNG")
     ap.add_argument("--profile", type=Path, help="profile Mesh under py-spy into this directory")
     ap.add_argument("--top", type=int, default=12, help="functions listed per profile")
+    ap.add_argument(
+        "--from-json", type=Path, help="redraw table and chart from a saved run's output"
+    )
     ns = ap.parse_args()
     sizes = QUICK if ns.quick else FULL
+    if ns.from_json:
+        lines = ns.from_json.read_text().splitlines()
+        saved = json.loads([x for x in lines if x.startswith('{"mesh"')][-1])
+        print(table(saved, sizes))
+        if ns.chart:
+            chart(saved, sizes, ns.chart)
+        return
     if ns.profile:
         profile(sizes, ns.profile, ns.top)
         return
@@ -832,7 +847,8 @@ def main() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
     )
-    warnings.filterwarnings("ignore", message=".*Large object.*")
+    # Dask warns that a 64 MiB argument makes a large graph: that is the workload.
+    warnings.filterwarnings("ignore", message=".*large (object|graph)")
     print(f"machine: {machine()}", flush=True)
     print(f"versions: {versions(systems)}", flush=True)
     per: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
