@@ -202,6 +202,11 @@ class ContractConfig:
     widen_rounds: int = 2
     """Rounds of calls to further candidates when nobody bid, before the task fails."""
 
+    silence_patience_s: float = 30.0
+    """How long a task whose candidates only stayed silent (no bid, no refusal) keeps being
+    offered to them again, each round waiting twice as long, before it fails. Silence from
+    live peers means load or loss, not inability; membership removes the dead ones."""
+
     max_attempts: int = 5
     """Placements of one task (lease lapses, winner deaths) before it fails as lost."""
 
@@ -248,6 +253,7 @@ class ContractConfig:
             progress_interval_s=0.3,
             batch_delay_s=0.0,
             bandwidth_bytes_per_s=1e9,
+            silence_patience_s=2.0,
         )
 
 

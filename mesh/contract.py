@@ -853,7 +853,8 @@ class Contract:
         chosen = self._sample(candidates, tasks, est)
         cfp = self._next_cfp
         self._next_cfp += 1
-        deadline = now + self._cfg.reply_timeout_s
+        # Each round that went unanswered doubles the wait: silent candidates are loaded.
+        deadline = now + self._cfg.reply_timeout_s * 2 ** min(tasks[0].widened, 5)
         auction = _Auction(cfp, group, tasks, chosen, deadline)
         for t in tasks:
             t.move("call")
@@ -1011,9 +1012,17 @@ class Contract:
             return
         first = tasks[0]
         exclude = first.exclude | frozenset(auction.asked)
-        if first.widened >= self._cfg.widen_rounds:
-            self._fail_unplaced(tasks, self._lacking(auction.group), now)
-            return
+        spent = first.widened >= self._cfg.widen_rounds or not any(
+            m.node not in exclude for m in self._match(auction.group)
+        )
+        if spent:
+            # Silence is not refusal: candidates that are alive but slow to answer (a loaded
+            # node, a lost frame) are asked again, with longer waits, until patience runs out.
+            silent_only = not any(rnd.refusals for rnd in first.rounds)
+            if not silent_only or now - first.submitted_at >= self._cfg.silence_patience_s:
+                self._fail_unplaced(tasks, self._lacking(auction.group), now)
+                return
+            exclude = frozenset()
         self._stats["widened"] += len(tasks)
         for t in tasks:
             t.move("unplaced")
@@ -1044,10 +1053,8 @@ class Contract:
                 )
         else:
             self._stats["no_bids"] += len(tasks)
-            message = (
-                f"no bid for {name} from {len(asked)} candidates within "
-                f"{self._cfg.reply_timeout_s}s"
-            )
+            waited = now - tasks[0].submitted_at
+            message = f"no bid for {name} from {len(asked)} candidates in {waited:.1f}s"
             for t in tasks:
                 self._fail(t, FAILED_NO_BIDS, message, {"task": name, "asked": sorted(asked)}, None)
 

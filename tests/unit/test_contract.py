@@ -610,22 +610,49 @@ def test_refusals_widen_then_fail_naming_what_was_missing() -> None:
     assert ev.details["missing"] == {"task": "t"}
 
 
-def test_silence_widens_then_fails_with_no_bids() -> None:
+def test_silence_widens_then_asks_again_until_patience_runs_out() -> None:
     nodes = {"i": caps(tasks=())} | {f"n{k}": caps() for k in range(9)}
     mesh = Mesh(nodes)
     core = mesh.cores["i"]
     core.submit(spec(0), None, 0.0)
     now = 0.0
     core.handle_timer(now)
-    asked: set[str] = set()
-    for _ in range(CFG.widen_rounds + 1):
-        asked |= {d for _, d, _ in of(mesh.out("i"), CallForProposals)}
-        now += CFG.reply_timeout_s
+    calls: list[str] = []
+    events: list[object] = []
+    while not events:
+        calls += [d for _, d, _ in of(mesh.out("i"), CallForProposals)]
+        nxt = core.next_timer()
+        assert nxt is not None
+        now = nxt
         core.handle_timer(now)
-    assert len(asked) == 9
-    (ev,) = core.take_events()
+        events = core.take_events()
+    assert set(calls) == set(nodes) - {"i"}  # widened to every candidate
+    assert len(calls) > len(set(calls))  # then asked the silent ones again
+    assert now >= CFG.silence_patience_s
+    (ev,) = events
     assert isinstance(ev, Failed)
     assert ev.kind == FAILED_NO_BIDS
+
+
+def test_a_silent_candidate_that_answers_a_later_round_gets_the_task() -> None:
+    mesh = Mesh({"i": caps(tasks=()), "a": caps()})
+    core = mesh.cores["i"]
+    core.submit(spec(0), None, 0.0)
+    core.handle_timer(0.0)
+    mesh.out("i")  # the first call is lost
+    now = 0.0
+    for _ in range(CFG.widen_rounds + 2):  # rounds go by unanswered
+        nxt = core.next_timer()
+        assert nxt is not None
+        now = nxt
+        core.handle_timer(now)
+        assert not core.take_events()
+        mesh.out("i")
+    nxt = core.next_timer()
+    assert nxt is not None
+    core.handle_timer(nxt)
+    mesh.pump(nxt)  # this round gets through
+    assert any(isinstance(e, Execute) for e in mesh.events["a"])
 
 
 def test_remote_failure_is_delivered_as_task_error() -> None:
