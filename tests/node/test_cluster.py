@@ -139,11 +139,18 @@ def test_sigterm_leaves_cleanly_and_finishes_running_tasks(cluster: Cluster) -> 
         cluster.start(name)
     wait_for(lambda: cluster.all_alive(["a", "b", "c"]), 30, "three nodes alive")
     with connect(cluster.nodes["a"].url, key=cluster.key) as c:
-        on_c = [c.submit_with("sleep", [1.0], labels={"name": "c"}) for _ in range(2)]
-        wait_for(lambda: cluster.cli_json("c", "status")["running"] == 2, 20, "c running")
+        on_c = [c.submit_with("sleep", [3.0], labels={"name": "c"}) for _ in range(2)]
+
+        def c_running() -> bool:
+            for f in on_c:
+                if f.done():
+                    raise AssertionError(f"a task for c ended early: {f.exception()!r}")
+            return bool(cluster.cli_json("c", "status")["running"] == 2)
+
+        wait_for(c_running, 20, "c running both tasks")
         stopped = time.monotonic()
         cluster.signal("c", signal.SIGTERM)
-        assert c.gather(on_c, timeout=60) == [1.0, 1.0]
+        assert c.gather(on_c, timeout=60) == [3.0, 3.0]
         assert {f.node for f in on_c} == {"c"}
         assert cluster.nodes["c"].proc.wait(timeout=30) == 0
         wait_for(
