@@ -27,6 +27,7 @@ KEY = secrets.token_hex(16)
 OTHER_KEY = secrets.token_hex(16)
 ROOT = Path(__file__).resolve().parents[2]
 NODE = [sys.executable, "-m", "node"]
+DEMO = ROOT / "examples" / "lan_demo.py"
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.1) -> Any:
@@ -338,3 +339,23 @@ def test_blocked_multicast_joins_with_seed(mesh: Mesh) -> None:
     )
     status = mesh.cli(6, "status")
     assert status.get("mdns_found") == 0
+
+
+def test_image_pipeline_spreads_over_the_lan(mesh: Mesh, figures: dict[str, Any]) -> None:
+    script = (
+        "import importlib.util\n"
+        "from tasks.vision import PipelineSize\n"
+        f"spec = importlib.util.spec_from_file_location('lan_demo', {str(DEMO)!r})\n"
+        "demo = importlib.util.module_from_spec(spec)\n"
+        "sys.modules['lan_demo'] = demo  # dataclasses look their module up\n"
+        "spec.loader.exec_module(demo)\n"
+        "run = demo.run_pipeline(c, PipelineSize.small(), timeout=240)\n"
+        "f = run.figures\n"
+        "best = max(f['accuracy_svm'], f['accuracy_forest'], f['accuracy_cnn'])\n"
+        "print(json.dumps({'best': best, 'wall_s': run.wall_s,\n"
+        "                  'nodes': sorted({s.node for s in run.steps})}))\n"
+    )
+    got = mesh.client(1, script, timeout=300)
+    figures["pipeline_small_s"] = round(got["wall_s"], 1)
+    assert got["best"] >= 0.8
+    assert len(set(got["nodes"]) - {"h1"}) >= 1, got["nodes"]
