@@ -68,6 +68,9 @@ INF: Final = math.inf
 MAX_CFP_TASKS: Final = 4096
 """Hard bound on tasks in a received call for proposals, whatever the sender's config."""
 
+_CANDIDATE_STATES: Final = frozenset({MemberState.ALIVE, MemberState.SUSPECT})
+"""Members that may be asked to bid: a suspect is not dead until membership says so."""
+
 _EPS: Final = 1e-9
 POOL: Final = 16
 """Candidates drawn uniformly per wanted candidate before the load-weighted choice."""
@@ -750,8 +753,9 @@ class Contract:
                 self._match_cache.clear()
             checked = self._checked[key] = {}
         capable: list[MemberView] = []
+        suspects: list[MemberView] = []
         for m in members:
-            if m.state != MemberState.ALIVE:
+            if m.state not in _CANDIDATE_STATES:
                 continue
             if m.node == self._node and not self._accepting:
                 continue
@@ -760,7 +764,11 @@ class Contract:
                 seen = (m.capabilities, check(group.requirements, m.capabilities))
                 checked[m.node] = seen
             if not seen[1]:
-                capable.append(m)
+                (capable if m.state == MemberState.ALIVE else suspects).append(m)
+        # A suspect is still a member until it is declared dead (it may be busy or briefly
+        # cut off); it is asked only when the alive candidates do not fill a call.
+        if len(capable) < self._cfg.candidates:
+            capable += suspects
         self._match_cache[key] = (members, capable, self._accepting)
         return capable
 
@@ -769,7 +777,7 @@ class Contract:
         return merge_reasons(
             lack
             for m in self._peers.members()
-            if m.state == MemberState.ALIVE
+            if m.state in _CANDIDATE_STATES
             for lack in [check(group.requirements, m.capabilities)]
             if lack
         )

@@ -833,3 +833,15 @@ def test_queued_tasks_wait_for_a_free_auction_and_then_go() -> None:
         "task-0",
         "task-1",
     ]
+
+
+def test_a_suspect_that_alone_can_run_a_task_is_still_asked() -> None:
+    mesh = Mesh({"i": caps(tasks=()), "a": caps()})
+    mesh.peers.set_state("a", MemberState.SUSPECT)
+    core = mesh.cores["i"]
+    core.submit(spec(0), None, 0.0)
+    core.handle_timer(0.0)
+    mesh.pump(0.0)
+    mesh.collect()
+    assert not [e for e in mesh.events["i"] if isinstance(e, Failed)]
+    assert any(isinstance(e, Execute) for e in mesh.events["a"])
