@@ -34,8 +34,16 @@ class Transport(Protocol):
         protocol above already tolerates loss.
         """
 
+    def try_send(self, dst: Address, frame: Chunks) -> bool:
+        """Queue one frame for ``dst`` if there is room now; False, with nothing queued,
+        if the queue towards ``dst`` is full (``send`` then waits for room). Never waits,
+        so a driver can hand a frame over without a task switch; raises as ``send`` does."""
+
     async def recv(self) -> Buffer:
         """The next frame received from any peer."""
+
+    def try_recv(self) -> Buffer | None:
+        """The next frame already received, or None; never waits."""
 
     async def close(self) -> None:
         """Close every connection; pending ``recv`` calls raise ``ConnectionError``."""
@@ -127,7 +135,8 @@ class InMemoryTransport:
         self._network = network
         self._address = address
         self._queue_frames = queue_frames
-        self._credits: dict[Address, asyncio.Semaphore] = {}
+        self._credits: dict[Address, int] = {}
+        self._space: dict[Address, asyncio.Event] = {}
         self._last_arrival: dict[Address, float] = {}
         self._inbox: deque[tuple[bytes, Callable[[], None]]] = deque()
         self._ready = asyncio.Event()
@@ -141,29 +150,40 @@ class InMemoryTransport:
         return self._address
 
     async def send(self, dst: Address, frame: Chunks) -> None:
+        while not self.try_send(dst, frame):
+            space = self._space.get(dst)
+            if space is None:
+                space = self._space[dst] = asyncio.Event()
+            space.clear()
+            await space.wait()
+
+    def try_send(self, dst: Address, frame: Chunks) -> bool:
         if self._closed:
             raise ConnectionError(f"transport {self._address} is closed")
-        data = b"".join(frame)
+        credits = self._credits.get(dst, self._queue_frames)
+        if credits <= 0:
+            return False
         network = self._network
         peer = network._transports.get(dst)
         delay = network.decide(self._address, dst)
         if peer is None or delay is None:
             self.dropped += 1
-            return
-        credits = self._credits.get(dst)
-        if credits is None:
-            credits = self._credits[dst] = asyncio.Semaphore(self._queue_frames)
-        await credits.acquire()
-        if self._closed:
-            credits.release()
-            raise ConnectionError(f"transport {self._address} is closed")
+            return True
+        self._credits[dst] = credits - 1
         loop = asyncio.get_running_loop()
         # Later frames never overtake earlier ones to the same peer, as on a stream; the
         # loop's timer heap does not order equal times, so each frame is a little later.
         at = max(loop.time() + delay, self._last_arrival.get(dst, -1.0) + 1e-6)
         self._last_arrival[dst] = at
         self.sent += 1
-        loop.call_at(at, peer._arrive, data, credits.release)
+        loop.call_at(at, peer._arrive, b"".join(frame), lambda: self._release(dst))
+        return True
+
+    def _release(self, dst: Address) -> None:
+        self._credits[dst] = self._credits.get(dst, self._queue_frames) + 1
+        space = self._space.get(dst)
+        if space is not None:
+            space.set()
 
     def _arrive(self, data: bytes, release: Callable[[], None]) -> None:
         if self._closed:
@@ -173,11 +193,16 @@ class InMemoryTransport:
         self._ready.set()
 
     async def recv(self) -> Buffer:
-        while not self._inbox:
+        while (frame := self.try_recv()) is None:
             if self._closed:
                 raise ConnectionError(f"transport {self._address} is closed")
             self._ready.clear()
             await self._ready.wait()
+        return frame
+
+    def try_recv(self) -> Buffer | None:
+        if not self._inbox:
+            return None
         data, release = self._inbox.popleft()
         release()
         self.received += 1
@@ -192,3 +217,5 @@ class InMemoryTransport:
             _, release = self._inbox.popleft()
             release()
         self._ready.set()
+        for space in self._space.values():
+            space.set()  # a sender waiting for room raises ConnectionError now

@@ -199,25 +199,36 @@ class _Inbox:
             return False
         return len(self._items) >= self._max_frames or self._bytes + size > self._max_bytes
 
-    async def put(self, frame: Buffer, size: int) -> None:
-        while self._full(size) and not self.closed:
-            self._space.clear()
-            await self._space.wait()
+    def put_nowait(self, frame: Buffer, size: int) -> bool:
+        """Add ``frame`` if there is room (a closed inbox drops it); False if full."""
         if self.closed:
-            return
+            return True
+        if self._full(size):
+            return False
         self._items.append((frame, size))
         self._bytes += size
         self._ready.set()
+        return True
+
+    async def put(self, frame: Buffer, size: int) -> None:
+        while not self.put_nowait(frame, size):
+            self._space.clear()
+            await self._space.wait()
+
+    def get_nowait(self) -> Buffer | None:
+        if not self._items:
+            return None
+        frame, size = self._items.popleft()
+        self._bytes -= size
+        self._space.set()
+        return frame
 
     async def get(self) -> Buffer:
-        while not self._items:
+        while (frame := self.get_nowait()) is None:
             if self.closed:
                 raise ConnectionError("transport is closed")
             self._ready.clear()
             await self._ready.wait()
-        frame, size = self._items.popleft()
-        self._bytes -= size
-        self._space.set()
         return frame
 
     def close(self) -> None:
@@ -348,8 +359,7 @@ class WsTransport:
         self._runner.add_done_callback(self._runner_done)
         await started.wait()
 
-    async def send(self, dst: Address, frame: Chunks) -> None:
-        """Queue ``frame`` for ``dst``; waits while that peer's queue is full."""
+    def _size(self, frame: Chunks) -> int:
         if self._closing or self._tg is None:
             raise ConnectionError("transport is not running")
         size = _nbytes(frame)
@@ -359,6 +369,29 @@ class WsTransport:
             raise LocalProtocolError(
                 f"frame of {size} bytes is over the {self._cfg.max_frame_bytes} limit"
             )
+        return size
+
+    def try_send(self, dst: Address, frame: Chunks) -> bool:
+        """Queue ``frame`` for ``dst`` if that peer's queue has room; never waits."""
+        size = self._size(frame)
+        if dst == self._address:
+            if not self._inbox.put_nowait(b"".join(frame), size):
+                return False
+            self.frames_sent += 1
+            self.frames_received += 1
+            return True
+        peer = self._peer(dst)
+        small = size <= self._cfg.ws_small_frame_bytes
+        if self._lane_full(peer, small, size):
+            return False
+        self._queue(peer, frame, size, small)
+        return True
+
+    async def send(self, dst: Address, frame: Chunks) -> None:
+        """Queue ``frame`` for ``dst``; waits while that peer's queue is full."""
+        if self.try_send(dst, frame):
+            return
+        size = self._size(frame)
         if dst == self._address:
             await self._inbox.put(b"".join(frame), size)
             self.frames_sent += 1
@@ -377,6 +410,10 @@ class WsTransport:
             return
         if self._closing:
             raise ConnectionError("transport is closed")
+        self._queue(peer, frame, size, small)
+
+    @staticmethod
+    def _queue(peer: _Peer, frame: Chunks, size: int, small: bool) -> None:
         if small:
             peer.control.append((frame, size))
         else:
@@ -387,6 +424,10 @@ class WsTransport:
     async def recv(self) -> Buffer:
         """The next authenticated frame from any peer."""
         return await self._inbox.get()
+
+    def try_recv(self) -> Buffer | None:
+        """The next authenticated frame already received, or None."""
+        return self._inbox.get_nowait()
 
     async def close(self) -> None:
         """Close every connection and end every task; pending ``recv`` raise ConnectionError.

@@ -95,8 +95,28 @@ async def check_close_wakes_a_pending_recv(a: Transport, b: Transport) -> None:
     assert outcome == ["closed"]
 
 
+async def check_calls_that_never_wait(a: Transport, b: Transport) -> None:
+    """``try_send`` queues without waiting (or says the queue is full, queueing nothing);
+    ``try_recv`` gives what has arrived, or None, never waiting for more."""
+    assert b.try_recv() is None
+    async with asyncio.timeout(DEADLINE_S):
+        for i in range(3):
+            while not a.try_send(b.address, [bytes([i])]):  # noqa: ASYNC110 - no event to wait on
+                await asyncio.sleep(0.001)
+        got = [await recv_bytes(b)]
+        while len(got) < 3:
+            frame = b.try_recv()
+            if frame is None:
+                await asyncio.sleep(0.001)
+            else:
+                got.append(bytes(frame))
+    assert got == [b"\x00", b"\x01", b"\x02"]
+    assert b.try_recv() is None
+
+
 CHECKS: list[Check] = [
     check_send_recv,
+    check_calls_that_never_wait,
     check_chunks_arrive_as_one_frame,
     check_both_directions,
     check_order_is_kept,

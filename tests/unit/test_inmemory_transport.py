@@ -59,6 +59,22 @@ async def test_send_waits_while_the_destination_queue_is_full() -> None:
     await b.close()
 
 
+async def test_try_send_refuses_while_the_destination_queue_is_full() -> None:
+    net = InMemoryNetwork(random.Random(2))
+    a, b = net.transport(A, queue_frames=2), net.transport(B)
+    assert a.try_send(B, [b"\x00"])
+    assert a.try_send(B, [b"\x01"])
+    assert not a.try_send(B, [b"\x02"])
+    await wait_until(lambda: len(b._inbox) == 2)
+    assert b.try_recv() == b"\x00"
+    assert a.try_send(B, [b"\x02"])
+    assert [await recv_bytes(b) for _ in range(2)] == [b"\x01", b"\x02"]
+    await a.close()
+    await b.close()
+    with pytest.raises(ConnectionError):
+        a.try_send(B, [b"\x03"])
+
+
 async def test_loss_and_unknown_destinations_drop_and_count() -> None:
     net = InMemoryNetwork(random.Random(3), loss=1.0)
     a, b = net.transport(A), net.transport(B)
