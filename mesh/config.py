@@ -178,8 +178,10 @@ class ContractConfig:
     spare."""
 
     batch_delay_s: float = 0.002
-    """How long a submitted task waits for others to share its call for proposals. Batching
-    is what throughput rides on; 2 ms is invisible next to any real task."""
+    """How long a submitted task waits for others to share its call for proposals, while
+    auctions of this initiator are open (with none open it goes at once: nothing else is
+    coming that it could wait for). Batching is what throughput rides on; 2 ms is invisible
+    next to any real task."""
 
     max_batch: int = 256
     """Most tasks in one call for proposals: bounds a frame and the work of one bid."""

@@ -289,15 +289,23 @@ class _Auction:
         "decliners",
         "group",
         "next_slot",
+        "opened",
         "refusals",
         "round",
         "tasks",
     )
 
     def __init__(
-        self, cfp: int, group: _Group, tasks: list[_Task], asked: list[NodeId], deadline: float
+        self,
+        cfp: int,
+        group: _Group,
+        tasks: list[_Task],
+        asked: list[NodeId],
+        opened: float,
+        deadline: float,
     ) -> None:
         self.cfp = cfp
+        self.opened = opened
         self.group = group
         self.tasks = tasks
         self.asked = asked
@@ -546,7 +554,10 @@ class Contract:
         self._tasks[spec.task_id] = task
         group.queue.append(task)
         self._stats["submitted"] += 1
-        if len(group.queue) >= self._cfg.max_batch:
+        if len(group.queue) >= self._cfg.max_batch or not self._auctions:
+            # Nothing in flight: no batch can form behind an auction, so waiting would only
+            # add latency. While auctions are open, tasks gather for the next call (group
+            # commit): a burst still shares calls, a lone task goes at once.
             self._flush_at = now
         else:
             self._flush_at = min(self._flush_at, now + self._cfg.batch_delay_s)
@@ -863,7 +874,7 @@ class Contract:
         self._next_cfp += 1
         # Each round that went unanswered doubles the wait: silent candidates are loaded.
         deadline = now + self._cfg.reply_timeout_s * 2 ** min(tasks[0].widened, 5)
-        auction = _Auction(cfp, group, tasks, chosen, deadline)
+        auction = _Auction(cfp, group, tasks, chosen, now, deadline)
         for t in tasks:
             t.move("call")
             t.auction = auction
@@ -917,6 +928,22 @@ class Contract:
         self._stats["bids_received"] += 1
         if self._all_answered(auction):
             self._decide(auction, now)
+        elif self._decisive(auction, msg, now):
+            self._stats["early_awards"] += 1
+            self._decide(auction, now)
+
+    @staticmethod
+    def _decisive(auction: _Auction, bid: Propose, now: float) -> bool:
+        """Whether ``bid`` alone settles the auction: it completes every task sooner than
+        this answer took to come back. Any other bidder could finish at best that much
+        sooner, and its answer, sent at the same time, is already later than this one: on
+        a loaded machine much later. Short tasks (no-ops, lookups) then cost one round
+        trip less; anything longer waits for every answer, as a batch must to spread."""
+        n = len(auction.tasks)
+        if len(bid.costs) < n:
+            return False
+        transfer = max(bid.transfer_s.values(), default=0.0)
+        return bid.costs[n - 1] + transfer < now - auction.opened
 
     def _on_refuse(self, src: NodeId, msg: Refuse, now: float) -> None:
         auction = self._auction_for(src, msg.cfp)
@@ -955,6 +982,11 @@ class Contract:
             self._award(auction, n, won, "award", now)
         for n in bids:
             if n not in awards:
+                self._send(n, Reject(cfp=auction.cfp))
+        if now < auction.deadline:
+            # Decided before every answer came: those still to come are bids already made,
+            # whose slots are held until the reject (the stream keeps it after the call).
+            for n in auction.round.silent:
                 self._send(n, Reject(cfp=auction.cfp))
         if unplaced:
             for t in reversed(unplaced):

@@ -284,6 +284,39 @@ def test_late_bid_is_ignored() -> None:
     assert set(rec.rounds[0].silent) == {"b", "c"}
 
 
+def test_a_bid_that_finishes_before_the_others_answer_is_awarded_at_once() -> None:
+    mesh = initiator_mesh()
+    cfp = open_auction(mesh).cfp
+    # Done 1 ms from now, and its answer took 3 ms: no later bid can make up for the wait.
+    sent = bid(mesh, "a", cfp, 0.001, now=0.003)
+    assert [d for _, d, _ in of(sent, Accept)] == ["a"]
+    assert sorted(d for _, d, _ in of(sent, Reject)) == ["b", "c"]  # their slots go free
+    assert mesh.cores["i"].stats()["early_awards"] == 1
+    assert bid(mesh, "b", cfp, 0.0005, now=0.004) == []
+    assert mesh.cores["i"].stats()["late_answers"] == 1
+
+
+def test_a_bid_slower_than_its_round_trip_waits_for_the_others() -> None:
+    mesh = initiator_mesh()
+    cfp = open_auction(mesh).cfp
+    assert bid(mesh, "a", cfp, 0.010, now=0.003) == []
+    assert bid(mesh, "b", cfp, 0.005, now=0.004) == []
+    sent = bid(mesh, "c", cfp, 0.020, now=0.005)
+    assert [d for _, d, _ in of(sent, Accept)] == ["b"]
+    assert "early_awards" not in mesh.cores["i"].stats()
+
+
+def test_a_batch_settles_early_only_if_the_first_bid_finishes_all_of_it_in_time() -> None:
+    mesh = initiator_mesh()
+    cfp = open_auction(mesh, n=3).cfp
+    # Three slots, but the third ends after the 3 ms this answer took: wait for the others.
+    assert bid(mesh, "a", cfp, 0.001, 0.002, 0.004, now=0.003) == []
+    mesh2 = initiator_mesh()
+    cfp2 = open_auction(mesh2, n=3).cfp
+    sent = bid(mesh2, "a", cfp2, 0.001, 0.002, 0.0025, now=0.003)
+    assert [(d, len(m.tasks)) for _, d, m in of(sent, Accept)] == [("a", 3)]
+
+
 # ---------------------------------------------------------------------------------------
 # Leases and reannouncement
 # ---------------------------------------------------------------------------------------
