@@ -34,7 +34,10 @@ import hashlib
 import hmac
 import ipaddress
 import itertools
+import json
+import mmap
 import os
+import re
 import secrets
 import threading
 import time
@@ -54,13 +57,14 @@ from urllib.parse import urlsplit
 import aiohttp
 import numpy as np
 
-from mesh.codec import dumps, encode_body, loads
+from mesh.codec import Buffer, dumps, encode_body, loads
 from mesh.errors import (
     AuthenticationError,
     LocalProtocolError,
     MeshError,
     NoCapablePeerError,
     ObjectLostError,
+    RemoteProtocolError,
     TaskError,
     TaskLostError,
 )
@@ -84,6 +88,18 @@ SHM_PREFIX: Final = "mesh-up-"
 SHM_THRESHOLD: Final = 1024 * 1024
 """Arrays from this size on go to a node on the same machine through shared memory."""
 OBJECT_CONTENT_TYPE: Final = "application/x-mesh-body"
+
+SEGMENT_PREFIX: Final = "mesh-obj-"
+"""Names of object-store segments: ``mesh-obj-<pid>-<token>-<object id>``."""
+SEGMENT_CONTENT_TYPE: Final = "application/x-mesh-segment"
+"""A holder's answer to a fetch from its own machine: where the body is, not the body."""
+HOST_PARAM: Final = "host"
+"""Query parameter of ``GET /v1/objects/{id}`` naming the fetcher's ``host_id``."""
+
+_SEGMENT_NAME: Final = re.compile(
+    re.escape(SEGMENT_PREFIX) + r"[0-9]{1,10}-[0-9a-f]{8}-[0-9]{1,20}"
+)
+_BOOT_ID: Final = Path("/proc/sys/kernel/random/boot_id")
 
 _MAX_MESSAGE: Final = 1024 * 1024 * 1024
 """Largest websocket message the client accepts from its node (results above the store
@@ -217,21 +233,190 @@ async def request_json(
         raise MeshError(f"cannot reach the node at {base}: {exc}") from exc
 
 
-async def fetch_object(
-    session: aiohttp.ClientSession, key: bytes, address: str, ref: ObjectRef
-) -> Any:
-    """The value behind ``ref``, fetched from the node at ``address`` (``host:port``)."""
+# ---------------------------------------------------------------------------------------
+# Objects: fetched over HTTP, or mapped from the holder's segment on the same machine
+# ---------------------------------------------------------------------------------------
+
+
+def host_id() -> str:
+    """What identifies this machine's shared memory; "" where none can be shared.
+
+    Two processes with the same value see the same files in ``SHM_DIR``: the kernel's boot
+    id (one per running kernel) and the device and inode of the shared-memory directory
+    (a container or mount namespace with a tmpfs of its own differs there).
+    """
+    try:
+        boot = _BOOT_ID.read_text().strip()
+        st = os.stat(SHM_DIR)
+    except OSError:
+        return ""
+    if not boot:
+        return ""
+    return hashlib.sha256(f"{boot}:{st.st_dev}:{st.st_ino}".encode()).hexdigest()[:32]
+
+
+def is_segment_name(name: str) -> bool:
+    """Whether ``name`` is an object-store segment name (no path, the store's prefix)."""
+    return _SEGMENT_NAME.fullmatch(name) is not None
+
+
+def map_object_segment(name: str, nbytes: int) -> mmap.mmap:
+    """Map object-store segment ``name`` read-only; it must hold exactly ``nbytes``.
+
+    Raises ``RemoteProtocolError`` (reason ``bad-segment``) for a name outside the store's
+    prefix or a file of another size, ``FileNotFoundError`` when the segment is gone (its
+    object was released) and ``PermissionError`` when it belongs to another user.
+    """
+    fd = _open_segment(name, nbytes)
+    try:
+        # Every page will be read: map them in one call rather than fault them one by one.
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+
+
+def check_object_segment(name: str, nbytes: int) -> None:
+    """Raise what ``map_object_segment`` would, without mapping anything."""
+    os.close(_open_segment(name, nbytes))
+
+
+def _open_segment(name: str, nbytes: int) -> int:
+    if not is_segment_name(name):
+        raise RemoteProtocolError(f"bad object segment name {name!r}", reason="bad-segment")
+    fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+    except BaseException:
+        os.close(fd)
+        raise
+    if nbytes <= 0 or size != nbytes:
+        os.close(fd)
+        raise RemoteProtocolError(
+            f"object segment {name} holds {size} bytes, not {nbytes}", reason="bad-segment"
+        )
+    return fd
+
+
+def _segment_answer(data: bytes, ref: ObjectRef) -> ShmArg:
+    """The segment a holder named in its answer, checked against ``ref``."""
+    try:
+        body = json.loads(data)
+        name, nbytes = body["segment"], body["nbytes"]
+    except (ValueError, TypeError, KeyError):
+        raise RemoteProtocolError("malformed segment answer", reason="bad-segment") from None
+    if not isinstance(name, str) or not is_segment_name(name):
+        raise RemoteProtocolError(f"bad object segment name {name!r}", reason="bad-segment")
+    if type(nbytes) is not int or nbytes <= 0 or (ref.nbytes and nbytes != ref.nbytes):
+        raise RemoteProtocolError(
+            f"object {ref.id}: segment of {nbytes!r} bytes, the reference says {ref.nbytes}",
+            reason="bad-segment",
+        )
+    return ShmArg(name=name, nbytes=nbytes)
+
+
+async def _read_into(
+    resp: aiohttp.ClientResponse, ref: ObjectRef, allocate: Callable[[int], Buffer]
+) -> Buffer:
+    """The response body, read chunk by chunk into one buffer of the announced size."""
+    size = resp.content_length
+    if size is None or size <= 0 or (ref.nbytes and size != ref.nbytes):
+        raise RemoteProtocolError(
+            f"object {ref.id}: body of {size} bytes, the reference says {ref.nbytes}",
+            reason="bad-size",
+        )
+    buffer = allocate(size)
+    view = memoryview(buffer).cast("B")
+    if view.nbytes != size:
+        raise LocalProtocolError(f"allocated {view.nbytes} bytes for a {size}-byte object")
+    pos = 0
+    # iter_chunks hands over each received chunk as it is; readany() would join them first.
+    async for chunk, _ in resp.content.iter_chunks():
+        end = pos + len(chunk)
+        if end > size:
+            raise RemoteProtocolError(f"object {ref.id}: body over {size} bytes", reason="bad-size")
+        view[pos:end] = chunk
+        pos = end
+    if pos != size:
+        raise RemoteProtocolError(
+            f"object {ref.id}: body cut at {pos} of {size} bytes", reason="truncated"
+        )
+    return buffer
+
+
+async def fetch_body(
+    session: aiohttp.ClientSession,
+    key: bytes,
+    address: str,
+    ref: ObjectRef,
+    *,
+    host: str = "",
+    allocate: Callable[[int], Buffer] = bytearray,
+) -> ShmArg | Buffer:
+    """The encoded body of ``ref`` from the node at ``address`` (``host:port``).
+
+    ``host`` is the fetcher's ``host_id()``: a holder on the same machine then answers with
+    the shared-memory segment that holds the body (a ``ShmArg``, checked but not opened)
+    instead of sending it. Otherwise the body is read into ``allocate(size)``, one buffer of
+    the announced size, and that buffer is returned. Raises ``ObjectLostError`` if the
+    holder does not have it (or cannot be reached), ``RemoteProtocolError`` for an answer
+    that does not match ``ref``.
+    """
     path = f"/v1/objects/{ref.id}"
+    if host:
+        path += f"?{HOST_PARAM}={host}"
     headers = sign_request(key, "GET", path, b"", time.time())
     try:
         async with session.get(normalise_url(address) + path, headers=headers) as resp:
             if resp.status == 404:
                 raise ObjectLostError(ref.id, ref.holder)
             await _raise_for(resp)
-            data = await resp.read()
+            if resp.content_type == SEGMENT_CONTENT_TYPE:
+                if not host:
+                    raise RemoteProtocolError(
+                        "segment answer to a remote fetch", reason="bad-segment"
+                    )
+                return _segment_answer(await resp.read(), ref)
+            return await _read_into(resp, ref, allocate)
     except aiohttp.ClientError as exc:
         raise ObjectLostError(ref.id, ref.holder) from exc
-    return loads(data)
+
+
+async def fetch_bytes(
+    session: aiohttp.ClientSession,
+    key: bytes,
+    address: str,
+    ref: ObjectRef,
+    *,
+    allocate: Callable[[int], Buffer] = bytearray,
+) -> Buffer:
+    """``fetch_body`` without a host: always the bytes, read into ``allocate(size)``."""
+    body = await fetch_body(session, key, address, ref, allocate=allocate)
+    if isinstance(body, ShmArg):  # fetch_body refuses segment answers to remote fetches
+        raise RemoteProtocolError("segment answer to a remote fetch", reason="bad-segment")
+    return body
+
+
+async def fetch_object(
+    session: aiohttp.ClientSession, key: bytes, address: str, ref: ObjectRef, *, host: str = ""
+) -> Any:
+    """The value behind ``ref``, fetched from the node at ``address`` (``host:port``).
+
+    With ``host`` (this machine's ``host_id()``) a holder on the same machine lends its
+    segment: the value's arrays are read-only views of it, with no copy at all.
+    """
+    body = await fetch_body(session, key, address, ref, host=host)
+    if isinstance(body, ShmArg):
+        try:
+            mapping = await asyncio.to_thread(map_object_segment, body.name, body.nbytes)
+        except FileNotFoundError:
+            raise ObjectLostError(ref.id, ref.holder) from None
+        except PermissionError:
+            # Another user's node: its segments are private, so take the bytes instead.
+            body = await fetch_bytes(session, key, address, ref)
+        else:
+            return loads(memoryview(mapping))
+    return loads(body)
 
 
 # ---------------------------------------------------------------------------------------
@@ -623,7 +808,9 @@ class AsyncClient:
 
     async def fetch(self, ref: ObjectRef) -> Any:
         """The value behind ``ref``, fetched from the node that holds it."""
-        return await fetch_object(self._session, self._key, await self._holder(ref), ref)
+        # A holder on this machine lends its segment instead of sending the bytes.
+        host = host_id() if self._shm_dir is not None else ""
+        return await fetch_object(self._session, self._key, await self._holder(ref), ref, host=host)
 
     async def release(self, ref: ObjectRef) -> bool:
         """Free ``ref`` on its holder; False if it was not held (any more)."""

@@ -368,6 +368,16 @@ class NodeConfig:
     anything still referenced. None: a quarter of this machine's memory, measured at start,
     which leaves room for the workers that produce the results."""
 
+    store_segment_min_bytes: int = 1024 * 1024
+    """Stored objects from this size on are handed to processes on the same machine as a
+    shared-memory segment they map, instead of being copied through a socket. Below 1 MiB
+    the socket's copies cost less than creating, mapping and removing a file."""
+
+    host_id: str | None = None
+    """Identity of this machine's shared memory (``mesh.client.host_id``): peers with the
+    same value map each other's object segments. None: derived from the kernel's boot id
+    and ``/dev/shm``. A value of its own makes a node treat every peer as remote."""
+
     # --- daemon, HTTP API, client (node/daemon.py, node/api.py, mesh/client.py) ---
 
     api_auth_skew_s: float = 60.0

@@ -8,7 +8,9 @@ Routes (all under the node's one port, next to the peer websocket):
 - ``GET /v1/tasks/{id}`` (``?wait=S`` to long-poll), ``DELETE /v1/tasks/{id}`` (cancel),
   ``GET /v1/tasks/{id}/why``: the auction record.
 - ``GET /v1/objects/{id}``: a stored object, encoded by ``mesh.codec`` (peers fetch
-  referenced arguments here); ``DELETE`` releases it.
+  referenced arguments here); ``DELETE`` releases it. With ``?host=`` equal to this
+  node's ``host_id`` (a fetcher on the same machine) the answer is instead the JSON
+  ``{"segment", "nbytes"}`` of the shared-memory segment that holds the body.
 - ``GET /v1/session``: the client's websocket; batches of submissions in, streamed
   results out, both msgpack bodies made by ``mesh.codec``.
 - ``GET /metrics`` (Prometheus text) and ``GET /openapi.json``: readable without the key;
@@ -46,7 +48,9 @@ from mesh.client import (
     HEADER_NONCE,
     HEADER_SIGNATURE,
     HEADER_TIME,
+    HOST_PARAM,
     OBJECT_CONTENT_TYPE,
+    SEGMENT_CONTENT_TYPE,
     SESSION_PATH,
     SHM_DIR,
     SHM_PREFIX,
@@ -54,8 +58,9 @@ from mesh.client import (
 )
 from mesh.codec import Chunks, dumps, loads
 from mesh.config import NodeConfig
-from mesh.errors import LocalProtocolError, MeshError
+from mesh.errors import LocalProtocolError, MeshError, ObjectLostError
 from mesh.messages import ObjectRef, ShmArg, TaskId, Wire, field_names
+from node.store import Upload
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +101,15 @@ class Service(Protocol):
 
     def cancel(self, task_id: str) -> bool: ...
 
+    host_id: str
+    """This machine's ``mesh.client.host_id`` ("" shares nothing)."""
+
     def object_body(self, object_id: str) -> tuple[Chunks, int] | None: ...
+
+    def object_segment(self, object_id: str) -> Awaitable[ShmArg | None]:
+        """The segment holding a stored object for a process on this machine; None: send
+        the bytes instead. Raises ``ObjectLostError`` if the object is not held."""
+        ...
 
     def release_object(self, object_id: str) -> bool: ...
 
@@ -268,6 +281,10 @@ class Api:
         )
         self.exempt = PUBLIC_PATHS | exempt
         self.sessions = 0
+        self.served_bytes = 0
+        """Object bytes sent through ``GET /v1/objects/{id}``."""
+        self.shared_segments = 0
+        """Object fetches answered with a segment instead of bytes."""
 
     def add_routes(self, app: web.Application) -> None:
         app.middlewares.append(self._middleware)
@@ -402,9 +419,22 @@ class Api:
     # -- objects -------------------------------------------------------------------------
 
     async def _object(self, request: web.Request) -> web.StreamResponse:
-        body = self.service.object_body(request.match_info["id"])
+        object_id = request.match_info["id"]
+        host = request.query.get(HOST_PARAM, "")
+        if host and host == self.service.host_id:
+            try:
+                shared = await self.service.object_segment(object_id)
+            except ObjectLostError:
+                return _error(404, f"object {object_id} is not held here")
+            if shared is not None:
+                self.shared_segments += 1
+                answer = {"segment": shared.name, "nbytes": shared.nbytes}
+                return web.Response(
+                    body=json.dumps(answer).encode(), content_type=SEGMENT_CONTENT_TYPE
+                )
+        body = self.service.object_body(object_id)
         if body is None:
-            return _error(404, f"object {request.match_info['id']} is not held here")
+            return _error(404, f"object {object_id} is not held here")
         chunks, size = body
         resp = web.StreamResponse(headers={"Content-Type": OBJECT_CONTENT_TYPE})
         resp.content_length = size
@@ -412,6 +442,7 @@ class Api:
         for chunk in chunks:
             await resp.write(chunk)
         await resp.write_eof()
+        self.served_bytes += size
         return resp
 
     async def _release(self, request: web.Request) -> web.Response:
@@ -494,7 +525,12 @@ def _has_shm(values: list[Any]) -> bool:
 
 
 async def load_shm(value: Any) -> Any:
-    """The value a same-machine client left in shared memory (the file is removed)."""
+    """The value a same-machine client left in shared memory, as an ``Upload``.
+
+    Mapped, not read: the array stays in the client's pages and costs no copy here. The
+    daemon's store adopts the file as the object's segment; an upload it does not adopt
+    removes the file when dropped. A file of the wrong size is removed at once.
+    """
     if not isinstance(value, ShmArg):
         return value
     if not _SHM_NAME.fullmatch(value.name) or not 0 < value.nbytes <= _SHM_MAX:
@@ -502,16 +538,12 @@ async def load_shm(value: Any) -> Any:
     path = SHM_DIR / value.name
 
     def read() -> mmap.mmap:
-        # Mapped, not read: the array stays in the client's pages and costs no copy here.
-        # The name is removed at once; the mapping keeps the pages until it is dropped.
-        try:
-            with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size != value.nbytes:
-                    raise BadRequest(f"shared-memory argument {value.name} has the wrong size")
-                return mmap.mmap(f.fileno(), value.nbytes, access=mmap.ACCESS_READ)
-        finally:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != value.nbytes:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                raise BadRequest(f"shared-memory argument {value.name} has the wrong size")
+            return mmap.mmap(f.fileno(), value.nbytes, access=mmap.ACCESS_READ)
 
     try:
         data = await asyncio.to_thread(read)
@@ -519,10 +551,15 @@ async def load_shm(value: Any) -> Any:
         raise BadRequest(
             f"shared-memory argument {value.name} not found: is the client on this machine?"
         ) from None
+    except OSError as exc:
+        raise BadRequest(f"shared-memory argument {value.name}: {exc.strerror}") from None
     try:
-        return loads(memoryview(data))
+        decoded = loads(memoryview(data))
     except MeshError as exc:
+        with contextlib.suppress(OSError):
+            path.unlink()
         raise BadRequest(f"shared-memory argument {value.name}: {exc}") from None
+    return Upload(value.name, value.nbytes, data, decoded)
 
 
 def _bad(message: str) -> dict[str, Any]:

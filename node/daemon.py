@@ -40,8 +40,16 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from mesh.client import DEFAULT_PORT, fetch_object, key_bytes
-from mesh.codec import Chunks, Codec, key_fingerprint
+from mesh.client import (
+    DEFAULT_PORT,
+    check_object_segment,
+    fetch_body,
+    fetch_bytes,
+    fetch_object,
+    key_bytes,
+)
+from mesh.client import host_id as machine_host_id
+from mesh.codec import Buffer, Chunks, Codec, key_fingerprint, loads
 from mesh.config import MeshConfig, NodeConfig
 from mesh.contract import (
     FAILED_NO_PEER,
@@ -57,12 +65,22 @@ from mesh.core import MemberState
 from mesh.driver import CONTRACT_TAGS, MEMBERSHIP_TAGS, Driver, Route
 from mesh.errors import LocalProtocolError, MeshError, ObjectLostError
 from mesh.membership import MemberDown, Membership
-from mesh.messages import Address, Load, NodeId, ObjectRef, Requirements, TaskCall, TaskId
+from mesh.messages import (
+    Address,
+    Load,
+    NodeId,
+    ObjectRef,
+    Requirements,
+    ShmArg,
+    TaskCall,
+    TaskId,
+)
 from node.api import Api, Deliver, jsonable, result_json
 from node.capabilities import probe
 from node.executor import Executor
-from node.store import ObjectStore, nbytes_of
+from node.store import ObjectStore, OwnedSegment, Upload, nbytes_of, remove_orphan_segments
 from node.transport_ws import WS_PATH, WsTransport
+from node.worker import SharedArg
 from tasks import Registry
 
 log = logging.getLogger(__name__)
@@ -167,6 +185,8 @@ class Daemon:
         self.executed: Counter[str] = Counter()
         """Tasks this node ran, by outcome (ok, error, cancelled, lost-input)."""
         self.fetched_bytes = 0
+        self.host_id = ""
+        """This machine's shared-memory identity; peers with the same one map our objects."""
         self._started = time.monotonic()
         self._accepting = True
         self._tg: asyncio.TaskGroup | None = None
@@ -215,6 +235,10 @@ class Daemon:
                 max_skew_s=self.config.max_clock_skew_s,
             )
             now = time.monotonic()
+            # Segments of a node that crashed on this machine are nobody's any more.
+            remove_orphan_segments()
+            configured_host = self.config.host_id
+            self.host_id = machine_host_id() if configured_host is None else configured_host
             self.store = ObjectStore.from_config(self.node_id, self.config)
             self.membership = Membership(
                 node=self.node_id,
@@ -290,6 +314,8 @@ class Daemon:
                 await runner.cleanup()
             else:
                 sock.close()
+            if hasattr(self, "store"):
+                self.store.close()
 
     def _announce(self, slots: int) -> None:
         mdns = "on" if self._discovery is not None else "off"
@@ -495,7 +521,19 @@ class Daemon:
         return task_id
 
     def _prepare(self, value: Any, temp: list[str], holders: Counter[NodeId], depth: int) -> Any:
-        """Large arrays become references to this node's store; refs are counted by holder."""
+        """Large arrays become references to this node's store; refs are counted by holder.
+
+        A client's shared-memory upload of a large array is adopted as the object's segment
+        (no copy); any other upload gives up its file and is prepared as its value.
+        """
+        if isinstance(value, Upload):
+            inner = value.value
+            if isinstance(inner, np.ndarray) and inner.nbytes > self.config.store_threshold_bytes:
+                ref = self.store.adopt(value)
+                temp.append(ref.id)
+                holders[ref.holder] += ref.nbytes
+                return ref
+            value = value.discard()
         if isinstance(value, ObjectRef):
             holders[value.holder] += value.nbytes
             return value
@@ -583,7 +621,7 @@ class Daemon:
     async def _materialise(self, value: Any, depth: int) -> Any:
         """``value`` with every ``ObjectRef`` replaced by the object (fetched if remote)."""
         if isinstance(value, ObjectRef):
-            return await self.fetch(value)
+            return await self._task_arg(value)
         if depth >= _MAX_ARG_DEPTH:
             return value
         if isinstance(value, list | tuple):
@@ -594,18 +632,67 @@ class Daemon:
             return {k: await self._materialise(v, depth + 1) for k, v in value.items()}
         return value
 
-    async def fetch(self, ref: ObjectRef) -> Any:
-        """A referenced object: from this store, or fetched from its holder."""
-        if ref.holder == self.node_id:
-            return self.store.get(ref)
+    def _holder(self, ref: ObjectRef) -> tuple[aiohttp.ClientSession, str]:
+        """The HTTP session to fetch ``ref`` with, and its holder's address."""
         member = self.membership.member(ref.holder)
         if member is None or member.state in (MemberState.DEAD, MemberState.LEFT):
             raise ObjectLostError(ref.id, ref.holder)
         if self._http is None:
             raise LocalProtocolError("the node is not running")
-        value = await fetch_object(self._http, self._key, member.address, ref)
+        return self._http, member.address
+
+    async def fetch(self, ref: ObjectRef) -> Any:
+        """A referenced object: from this store, or fetched from its holder (mapped from
+        the holder's segment when it runs on this machine)."""
+        if ref.holder == self.node_id:
+            return self.store.get(ref)
+        http, address = self._holder(ref)
+        value = await fetch_object(http, self._key, address, ref, host=self.host_id)
         self.fetched_bytes += ref.nbytes
         return value
+
+    async def _task_arg(self, ref: ObjectRef) -> Any:
+        """A referenced argument of a task to run here.
+
+        A large object reaches the worker as a segment it maps (``SharedArg``), never
+        copied on the way: the holder's own segment when the holder is on this machine
+        (this node included), else a segment of this node's store that the body is read
+        into straight from the socket, removed once the task is done. Small objects come
+        as values.
+        """
+        if ref.holder == self.node_id:
+            shared = await self.store.share(ref)
+            if shared is None:
+                return self.store.get(ref)
+            return SharedArg(name=shared.name, nbytes=shared.nbytes)
+        http, address = self._holder(ref)
+        received: list[OwnedSegment] = []
+
+        def allocate(nbytes: int) -> Buffer:
+            if nbytes < self.config.store_segment_min_bytes:
+                return bytearray(nbytes)
+            segment = self.store.new_segment(nbytes)
+            received.append(segment)
+            return segment.buffer
+
+        body = await fetch_body(http, self._key, address, ref, host=self.host_id, allocate=allocate)
+        if isinstance(body, ShmArg):
+            try:
+                check_object_segment(body.name, body.nbytes)
+            except FileNotFoundError:
+                raise ObjectLostError(ref.id, ref.holder) from None
+            except PermissionError:
+                # Another user's node: its segments are private, so take the bytes instead.
+                body = await fetch_bytes(http, self._key, address, ref, allocate=allocate)
+            else:
+                return SharedArg(name=body.name, nbytes=body.nbytes)
+        self.fetched_bytes += ref.nbytes
+        if not received:
+            return loads(body)
+        del body
+        segment = received[0]
+        segment.seal()
+        return SharedArg(name=segment.name, nbytes=segment.nbytes, keep=segment)
 
     # -- what the API shows -----------------------------------------------------------------
 
@@ -703,6 +790,9 @@ class Daemon:
         if object_id not in self.store:
             return None
         return self.store.encoded(object_id)
+
+    async def object_segment(self, object_id: str) -> ShmArg | None:
+        return await self.store.share(object_id)
 
     def release_object(self, object_id: str) -> bool:
         return self.store.release(object_id)

@@ -3,8 +3,9 @@
 The executor never blocks the event loop: workers are separate processes (started with
 ``python -m node.worker``, not forked, because the daemon runs threads), messages to them are
 written and read by asyncio protocol callbacks, and the one slow step on this side (copying a
-large argument into shared memory) runs in a thread. See ``node.worker`` for the pipe
-protocol and the shared-memory segments.
+large argument into shared memory) runs in a thread. An argument given as a
+``node.worker.SharedArg`` (an object-store segment on this machine) is not copied at all:
+the worker maps it. See ``node.worker`` for the pipe protocol and the shared-memory segments.
 
 Guarantees: never more tasks running than slots; tasks start in the order they were
 submitted; a task that raises comes back as an ``Outcome`` with its exception's type,
@@ -38,10 +39,11 @@ from typing import Any, Final, Self
 from mesh.codec import Chunks, encode_body
 from mesh.config import NodeConfig
 from mesh.errors import LocalProtocolError, MeshError
-from mesh.messages import NodeId
+from mesh.messages import NodeId, ShmArg
 from node.worker import (
     HEADER,
     INLINE,
+    SharedArg,
     decode_payload,
     remove_segments,
     segment_frame,
@@ -59,6 +61,9 @@ UNKNOWN_TASK: Final = "UnknownTask"
 
 _KEEP_ARGS_BYTES: Final = 256 * 1024 * 1024
 """A worker's argument segment is kept for reuse up to this size, and freed above it."""
+
+_MAX_ARG_DEPTH: Final = 8
+"""How deep arguments are searched for shared segments (as deep as the daemon puts them)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,6 +94,8 @@ class _Job:
     worker: _Worker | None = None
     timer: asyncio.TimerHandle | None = None
     started: float = 0.0
+    shared: list[SharedArg] = field(default_factory=list)
+    """Segments the worker maps; held until the task ends so owned ones stay."""
 
 
 @dataclass(slots=True, eq=False)
@@ -131,6 +138,24 @@ class _Pipe(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.executor._on_pipe_lost(self.worker)
+
+
+def _send_shared(value: Any, shared: dict[str, SharedArg], depth: int) -> Any:
+    """``value`` with each ``SharedArg`` replaced by the ``ShmArg`` the worker maps."""
+    if isinstance(value, SharedArg):
+        shared[value.name] = value
+        return ShmArg(name=value.name, nbytes=value.nbytes)
+    if depth >= _MAX_ARG_DEPTH:
+        return value
+    if isinstance(value, list | tuple):
+        if not any(isinstance(v, SharedArg | list | tuple | dict) for v in value):
+            return value
+        return [_send_shared(v, shared, depth + 1) for v in value]
+    if isinstance(value, dict):
+        if not any(isinstance(v, SharedArg | list | tuple | dict) for v in value.values()):
+            return value
+        return {k: _send_shared(v, shared, depth + 1) for k, v in value.items()}
+    return value
 
 
 def _child_pythonpath() -> str:
@@ -302,9 +327,12 @@ class Executor:
         if timeout is not None and timeout <= 0:
             return self._failed(TIMEOUT, f"task {task_id} had no time left to run")
         seq = next(self._seq)
+        shared: dict[str, SharedArg] = {}
+        call_args = _send_shared(list(args), shared, 0)
+        call_kwargs = _send_shared(dict(kwargs or {}), shared, 0)
         # Zero-copy for arrays: a large argument is copied once, into shared memory, when a
-        # worker is free to take it.
-        body, size = encode_body(["run", seq, task_id, name, list(args), dict(kwargs or {})])
+        # worker is free to take it; a shared one is not copied at all, the worker maps it.
+        body, size = encode_body(["run", seq, task_id, name, call_args, call_kwargs, [*shared]])
         job = _Job(
             task_id=task_id,
             seq=seq,
@@ -312,6 +340,7 @@ class Executor:
             size=size,
             timeout=timeout,
             future=asyncio.get_running_loop().create_future(),
+            shared=list(shared.values()),
         )
         self._jobs[task_id] = job
         self._queue.append(job)
@@ -353,6 +382,7 @@ class Executor:
         if job.timer is not None:
             job.timer.cancel()
             job.timer = None
+        job.shared = []
         if not job.future.done():
             job.future.set_result(outcome)
 

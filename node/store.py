@@ -9,28 +9,49 @@ arrays), and the same chunks serve every fetch. The store holds at most ``limit_
 put beyond that fails with ``ObjectStoreFullError``. Nothing is ever evicted behind a
 reference's back: an object leaves only when ``release`` is called for it.
 
-This module does no I/O; the daemon serves ``encoded`` chunks over HTTP and decides what to
-put and when to release.
+Processes on the same machine share large objects through shared memory, as a plasma store
+does: an object from ``segment_min_bytes`` on can live in a segment the store owns, a file
+in ``/dev/shm`` named ``<store prefix><n>`` that other nodes' workers map read-only. A
+client's upload is adopted as such a segment by renaming it (no copy); any other object gets
+its segment written once, in a thread, the first time a process on this machine asks for it.
+A segment is removed exactly when its object is released or the store closes; processes that
+mapped it keep its pages until they unmap them. Segments of a store whose process died are
+removed by ``remove_orphan_segments`` when a node starts.
+
+The daemon serves ``encoded`` chunks or segment names over HTTP and decides what to put and
+when to release; the store touches no socket.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
+import mmap
+import os
+import re
 import secrets
 import sys
+import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
 import psutil
 
-from mesh.codec import Chunks, encode_body
+from mesh.client import SEGMENT_PREFIX, SHM_DIR
+from mesh.codec import Chunks, decode_body, encode_body
 from mesh.config import NodeConfig
 from mesh.errors import LocalProtocolError, MeshError, ObjectLostError, TaskLostError
-from mesh.messages import NodeId, ObjectRef, Wire, field_names
+from mesh.messages import NodeId, ObjectRef, ShmArg, Wire, field_names
 
 _LIMIT_SHARE: Final = 4
 """With no configured limit the store may take 1/_LIMIT_SHARE of the machine's memory."""
+
+_MAP_POPULATE: Final[int] = getattr(mmap, "MAP_POPULATE", 0)
+_OWNER: Final = re.compile(re.escape(SEGMENT_PREFIX) + r"([0-9]{1,10})-")
 
 
 class ObjectNotFoundError(ObjectLostError):
@@ -101,29 +122,177 @@ def _summary(value: Any) -> tuple[str, tuple[int, ...]]:
     return "", ()
 
 
-@dataclass(frozen=True, slots=True)
+# ---------------------------------------------------------------------------------------
+# Segment files
+# ---------------------------------------------------------------------------------------
+
+
+def _path(name: str) -> str:
+    return os.path.join(SHM_DIR, name)
+
+
+def _unlink(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        os.unlink(_path(name))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive, and not ours to clean up after
+    return True
+
+
+def remove_orphan_segments() -> int:
+    """Remove the segments of stores whose process is gone (a node that crashed); how many.
+
+    A store's segments carry its process id, so a live store's are never touched.
+    """
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        owner = _OWNER.match(name)
+        if owner is None:
+            continue
+        pid = int(owner.group(1))
+        if pid != os.getpid() and not _pid_alive(pid):
+            _unlink(name)
+            removed += 1
+    return removed
+
+
+def _create(name: str, size: int) -> mmap.mmap:
+    """A new segment of ``size`` bytes, mapped writable with every page already in place."""
+    fd = os.open(_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+    except BaseException:
+        _unlink(name)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _write(name: str, chunks: Chunks, size: int) -> mmap.mmap:
+    """A new segment holding ``chunks``, mapped read-only for the store's own use."""
+    fd = os.open(_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        offset = 0
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            while view.nbytes:
+                written = os.pwrite(fd, view, offset)
+                offset += written
+                view = view[written:]
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    except BaseException:
+        _unlink(name)
+        raise
+    finally:
+        os.close(fd)
+
+
+class Upload:
+    """A body a client on this machine left in shared memory, mapped, not yet adopted.
+
+    ``value`` is decoded from the mapping (arrays are views of it). The client's file is
+    removed when the upload is dropped without ``ObjectStore.adopt`` taking it over, so an
+    argument that never reaches the store leaves nothing behind.
+    """
+
+    __slots__ = ("__weakref__", "_gone", "mapping", "name", "nbytes", "value")
+
+    def __init__(self, name: str, nbytes: int, mapping: mmap.mmap, value: Any) -> None:
+        self.name = name
+        self.nbytes = nbytes
+        self.mapping = mapping
+        self.value = value
+        self._gone = weakref.finalize(self, _unlink, name)
+
+    def discard(self) -> Any:
+        """Remove the client's file now and return the value (its pages stay mapped)."""
+        self._gone()
+        return self.value
+
+    def _taken(self) -> None:
+        self._gone.detach()
+
+
+class OwnedSegment:
+    """A segment the store made for one fetched argument: removed when this is dropped.
+
+    ``buffer`` is writable until ``seal``; readers map the segment by ``name``.
+    """
+
+    __slots__ = ("__weakref__", "_gone", "_mapping", "buffer", "name", "nbytes")
+
+    def __init__(self, name: str, nbytes: int) -> None:
+        self._mapping = _create(name, nbytes)
+        self.name = name
+        self.nbytes = nbytes
+        self.buffer = memoryview(self._mapping)
+        self._gone = weakref.finalize(self, _unlink, name)
+
+    def seal(self) -> None:
+        """Drop the writable mapping (the file keeps the bytes for whoever maps it next)."""
+        try:
+            self.buffer.release()
+            self._mapping.close()
+        except BufferError:
+            pass  # a view of it is still alive somewhere: the mapping goes when that does
+
+    def remove(self) -> None:
+        self._gone()
+
+
+@dataclass(slots=True, eq=False)
 class _Entry:
     value: Any
     chunks: Chunks
     size: int
     ref: ObjectRef
+    segment: str | None = None
+    writing: asyncio.Future[None] | None = field(default=None, repr=False)
 
 
 class ObjectStore:
-    """Objects held by node ``node_id``, at most ``limit_bytes`` of them (encoded size)."""
+    """Objects held by node ``node_id``, at most ``limit_bytes`` of them (encoded size).
 
-    def __init__(self, node_id: NodeId, limit_bytes: int) -> None:
+    Objects from ``segment_min_bytes`` on are shared with processes on this machine through
+    segments named ``prefix`` + a counter; ``close`` removes them all.
+    """
+
+    def __init__(
+        self, node_id: NodeId, limit_bytes: int, *, segment_min_bytes: int = 1024 * 1024
+    ) -> None:
         if limit_bytes < 0:
             raise LocalProtocolError(f"store limit must not be negative, got {limit_bytes}")
         self.node_id = node_id
         self.limit_bytes = limit_bytes
+        self.segment_min_bytes = segment_min_bytes
+        self.prefix = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
+        self._names = itertools.count(1)
         self._objects: dict[str, _Entry] = {}
         self._used = 0
+        self._closed = False
+        self._reaper: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_config(cls, node_id: NodeId, config: NodeConfig) -> ObjectStore:
         limit = config.store_limit_bytes
-        return cls(node_id, default_limit() if limit is None else limit)
+        return cls(
+            node_id,
+            default_limit() if limit is None else limit,
+            segment_min_bytes=config.store_segment_min_bytes,
+        )
 
     @property
     def used_bytes(self) -> int:
@@ -142,6 +311,24 @@ class ObjectStore:
     def __iter__(self) -> Iterator[ObjectRef]:
         return iter([e.ref for e in self._objects.values()])
 
+    def _new_id(self, object_id: str | None) -> str:
+        if self._closed:
+            raise LocalProtocolError("the object store is closed")
+        oid = object_id if object_id is not None else secrets.token_hex(12)
+        if oid in self._objects:
+            raise LocalProtocolError(f"object {oid} is already stored")
+        return oid
+
+    def _check_room(self, size: int) -> None:
+        over = self._used + size - self.limit_bytes
+        if over > 0:
+            raise ObjectStoreFullError(over, self.limit_bytes)
+
+    def _keep(self, oid: str, entry: _Entry) -> ObjectRef:
+        self._objects[oid] = entry
+        self._used += entry.size
+        return entry.ref
+
     def put(self, value: Any, *, object_id: str | None = None) -> ObjectRef:
         """Keep ``value`` and return a reference to it.
 
@@ -149,18 +336,35 @@ class ObjectStore:
         ``ObjectStoreFullError`` if it does not fit, ``LocalProtocolError`` if ``value``
         cannot be encoded or ``object_id`` is already held.
         """
-        oid = object_id if object_id is not None else secrets.token_hex(12)
-        if oid in self._objects:
-            raise LocalProtocolError(f"object {oid} is already stored")
+        oid = self._new_id(object_id)
         chunks, size = encode_body(value)
-        over = self._used + size - self.limit_bytes
-        if over > 0:
-            raise ObjectStoreFullError(over, self.limit_bytes)
+        self._check_room(size)
         dtype, shape = _summary(value)
         ref = ObjectRef(id=oid, holder=self.node_id, nbytes=size, dtype=dtype, shape=shape)
-        self._objects[oid] = _Entry(value=value, chunks=chunks, size=size, ref=ref)
-        self._used += size
-        return ref
+        return self._keep(oid, _Entry(value=value, chunks=chunks, size=size, ref=ref))
+
+    def adopt(self, upload: Upload, *, object_id: str | None = None) -> ObjectRef:
+        """Keep a client's upload, taking its file over as the object's segment (no copy).
+
+        Where the file cannot be taken over (another user's, say) the value is kept as by
+        ``put``. Raises like ``put``; the upload is then left to its owner.
+        """
+        oid = self._new_id(object_id)
+        self._check_room(upload.nbytes)
+        name = f"{self.prefix}{next(self._names)}"
+        try:
+            os.rename(_path(upload.name), _path(name))
+        except OSError:
+            return self.put(upload.discard(), object_id=oid)
+        upload._taken()
+        value = upload.value
+        dtype, shape = _summary(value)
+        size = upload.nbytes
+        ref = ObjectRef(id=oid, holder=self.node_id, nbytes=size, dtype=dtype, shape=shape)
+        entry = _Entry(
+            value=value, chunks=[memoryview(upload.mapping)], size=size, ref=ref, segment=name
+        )
+        return self._keep(oid, entry)
 
     def _entry(self, ref_or_id: ObjectRef | str) -> _Entry:
         oid = ref_or_id.id if isinstance(ref_or_id, ObjectRef) else ref_or_id
@@ -186,6 +390,67 @@ class ObjectStore:
         entry = self._entry(ref_or_id)
         return list(entry.chunks), entry.size
 
+    def segment(self, ref_or_id: ObjectRef | str) -> ShmArg | None:
+        """The object's segment if it has one already (no I/O)."""
+        entry = self._entry(ref_or_id)
+        if entry.segment is None:
+            return None
+        return ShmArg(name=entry.segment, nbytes=entry.size)
+
+    async def share(self, ref_or_id: ObjectRef | str) -> ShmArg | None:
+        """The segment that holds the object's body, written (in a thread) on first use.
+
+        None for objects under ``segment_min_bytes``: a socket copies them for less. Raises
+        ``ObjectNotFoundError`` if the object is not held, or is released meanwhile.
+        """
+        entry = self._entry(ref_or_id)
+        if entry.segment is None:
+            if entry.size < self.segment_min_bytes:
+                return None
+            if entry.writing is None:
+                entry.writing = asyncio.ensure_future(self._write_segment(entry))
+            try:
+                await asyncio.shield(entry.writing)
+            except OSError:
+                return None  # no room in shared memory: the bytes still go by socket
+        if entry.segment is None or self._objects.get(entry.ref.id) is not entry:
+            raise ObjectNotFoundError(entry.ref.id, self.node_id)
+        return ShmArg(name=entry.segment, nbytes=entry.size)
+
+    def _held(self, entry: _Entry) -> bool:
+        return not self._closed and self._objects.get(entry.ref.id) is entry
+
+    async def _write_segment(self, entry: _Entry) -> None:
+        name = f"{self.prefix}{next(self._names)}"
+
+        def write() -> mmap.mmap:
+            mapping = _write(name, entry.chunks, entry.size)
+            if not self._held(entry):
+                _unlink(name)  # released or closed while the copy ran
+            return mapping
+
+        try:
+            mapping = await asyncio.to_thread(write)
+        finally:
+            entry.writing = None
+        if not self._held(entry):
+            _unlink(name)
+            raise ObjectNotFoundError(entry.ref.id, self.node_id)
+        # From now on the segment is the only copy: the value and what is served are views
+        # of it, and the memory the object came in can be given back.
+        entry.value = decode_body(memoryview(mapping))
+        entry.chunks = [memoryview(mapping)]
+        entry.segment = name
+
+    def new_segment(self, nbytes: int) -> OwnedSegment:
+        """A fresh, writable segment under this store's prefix (for a fetched argument).
+
+        Not counted against the limit: it lives as long as the task that reads it.
+        """
+        if self._closed:
+            raise LocalProtocolError("the object store is closed")
+        return OwnedSegment(f"{self.prefix}{next(self._names)}", nbytes)
+
     def release(self, ref_or_id: ObjectRef | str) -> bool:
         """Forget an object; False if it was not held (releasing twice is harmless)."""
         oid = ref_or_id.id if isinstance(ref_or_id, ObjectRef) else ref_or_id
@@ -193,4 +458,37 @@ class ObjectStore:
         if entry is None:
             return False
         self._used -= entry.size
+        if entry.segment is not None:
+            # Cheap while the store still maps it: the pages go when the last mapping does.
+            _unlink(entry.segment)
+            self._dispose(entry)
         return True
+
+    def _dispose(self, entry: _Entry) -> None:
+        """Drop the last references to a large object in a thread.
+
+        Unmapping and freeing tens of MiB of pages takes milliseconds; on the event loop
+        they would delay whatever comes next (the result this release makes room for).
+        """
+        if self._closed:
+            return
+        if self._reaper is None:
+            self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-store")
+        box = [entry]
+        del entry
+        self._reaper.submit(box.clear)
+
+    def close(self) -> None:
+        """Release everything and remove every segment this store made."""
+        for oid in list(self._objects):
+            self.release(oid)
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.shutdown(wait=True)
+        try:
+            names = os.listdir(SHM_DIR)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(self.prefix):
+                _unlink(name)

@@ -21,8 +21,16 @@ the mapping, with no copy.
 - Results: the worker writes a fresh segment per result; the executor maps it and unlinks it
   at once, so it lives exactly as long as the result's arrays.
 
-Every segment's name starts with its worker's prefix, so the executor removes whatever a dead
-worker left behind.
+- Shared objects: a call names the object-store segments it may map (``SharedArg``, sent
+  as ``ShmArg``); the worker maps them read-only and decodes them in place, so an object
+  held on this machine reaches the task with no copy at all. Their files belong to a store,
+  which removes them when the object is released; the worker's mapping keeps the pages.
+
+Every segment a worker makes starts with its worker's prefix, so the executor removes
+whatever a dead worker left behind.
+
+Calls are ``["run", seq, task_id, name, args, kwargs, shared_segment_names]`` and
+``["stop"]``.
 
 Replies are ``["ready", pid]`` once, then ``["done", seq, ok, value, error_type, message,
 traceback, runtime_s]`` per task. A task's exception is caught here and reported; anything
@@ -52,12 +60,19 @@ import tempfile
 import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Final
 
 from mesh.codec import Buffer, Chunks, decode_body, encode_body
-from mesh.errors import LocalProtocolError, MeshError, RemoteProtocolError
-from mesh.messages import NodeId
+from mesh.errors import (
+    LocalProtocolError,
+    MeshError,
+    ObjectLostError,
+    RemoteProtocolError,
+    TaskLostError,
+)
+from mesh.messages import NodeId, ShmArg
 from tasks import Registry, TaskContext, running_as
 
 HEADER: Final = struct.Struct("<BQ")
@@ -70,6 +85,12 @@ SHM_DIR: Final = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdi
 """Where segments live: tmpfs on Linux, so they are memory, never disk."""
 
 _MAX_NAME: Final = 255
+
+OBJECT_SEGMENT_PREFIX: Final = "mesh-obj-"
+"""Object-store segments (``mesh.client.SEGMENT_PREFIX``, not imported: a worker stays
+without the HTTP client's imports). A worker maps nothing else it did not make itself."""
+_MAX_ARG_DEPTH: Final = 8
+"""How deep argument containers are searched for shared segments (as the daemon does)."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,6 +150,41 @@ def map_segment(name: str, size: int, *, unlink: bool, populate: bool = False) -
         os.close(fd)
         if unlink:
             unlink_quietly(name)
+
+
+class SegmentLostError(ObjectLostError):
+    """An object segment a task should read is gone (its object was released) or closed."""
+
+    def __init__(self, name: str, why: str) -> None:
+        TaskLostError.__init__(self, f"object segment {name} cannot be read: {why}")
+        self.ref = name
+        self.holder = ""
+
+
+def map_shared(name: str, nbytes: int) -> mmap.mmap:
+    """Map object-store segment ``name``, which must hold exactly ``nbytes``, read-only.
+
+    Raises ``ObjectLostError`` when it is gone (its object was released) or not readable,
+    ``RemoteProtocolError`` for a name outside the store's prefix or a file of another size.
+    """
+    if not name.startswith(OBJECT_SEGMENT_PREFIX):
+        raise RemoteProtocolError(f"{name!r} is not an object segment", reason="bad-segment")
+    path = segment_path(name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except (FileNotFoundError, PermissionError) as exc:
+        raise SegmentLostError(name, exc.strerror or "cannot open it") from None
+    try:
+        size = os.fstat(fd).st_size
+        if nbytes <= 0 or size != nbytes:
+            raise RemoteProtocolError(
+                f"object segment {name} holds {size} bytes, not {nbytes}", reason="bad-segment"
+            )
+        # The task reads its arguments whole: map every page in one call, not one fault each.
+        flags = mmap.MAP_SHARED | _MAP_POPULATE
+        return mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
 
 
 def unlink_quietly(name: str) -> None:
@@ -275,11 +331,54 @@ def release_segment(name: str, mapping: mmap.mmap) -> None:
         unlink_quietly(name)
 
 
-def _run_one(registry: Registry, node_id: NodeId, msg: list[Any]) -> list[Any]:
-    _, seq, task_id, name, args, kwargs = msg
+@dataclass(frozen=True, slots=True, eq=False)
+class SharedArg:
+    """An argument the worker maps from an object-store segment instead of receiving it.
+
+    The executor sends it as a ``ShmArg`` and names it in the call's list of shared
+    segments; only those are mapped, so a ``ShmArg`` that is a task's own data stays data.
+    ``keep`` holds whatever must outlive the task for the segment to stay (an
+    ``OwnedSegment`` that removes the file when dropped), or None for a holder's segment.
+    """
+
+    name: str
+    nbytes: int
+    keep: object = None
+
+
+def attach_shared(value: Any, names: frozenset[str], depth: int = 0) -> Any:
+    """``value`` with each ``ShmArg`` named in ``names`` replaced by the object it holds.
+
+    Arrays are read-only views of the mapped segment. Raises ``ObjectLostError`` when a
+    segment is gone (its object was released), ``RemoteProtocolError`` when it is not what
+    it should be.
+    """
+    if isinstance(value, ShmArg) and value.name in names:
+        return decode_body(memoryview(map_shared(value.name, value.nbytes)))
+    if depth >= _MAX_ARG_DEPTH:
+        return value
+    if isinstance(value, list):
+        return [attach_shared(v, names, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {k: attach_shared(v, names, depth + 1) for k, v in value.items()}
+    return value
+
+
+def _run_one(registry: Registry, node_id: NodeId, msg: list[Any], held: list[Any]) -> list[Any]:
+    _, seq, task_id, name, args, kwargs, shared = msg
     tdef = registry.get(name)
     if tdef is None:
         return ["done", seq, False, None, "UnknownTask", f"task {name} is not installed", "", 0.0]
+    if shared:
+        try:
+            names = frozenset(shared)
+            args = attach_shared(args, names)
+            kwargs = attach_shared(kwargs, names)
+            held.append((args, kwargs))
+        except ObjectLostError as exc:
+            return ["done", seq, False, None, "ObjectLostError", str(exc), "", 0.0]
+        except MeshError as exc:
+            return ["done", seq, False, None, type(exc).__name__, str(exc), "", 0.0]
     started = time.perf_counter()
     try:
         with running_as(TaskContext(node_id=node_id, task_id=task_id)):
@@ -296,8 +395,10 @@ def _run_one(registry: Registry, node_id: NodeId, msg: list[Any]) -> list[Any]:
     return ["done", seq, True, value, "", "", "", time.perf_counter() - started]
 
 
-def _reply(channel: _Channel, registry: Registry, node_id: NodeId, msg: list[Any]) -> bytes:
-    reply = _run_one(registry, node_id, msg)
+def _reply(
+    channel: _Channel, registry: Registry, node_id: NodeId, msg: list[Any], held: list[Any]
+) -> bytes:
+    reply = _run_one(registry, node_id, msg, held)
     try:
         return channel.pack(reply)
     except LocalProtocolError as exc:
@@ -322,7 +423,10 @@ def serve(
             return
         if msg[0] != "run":
             raise LocalProtocolError(f"worker got unknown message {msg[0]!r}")
-        data = _reply(channel, registry, node_id, msg)
+        # Shared segments the task mapped: unmapping a large one takes milliseconds, which
+        # the reply need not wait for (their files are the store's, never rewritten).
+        held: list[Any] = []
+        data = _reply(channel, registry, node_id, msg, held)
         # The reply is encoded (copied) and the task's locals are gone: nothing here still
         # needs the argument mapping, so release it before the executor may reuse it.
         del msg
@@ -330,6 +434,7 @@ def serve(
             release_segment(*segment)
             del segment
         sock.sendall(data)
+        del held
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,362 @@
+"""Objects shared through shared memory between processes of one machine.
+
+The store's segments (adopting a client's upload, writing one on first use, removing it on
+release, on close, after a crash), what a fetcher and a worker accept from a segment, and
+two in-process nodes: a same-machine fetch sends no object byte through the socket, a
+node that pretends to be on another host gets the bytes over HTTP into a segment of its
+own, and no segment outlives its object or its node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+
+from mesh.client import (
+    SEGMENT_PREFIX,
+    SHM_DIR,
+    AsyncClient,
+    _segment_answer,
+    check_object_segment,
+    fetch_body,
+    host_id,
+    key_bytes,
+    map_object_segment,
+)
+from mesh.codec import encode_body, loads
+from mesh.config import MeshConfig
+from mesh.core import MemberState
+from mesh.errors import ObjectLostError, RemoteProtocolError
+from mesh.messages import NodeId, ObjectRef, ShmArg
+from node.api import BadRequest, load_shm
+from node.daemon import Daemon, NodeOptions
+from node.store import ObjectNotFoundError, ObjectStore, Upload, remove_orphan_segments
+from node.worker import OBJECT_SEGMENT_PREFIX, SharedArg, attach_shared, map_shared
+
+pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="needs /dev/shm")
+
+NODE = NodeId("holder-1")
+MIB = 1024 * 1024
+
+
+def _files(prefix: str) -> set[str]:
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(prefix)}
+
+
+def _upload(value: Any) -> tuple[str, int]:
+    """What ``AsyncClient._to_shm`` leaves: a body in a ``mesh-up-`` file."""
+    chunks, size = encode_body(value)
+    name = f"mesh-up-{secrets.token_hex(12)}"
+    with open(SHM_DIR / name, "xb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+    return name, size
+
+
+@pytest.fixture
+def store() -> Any:
+    s = ObjectStore(NODE, 1 << 30, segment_min_bytes=MIB)
+    yield s
+    s.close()
+    assert not _files(s.prefix)
+
+
+# ---------------------------------------------------------------------------------------
+# The store's segments
+# ---------------------------------------------------------------------------------------
+
+
+def test_segment_prefixes_agree() -> None:
+    assert OBJECT_SEGMENT_PREFIX == SEGMENT_PREFIX
+
+
+def test_host_id_is_stable_and_names_no_path() -> None:
+    assert host_id() == host_id()
+    assert host_id().isalnum()
+
+
+async def test_an_adopted_upload_is_the_same_file_not_a_copy(store: ObjectStore) -> None:
+    arr = np.arange(MIB // 4, dtype=np.float64)
+    name, size = _upload(arr)
+    inode = os.stat(SHM_DIR / name).st_ino
+    upload = await load_shm(ShmArg(name=name, nbytes=size))
+    assert isinstance(upload, Upload)
+    ref = store.adopt(upload)
+    del upload
+    assert not (SHM_DIR / name).exists()
+    shared = store.segment(ref)
+    assert shared is not None
+    assert shared.nbytes == size == ref.nbytes
+    assert os.stat(SHM_DIR / shared.name).st_ino == inode
+    assert store.used_bytes == size
+    assert (ref.dtype, ref.shape) == ("<f8", arr.shape)
+    np.testing.assert_array_equal(loads(map_object_segment(shared.name, size)), arr)
+    assert store.release(ref)
+    assert not (SHM_DIR / shared.name).exists()
+    assert store.used_bytes == 0
+
+
+async def test_an_upload_nobody_adopts_leaves_no_file() -> None:
+    name, size = _upload(np.ones(MIB // 8))
+    upload = await load_shm(ShmArg(name=name, nbytes=size))
+    assert (SHM_DIR / name).exists()
+    del upload
+    assert not (SHM_DIR / name).exists()
+
+
+async def test_load_shm_refuses_bad_uploads() -> None:
+    name, size = _upload(np.ones(1000))
+    with pytest.raises(BadRequest, match="wrong size"):
+        await load_shm(ShmArg(name=name, nbytes=size + 8))
+    assert not (SHM_DIR / name).exists()
+    for bad in ("mesh-up-../../etc/passwd", "mesh-obj-1-00000000-1", "x" * 32):
+        with pytest.raises(BadRequest, match="bad shared-memory argument"):
+            await load_shm(ShmArg(name=bad, nbytes=8))
+    with pytest.raises(BadRequest, match="not found"):
+        await load_shm(ShmArg(name=f"mesh-up-{secrets.token_hex(12)}", nbytes=8))
+
+
+async def test_share_writes_a_segment_once_and_release_removes_it(store: ObjectStore) -> None:
+    arr = np.arange(MIB // 2, dtype=np.float64)
+    ref = store.put(arr)
+    assert store.segment(ref) is None
+    first, second = await asyncio.gather(store.share(ref), store.share(ref))
+    assert first == second
+    assert first is not None
+    assert _files(store.prefix) == {first.name}
+    np.testing.assert_array_equal(store.get(ref), arr)
+    np.testing.assert_array_equal(loads(b"".join(store.encoded(ref)[0])), arr)
+    worker_view = attach_shared(first, frozenset({first.name}))
+    assert store.release(ref)
+    assert not _files(store.prefix)
+    # A process that mapped it keeps its pages after the name is gone.
+    np.testing.assert_array_equal(worker_view, arr)
+
+
+async def test_small_objects_are_not_shared(store: ObjectStore) -> None:
+    ref = store.put(np.ones(100))
+    assert await store.share(ref) is None
+    assert not _files(store.prefix)
+
+
+async def test_a_share_racing_a_release_is_lost_and_leaves_nothing(store: ObjectStore) -> None:
+    ref = store.put(np.ones(4 * MIB))
+    sharing = asyncio.ensure_future(store.share(ref))
+    await asyncio.sleep(0)
+    store.release(ref)
+    with pytest.raises(ObjectLostError):
+        await sharing
+    assert not _files(store.prefix)
+    with pytest.raises(ObjectNotFoundError):
+        await store.share(ref)
+
+
+def test_close_removes_every_segment_and_owned_ones_go_when_dropped(store: ObjectStore) -> None:
+    owned = store.new_segment(MIB)
+    owned.buffer[:4] = b"mesh"
+    owned.seal()
+    assert _files(store.prefix) == {owned.name}
+    del owned
+    assert not _files(store.prefix)
+    kept = store.new_segment(MIB)
+    store.close()
+    assert not _files(store.prefix)
+    del kept
+
+
+def test_orphans_of_a_dead_process_are_removed_and_live_ones_kept() -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    pid = int(dead.stdout)
+    orphan = f"{SEGMENT_PREFIX}{pid}-{secrets.token_hex(4)}-1"
+    live = f"{SEGMENT_PREFIX}{os.getppid()}-{secrets.token_hex(4)}-1"
+    for name in (orphan, live):
+        (SHM_DIR / name).write_bytes(b"x")
+    try:
+        assert remove_orphan_segments() >= 1
+        assert not (SHM_DIR / orphan).exists()
+        assert (SHM_DIR / live).exists()
+    finally:
+        for name in (orphan, live):
+            (SHM_DIR / name).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------
+# What a fetcher and a worker accept
+# ---------------------------------------------------------------------------------------
+
+
+async def test_workers_and_fetchers_refuse_bad_segments(store: ObjectStore) -> None:
+    ref = store.put(np.ones(MIB // 4))
+    shared = await store.share(ref)
+    assert shared is not None
+    with pytest.raises(RemoteProtocolError, match="not 8"):
+        map_shared(shared.name, 8)
+    with pytest.raises(RemoteProtocolError, match="not 8"):
+        check_object_segment(shared.name, 8)
+    for foreign in ("mesh-up-0123", "passwd", f"{shared.name}/../x", "../" + shared.name):
+        with pytest.raises(RemoteProtocolError):
+            map_shared(foreign, shared.nbytes)
+        with pytest.raises(RemoteProtocolError):
+            check_object_segment(foreign, shared.nbytes)
+    store.release(ref)
+    with pytest.raises(ObjectLostError, match="cannot be read"):
+        map_shared(shared.name, shared.nbytes)
+    with pytest.raises(FileNotFoundError):
+        check_object_segment(shared.name, shared.nbytes)
+    # Only segments the call names are mapped: any other ShmArg is the task's data.
+    assert attach_shared([shared], frozenset()) == [shared]
+
+
+def test_a_holders_segment_answer_must_match_the_reference() -> None:
+    ref = ObjectRef(id="o1", holder=NODE, nbytes=4096, dtype="", shape=())
+    good = f"{SEGMENT_PREFIX}12-0123abcd-7"
+    assert _segment_answer(f'{{"segment": "{good}", "nbytes": 4096}}'.encode(), ref) == ShmArg(
+        name=good, nbytes=4096
+    )
+    for body in (
+        f'{{"segment": "{good}", "nbytes": 4095}}',
+        '{"segment": "mesh-obj-12-0123abcd-../../x", "nbytes": 4096}',
+        '{"segment": "/dev/shm/mesh-obj-12-0123abcd-7", "nbytes": 4096}',
+        '{"segment": 7, "nbytes": 4096}',
+        "[]",
+        "not json",
+    ):
+        with pytest.raises(RemoteProtocolError):
+            _segment_answer(body.encode(), ref)
+
+
+# ---------------------------------------------------------------------------------------
+# Two nodes in this process
+# ---------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _node(
+    name: str, key: str, joins: tuple[str, ...] = (), host: str | None = None
+) -> AsyncIterator[Daemon]:
+    config = MeshConfig.test()
+    config = dataclasses.replace(config, node=dataclasses.replace(config.node, host_id=host))
+    options = NodeOptions(
+        key=key,
+        host="127.0.0.1",
+        port=0,
+        name=name,
+        joins=joins,
+        mdns=False,
+        slots=1,
+        config=config,
+        labels={"name": name},
+    )
+    daemon = Daemon(options, out=lambda _: None)
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(daemon.run(stop))
+    try:
+        async with asyncio.timeout(30):
+            while not (hasattr(daemon, "executor") and daemon.executor.worker_pids()):
+                if running.done():
+                    running.result()
+                await asyncio.sleep(0.02)
+        yield daemon
+    finally:
+        stop.set()
+        async with asyncio.timeout(30):
+            await running
+
+
+async def _alive(a: Daemon, b: Daemon) -> None:
+    async with asyncio.timeout(20):
+        while True:
+            ma, mb = a.membership.member(b.node_id), b.membership.member(a.node_id)
+            if ma and mb and ma.state == mb.state == MemberState.ALIVE:
+                return
+            await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def _pair(b_host: str | None) -> AsyncIterator[tuple[Daemon, Daemon]]:
+    key = secrets.token_hex(16)
+    async with _node("a", key) as a, _node("b", key, (a.address,), b_host) as b:
+        await _alive(a, b)
+        yield a, b
+
+
+async def test_same_host_tasks_map_the_holders_segment_and_no_byte_is_served() -> None:
+    async with _pair(None) as (a, b):
+        arr = np.arange(MIB // 2, dtype=np.float64)
+        ref = a.store.put(arr)
+        async with await AsyncClient.connect(f"http://{a.address}", a.options.key) as c:
+            total = await c.submit_with("array_sum", [ref], labels={"name": "b"})
+            assert total == float(arr.sum())
+            np.testing.assert_array_equal(await c.fetch(ref), arr)
+            # The client's own upload is adopted on a and mapped by b's worker.
+            up = np.full(MIB // 4, 2.0)
+            assert await c.submit_with("array_sum", [up], labels={"name": "b"}) == MIB / 2
+        assert a.api.served_bytes == 0
+        assert a.api.shared_segments >= 3
+        assert b.fetched_bytes == 0
+        shared = a.store.segment(ref)
+        assert shared is not None
+        assert a.store.release(ref)
+        assert not (SHM_DIR / shared.name).exists()
+        with pytest.raises(ObjectLostError):
+            await b._task_arg(ref)
+        prefixes = (a.store.prefix, b.store.prefix)
+    for prefix in prefixes:
+        assert not _files(prefix)
+
+
+async def test_another_host_gets_the_bytes_into_a_segment_of_its_own() -> None:
+    async with _pair("elsewhere") as (a, b):
+        arr = np.arange(MIB // 2, dtype=np.float64)
+        ref = a.store.put(arr)
+        arg = await b._task_arg(ref)
+        assert isinstance(arg, SharedArg)
+        assert arg.name.startswith(b.store.prefix)
+        assert a.api.served_bytes == ref.nbytes
+        assert a.api.shared_segments == 0
+        assert a.store.segment(ref) is None
+        np.testing.assert_array_equal(
+            attach_shared(ShmArg(name=arg.name, nbytes=arg.nbytes), frozenset({arg.name})), arr
+        )
+        del arg
+        assert not _files(b.store.prefix)
+        async with await AsyncClient.connect(f"http://{a.address}", a.options.key) as c:
+            assert await c.submit_with("array_sum", [ref], labels={"name": "b"}) == arr.sum()
+        assert a.api.served_bytes == 2 * ref.nbytes
+        assert not _files(b.store.prefix)
+        # Small objects come as values, not segments.
+        small = a.store.put(np.ones(1000))
+        value = await b._task_arg(small)
+        np.testing.assert_array_equal(value, np.ones(1000))
+        a.store.release(ref)
+        with pytest.raises(ObjectLostError):
+            await b._task_arg(ref)
+
+
+async def test_a_fetch_with_a_raw_session_gets_the_segment_answer_only_with_the_host() -> None:
+    async with _pair(None) as (a, _):
+        ref = a.store.put(np.ones(MIB))
+        async with aiohttp.ClientSession() as http:
+            key = key_bytes(a.options.key)
+            shared = await fetch_body(http, key, a.address, ref, host=a.host_id)
+            body = await fetch_body(http, key, a.address, ref)
+        assert isinstance(shared, ShmArg)
+        assert not isinstance(body, ShmArg)
+        np.testing.assert_array_equal(loads(body), np.ones(MIB))
+        assert shared.name in _files(a.store.prefix)
