@@ -101,7 +101,7 @@ async def test_an_adopted_upload_is_the_same_file_not_a_copy(store: ObjectStore)
     assert os.stat(SHM_DIR / shared.name).st_ino == inode
     assert store.used_bytes == size
     assert (ref.dtype, ref.shape) == ("<f8", arr.shape)
-    np.testing.assert_array_equal(loads(map_object_segment(shared.name, size)), arr)
+    np.testing.assert_array_equal(loads(memoryview(map_object_segment(shared.name, size))), arr)
     assert store.release(ref)
     assert not (SHM_DIR / shared.name).exists()
     assert store.used_bytes == 0
