@@ -6,8 +6,9 @@ measures through the public client:
 - ``noop_tasks_per_s``: 5000 ``noop`` submitted at once, until every result is back;
 - ``latency_ms_p50`` / ``_p99``: 500 ``noop`` one after the other;
 - ``transfer_64mib_mib_per_s``: a 64 MiB array argument to ``array_sum`` (submit to result);
-- ``idle_rss_mb`` / ``idle_cpu_percent``: one node (daemon and its workers) over 30 s of
-  idling, torch never imported.
+- ``idle_rss_mb`` / ``idle_cpu_percent``: one idle node over 30 s, torch never imported:
+  its daemon and whatever worker processes it still has, once its idle workers have exited
+  (after 5 s here, ``--worker-idle 5``; 60 s by default).
 
 The last line printed is one JSON object with those keys. ``--quick`` shrinks every figure
 for a smoke run. Processes are ended by pid, also on failure.
@@ -34,6 +35,7 @@ import psutil
 from mesh.client import Client, connect
 
 ROOT = Path(__file__).resolve().parents[1]
+WORKER_IDLE_S = 5.0
 
 
 def start_node(
@@ -56,6 +58,8 @@ def start_node(
         name,
         "--key",
         key,
+        "--worker-idle",
+        str(WORKER_IDLE_S),
     ]
     if join:
         args += ["--join", join]
@@ -88,6 +92,9 @@ def tree(pid: int) -> list[psutil.Process]:
 
 
 def idle_figures(pid: int, seconds: float) -> tuple[float, float]:
+    deadline = time.monotonic() + WORKER_IDLE_S + 30
+    while len(tree(pid)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.2)  # the idle workers exit on their own
     procs = tree(pid)
     cpu0 = sum(sum(p.cpu_times()[:2]) for p in procs)
     time.sleep(seconds)

@@ -345,6 +345,12 @@ class NodeConfig:
     first tasks do not wait for a Python start-up (about 0.2 s each); the daemon itself does
     not wait for them. False starts workers only when tasks arrive."""
 
+    executor_idle_exit_s: float | None = 60.0
+    """A worker process that has waited this long for a task exits (the next task starts a
+    new one, about 0.2 s): an idle node then holds only the daemon, some 60 MB, instead of
+    a Python with numpy and the task modules per slot. A minute keeps workers warm through
+    the pauses of interactive use. None: workers stay until the node stops."""
+
     executor_shm_threshold_bytes: int = 1024 * 1024
     """Messages to and from a worker larger than this travel through a shared-memory segment
     instead of the pipe: one copy into the segment, none out of it. Below 1 MiB the pipe's

@@ -24,11 +24,12 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Final
 
 import aiohttp
 
-from mesh.client import DEFAULT_PORT, normalise_url, request_json, resolve_key
+from mesh.client import DEFAULT_PORT, event_loop, normalise_url, request_json, resolve_key
 from mesh.client import key_bytes as derive_key
 from mesh.config import MeshConfig
 from mesh.errors import MeshError
@@ -51,6 +52,16 @@ def _resource(text: str) -> tuple[str, float]:
         return name, float(amount)
     except ValueError:
         raise argparse.ArgumentTypeError(f"resource amount must be a number: {text!r}") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be finite and >= 0: {text}")
+    return seconds
 
 
 def _port(text: str) -> int:
@@ -105,6 +116,12 @@ def parser() -> argparse.ArgumentParser:
         help=f"timings: lan (default, or ${PRESET_ENV}), local, test",
     )
     s.add_argument("--grace", type=float, help="seconds running tasks get on SIGTERM")
+    s.add_argument(
+        "--worker-idle",
+        type=_seconds,
+        metavar="SECONDS",
+        help="an idle worker process exits after this long (default 60)",
+    )
     s.add_argument("--seed", type=int, help="seed the protocol's random choices")
     s.add_argument("-v", "--verbose", action="store_true")
 
@@ -135,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "start":
             return _start(ns)
-        return asyncio.run(_client_command(ns))
+        with asyncio.Runner(loop_factory=event_loop) as runner:
+            return runner.run(_client_command(ns))
     except MeshError as exc:
         print(f"mesh-node: {exc}", file=sys.stderr)
         return 1
@@ -155,6 +173,9 @@ def _start(ns: argparse.Namespace) -> int:
     if ns.slots is not None and ns.slots < 1:
         raise MeshError(f"--slots must be at least 1, not {ns.slots}")
     key = resolve_key(ns.key, create=True)
+    config = PRESETS[ns.preset]()
+    if ns.worker_idle is not None:
+        config = replace(config, node=replace(config.node, executor_idle_exit_s=ns.worker_idle))
     options = NodeOptions(
         key=key,
         host=ns.host,
@@ -168,7 +189,7 @@ def _start(ns: argparse.Namespace) -> int:
         labels=dict(ns.label),
         task_modules=tuple(ns.tasks),
         without=tuple(ns.without),
-        config=PRESETS[ns.preset](),
+        config=config,
         grace_s=ns.grace,
         seed=ns.seed,
     )
@@ -176,7 +197,8 @@ def _start(ns: argparse.Namespace) -> int:
     def out(line: str) -> None:
         print(line, flush=True)
 
-    return asyncio.run(run_node(options, out=out))
+    with asyncio.Runner(loop_factory=event_loop) as runner:
+        return runner.run(run_node(options, out=out))
 
 
 # ---------------------------------------------------------------------------------------

@@ -107,6 +107,9 @@ class _Worker:
     transport: asyncio.Transport | None = None
     job: _Job | None = None
     killed: bool = False
+    retired: bool = False
+    """Asked to exit after idling ``executor_idle_exit_s``: not replaced when it does."""
+    idle_timer: asyncio.TimerHandle | None = None
     pid: int = 0
     pidfd: int = -1
     gpu: int | None = None
@@ -399,7 +402,9 @@ class Executor:
 
     def _dispatch(self) -> None:
         while self._queue and self._idle:
-            worker = self._idle.pop()
+            # The most recently busy worker first: the others keep idling towards their exit.
+            worker = self._idle[-1]
+            self._unpark(worker)
             job = self._queue.popleft()
             self._start(worker, job)
         if self._closing or not self._queue:
@@ -444,7 +449,7 @@ class Executor:
             if worker.job is job:
                 worker.job = None
                 if not worker.killed and not self._closing:
-                    self._idle.append(worker)
+                    self._park(worker)
             self._resolve(
                 job, self._failed(type(exc).__name__, f"cannot pass the arguments: {exc}")
             )
@@ -467,8 +472,7 @@ class Executor:
 
     def _kill(self, worker: _Worker) -> None:
         worker.killed = True
-        if worker in self._idle:
-            self._idle.remove(worker)
+        self._unpark(worker)
         proc = worker.proc
         if proc is None or proc.returncode is not None:
             return
@@ -565,8 +569,7 @@ class Executor:
         self._workers.discard(worker)
         if not self._workers:
             self._no_workers.set()
-        if worker in self._idle:
-            self._idle.remove(worker)
+        self._unpark(worker)
         if worker.transport is not None:
             worker.transport.close()
         if worker.pidfd >= 0:
@@ -590,7 +593,11 @@ class Executor:
             return
         if self._closing:
             return
-        if self.config.executor_prestart and len(self._workers) < self._slots:
+        if (
+            self.config.executor_prestart
+            and len(self._workers) < self._slots
+            and not worker.retired
+        ):
             self._spawn()
         self._dispatch()
 
@@ -609,7 +616,7 @@ class Executor:
             worker.ready.set()
             if self._closing:
                 return
-            self._idle.append(worker)
+            self._park(worker)
             self._dispatch()
         else:
             log.error("worker %d sent unknown message %r; replacing it", worker.index, op)
@@ -640,8 +647,31 @@ class Executor:
             unlink_quietly(worker.prefix + "-args")
         if worker.killed or self._closing:
             return
-        self._idle.append(worker)
+        self._park(worker)
         self._dispatch()
+
+    def _park(self, worker: _Worker) -> None:
+        """``worker`` waits for work; after ``executor_idle_exit_s`` of waiting it exits,
+        so an idle node holds only the daemon's memory, not a Python per slot."""
+        self._idle.append(worker)
+        idle_s = self.config.executor_idle_exit_s
+        if idle_s is not None:
+            worker.idle_timer = asyncio.get_running_loop().call_later(idle_s, self._retire, worker)
+
+    def _unpark(self, worker: _Worker) -> None:
+        if worker in self._idle:
+            self._idle.remove(worker)
+        if worker.idle_timer is not None:
+            worker.idle_timer.cancel()
+            worker.idle_timer = None
+
+    def _retire(self, worker: _Worker) -> None:
+        worker.idle_timer = None
+        if worker not in self._idle or self._closing:
+            return
+        self._idle.remove(worker)
+        worker.retired = True
+        self._send_stop(worker)
 
     def _on_pipe_lost(self, worker: _Worker) -> None:
         # The process exit (seen by _supervise) settles the task; a pipe closed under a live

@@ -383,3 +383,22 @@ async def test_lazy_start_spawns_workers_only_for_work(plugin_dir: Path) -> None
         assert lazy.workers == 0
         assert (await bounded(lazy.run("t-1", "echo", [1]))).value == 1
         assert lazy.workers == 1
+
+
+async def test_idle_workers_exit_and_a_new_task_starts_one_again(plugin_dir: Path) -> None:
+    async with fresh(2, config=config(executor_idle_exit_s=0.3)) as ex:
+        await wait_for(lambda: ex.workers == 2, "both workers started")
+        first = set(ex.worker_pids())
+        await wait_for(lambda: ex.workers == 0, "idle workers exited and were not replaced")
+        assert (await bounded(ex.run("t-1", "echo", [7]))).value == 7
+        assert ex.workers == 1
+        assert not set(ex.worker_pids()) & first
+
+
+async def test_a_busy_worker_is_not_retired(plugin_dir: Path) -> None:
+    async with fresh(1, config=config(executor_idle_exit_s=0.5)) as ex:
+        outcome = await bounded(ex.run("t-1", "sleep", [1.0]))
+        assert outcome.ok, outcome.message
+        pids = ex.worker_pids()
+        assert (await bounded(ex.run("t-2", "echo", [1]))).value == 1
+        assert ex.worker_pids() == pids
