@@ -183,6 +183,13 @@ class ContractConfig:
     coming that it could wait for). Batching is what throughput rides on; 2 ms is invisible
     next to any real task."""
 
+    lazy_delay_s: float = 0.005
+    """How long a message nothing waits for (a reject, a confirm) may wait to share a write
+    with the next message to the same peer: a confirm goes with a short task's result, a
+    reject with the next call for proposals. A write costs as much as the rest of a message
+    (on loopback the sender's system call does the receiver's network work); 5 ms holds a
+    rejected bidder's slot a little longer and delays nothing else."""
+
     max_batch: int = 256
     """Most tasks in one call for proposals: bounds a frame and the work of one bid."""
 
@@ -256,6 +263,7 @@ class ContractConfig:
             lease_s=1.0,
             progress_interval_s=0.3,
             batch_delay_s=0.0,
+            lazy_delay_s=0.0,
             bandwidth_bytes_per_s=1e9,
             silence_patience_s=2.0,
         )

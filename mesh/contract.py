@@ -454,6 +454,8 @@ class Contract:
         self._next_cfp = self._cfp_base
         self._flush_at = INF
         self._sweep_at = INF
+        self._lazy: dict[NodeId, list[Wire]] = {}
+        self._lazy_at = INF
         self._done: OrderedDict[TaskId, frozenset[NodeId]] = OrderedDict()
         self._records: OrderedDict[TaskId, _Task] = OrderedDict()
         self._checked: dict[_Key, dict[NodeId, tuple[Capabilities, dict[str, object]]]] = {}
@@ -504,10 +506,12 @@ class Contract:
             self._send_progress(now)
         if self._flush_at <= now:
             self._flush(now)
+        if self._lazy_at <= now:
+            self._flush_lazy()
         self._drain(now)
 
     def next_timer(self) -> float | None:
-        t = min(self._flush_at, self._sweep_at, self._progress_at)
+        t = min(self._flush_at, self._sweep_at, self._progress_at, self._lazy_at)
         if self._deadlines:
             t = min(t, self._deadlines[0][0])
         if self._res_expiry:
@@ -700,13 +704,39 @@ class Contract:
         else:
             self._send_remote(dst, msg)
 
+    def _send_lazy(self, dst: NodeId, msg: Wire, now: float) -> None:
+        """Send ``msg``, which nothing waits for (a reject, a confirm), with the next message
+        to ``dst`` or after ``lazy_delay_s``, whichever comes first: the two share a write."""
+        if dst == self._node or self._cfg.lazy_delay_s <= 0:
+            self._send(dst, msg)
+            return
+        self._lazy.setdefault(dst, []).append(msg)
+        self._lazy_at = min(self._lazy_at, now + self._cfg.lazy_delay_s)
+
     def _send_remote(self, dst: NodeId, msg: Wire) -> None:
         member = self._peers.member(dst)
         if member is None:
             self._stats["unroutable"] += 1
             return
+        waiting = self._lazy.pop(dst, None) if self._lazy else None
+        if waiting:
+            for m in waiting:
+                self._out.append((member.address, m))
+                self._stats[f"sent.{type(m).__name__}"] += 1
         self._out.append((member.address, msg))
         self._stats[f"sent.{type(msg).__name__}"] += 1
+
+    def _flush_lazy(self) -> None:
+        self._lazy_at = INF
+        lazy, self._lazy = self._lazy, {}
+        for dst, msgs in lazy.items():
+            member = self._peers.member(dst)
+            if member is None:
+                self._stats["unroutable"] += len(msgs)
+                continue
+            for m in msgs:
+                self._out.append((member.address, m))
+                self._stats[f"sent.{type(m).__name__}"] += 1
 
     def _drain(self, now: float) -> None:
         while self._loop:
@@ -982,12 +1012,12 @@ class Contract:
             self._award(auction, n, won, "award", now)
         for n in bids:
             if n not in awards:
-                self._send(n, Reject(cfp=auction.cfp))
+                self._send_lazy(n, Reject(cfp=auction.cfp), now)
         if now < auction.deadline:
             # Decided before every answer came: those still to come are bids already made,
             # whose slots are held until the reject (the stream keeps it after the call).
             for n in auction.round.silent:
-                self._send(n, Reject(cfp=auction.cfp))
+                self._send_lazy(n, Reject(cfp=auction.cfp), now)
         if unplaced:
             for t in reversed(unplaced):
                 t.move("unplaced")
@@ -1424,7 +1454,7 @@ class Contract:
             self._account(held.need, held.est, 1)
         confirmed = tuple(again) + tuple(tid for tid, _ in take)
         if confirmed:
-            self._send(src, Confirm(cfp=msg.cfp, tasks=confirmed))
+            self._send_lazy(src, Confirm(cfp=msg.cfp, tasks=confirmed), now)
             self._stats["confirms_sent"] += 1
         if back:
             self._send(src, Decline(cfp=msg.cfp, tasks=tuple(t for t, _ in back), reason="busy"))

@@ -317,6 +317,59 @@ def test_a_batch_settles_early_only_if_the_first_bid_finishes_all_of_it_in_time(
     assert [(d, len(m.tasks)) for _, d, m in of(sent, Accept)] == [("a", 3)]
 
 
+def test_rejects_and_confirms_share_the_next_write_or_go_after_the_lazy_delay() -> None:
+    lazy = replace(CFG, lazy_delay_s=0.005)
+    mesh = Mesh({"i": caps(tasks=()), "a": caps(), "b": caps()}, config=lazy)
+    core = mesh.cores["i"]
+    core.submit(spec(0), {"k": 0}, 0.0)
+    core.handle_timer(0.0)
+    sent = mesh.out("i")
+    for _, dst, msg in sent:
+        mesh.cores[dst].receive(NodeId("i"), msg, 0.0)
+    bids = [x for n in ("a", "b") for x in mesh.out(n)]
+    for src, _, msg in bids:
+        core.receive(NodeId(src), msg, 0.001)
+    winner = of(mesh.out("i"), Accept)[0][1]
+    loser = "b" if winner == "a" else "a"
+    assert core.next_timer() == pytest.approx(0.006)  # the loser's reject waits
+    # A second task: the reject to the loser rides with its call for proposals.
+    core.submit(spec(1), {"k": 1}, 0.002)
+    core.handle_timer(0.002)
+    to_loser = [type(m).__name__ for _, d, m in mesh.out("i") if d == loser]
+    assert to_loser == ["Reject", "CallForProposals"]
+    core.handle_timer(0.010)  # nothing lazy is left over for anyone
+    assert not [m for _, _, m in mesh.out("i") if isinstance(m, Reject)]
+
+
+def test_a_lazy_confirm_goes_with_the_result() -> None:
+    lazy = replace(CFG, lazy_delay_s=0.005)
+    mesh = Mesh({"i": caps(tasks=()), "a": caps()}, config=lazy)
+    mesh.cores["i"].submit(spec(0), {"k": 0}, 0.0)
+    mesh.cores["i"].handle_timer(0.0)
+    mesh.pump(0.0)
+    assert of(mesh.out("a"), Confirm) == []  # held back
+    mesh.run("a", 0.001)
+    sent = mesh.out("a")
+    assert [type(m).__name__ for _, _, m in sent] == ["Confirm", "Result"]
+    for _, _, msg in sent:
+        mesh.cores["i"].receive(NodeId("a"), msg, 0.001)
+    assert mesh.cores["i"].take_events() == [
+        Completed(task_id=TaskId("task-0"), node=NodeId("a"), value="v-task-0")
+    ]
+
+
+def test_a_lazy_message_goes_alone_after_the_delay() -> None:
+    lazy = replace(CFG, lazy_delay_s=0.005)
+    mesh = Mesh({"i": caps(tasks=()), "a": caps()}, config=lazy)
+    mesh.cores["i"].submit(spec(0), {"k": 0}, 0.0)
+    mesh.cores["i"].handle_timer(0.0)
+    mesh.pump(0.0)
+    core = mesh.cores["a"]
+    assert core.next_timer() == pytest.approx(0.005)
+    core.handle_timer(0.005)
+    assert [type(m).__name__ for _, _, m in mesh.out("a")] == ["Confirm"]
+
+
 # ---------------------------------------------------------------------------------------
 # Leases and reannouncement
 # ---------------------------------------------------------------------------------------
