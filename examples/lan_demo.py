@@ -2,7 +2,7 @@
 
 ::
 
-    pip install -e ".[ml]"
+    pip install -e ".[ml,fast]"
     python examples/lan_demo.py              # this machine's or the LAN's mesh, else 3 local nodes
     python examples/lan_demo.py --node http://10.0.0.5:7470 --key KEY
     python examples/lan_demo.py --small      # a few seconds of work (CI)
