@@ -271,9 +271,9 @@ class Daemon:
             self.api = Api(self, self._key, exempt=frozenset({WS_PATH}))
             self.transport.add_routes(app)
             self.api.add_routes(app)
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
             await runner.setup()
-            await web.SockSite(runner, sock, shutdown_timeout=1.0).start()
+            await web.SockSite(runner, sock).start()
             await self.transport.start(self.address)
             self._http = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.config.object_fetch_timeout_s)

@@ -46,6 +46,7 @@ from mesh.codec import Chunks, decode_body, encode_body
 from mesh.config import NodeConfig
 from mesh.errors import LocalProtocolError, MeshError, ObjectLostError, TaskLostError
 from mesh.messages import NodeId, ObjectRef, ShmArg, Wire, field_names
+from node.worker import write_chunks
 
 _LIMIT_SHARE: Final = 4
 """With no configured limit the store may take 1/_LIMIT_SHARE of the machine's memory."""
@@ -185,13 +186,7 @@ def _write(name: str, chunks: Chunks, size: int) -> mmap.mmap:
     fd = os.open(_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, size)
-        offset = 0
-        for chunk in chunks:
-            view = memoryview(chunk).cast("B")
-            while view.nbytes:
-                written = os.pwrite(fd, view, offset)
-                offset += written
-                view = view[written:]
+        write_chunks(fd, chunks)
         return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     except BaseException:
         _unlink(name)

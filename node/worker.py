@@ -116,18 +116,23 @@ def write_segment(name: str, chunks: Chunks, size: int, *, reuse: bool = False) 
     try:
         if os.fstat(fd).st_size != size:
             os.ftruncate(fd, size)
-        offset = 0
-        for chunk in chunks:
-            view = memoryview(chunk).cast("B")
-            while view.nbytes:
-                written = os.pwrite(fd, view, offset)
-                offset += written
-                view = view[written:]
+        write_chunks(fd, chunks)
     except BaseException:
         os.close(fd)
         unlink_quietly(name)
         raise
     os.close(fd)
+
+
+def write_chunks(fd: int, chunks: Chunks) -> None:
+    """Write ``chunks`` back to back from the start of the file ``fd``."""
+    offset = 0
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        while view.nbytes:
+            written = os.pwrite(fd, view, offset)
+            offset += written
+            view = view[written:]
 
 
 def map_segment(name: str, size: int, *, unlink: bool, populate: bool = False) -> mmap.mmap:
