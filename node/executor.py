@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import gc
 import itertools
 import logging
 import os
@@ -188,6 +190,16 @@ def _exit_text(code: int | None) -> str:
             name = f"signal {-code}"
         return f"worker process was killed by {name} (exit code {code})"
     return f"worker process exited with code {code}"
+
+
+def trim_memory() -> None:
+    """Collect cyclic garbage and hand the freed heap back to the system (glibc's
+    ``malloc_trim``, where there is one). Done when the node falls idle: after a burst of
+    thousands of tasks the daemon would otherwise keep its peak size, some 20 MB over its
+    60 MB, until the next full collection happens to run."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 class Executor:
@@ -672,6 +684,8 @@ class Executor:
         self._idle.remove(worker)
         worker.retired = True
         self._send_stop(worker)
+        if not self._jobs:
+            trim_memory()
 
     def _on_pipe_lost(self, worker: _Worker) -> None:
         # The process exit (seen by _supervise) settles the task; a pipe closed under a live
