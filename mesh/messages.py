@@ -445,8 +445,9 @@ class ShmArg(Wire):
     """A large argument a client on the node's own machine left in shared memory.
 
     ``name`` is a file under ``/dev/shm`` holding ``nbytes`` of a ``mesh.codec`` body; the
-    node reads it into its object store and removes it. It never crosses the network:
-    loopback sockets would copy the bytes several times more.
+    node's object store takes the file over as its own segment (a rename, no copy), and
+    workers on the machine map it. It never crosses the network: loopback sockets would copy
+    the bytes several times more.
     """
 
     name: str

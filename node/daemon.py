@@ -587,6 +587,9 @@ class Daemon:
                     task_id, call.name, args, kwargs, timeout=call.timeout_s
                 )
             except MeshError as exc:
+                # A shared input released before the worker mapped it is a lost input too.
+                if isinstance(exc, ObjectLostError):
+                    outcome = "lost-input"
                 value = {"message": str(exc), "exc_type": type(exc).__name__}
                 return
             if not result.ok:
