@@ -23,6 +23,7 @@ from mesh.messages import Capabilities, Load, NodeId, Result, TaskId, Wire
 
 KEY = b"benchmark-key-32-bytes-long-1234"
 NOW = 1_700_000_000.0
+RX = NodeId("rx")
 
 
 def per_call_us(fn: Callable[[], object], seconds: float) -> float:
@@ -59,35 +60,35 @@ def main() -> None:
         tasks=("preprocess", "features", "train", "infer"),
         labels={"room": "lab"},
     )
-    small_frame = tx.encode_bytes(small, NOW)
+    small_frame = tx.encode_bytes(small, NOW, to=RX)
 
     def encode_small() -> object:
-        return tx.encode(small, NOW)
+        return tx.encode(small, NOW, to=RX)
 
     def decode_small() -> object:
         # Fresh frames each time: the replay guard must see new sequence numbers.
-        return rx.decode(tx.encode_bytes(small, NOW), NOW)
+        return rx.decode(tx.encode_bytes(small, NOW, to=RX), NOW)
 
     encode_us = per_call_us(encode_small, budget)
     round_trip_us = per_call_us(decode_small, budget)
     load = Load(running=2, queued=5, backlog_s=1.5)
-    load_us = per_call_us(lambda: rx.decode(tx.encode_bytes(load, NOW), NOW), budget)
+    load_us = per_call_us(lambda: rx.decode(tx.encode_bytes(load, NOW, to=RX), NOW), budget)
 
     mib = 64
     array = np.random.default_rng(0).standard_normal(mib << 18, dtype=np.float32)
     result_msg = Result(tasks=(TaskId("t1"),), values=(array,))
-    big_frame = tx.encode_bytes(result_msg, NOW)
+    big_frame = tx.encode_bytes(result_msg, NOW, to=RX)
 
     def decode_big() -> Any:
         # The body alone: the MAC is timed apart, and a Codec would refuse the replays.
         return decode_body(memoryview(big_frame)[FRAME_PREFIX:], offset=FRAME_PREFIX)
 
     big_budget = budget * 2
-    encode_big_s = per_call_us(lambda: tx.encode(result_msg, NOW), big_budget) / 1e6
-    join_big_s = per_call_us(lambda: tx.encode_bytes(result_msg, NOW), big_budget) / 1e6
+    encode_big_s = per_call_us(lambda: tx.encode(result_msg, NOW, to=RX), big_budget) / 1e6
+    join_big_s = per_call_us(lambda: tx.encode_bytes(result_msg, NOW, to=RX), big_budget) / 1e6
     auth_big_s = per_call_us(lambda: rx.authenticate(big_frame), big_budget) / 1e6
     decode_big_s = per_call_us(decode_big, big_budget) / 1e6
-    decoded = decode_big()[5][1][0]  # envelope -> Result fields -> values -> the array
+    decoded = decode_big()[6][1][0]  # envelope -> Result fields -> values -> the array
     zero_copy = bool(np.shares_memory(decoded, np.frombuffer(big_frame, dtype=np.uint8)))
     check = rx.decode(big_frame, NOW).msg
     if not (isinstance(check, Result) and np.array_equal(check.values[0], array)):

@@ -19,8 +19,9 @@ Submissions travel in batches over one websocket to the node (msgpack bodies mad
 there is no HTTP round trip per task. Queries (peers, status, why) are JSON over HTTP.
 
 Every request proves knowledge of the mesh key without sending it: an HMAC-SHA256 over
-the method, the path, a hash of the body, a timestamp and a nonce (``sign_request``). This
-module also holds the key lookup shared by the CLI and the daemon (``resolve_key``).
+the method, the path, a hash of the body, a timestamp, a nonce and the id of the node it is
+for (``sign_request``), learnt once per node from its public ``/v1/hello``. This module
+also holds the key lookup shared by the CLI and the daemon (``resolve_key``).
 
 It starts no node and keeps no global state.
 """
@@ -57,7 +58,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import numpy as np
 
-from mesh.codec import Buffer, dumps, encode_body, loads
+from mesh.codec import Buffer, dumps, encode_body, key_fingerprint, loads
 from mesh.errors import (
     AuthenticationError,
     LocalProtocolError,
@@ -69,6 +70,7 @@ from mesh.errors import (
     TaskLostError,
 )
 from mesh.messages import ObjectRef, ShmArg
+from mesh.shm import open_exact
 
 DEFAULT_PORT: Final = 7470
 """The port ``mesh-node start`` listens on unless told otherwise."""
@@ -80,8 +82,15 @@ KEY_ENV: Final = "MESH_KEY"
 HEADER_TIME: Final = "X-Mesh-Time"
 HEADER_NONCE: Final = "X-Mesh-Nonce"
 HEADER_SIGNATURE: Final = "X-Mesh-Signature"
+HEADER_BODY: Final = "X-Mesh-Body-SHA256"
+"""Hex SHA-256 of the request body: the signature covers it, so a node can check the proof
+before reading the body, and the body against it afterwards."""
+HEADER_TO: Final = "X-Mesh-To"
+"""The id of the node a request is for: a request captured on one node is refused by others."""
 
 SESSION_PATH: Final = "/v1/session"
+HELLO_PATH: Final = "/v1/hello"
+"""Public: the node's id, version and mesh key fingerprint (what a client signs for)."""
 
 SHM_DIR: Final = Path("/dev/shm")
 SHM_PREFIX: Final = "mesh-up-"
@@ -159,25 +168,34 @@ def key_bytes(key: str) -> bytes:
 
 
 def sign_request(
-    key: bytes, method: str, path: str, body: bytes, now: float, nonce: str | None = None
+    key: bytes,
+    method: str,
+    path: str,
+    body: bytes,
+    now: float,
+    *,
+    to: str,
+    nonce: str | None = None,
 ) -> dict[str, str]:
-    """Headers proving ``key`` for one request; ``path`` includes the query string."""
+    """Headers proving ``key`` for one request to node ``to``; ``path`` includes the query
+    string. The node checks them before it reads the body, then the body against them."""
     stamp = f"{now:.3f}"
     nonce = nonce or secrets.token_hex(12)
+    digest = hashlib.sha256(body).hexdigest()
     return {
         HEADER_TIME: stamp,
         HEADER_NONCE: nonce,
-        HEADER_SIGNATURE: request_mac(
-            key, method, path, hashlib.sha256(body).hexdigest(), stamp, nonce
-        ),
+        HEADER_BODY: digest,
+        HEADER_TO: to,
+        HEADER_SIGNATURE: request_mac(key, method, path, digest, stamp, nonce, to),
     }
 
 
 def request_mac(
-    key: bytes, method: str, path: str, body_sha256: str, stamp: str, nonce: str
+    key: bytes, method: str, path: str, body_sha256: str, stamp: str, nonce: str, to: str
 ) -> str:
     """The signature a node expects for a request (hex)."""
-    text = "\n".join((method.upper(), path, body_sha256, stamp, nonce)).encode()
+    text = "\n".join((method.upper(), path, body_sha256, stamp, nonce, to)).encode()
     return hmac.new(key, text, hashlib.sha256).hexdigest()
 
 
@@ -206,8 +224,33 @@ async def _raise_for(resp: aiohttp.ClientResponse) -> None:
         except (ValueError, aiohttp.ContentTypeError):
             message = text
     if resp.status == 401:
-        raise AuthenticationError("authentication failed: the node did not accept this key")
+        # The node says why (bad proof, or a request meant for another node).
+        if not message.startswith("authentication failed"):
+            message = "authentication failed: the node did not accept this key"
+        raise AuthenticationError(message)
     raise MeshError(f"{resp.method} {resp.url.path}: {resp.status} {message}")
+
+
+async def node_id_at(session: aiohttp.ClientSession, key: bytes, base: str) -> str:
+    """The id of the node at ``base`` (from ``GET /v1/hello``): what requests to it are
+    signed for. Raises ``AuthenticationError`` if the node belongs to another mesh (its
+    key fingerprint differs), ``MeshError`` if it cannot be reached or is no mesh node."""
+    try:
+        async with session.get(base + HELLO_PATH) as resp:
+            await _raise_for(resp)
+            hello = await resp.json()
+    except (aiohttp.ClientError, ValueError) as exc:
+        raise MeshError(f"cannot reach the node at {base}: {exc}") from exc
+    node = hello.get("id") if isinstance(hello, dict) else None
+    if not isinstance(node, str) or not node:
+        raise MeshError(f"the node at {base} did not say its id")
+    theirs, ours = hello.get("mesh"), key_fingerprint(key)
+    if theirs != ours:
+        raise AuthenticationError(
+            f"authentication failed: the node at {base} belongs to another mesh "
+            f"(key fingerprint {theirs}, this key's is {ours})"
+        )
+    return node
 
 
 async def request_json(
@@ -217,12 +260,13 @@ async def request_json(
     method: str,
     path: str,
     payload: Any = None,
+    *,
+    to: str,
 ) -> Any:
-    """One signed JSON request; returns the decoded reply or raises a ``MeshError``."""
-    import json
-
+    """One signed JSON request to node ``to`` at ``base`` (its id: ``node_id_at``);
+    returns the decoded reply or raises a ``MeshError``."""
     body = b"" if payload is None else json.dumps(payload).encode()
-    headers = sign_request(key, method, path, body, time.time())
+    headers = sign_request(key, method, path, body, time.time(), to=to)
     if body:
         headers["Content-Type"] = "application/json"
     try:
@@ -284,18 +328,7 @@ def check_object_segment(name: str, nbytes: int) -> None:
 def _open_segment(name: str, nbytes: int) -> int:
     if not is_segment_name(name):
         raise RemoteProtocolError(f"bad object segment name {name!r}", reason="bad-segment")
-    fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        size = os.fstat(fd).st_size
-    except BaseException:
-        os.close(fd)
-        raise
-    if nbytes <= 0 or size != nbytes:
-        os.close(fd)
-        raise RemoteProtocolError(
-            f"object segment {name} holds {size} bytes, not {nbytes}", reason="bad-segment"
-        )
-    return fd
+    return open_exact(SHM_DIR / name, nbytes, what=f"object segment {name}")
 
 
 def _segment_answer(data: bytes, ref: ObjectRef) -> ShmArg:
@@ -353,7 +386,8 @@ async def fetch_body(
     host: str = "",
     allocate: Callable[[int], Buffer] = bytearray,
 ) -> ShmArg | Buffer:
-    """The encoded body of ``ref`` from the node at ``address`` (``host:port``).
+    """The encoded body of ``ref`` from the node at ``address`` (``host:port``), which
+    must be its holder: the request is signed for ``ref.holder``.
 
     ``host`` is the fetcher's ``host_id()``: a holder on the same machine then answers with
     the shared-memory segment that holds the body (a ``ShmArg``, checked but not opened)
@@ -365,7 +399,7 @@ async def fetch_body(
     path = f"/v1/objects/{ref.id}"
     if host:
         path += f"?{HOST_PARAM}={host}"
-    headers = sign_request(key, "GET", path, b"", time.time())
+    headers = sign_request(key, "GET", path, b"", time.time(), to=ref.holder)
     try:
         async with session.get(normalise_url(address) + path, headers=headers) as resp:
             if resp.status == 404:
@@ -510,8 +544,11 @@ class AsyncClient:
         key: bytes,
         session: aiohttp.ClientSession,
         ws: aiohttp.ClientWebSocketResponse,
+        node_id: str,
     ) -> None:
         self.url = url
+        self.node_id = node_id
+        """The id of the node at ``url``: every request to it is signed for it."""
         self._key = key
         self._session = session
         self._ws = ws
@@ -535,9 +572,10 @@ class AsyncClient:
         kb = key_bytes(resolve_key(key))
         session = aiohttp.ClientSession()
         try:
-            headers = sign_request(kb, "GET", SESSION_PATH, b"", time.time())
             try:
                 async with asyncio.timeout(open_timeout):
+                    node_id = await node_id_at(session, kb, base)
+                    headers = sign_request(kb, "GET", SESSION_PATH, b"", time.time(), to=node_id)
                     ws = await session.ws_connect(
                         base + SESSION_PATH,
                         headers=headers,
@@ -555,7 +593,7 @@ class AsyncClient:
         except BaseException:
             await session.close()
             raise
-        client = cls(url=base, key=kb, session=session, ws=ws)
+        client = cls(url=base, key=kb, session=session, ws=ws, node_id=node_id)
         # The one background task: it owns the reader and writer, and close() awaits it.
         client._main = asyncio.create_task(client._run())
         return client
@@ -770,7 +808,9 @@ class AsyncClient:
 
     async def request(self, method: str, path: str, payload: Any = None) -> Any:
         """A signed JSON request to the node (the HTTP API the CLI uses)."""
-        return await request_json(self._session, self._key, self.url, method, path, payload)
+        return await request_json(
+            self._session, self._key, self.url, method, path, payload, to=self.node_id
+        )
 
     async def peers(self) -> list[dict[str, Any]]:
         """Every node this node knows: id, address, state, load, capabilities."""
@@ -816,7 +856,9 @@ class AsyncClient:
         """Free ``ref`` on its holder; False if it was not held (any more)."""
         base = normalise_url(await self._holder(ref))
         try:
-            await request_json(self._session, self._key, base, "DELETE", f"/v1/objects/{ref.id}")
+            await request_json(
+                self._session, self._key, base, "DELETE", f"/v1/objects/{ref.id}", to=ref.holder
+            )
         except AuthenticationError:
             raise
         except MeshError as exc:

@@ -15,11 +15,38 @@ read-only when the frame is ``bytes``.
 
 A *frame* is what crosses the network between peers::
 
-    b"M" | version | HMAC-SHA256(key, body) [32] | body
+    b"M" | version | HMAC-SHA256(key, b"M" | version | body) [32] | body
 
-where the body's header is ``[sender, boot, seq, wall_ts, tag, fields]``. ``ReplayGuard``
+where the body's header is ``[sender, boot, seq, wall_ts, to, tag, fields]``. ``ReplayGuard``
 rejects frames whose (sender, boot, seq) was already seen, and frames whose timestamp is
 further from the receiver's clock than the allowed skew, so that its memory stays bounded.
+
+``to`` names the node the frame is for (frame version 2). Each node's replay guard is its
+own, so without it a frame captured on its way to one node could be replayed to another
+that never saw it. A codec refuses a frame for another node (reason ``wrong-receiver``)
+before its replay guard records it. ``to`` is a node id, not an address: an id is what a
+node is, while one node is reached under several addresses (a seed typed as
+``localhost:7000`` advertises itself as ``192.168.1.5:7000``) and an address passes to
+another node when one restarts in another's place.
+
+A sender that does not yet know who listens at an address (a seed known only as
+``HOST:PORT``, the first dial to it) leaves ``to`` blank (``UNADDRESSED``). A blank ``to``
+is accepted only on ``PeerHello`` and ``Join`` (``BLANK_TO_TAGS``), the two messages that
+go to an address before an id can be known; every other frame without a receiver is
+refused as ``wrong-receiver``. Replaying either to another node tells it only what their
+genuine sender said of itself under its MAC: a Join merges the sender's own record (only
+if newer than what the receiver holds, so it revives nobody) and is answered with a Delta
+to the sender's own address; a hello opens a connection on which the replayer can then
+send nothing that is accepted, since every later frame names its receiver and the
+replayer cannot change it. A dialer that knows the id (from membership, or from an
+earlier hello) names it in its hello too, so only first contact with a seed carries blank
+hellos at all.
+
+The version byte and the magic are under the MAC (fed to it once per ``Codec``, so free
+per frame): a later version can be negotiated without a frame being relabelled to another
+version's parser. A frame of another version is refused with reason ``version`` and a
+message naming both versions; a version-1 frame (whose MAC covered the body alone) is
+told apart from a forgery by that MAC, so "upgrade it" is only said of a key holder.
 
 Anything wrong with a received frame raises ``RemoteProtocolError`` (with a ``reason`` for
 metrics) and nothing else. Asking to encode something the format cannot carry raises
@@ -50,10 +77,11 @@ import msgpack
 import numpy as np
 
 from mesh.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
-from mesh.messages import REGISTRY, NodeId, Wire, field_names, field_types
+from mesh.messages import REGISTRY, Join, NodeId, PeerHello, Wire, field_names, field_types
 
 MAGIC: Final = 0x4D  # "M"
-VERSION: Final = 1
+VERSION: Final = 2
+"""Frame format version. 2 added the receiver (``to``) and put the prefix under the MAC."""
 MAC_LEN: Final = 32
 FRAME_PREFIX: Final = 2 + MAC_LEN
 ALIGN: Final = 64
@@ -72,6 +100,12 @@ MAX_DIMS: Final = 32
 MAX_BUFFERS: Final = 65536
 MAX_SENDER_LEN: Final = 256
 """A node id longer than this is refused: the replay table keeps one per stream."""
+
+UNADDRESSED: Final = NodeId("")
+"""The ``to`` of a frame whose sender does not know the receiver's id yet."""
+
+BLANK_TO_TAGS: Final = frozenset({int(PeerHello.TAG), int(Join.TAG)})
+"""Wire types accepted with a blank ``to`` (see the module docstring for why it is safe)."""
 
 _U32x2 = struct.Struct("<II")
 _PACKER_BUF: Final = 4096  # msgpack's default is 1 MiB, which costs ~20 us per fresh packer
@@ -692,6 +726,8 @@ class Frame:
     boot: int
     seq: int
     sent_at: float
+    to: NodeId
+    """This node's id, or ``UNADDRESSED`` on the wire types that may come without one."""
     msg: Wire
 
 
@@ -789,15 +825,22 @@ class Codec:
         if not 0 <= self.boot < 2**64:
             raise LocalProtocolError("boot must fit in 64 unsigned bits")
         self.max_frame_bytes = max_frame_bytes
-        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        # The prefix is under the MAC; feeding it here costs nothing per frame.
+        self._mac = hmac.new(key, bytes((MAGIC, VERSION)), digestmod=hashlib.sha256)
+        self._mac_v1 = hmac.new(key, digestmod=hashlib.sha256)  # only to name old peers
+        self._prefix = bytes((MAGIC, VERSION))
         self._seq = 0
         self._packer = _Packer()
         self.replay = ReplayGuard(max_skew_s=max_skew_s)
 
-    def encode(self, msg: Wire, now: float) -> tuple[Chunks, int]:
-        """Frame ``msg``; returns the chunks to write back to back and their total size."""
+    def encode(self, msg: Wire, now: float, *, to: NodeId) -> tuple[Chunks, int]:
+        """Frame ``msg`` for node ``to``; returns the chunks to write back to back and their
+        total size. ``to`` is ``UNADDRESSED`` only where the receiver's id is not known, and
+        the receiver accepts that only on the wire types in ``BLANK_TO_TAGS``."""
         if not isinstance(msg, Wire):
             raise LocalProtocolError(f"{type(msg).__name__} is not a wire message")
+        if type(to) is not str or len(to) > MAX_SENDER_LEN:
+            raise LocalProtocolError(f"a receiver is a node id of at most {MAX_SENDER_LEN}")
         names, _ = _plan(type(msg))
         self._seq += 1
         header = [
@@ -805,6 +848,7 @@ class Codec:
             self.boot,
             self._seq,
             float(now),
+            to,
             int(msg.TAG),
             [getattr(msg, n) for n in names],
         ]
@@ -817,12 +861,12 @@ class Codec:
         mac = self._mac.copy()
         for c in chunks:
             mac.update(c)
-        chunks.insert(0, bytes((MAGIC, VERSION)) + mac.digest())
+        chunks.insert(0, self._prefix + mac.digest())
         return chunks, total
 
-    def encode_bytes(self, msg: Wire, now: float) -> bytes:
-        """Frame ``msg`` as one bytes object (a copy of every array in it)."""
-        chunks, _ = self.encode(msg, now)
+    def encode_bytes(self, msg: Wire, now: float, *, to: NodeId) -> bytes:
+        """Frame ``msg`` for ``to`` as one bytes object (a copy of every array in it)."""
+        chunks, _ = self.encode(msg, now, to=to)
         return b"".join(chunks)
 
     def authenticate(self, frame: Buffer) -> None:
@@ -841,23 +885,40 @@ class Codec:
         if view[0] != MAGIC:
             raise RemoteProtocolError("not a mesh frame", reason="malformed")
         if view[1] != VERSION:
-            raise RemoteProtocolError(f"unsupported frame version {view[1]}", reason="version")
+            self._refuse_version(view)
         mac = self._mac.copy()
         mac.update(view[FRAME_PREFIX:])
         if not hmac.compare_digest(mac.digest(), view[2:FRAME_PREFIX]):
             raise AuthenticationError("frame failed authentication")
 
+    def _refuse_version(self, view: memoryview) -> typing.NoReturn:
+        version = view[1]
+        if version == 1:
+            # Version 1 put the body alone under the MAC: a frame that fails that check
+            # is a forgery, not an old peer, and is counted as one.
+            mac = self._mac_v1.copy()
+            mac.update(view[FRAME_PREFIX:])
+            if not hmac.compare_digest(mac.digest(), view[2:FRAME_PREFIX]):
+                raise AuthenticationError("frame failed authentication")
+        which = "it" if version < VERSION else "this node"
+        raise RemoteProtocolError(
+            f"peer speaks frame version {version}, this node {VERSION}: upgrade {which}",
+            reason="version",
+        )
+
     def decode(self, frame: Buffer, now: float, *, authenticated: bool = False) -> Frame:
-        """Authenticate (unless ``authenticate`` already passed), check replay, decode."""
+        """Authenticate (unless ``authenticate`` already passed), check the receiver and
+        replay, decode. A frame for another node is refused before the replay guard
+        records it."""
         if not authenticated:
             self.authenticate(frame)
         view = _bytes_view(frame)
         if view.nbytes < FRAME_PREFIX:
             raise RemoteProtocolError("truncated frame", reason="truncated")
         header = decode_body(view[FRAME_PREFIX:], offset=FRAME_PREFIX)
-        if type(header) is not list or len(header) != 6:
+        if type(header) is not list or len(header) != 7:
             raise RemoteProtocolError("malformed envelope", reason="malformed")
-        sender, boot, seq, sent_at, tag, fields = header
+        sender, boot, seq, sent_at, to, tag, fields = header
         if not (
             type(sender) is str
             and 0 < len(sender) <= MAX_SENDER_LEN
@@ -866,8 +927,16 @@ class Codec:
             and type(seq) is int
             and seq >= 0
             and type(sent_at) is float
+            and type(to) is str
         ):
             raise RemoteProtocolError("malformed envelope", reason="malformed")
+        if to != self.sender and (to or type(tag) is not int or tag not in BLANK_TO_TAGS):
+            raise RemoteProtocolError(
+                f"frame from {sender} is for {to[:64]!r}, not this node"
+                if to
+                else f"frame from {sender} names no receiver",
+                reason="wrong-receiver",
+            )
         self.replay.check(sender, boot, seq, sent_at, now)
         msg = _build_struct(tag, fields)
-        return Frame(NodeId(sender), boot, seq, sent_at, msg)
+        return Frame(NodeId(sender), boot, seq, sent_at, NodeId(to), msg)

@@ -177,6 +177,21 @@ class ContractConfig:
     (one message per initiator). A third of the lease: one may be lost with a round to
     spare."""
 
+    stall_s: float = 1.0
+    """A timer of this core served later than this means the node itself stalled (a
+    blocked loop, SIGSTOP, a suspended VM): tasks awarded here that have not started wait
+    for their initiator to say they are still ours (``LeaseQuery``) before they run, and
+    awards on bids made before the stall are declined. It must stay below the quickest way
+    an initiator takes a task back from a silent winner, which is membership declaring it
+    dead (about 3 s at the earliest on a LAN), not the lease. While tasks wait here the
+    core asks for a timer every half of this, so no stall of over 1.5 times it goes unseen."""
+
+    stall_reply_s: float = 1.0
+    """How long a node that stalled waits for an initiator's ``LeaseReply`` before giving
+    the tasks it asked about back (a ``Decline``): many round trips, and room to read the
+    backlog a stall leaves. Nothing is lost if it gives them back needlessly: the initiator
+    places them again at once, or when their lease lapses."""
+
     batch_delay_s: float = 0.002
     """How long a submitted task waits for others to share its call for proposals, while
     auctions of this initiator are open (with none open it goes at once: nothing else is
@@ -250,6 +265,8 @@ class ContractConfig:
             reservation_s=0.5,
             lease_s=10.0,
             progress_interval_s=3.0,
+            stall_s=1.5,  # as membership's: shared CPUs make loops lag
+            stall_reply_s=0.5,
             batch_delay_s=0.001,
             bandwidth_bytes_per_s=1e9,
         )
@@ -262,6 +279,8 @@ class ContractConfig:
             reservation_s=0.2,
             lease_s=1.0,
             progress_interval_s=0.3,
+            stall_s=0.2,
+            stall_reply_s=0.2,
             batch_delay_s=0.0,
             lazy_delay_s=0.0,
             bandwidth_bytes_per_s=1e9,
@@ -387,6 +406,12 @@ class NodeConfig:
     shared-memory segment they map, instead of being copied through a socket. Below 1 MiB
     the socket's copies cost less than creating, mapping and removing a file."""
 
+    orphan_sweep_interval_s: float = 30.0
+    """How often the node removes shared-memory files that crashed processes left behind
+    (a node killed with SIGKILL holds its objects' segments, which nothing else frees) and
+    client uploads never submitted. A listing of ``/dev/shm`` costs well under a
+    millisecond; every half minute keeps a dead node's memory from lingering."""
+
     host_id: str | None = None
     """Identity of this machine's shared memory (``mesh.client.host_id``): peers with the
     same value map each other's object segments. None: derived from the kernel's boot id
@@ -405,8 +430,56 @@ class NodeConfig:
     bounded at a few MB however fast clients sign."""
 
     api_max_body_bytes: int = 1024 * 1024 * 1024
-    """Largest HTTP body or client websocket message: a batch of submissions with array
-    arguments. 1 GiB admits any argument a single machine would sensibly ship."""
+    """Largest client websocket message (``/v1/session``): a batch of submissions with array
+    arguments. 1 GiB admits any argument a single machine would sensibly ship; only a
+    client that proved the key gets a session."""
+
+    api_max_task_timeout_s: float = 7 * 24 * 3600.0
+    """Largest run-time ``timeout`` a submission may ask for: a week. Longer is a mistake
+    (or an attack on a timer) rather than a job; a task without a timeout may run forever."""
+
+    api_max_wait_s: float = 300.0
+    """Largest ``wait`` of ``POST /v1/tasks`` and ``GET /v1/tasks/{id}?wait=``: a long poll
+    holds a connection, so it is bounded; a client wanting longer polls again (the CLI
+    does). Five minutes stays under the idle timeouts of common proxies."""
+
+    api_max_nesting: int = 32
+    """Deepest nesting of lists and maps in submitted arguments (JSON or msgpack). Real
+    arguments nest a few levels; the bound keeps a crafted body from exhausting the
+    interpreter's recursion limit anywhere on the way."""
+
+    http_submit_body_bytes: int = 64 * 1024 * 1024
+    """Largest body of ``POST /v1/tasks`` (JSON arguments). JSON is a poor carrier for big
+    arrays (the client's session sends those); 64 MiB is a large JSON document. A larger
+    declared ``Content-Length`` is refused with 413 before a byte is read."""
+
+    http_small_body_bytes: int = 64 * 1024
+    """Largest body of every other request: none of them needs one."""
+
+    http_body_timeout_s: float = 60.0
+    """Bound on reading one request body after its headers were accepted: 64 MiB over a
+    congested 10 Mbit link still fits; a body trickled slower than that is dropped (408)."""
+
+    http_header_timeout_s: float = 10.0
+    """A new connection that has not sent a complete request head within this long is
+    closed (slowloris). A client sends its head at once; ten seconds forgives a stalled
+    laptop. Later requests on a kept-alive connection are bounded by the keep-alive timeout."""
+
+    http_keepalive_timeout_s: float = 75.0
+    """An idle kept-alive connection (or one whose next request head is incomplete) is
+    closed after this long. Longer than aiohttp's client-side 15 s, so a client never
+    reuses a connection the node is closing at that moment."""
+
+    http_max_connections_per_address: int = 256
+    """Open connections one peer address may hold; more are closed at once (counted). Every
+    node on a machine shares one address with the others, and each holds a websocket and a
+    small pool for object fetches; 256 leaves room for many, while bounding what one
+    address can make this node hold."""
+
+    http_max_half_open: int = 1024
+    """Connections from all addresses that have not yet sent a complete request head; more
+    are closed at once (counted). Together with ``http_header_timeout_s`` it bounds the
+    sockets a slowloris from many addresses can pin."""
 
     results_kept: int = 100_000
     """Finished tasks remembered for ``GET /v1/tasks/{id}`` and ``why``: a few hundred bytes
@@ -436,7 +509,13 @@ class NodeConfig:
 
     @classmethod
     def test(cls) -> Self:
-        return cls()
+        """Short HTTP timeouts and a small connection cap, so tests of slow or half-open
+        connections finish in seconds; still generous for a loaded test machine."""
+        return cls(
+            http_body_timeout_s=2.0,
+            http_header_timeout_s=2.0,
+            http_max_connections_per_address=64,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,6 +17,19 @@ an illegal one is a bug here and raises ``LocalProtocolError``. Peer input that 
 accepted raises ``RemoteProtocolError`` (counted in ``stats()`` under ``rejected.<reason>``)
 and leaves the state unchanged.
 
+Stalls. A node whose own clock jumped (a timer it asked for served more than
+``stall_s`` late: a blocked loop, SIGSTOP) may have lost, meanwhile, the tasks awarded to
+it: their leases lapsed, or membership declared it dead, and their initiators placed them
+again without it. Tasks already running when it stalled go on (a second result is dropped
+by the initiator). Those not yet started wait: one ``LeaseQuery`` per initiator asks
+whether they are still bound here, and the initiator answers from its own state with a
+``LeaseReply`` naming those it still binds to this node (renewing their lease); the rest
+are dropped unrun. Without an answer within ``stall_reply_s`` the tasks are given back
+with a ``Decline``; should that be lost too, the initiator's lease sweep places them
+again, since nothing renews their lease any more. An award on a bid made before the
+stall is declined outright. While tasks wait to start, the core asks for a timer every
+``stall_s / 2``, so that every stall long enough to matter is seen.
+
 This module may not import asyncio, aiohttp, zeroconf, socket or time, and may not read a
 clock: ``now`` is always an argument, and randomness comes from the ``rng`` passed in.
 """
@@ -51,6 +64,8 @@ from mesh.messages import (
     Confirm,
     Decline,
     Failure,
+    LeaseQuery,
+    LeaseReply,
     Load,
     NodeId,
     Progress,
@@ -331,6 +346,7 @@ class _Held:
         "initiator",
         "need",
         "payload",
+        "query",
         "renewed",
         "req",
         "seed",
@@ -350,6 +366,18 @@ class _Held:
         self.started: float | None = None
         self.renewed = now  # when the initiator last renewed the lease (the confirm)
         self.cancelled = False
+        self.query = 0  # the LeaseQuery it waits for before it may start (0: none)
+
+
+class _Query:
+    """A ``LeaseQuery`` this participant sent after a stall, waiting for its reply."""
+
+    __slots__ = ("deadline", "initiator", "tasks")
+
+    def __init__(self, initiator: NodeId, tasks: tuple[TaskId, ...], deadline: float) -> None:
+        self.initiator = initiator
+        self.tasks = tasks
+        self.deadline = deadline
 
 
 class _Reservation:
@@ -359,6 +387,7 @@ class _Reservation:
         "expires",
         "forget_at",
         "initiator",
+        "made",
         "need",
         "offered",
         "requirements",
@@ -389,6 +418,7 @@ class _Reservation:
         self.offered = offered
         self.reserved = offered
         self.taken = 0
+        self.made = now
         self.expires = now + config.reservation_s
         # Long enough to tell a late award (decline it) from one never solicited (reject it).
         self.forget_at = now + 4 * config.reservation_s
@@ -480,12 +510,20 @@ class Contract:
         self._progress_at = INF
         self._results: dict[NodeId, tuple[list[TaskId], list[Any]]] = {}
         self._failures: dict[NodeId, tuple[list[TaskId], list[Any]]] = {}
+        # stalls
+        self._now = -INF  # the latest ``now`` any entry point was given
+        self._stalled_at = -INF  # when the latest stall was noticed
+        self._watch_at = INF  # a timer that only lets a stall be seen while tasks wait
+        self._queries: dict[int, _Query] = {}  # in the order sent, so by deadline
+        self._query_base = self._cfp_base  # random already: no draw that shifts the rng
+        self._next_query = self._query_base + 1
 
     # -----------------------------------------------------------------------------------
     # Core protocol
     # -----------------------------------------------------------------------------------
 
     def receive(self, src: NodeId, msg: Wire, now: float) -> None:
+        self._tick(now)
         try:
             self._dispatch(src, msg, now)
         except RemoteProtocolError as exc:
@@ -494,6 +532,7 @@ class Contract:
         self._drain(now)
 
     def handle_timer(self, now: float) -> None:
+        self._tick(now)
         while self._deadlines and self._deadlines[0][0] <= now:
             _, cfp = heapq.heappop(self._deadlines)
             auction = self._auctions.get(cfp)
@@ -508,10 +547,16 @@ class Contract:
             self._flush(now)
         if self._lazy_at <= now:
             self._flush_lazy()
+        if self._queries:
+            self._expire_queries(now)
+        if self._watch_at <= now:
+            self._watch_at = INF  # re-armed by ``_drain`` while tasks still wait
         self._drain(now)
 
     def next_timer(self) -> float | None:
-        t = min(self._flush_at, self._sweep_at, self._progress_at, self._lazy_at)
+        t = min(self._flush_at, self._sweep_at, self._progress_at, self._lazy_at, self._watch_at)
+        if self._queries:
+            t = min(t, next(iter(self._queries.values())).deadline)
         if self._deadlines:
             t = min(t, self._deadlines[0][0])
         if self._res_expiry:
@@ -541,6 +586,7 @@ class Contract:
 
     def submit(self, spec: TaskSpec, payload: Any, now: float) -> None:
         """Auction ``spec``; ``payload`` goes, opaque, to the winner only, with the award."""
+        self._tick(now)
         if spec.task_id in self._tasks or spec.task_id in self._done:
             raise LocalProtocolError(f"task id {spec.task_id} was already submitted")
         why = invalid(spec.requirements)
@@ -568,6 +614,7 @@ class Contract:
 
     def cancel(self, task_id: TaskId, now: float) -> None:
         """Stop caring about ``task_id``: no event will be delivered for it."""
+        self._tick(now)
         task = self._tasks.get(task_id)
         if task is None:
             return
@@ -579,6 +626,7 @@ class Contract:
 
     def peer_down(self, node: NodeId, now: float) -> None:
         """Membership saw ``node`` die or leave: place its tasks again, drop its work here."""
+        self._tick(now)
         if node == self._node:
             return
         self._stats["peers_down"] += 1
@@ -608,6 +656,7 @@ class Contract:
 
     def task_finished(self, task_id: TaskId, ok: bool, value: Any, now: float) -> None:
         """The driver ran (or stopped) ``task_id``: free its slot and report the outcome."""
+        self._tick(now)
         held = self._running.pop(task_id, None)
         if held is None:
             raise LocalProtocolError(f"task {task_id} is not running here")
@@ -636,6 +685,7 @@ class Contract:
 
     def set_capabilities(self, capabilities: Capabilities, now: float) -> None:
         """The node's capabilities changed: give back queued tasks it can no longer run."""
+        self._tick(now)
         self._caps = capabilities
         back = [
             h
@@ -648,6 +698,7 @@ class Contract:
 
     def set_accepting(self, accepting: bool, now: float) -> None:
         """Graceful shutdown: stop bidding and give back tasks that have not started."""
+        self._tick(now)
         self._accepting = accepting
         if not accepting:
             self._give_back(
@@ -745,6 +796,9 @@ class Contract:
                 self._dispatch(src, msg, now)
             except RemoteProtocolError as exc:
                 raise LocalProtocolError(f"own message rejected: {exc}") from exc
+        if self._watch_at == INF and len(self._held) > len(self._running):
+            # Tasks wait to start: keep a timer close, so that a stall is seen by its lateness.
+            self._watch_at = now + self._cfg.stall_s / 2
 
     def _dispatch(self, src: NodeId, msg: Wire, now: float) -> None:
         if isinstance(msg, CallForProposals):
@@ -767,6 +821,10 @@ class Contract:
             self._on_outcome(src, msg, now)
         elif isinstance(msg, Cancel):
             self._on_cancel(src, msg)
+        elif isinstance(msg, LeaseQuery):
+            self._on_lease_query(src, msg, now)
+        elif isinstance(msg, LeaseReply):
+            self._on_lease_reply(src, msg, now)
         else:
             raise RemoteProtocolError(
                 f"{type(msg).__name__} is not a contract message", reason="unexpected"
@@ -1433,12 +1491,26 @@ class Contract:
         again = [tid for tid in msg.tasks if tid in self._held]
         if res.taken + len(fresh) > res.offered:
             raise RemoteProtocolError("more tasks awarded than slots offered", reason="over-award")
-        if not self._accepting or check(res.requirements, self._caps):
-            reason = "leaving" if not self._accepting else "incapable"
-            self._send(src, Decline(cfp=msg.cfp, tasks=tuple(t for t, _ in fresh), reason=reason))
-            self._stats["declines_sent"] += 1
+        # A bid made before this node stalled may have been awarded long ago, and the task
+        # placed again elsewhere since: give it back rather than run it a second time.
+        stale = res.made < self._stalled_at
+        if not self._accepting or stale or check(res.requirements, self._caps):
+            reason = "leaving" if not self._accepting else "stale" if stale else "incapable"
+            if fresh:
+                ids = tuple(t for t, _ in fresh)
+                self._send(src, Decline(cfp=msg.cfp, tasks=ids, reason=reason))
+                self._stats["declines_sent"] += 1
+                if stale:
+                    self._stats["stale_declined"] += len(ids)
             self._release(res)
             return
+        for tid in again:
+            h = self._held[tid]
+            if h.query and h.initiator == src:
+                # Awarded here again since the stall: the initiator's answer already.
+                h.query = 0
+                h.renewed = now
+                self._stats["stale_confirmed"] += 1
         # The reservation is soft: an award after it expired (or after a reject, when the
         # initiator falls back to this bid) is taken only if there is room now.
         room = res.reserved
@@ -1527,6 +1599,9 @@ class Contract:
             if held.cancelled:
                 del queue[i]
                 continue
+            if held.query:  # waits for its initiator's word after a stall
+                i += 1
+                continue
             short = [
                 k
                 for k, v in held.need.items()
@@ -1568,6 +1643,99 @@ class Contract:
             self._send(initiator, Progress(tasks=tuple(ids)))
         if remote:
             self._progress_at = now + interval
+
+    # -----------------------------------------------------------------------------------
+    # Stalls: ask before running what may have been placed again elsewhere
+    # -----------------------------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        """Notice that this node stalled: ``now`` came much later than the timer it asked
+        for, and not merely while catching up with calls queued behind a stall already
+        seen (as membership's ``_check_stall`` does)."""
+        due = self.next_timer()
+        prev = self._now
+        self._now = max(prev, now)
+        if due is None or now <= max(due, prev) + self._cfg.stall_s:
+            return
+        self._stats["stalls"] += 1
+        self._stalled_at = now
+        by: dict[NodeId, list[_Held]] = {}
+        for h in self._held.values():
+            if not h.cancelled and h.task_id not in self._running and h.initiator != self._node:
+                by.setdefault(h.initiator, []).append(h)
+        deadline = now + self._cfg.stall_reply_s
+        for initiator, helds in by.items():
+            for i in range(0, len(helds), MAX_CFP_TASKS):
+                part = helds[i : i + MAX_CFP_TASKS]
+                q = self._next_query
+                self._next_query += 1
+                for h in part:
+                    h.query = q
+                ids = tuple(h.task_id for h in part)
+                self._queries[q] = _Query(initiator, ids, deadline)
+                self._send(initiator, LeaseQuery(query=q, tasks=ids))
+                self._stats["stale_checked"] += len(ids)
+
+    def _on_lease_query(self, src: NodeId, msg: LeaseQuery, now: float) -> None:
+        """Initiator: answer from its own state which of ``msg.tasks`` are still ``src``'s."""
+        if not msg.tasks or len(msg.tasks) > MAX_CFP_TASKS or len(set(msg.tasks)) != len(msg.tasks):
+            raise RemoteProtocolError("empty, oversized or repeating batch", reason="bad-batch")
+        keep = [
+            t for t in self._owned(src, msg.tasks) if t.state in (TaskState.AWARDED, TaskState.HELD)
+        ]
+        lease = now + self._cfg.lease_s
+        for t in keep:
+            if t.state is TaskState.AWARDED:
+                t.move("progress")  # it holds the task: as good as its confirm
+            if t.lease_until != INF:
+                t.lease_until = lease
+        self._stats["lease_queries_received"] += 1
+        self._send(src, LeaseReply(query=msg.query, keep=tuple(t.spec.task_id for t in keep)))
+
+    def _on_lease_reply(self, src: NodeId, msg: LeaseReply, now: float) -> None:
+        """Participant: start the tasks the initiator still binds here, drop the rest."""
+        query = self._queries.get(msg.query)
+        if query is None:
+            if self._query_base < msg.query < self._next_query:
+                self._stats["late_answers"] += 1  # after the deadline: already given back
+                return
+            raise RemoteProtocolError(f"no lease query {msg.query}", reason="unsolicited")
+        if query.initiator != src:
+            raise RemoteProtocolError(
+                f"{src} was not asked in query {msg.query}", reason="not-initiator"
+            )
+        keep = set(msg.keep)
+        if len(keep) != len(msg.keep):
+            raise RemoteProtocolError("a task appears twice in one reply", reason="malformed")
+        if not keep.issubset(query.tasks):
+            raise RemoteProtocolError("reply names a task not asked about", reason="unknown-task")
+        del self._queries[msg.query]
+        for tid in query.tasks:
+            h = self._held.get(tid)
+            if h is None or h.query != msg.query:
+                continue  # cancelled, given back, or asked about again since
+            h.query = 0
+            if tid in keep:
+                h.renewed = now
+                self._stats["stale_confirmed"] += 1
+            else:
+                self._drop_held(h)
+                self._stats["stale_dropped"] += 1
+        self._start_ready(now)
+
+    def _expire_queries(self, now: float) -> None:
+        """Give back what no reply came for: the initiator places it again."""
+        while self._queries:
+            q, query = next(iter(self._queries.items()))
+            if query.deadline > now:
+                return
+            del self._queries[q]
+            waiting = [
+                h for tid in query.tasks if (h := self._held.get(tid)) is not None and h.query == q
+            ]
+            if waiting:
+                self._stats["stale_unanswered"] += len(waiting)
+                self._give_back(waiting, "stale")
 
     def _expire_reservations(self, now: float) -> None:
         while self._res_expiry and self._res_expiry[0].expires <= now:

@@ -13,7 +13,10 @@ submitted task, a finished task) is coalesced into one step per loop iteration w
 reason and dropped; nothing a peer sends can stop the driver.
 
 It knows nothing about membership or contracts: the owner gives it routes (wire-type
-ranges to cores) and an ``on_step`` hook in which it drains the cores' events.
+ranges to cores), an ``on_step`` hook in which it drains the cores' events, and a
+``resolve`` function naming the node behind an address, so that every frame names its
+receiver (see ``mesh.codec``). Cores send to addresses; ``resolve`` is called once per
+frame and must be a lookup, not a search.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mesh.codec import Buffer, Chunks, Codec
+from mesh.codec import BLANK_TO_TAGS, UNADDRESSED, Buffer, Chunks, Codec
 from mesh.core import Core
 from mesh.errors import MeshError, RemoteProtocolError
 from mesh.messages import Address, NodeId, Wire
@@ -65,13 +68,18 @@ class Driver:
         transport: Transport,
         codec: Codec,
         routes: Sequence[Route],
+        resolve: Callable[[Address], NodeId | None],
         on_step: Callable[[float], None] | None = None,
         authenticated: bool = True,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         max_queued_per_peer: int = 100_000,
     ) -> None:
-        """``authenticated``: the transport already checked each frame's MAC (the
+        """``resolve(address)``: the id of the node at ``address``, or None if unknown. A
+        frame for an unknown node goes out unaddressed only if its type may (``Join``,
+        ``PeerHello``); any other is dropped here as ``no-receiver``, since its receiver
+        would refuse it.
+        ``authenticated``: the transport already checked each frame's MAC (the
         websocket transport does, to drop forgers at the connection), so decoding skips it.
         ``max_queued_per_peer`` bounds the frames waiting for one destination; beyond it
         new frames are dropped and counted, which the protocols above tolerate as loss."""
@@ -79,6 +87,7 @@ class Driver:
         self.transport = transport
         self.codec = codec
         self.routes = tuple(routes)
+        self.resolve = resolve
         self.on_step = on_step
         self.authenticated = authenticated
         self.clock = clock
@@ -91,7 +100,8 @@ class Driver:
         self.sent: Counter[str] = Counter()
         """Messages queued for sending, by wire type name (local deliveries included)."""
         self.dropped: Counter[str] = Counter()
-        """Outgoing frames given up on, by cause (``overflow``, ``send-error``, ``encode``)."""
+        """Outgoing frames given up on, by cause (``overflow``, ``send-error``, ``encode``,
+        ``no-receiver``)."""
         self._by_tag: dict[int, Core] = {}
         for route in self.routes:
             for tag in route.tags:
@@ -190,6 +200,7 @@ class Driver:
         """Queue every core's outgoing messages; True if there were any."""
         any_out = False
         me = self.transport.address
+        resolve = self.resolve
         for core in self._cores:
             out = core.take_outgoing()
             if not out:
@@ -201,8 +212,15 @@ class Driver:
                 if dst == me:
                     self._local.append(msg)
                     continue
+                to = resolve(dst)
+                if to is None:
+                    if int(msg.TAG) not in BLANK_TO_TAGS:
+                        self.dropped["no-receiver"] += 1
+                        log.debug("no node known at %s for %s", dst, type(msg).__name__)
+                        continue
+                    to = UNADDRESSED
                 try:
-                    chunks, _ = self.codec.encode(msg, wall)
+                    chunks, _ = self.codec.encode(msg, wall, to=to)
                 except MeshError as exc:
                     # Our own message cannot be framed (too big): a bug above, not a peer's.
                     self.dropped["encode"] += 1

@@ -349,6 +349,11 @@ class Membership:
         # _members so that a digest costs a dict copy, not a walk over the table.
         self._digest: dict[NodeId, tuple[int, int, int]] = {}
         self._tombstones: OrderedDict[NodeId, _Tombstone] = OrderedDict()
+        # address -> node, for members and tombstones, kept in step with them so that the
+        # driver names each frame's receiver with a lookup (``node_at``). The rare nodes
+        # that share an address with the one named wait in _also, latest demoted last.
+        self._at: dict[Address, NodeId] = {}
+        self._also: dict[Address, list[NodeId]] = {}
         self._live: list[NodeId] = []
         self._live_dirty = False
         self._probe_order: list[NodeId] = []
@@ -406,6 +411,11 @@ class Membership:
             return self._own
         m = self._members.get(node)
         return None if m is None else m.record
+
+    def node_at(self, address: Address) -> NodeId | None:
+        """The other node known at ``address`` (a member in any state, or one purged but
+        still remembered), or None. Where records disagree, the latest one applied wins."""
+        return self._at.get(address)
 
     def live_members(self) -> list[NodeId]:
         """Other nodes that are alive or suspect (the ones probed and gossiped to)."""
@@ -846,12 +856,14 @@ class Membership:
                 if r.incarnation <= tomb.incarnation:
                     return
                 del self._tombstones[node]
+                self._unindex(node, tomb.address)
             if len(self._members) >= self.config.max_members - 1:
                 self._reject("capacity")
                 return
             self._members[node] = _Member(
                 record=r, state=MemberState.ALIVE, state_inc=r.incarnation, since=now
             )
+            self._index(node, r.address)
             self._live_dirty = True
             # A random place among those not yet probed in this pass (as SWIM does), so
             # that nodes which learned the same list do not probe in the same order.
@@ -874,6 +886,9 @@ class Membership:
             return
         m.record = r
         m.view = None
+        if r.address != old.address:
+            self._unindex(node, old.address)
+        self._index(node, r.address)
         self._digest[node] = (r.incarnation, r.version, RANK[m.state])
         if r.incarnation > m.state_inc:
             was = m.state
@@ -1114,15 +1129,20 @@ class Membership:
             self._queue.pop((node, True), None)
             self._queue.pop((node, False), None)
             tombs = self._tombstones
-            tombs.pop(node, None)
+            stale = tombs.pop(node, None)
+            if stale is not None:
+                self._unindex(node, stale.address)
             if len(tombs) >= self.config.max_members:
-                tombs.popitem(last=False)
+                evicted, gone = tombs.popitem(last=False)
+                self._unindex(evicted, gone.address)
             tombs[node] = _Tombstone(
                 incarnation=m.incarnation,
                 address=m.record.address,
                 until=now + self.config.tombstone_s,
                 died=m.state is MemberState.DEAD,
             )
+            # The member's entry stands for its tombstone (re-added if a stale one took it).
+            self._index(node, m.record.address, prefer=False)
             self._event(MemberPurged(node=node))
         tombs = self._tombstones
         while tombs:
@@ -1130,6 +1150,36 @@ class Membership:
             if tomb.until > now:
                 break
             del tombs[node]
+            self._unindex(node, tomb.address)
+
+    def _index(self, node: NodeId, address: Address, *, prefer: bool = True) -> None:
+        """Enter ``node`` at ``address``; with ``prefer``, as the one ``node_at`` names."""
+        current = self._at.get(address)
+        if current is None:
+            self._at[address] = node
+            return
+        if current == node:
+            return
+        others = self._also.setdefault(address, [])
+        if prefer:
+            if node in others:
+                others.remove(node)
+            others.append(current)
+            self._at[address] = node
+        elif node not in others:
+            others.append(node)
+
+    def _unindex(self, node: NodeId, address: Address) -> None:
+        others = self._also.get(address)
+        if self._at.get(address) == node:
+            if others:
+                self._at[address] = others.pop()
+            else:
+                del self._at[address]
+        elif others and node in others:
+            others.remove(node)
+        if others is not None and not others:
+            del self._also[address]
 
     # ----------------------------------------------------------------- anti-entropy
 

@@ -57,6 +57,8 @@ class WireType(IntEnum):
     RESULT = 40
     FAILURE = 41
     CANCEL = 42
+    LEASE_QUERY = 43
+    LEASE_REPLY = 44
     # --- 64-79: node: objects and the object store (node/store.py, node/executor.py) ---
     OBJECT_REF = 64
     # --- 80-95: node: peer hello, transfer, API (node/transport_ws.py, node/daemon.py) ---
@@ -303,6 +305,28 @@ class Cancel(Wire):
     """Initiator -> winner: stop ``tasks`` and drop their results."""
 
     tasks: tuple[TaskId, ...]
+
+
+@wire(WireType.LEASE_QUERY)
+class LeaseQuery(Wire):
+    """Winner -> initiator, after the winner stalled: are ``tasks`` (held here, not
+    started) still bound to me? Nothing of them starts until the ``LeaseReply``.
+
+    ``query`` numbers the question, so that an answer given before a later stall cannot
+    start tasks whose lease may have lapsed since.
+    """
+
+    query: int
+    tasks: tuple[TaskId, ...]
+
+
+@wire(WireType.LEASE_REPLY)
+class LeaseReply(Wire):
+    """Initiator -> winner: of the tasks asked about in ``query``, ``keep`` are still bound
+    to the winner (their lease is renewed); the winner drops the rest unrun."""
+
+    query: int
+    keep: tuple[TaskId, ...]
 
 
 # ---------------------------------------------------------------------------------------

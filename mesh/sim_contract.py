@@ -5,7 +5,8 @@ the driver's part: it submits tasks at their arrival times, "executes" what the 
 (a task takes its base runtime times the node's slowness), and checks what a driver would
 see (results delivered once, resources never oversubscribed, tasks only on capable nodes).
 Membership is modelled, not run: every node sees the same view, loads refreshed every
-``gossip_s`` and a crashed node declared dead ``detect_s`` after it stopped.
+``gossip_s`` and a crashed node declared dead ``detect_s`` after it stopped (a stalled one
+too, if it stalls longer than that; it is alive again when it resumes).
 
 ``workload`` draws a heterogeneous mesh and a mixed task stream from a seed;
 ``greedy_makespan`` is the omniscient list-scheduling baseline. No event loop, no clock,
@@ -78,6 +79,8 @@ class Outcome:
     misplaced: int = 0
     """Executions on a node whose capabilities do not meet the task's requirements."""
     executions: int = 0
+    runs: dict[TaskId, int] = field(default_factory=dict)
+    """Executions started per task (more than one: it ran twice)."""
     messages: int = 0
     first_submit: float = math.inf
     last_completion: float = 0.0
@@ -163,6 +166,8 @@ class AllocationSim:
         self._runs: dict[tuple[NodeId, TaskId], int] = {}
         self._run_seq = 0
         self._crashed: set[NodeId] = set()
+        self.running_at_stall: dict[NodeId, frozenset[TaskId]] = {}
+        """What each stalled node was running when its (latest) stall began."""
         self.sim.on_step.append(self._on_step)
         self.sim.on_send.append(self._on_send)
         for n in nodes:
@@ -215,6 +220,31 @@ class AllocationSim:
 
         self.sim.call_at(at, stopped)
         self.sim.call_at(at + self.detect_s, detected)
+
+    def stall(self, node: NodeId, at: float, duration: float) -> None:
+        """``node`` handles nothing from ``at`` for ``duration`` (a blocked loop, SIGSTOP),
+        then sees ``now`` jump; what it ran at ``at`` is kept in ``running_at_stall``.
+        Membership declares it dead ``detect_s`` into a longer stall, alive once it resumes."""
+        self.sim.stall(node, at, duration)
+
+        def began(now: float) -> None:
+            self.running_at_stall[node] = frozenset(t for n, t in self._runs if n == node)
+
+        self.sim.call_at(at, began)
+        if duration <= self.detect_s:
+            return
+
+        def detected(now: float) -> None:
+            self.view.update(node, state=MemberState.DEAD)
+            for other in self.nodes:
+                if other != node and other not in self._crashed:
+                    self.sim.act(other, now, lambda cores, t: _contract(cores).peer_down(node, t))
+
+        def refuted(now: float) -> None:
+            self.view.update(node, state=MemberState.ALIVE)
+
+        self.sim.call_at(at + self.detect_s, detected)
+        self.sim.call_at(at + duration, refuted)
 
     # ----------------------------------------------------------------- running
 
@@ -285,6 +315,7 @@ class AllocationSim:
         if check(task.requirements, machine.capabilities):
             self.out.misplaced += 1
         self.out.executions += 1
+        self.out.runs[ev.task_id] = self.out.runs.get(ev.task_id, 0) + 1
         self._run_seq += 1
         token = self._run_seq
         self._runs[(node, ev.task_id)] = token

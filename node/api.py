@@ -13,12 +13,18 @@ Routes (all under the node's one port, next to the peer websocket):
   ``{"segment", "nbytes"}`` of the shared-memory segment that holds the body.
 - ``GET /v1/session``: the client's websocket; batches of submissions in, streamed
   results out, both msgpack bodies made by ``mesh.codec``.
-- ``GET /metrics`` (Prometheus text) and ``GET /openapi.json``: readable without the key;
-  they hold no task data.
+- ``GET /v1/hello``, ``GET /metrics`` (Prometheus text) and ``GET /openapi.json``:
+  readable without the key; they hold no task data. ``/v1/hello`` says the node's id,
+  version and key fingerprint: what a client signs its requests for.
 
 Every other request must carry the proof of ``mesh.client.sign_request``: an HMAC over
-method, path, body hash, timestamp and nonce, within ``api_auth_skew_s`` and never seen
-before. Otherwise the answer is 401 ``authentication failed`` and nothing changes.
+method, path, body hash, timestamp, nonce and the id of the node it is for, within
+``api_auth_skew_s`` and never seen before. The proof is checked on the headers alone,
+before a byte of the body is read; then the body is read (bounded in size per route and
+in time) and checked against the signed hash. A failure is a 401 ``authentication
+failed`` (413 too large, 408 too slow), counted in ``Api.rejected``, and nothing changes.
+Every number a request carries is checked where it enters (finite, in range) with a 400;
+an unexpected error in a handler is a 500 naming an internal error, logged once.
 
 This module only translates HTTP to calls on a ``Service`` (the daemon); it holds no task
 state itself.
@@ -28,46 +34,61 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
 import logging
-import mmap
-import os
-import re
+import math
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, Protocol
 
 import numpy as np
 from aiohttp import WSMsgType, web
 
+from mesh import __version__
 from mesh.client import (
+    HEADER_BODY,
     HEADER_NONCE,
     HEADER_SIGNATURE,
     HEADER_TIME,
+    HEADER_TO,
+    HELLO_PATH,
     HOST_PARAM,
     OBJECT_CONTENT_TYPE,
     SEGMENT_CONTENT_TYPE,
     SESSION_PATH,
-    SHM_DIR,
-    SHM_PREFIX,
     request_mac,
 )
-from mesh.codec import Chunks, dumps, loads
+from mesh.codec import Chunks, dumps, key_fingerprint, loads
 from mesh.config import NodeConfig
-from mesh.errors import LocalProtocolError, MeshError, ObjectLostError
-from mesh.messages import ObjectRef, ShmArg, TaskId, Wire, field_names
+from mesh.errors import MeshError, ObjectLostError
+from mesh.messages import NodeId, ObjectRef, ShmArg, TaskId, Wire, field_names
+from node.http_guard import ConnectionGuard
 from node.store import Upload
 
 log = logging.getLogger(__name__)
 
-_SHM_NAME: Final = re.compile(re.escape(SHM_PREFIX) + r"[0-9a-f]{24}")
-_SHM_MAX: Final = 64 * 1024 * 1024 * 1024
 
-PUBLIC_PATHS: Final = frozenset({"/metrics", "/openapi.json"})
+PUBLIC_PATHS: Final = frozenset({HELLO_PATH, "/metrics", "/openapi.json"})
+SUBMIT_PATH: Final = "/v1/tasks"
+BODY: Final = web.RequestKey("mesh.body", bytes)
+"""Key of a signed request's body, read and checked by the middleware, in the request."""
+
+# Reasons requests are refused for, as counted in ``Api.rejected`` (besides those of
+# ``node.http_guard``).
+AUTH_FAILED: Final = "http-auth"
+WRONG_RECEIVER: Final = "http-wrong-receiver"
+BODY_HASH: Final = "http-body-hash"
+BODY_TOO_LARGE: Final = "http-body-too-large"
+BODY_TIMEOUT: Final = "http-body-timeout"
+
+INTERNAL_ERROR: Final = "InternalError"
+"""``type`` of the error record of a submission that failed by a bug on this node's side."""
+
+_MAX_AMOUNT: Final = 1e18
+"""Largest resource amount a submission may ask for (bytes of memory fit, infinity not)."""
 
 Deliver = Callable[[TaskId, bool, Any, str], None]
 """Called once per submitted task: (task id, ok, value or error record, node that ran it)."""
@@ -81,6 +102,11 @@ class Service(Protocol):
     """What the API needs from the daemon."""
 
     config: NodeConfig
+
+    @property
+    def node_id(self) -> str:
+        """This node's id: signed requests must name it."""
+        ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -113,6 +139,11 @@ class Service(Protocol):
 
     def release_object(self, object_id: str) -> bool: ...
 
+    def take_upload(self, upload: ShmArg) -> Awaitable[Upload]:
+        """A same-machine client's shared-memory upload, copied into the store's own segment
+        (``node.store.ObjectStore.take_upload``); raises ``MeshError`` naming the upload."""
+        ...
+
     def metrics(self) -> bytes: ...
 
     def wait_task(self, task_id: str) -> Awaitable[None] | None: ...
@@ -123,8 +154,18 @@ class Service(Protocol):
 # ---------------------------------------------------------------------------------------
 
 
+class Refused(MeshError):
+    """A request the API refuses before its handler runs; ``reason`` is what is counted."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
 class RequestAuth:
-    """Checks request proofs; remembers nonces so a captured request cannot be replayed."""
+    """Checks request proofs on their headers; remembers nonces so a captured request
+    cannot be replayed. Takes the time as an argument and touches no socket."""
 
     def __init__(self, key: bytes, *, skew_s: float, max_nonces: int) -> None:
         self._key = key
@@ -133,32 +174,64 @@ class RequestAuth:
         self._nonces: OrderedDict[str, float] = OrderedDict()
         self._floor = -float("inf")
         self.failures = 0
+        """Requests refused by ``verify`` or ``verify_body``, all reasons."""
 
-    def check(self, method: str, path: str, body: bytes, headers: Mapping[str, str]) -> bool:
+    def verify(
+        self, method: str, path: str, headers: Mapping[str, str], *, node_id: str, now: float
+    ) -> None:
+        """Accept a request to node ``node_id`` on its headers (``path`` with its query), or
+        raise ``Refused`` (401): a missing or bad proof, a stale or replayed one, or a
+        proof made for another node. The body is checked later, by ``verify_body``."""
+        try:
+            self._verify(method, path, headers, node_id, now)
+        except Refused:
+            self.failures += 1
+            raise
+
+    def verify_body(self, headers: Mapping[str, str], body: bytes) -> None:
+        """Raise ``Refused`` (401) unless ``body`` is the one the verified headers sign."""
+        if hashlib.sha256(body).hexdigest() != headers.get(HEADER_BODY, ""):
+            self.failures += 1
+            raise Refused(
+                401, BODY_HASH, "authentication failed: the body does not match its signed hash"
+            )
+
+    def _verify(
+        self, method: str, path: str, headers: Mapping[str, str], node_id: str, now: float
+    ) -> None:
         stamp = headers.get(HEADER_TIME, "")
         nonce = headers.get(HEADER_NONCE, "")
         sig = headers.get(HEADER_SIGNATURE, "")
-        ok = self._check(method, path, body, stamp, nonce, sig, time.time())
-        if not ok:
-            self.failures += 1
-        return ok
+        digest = headers.get(HEADER_BODY, "")
+        to = headers.get(HEADER_TO, "")
+        if not self._fresh(stamp, nonce, sig, digest, to, now):
+            raise Refused(401, AUTH_FAILED, _NOT_PROVEN)
+        want = request_mac(self._key, method, path, digest, stamp, nonce, to)
+        if not hmac.compare_digest(want, sig):
+            raise Refused(401, AUTH_FAILED, _NOT_PROVEN)
+        if to != node_id:
+            raise Refused(
+                401,
+                WRONG_RECEIVER,
+                f"authentication failed: this request is for node {to}, not {node_id}",
+            )
+        if nonce in self._nonces:
+            raise Refused(401, AUTH_FAILED, _NOT_PROVEN)
+        self._remember(nonce, float(stamp), now)
 
-    def _check(
-        self, method: str, path: str, body: bytes, stamp: str, nonce: str, sig: str, now: float
-    ) -> bool:
-        if not (stamp and nonce and sig) or len(nonce) > 64 or len(stamp) > 32:
+    def _fresh(self, stamp: str, nonce: str, sig: str, digest: str, to: str, now: float) -> bool:
+        if not (stamp and nonce and sig and to) or len(digest) != 64:
+            return False
+        if len(nonce) > 64 or len(stamp) > 32 or len(sig) > 128 or len(to) > 256:
             return False
         try:
             at = float(stamp)
         except ValueError:
             return False
-        if not abs(now - at) <= self._skew or at <= self._floor:
-            return False
-        want = request_mac(self._key, method, path, hashlib.sha256(body).hexdigest(), stamp, nonce)
-        if not hmac.compare_digest(want, sig):
-            return False
-        if nonce in self._nonces:
-            return False
+        # NaN fails the comparison, so it is never fresh.
+        return abs(now - at) <= self._skew and at > self._floor
+
+    def _remember(self, nonce: str, at: float, now: float) -> None:
         self._nonces[nonce] = at
         while self._nonces:
             t = next(iter(self._nonces.values()))
@@ -170,7 +243,9 @@ class RequestAuth:
                 self._nonces.popitem(last=False)
             else:
                 break
-        return True
+
+
+_NOT_PROVEN: Final = "authentication failed: the request does not prove the mesh key"
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,37 +280,107 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def from_json(value: Any) -> Any:
-    """Undo ``jsonable`` for arguments: ``{"$ref": ...}`` becomes an ``ObjectRef``."""
+def parse_json(data: bytes) -> Any:
+    """A request body as JSON; ``BadRequest`` for malformed JSON, ``NaN`` or ``Infinity``
+    (which Python's parser accepts), numbers too large for a float, or nesting too deep
+    for the parser."""
+    try:
+        return json.loads(data or b"null", parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise BadRequest("JSON nested too deeply") from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise BadRequest(f"{name} is not a number the API accepts")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadRequest(f"number out of range: {text[:40]}")
+    return value
+
+
+def from_json(value: Any, *, max_depth: int) -> Any:
+    """Undo ``jsonable`` for arguments: ``{"$ref": ...}`` becomes an ``ObjectRef``.
+    Containers nested deeper than ``max_depth`` are a ``BadRequest``."""
+    return _from_json(value, max_depth)
+
+
+def _from_json(value: Any, depth_left: int) -> Any:
+    if isinstance(value, dict | list) and depth_left <= 0:
+        raise BadRequest("arguments nested too deeply")
     if isinstance(value, dict):
         if "$ref" in value and "holder" in value:
-            try:
-                return ObjectRef(
-                    id=str(value["$ref"]),
-                    holder=value["holder"],
-                    nbytes=int(value.get("nbytes", 0)),
-                    dtype=str(value.get("dtype", "")),
-                    shape=tuple(int(d) for d in value.get("shape", ())),
-                )
-            except (TypeError, ValueError) as exc:
-                raise BadRequest(f"bad object reference: {exc}") from None
+            return _object_ref(value)
         if "$bytes" in value and len(value) == 1:
             try:
                 return base64.b64decode(str(value["$bytes"]), validate=True)
             except ValueError as exc:
                 raise BadRequest(f"bad $bytes value: {exc}") from None
-        return {str(k): from_json(v) for k, v in value.items()}
+        return {str(k): _from_json(v, depth_left - 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [from_json(v) for v in value]
+        return [_from_json(v, depth_left - 1) for v in value]
     return value
 
 
-def _error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+def _object_ref(value: dict[str, Any]) -> ObjectRef:
+    oid, holder = value["$ref"], value["holder"]
+    nbytes, dtype, shape = value.get("nbytes", 0), value.get("dtype", ""), value.get("shape", [])
+    if not (isinstance(oid, str) and oid and isinstance(holder, str) and holder):
+        raise BadRequest("bad object reference: $ref and holder must be strings")
+    if not (_is_count(nbytes) and isinstance(dtype, str) and isinstance(shape, list)):
+        raise BadRequest("bad object reference: nbytes, dtype or shape malformed")
+    if len(shape) > 32 or not all(_is_count(d) for d in shape):
+        raise BadRequest("bad object reference: shape must be sizes")
+    return ObjectRef(id=oid, holder=NodeId(holder), nbytes=nbytes, dtype=dtype, shape=tuple(shape))
 
 
-def parse_options(raw: Any) -> dict[str, Any]:
-    """Validate submission options (``timeout``, ``labels``, ``resources``)."""
+def _is_count(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= _MAX_AMOUNT
+
+
+def check_nesting(values: Iterable[Any], max_depth: int) -> None:
+    """``BadRequest`` if a list, tuple or map in ``values`` nests deeper than ``max_depth``
+    (arguments that arrived as msgpack, which ``from_json`` does not see)."""
+    stack: list[tuple[Any, int]] = [(v, max_depth) for v in values]
+    while stack:
+        value, left = stack.pop()
+        if isinstance(value, dict):
+            children: Iterable[Any] = value.values()
+        elif isinstance(value, list | tuple):
+            children = value
+        else:
+            continue
+        if left <= 0:
+            raise BadRequest("arguments nested too deeply")
+        stack.extend((c, left - 1) for c in children if isinstance(c, dict | list | tuple))
+
+
+def seconds(value: Any, what: str, *, maximum: float, zero: bool = False) -> float:
+    """``value`` as seconds in (0, maximum], or [0, maximum] with ``zero``; else a
+    ``BadRequest`` naming ``what``. NaN, infinities and wrong types are refused."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"{what} must be a number of seconds")
+    # Comparisons, not float(): NaN fails both, and a huge int never overflows.
+    if not ((value >= 0 if zero else value > 0) and value <= maximum):
+        low = "0" if zero else "more than 0"
+        raise BadRequest(f"{what} must be {low} and at most {maximum:g} seconds")
+    return float(value)
+
+
+def _error(status: int, message: str, *, close: bool = False, **extra: Any) -> web.Response:
+    resp = web.json_response({"error": message, **extra}, status=status)
+    if close:
+        resp.force_close()
+    return resp
+
+
+def parse_options(raw: Any, config: NodeConfig) -> dict[str, Any]:
+    """Validate submission options (``timeout``, ``labels``, ``resources``): the one check
+    for both the JSON and the session path."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -243,9 +388,7 @@ def parse_options(raw: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     timeout = raw.get("timeout")
     if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise BadRequest("timeout must be a positive number of seconds")
-        out["timeout"] = float(timeout)
+        out["timeout"] = seconds(timeout, "timeout", maximum=config.api_max_task_timeout_s)
     labels = raw.get("labels")
     if labels is not None:
         if not isinstance(labels, dict) or not all(
@@ -256,12 +399,18 @@ def parse_options(raw: Any) -> dict[str, Any]:
     resources = raw.get("resources")
     if resources is not None:
         if not isinstance(resources, dict) or not all(
-            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
-            for k, v in resources.items()
+            isinstance(k, str) and _is_amount(v) for k, v in resources.items()
         ):
-            raise BadRequest("resources must map names to numbers")
+            raise BadRequest(f"resources must map names to numbers from 0 to {_MAX_AMOUNT:g}")
         out["resources"] = {k: float(v) for k, v in resources.items()}
     return out
+
+
+def _is_amount(value: Any) -> bool:
+    # NaN fails the comparison; a huge int is refused before float() could overflow.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return 0 <= value <= _MAX_AMOUNT
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,16 +419,28 @@ def parse_options(raw: Any) -> dict[str, Any]:
 
 
 class Api:
-    """Adds the API routes and the auth middleware to the daemon's application."""
+    """Adds the API routes and the auth middleware to the daemon's application, and makes
+    the connection guard its site must use (``node.http_guard.GuardedSite``)."""
 
     def __init__(self, service: Service, key: bytes, *, exempt: frozenset[str] = frozenset()):
         """``exempt``: paths that authenticate by other means (the peer websocket)."""
         self.service = service
         self.config = service.config
+        self.fingerprint = key_fingerprint(key)
         self.auth = RequestAuth(
             key, skew_s=self.config.api_auth_skew_s, max_nonces=self.config.api_nonce_cache
         )
         self.exempt = PUBLIC_PATHS | exempt
+        self.rejected: Counter[str] = Counter()
+        """Requests and connections refused at the HTTP edge, by reason (``http-...``)."""
+        self.internal_errors = 0
+        """Requests and submissions that failed by an unexpected error on this node."""
+        self.guard = ConnectionGuard(
+            max_per_address=self.config.http_max_connections_per_address,
+            max_half_open=self.config.http_max_half_open,
+            header_timeout_s=self.config.http_header_timeout_s,
+            rejected=self.rejected,
+        )
         self.sessions = 0
         self.served_bytes = 0
         """Object bytes sent through ``GET /v1/objects/{id}``."""
@@ -289,9 +450,10 @@ class Api:
     def add_routes(self, app: web.Application) -> None:
         app.middlewares.append(self._middleware)
         r = app.router
+        r.add_get(HELLO_PATH, self._hello)
         r.add_get("/v1/status", self._status)
         r.add_get("/v1/peers", self._peers)
-        r.add_post("/v1/tasks", self._submit)
+        r.add_post(SUBMIT_PATH, self._submit)
         r.add_get("/v1/tasks/{id}", self._task)
         r.add_delete("/v1/tasks/{id}", self._cancel)
         r.add_get("/v1/tasks/{id}/why", self._why)
@@ -305,15 +467,67 @@ class Api:
     async def _middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path in self.exempt:
-            return await handler(request)
-        body = await request.read() if request.can_read_body else b""
-        if not self.auth.check(request.method, request.raw_path, body, request.headers):
-            return _error(401, "authentication failed: the request does not prove the mesh key")
         try:
+            if request.path not in self.exempt:
+                await self._admit(request)
+            elif (request.content_length or 0) > self.config.http_small_body_bytes:
+                raise Refused(413, BODY_TOO_LARGE, "request body too large")
             return await handler(request)
+        except Refused as exc:
+            self.rejected[exc.reason] += 1
+            # Closing the connection: the rest of a refused body is never read.
+            return _error(exc.status, str(exc), close=True)
         except BadRequest as exc:
             return _error(400, str(exc))
+        except (web.HTTPException, ConnectionError):
+            raise  # aiohttp's own answers (404, 405, ...) and a client gone away
+        except Exception as exc:
+            # A bug behind one request must not take the node down or leak a traceback.
+            self.internal_errors += 1
+            log.exception("internal error answering %s %s", request.method, request.path)
+            return _error(500, f"internal error: {type(exc).__name__}", kind=INTERNAL_ERROR)
+
+    async def _admit(self, request: web.Request) -> None:
+        """Check a request's proof on its headers, then read its body (bounded in size and
+        time) into ``request[BODY]`` and check it against the signed hash."""
+        self.auth.verify(
+            request.method,
+            request.raw_path,
+            request.headers,
+            node_id=self.service.node_id,
+            now=time.time(),
+        )
+        limit = (
+            self.config.http_submit_body_bytes
+            if request.method == "POST" and request.path == SUBMIT_PATH
+            else self.config.http_small_body_bytes
+        )
+        if (request.content_length or 0) > limit:
+            raise Refused(413, BODY_TOO_LARGE, f"request body over {limit} bytes")
+        body = bytearray()
+        if request.can_read_body:
+            try:
+                async with asyncio.timeout(self.config.http_body_timeout_s):
+                    async for chunk in request.content.iter_any():
+                        body += chunk
+                        if len(body) > limit:
+                            raise Refused(413, BODY_TOO_LARGE, f"request body over {limit} bytes")
+            except TimeoutError:
+                raise Refused(
+                    408,
+                    BODY_TIMEOUT,
+                    f"request body not received within {self.config.http_body_timeout_s:g} s",
+                ) from None
+        data = bytes(body)
+        self.auth.verify_body(request.headers, data)
+        request[BODY] = data
+
+    # -- public ----------------------------------------------------------------------------
+
+    async def _hello(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"id": self.service.node_id, "version": __version__, "mesh": self.fingerprint}
+        )
 
     # -- queries -------------------------------------------------------------------------
 
@@ -338,10 +552,7 @@ class Api:
     # -- tasks ---------------------------------------------------------------------------
 
     async def _submit(self, request: web.Request) -> web.Response:
-        try:
-            body = json.loads(await request.read() or b"null")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"malformed JSON: {exc}") from None
+        body = parse_json(request[BODY])
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
         name = body.get("task")
@@ -359,13 +570,12 @@ class Api:
             raise BadRequest('"args" must be a JSON array (positional) or object (keywords)')
         if not isinstance(kwargs, dict):
             raise BadRequest('"kwargs" must be a JSON object')
-        options = parse_options({"timeout": body.get("timeout")})
-        for extra in ("labels", "resources"):
-            if extra in body:
-                options.update(parse_options({extra: body[extra]}))
-        wait = body.get("wait", 0)
-        if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
-            raise BadRequest('"wait" must be a number of seconds')
+        options = parse_options(
+            {k: body[k] for k in ("timeout", "labels", "resources") if k in body}, self.config
+        )
+        wait = seconds(body.get("wait", 0), '"wait"', maximum=self.config.api_max_wait_s, zero=True)
+        depth = self.config.api_max_nesting
+        args, kwargs = from_json(args, max_depth=depth), from_json(kwargs, max_depth=depth)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[TaskId, bool, Any, str]] = loop.create_future()
 
@@ -374,19 +584,17 @@ class Api:
                 done.set_result((task_id, ok, value, node))
 
         try:
-            task_id = self.service.submit(
-                name, from_json(args), from_json(kwargs), options, deliver
-            )
-        except LocalProtocolError as exc:
+            task_id = self.service.submit(name, args, kwargs, options, deliver)
+        except MeshError as exc:
             raise BadRequest(str(exc)) from None
         if not wait:
             return web.json_response({"task_id": task_id, "state": "submitted"}, status=202)
         try:
-            async with asyncio.timeout(float(wait)):
+            async with asyncio.timeout(wait):
                 tid, ok, value, node = await asyncio.shield(done)
         except TimeoutError:
             return web.json_response(
-                {"task_id": task_id, "state": "running", "error": f"no result within {wait} s"},
+                {"task_id": task_id, "state": "running", "error": f"no result within {wait:g} s"},
                 status=202,
             )
         return web.json_response(_result_json(tid, ok, value, node))
@@ -395,9 +603,10 @@ class Api:
         task_id = request.match_info["id"]
         raw = request.query.get("wait", "0")
         try:
-            wait = float(raw)
+            number = float(raw)
         except ValueError:
-            raise BadRequest(f"wait must be seconds, not {raw!r}") from None
+            raise BadRequest("wait must be a number of seconds") from None
+        wait = seconds(number, "wait", maximum=self.config.api_max_wait_s, zero=True)
         waiter = self.service.wait_task(task_id) if wait > 0 else None
         if waiter is not None:
             try:
@@ -488,6 +697,12 @@ class Api:
                         await ws.send_bytes(dumps({"op": "error", "message": str(exc)}))
                         break
                 writing.cancel()
+        except* ConnectionError:
+            pass  # the client went away mid-write
+        except* Exception:
+            # The response is a websocket already: a bug here ends this session only.
+            self.internal_errors += 1
+            log.exception("internal error in a client session")
         finally:
             self.sessions -= 1
             await ws.close()
@@ -512,58 +727,40 @@ class Api:
                 deliver(TaskId(""), False, _bad("kwargs must be a map"), "")
                 continue
             try:
-                if _has_shm(args) or _has_shm(list(kwargs.values())):
-                    args = [await load_shm(a) for a in args]
-                    kwargs = {k: await load_shm(v) for k, v in kwargs.items()}
-                self.service.submit(name, args, kwargs, parse_options(options), deliver)
-            except (BadRequest, LocalProtocolError) as exc:
+                check_nesting((args, kwargs), self.config.api_max_nesting)
+                valid = parse_options(options, self.config)
+                if any(isinstance(v, ShmArg) for v in (*args, *kwargs.values())):
+                    args = [await self._upload(a) for a in args]
+                    kwargs = {k: await self._upload(v) for k, v in kwargs.items()}
+                self.service.submit(name, args, kwargs, valid, deliver)
+            except MeshError as exc:  # BadRequest, a full store, a node shutting down
                 deliver(TaskId(""), False, _bad(str(exc)), "")
+            except Exception as exc:
+                # A bug behind one submission fails that task, not the session or the node.
+                self.internal_errors += 1
+                log.exception("internal error submitting %.100r from a session", name)
+                deliver(TaskId(""), False, _internal(exc), "")
 
-
-def _has_shm(values: list[Any]) -> bool:
-    return any(isinstance(v, ShmArg) for v in values)
-
-
-async def load_shm(value: Any) -> Any:
-    """The value a same-machine client left in shared memory, as an ``Upload``.
-
-    Mapped, not read: the array stays in the client's pages and costs no copy here. The
-    daemon's store adopts the file as the object's segment; an upload it does not adopt
-    removes the file when dropped. A file of the wrong size is removed at once.
-    """
-    if not isinstance(value, ShmArg):
-        return value
-    if not _SHM_NAME.fullmatch(value.name) or not 0 < value.nbytes <= _SHM_MAX:
-        raise BadRequest(f"bad shared-memory argument {value.name!r}")
-    path = SHM_DIR / value.name
-
-    def read() -> mmap.mmap:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size != value.nbytes:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                raise BadRequest(f"shared-memory argument {value.name} has the wrong size")
-            return mmap.mmap(f.fileno(), value.nbytes, access=mmap.ACCESS_READ)
-
-    try:
-        data = await asyncio.to_thread(read)
-    except FileNotFoundError:
-        raise BadRequest(
-            f"shared-memory argument {value.name} not found: is the client on this machine?"
-        ) from None
-    except OSError as exc:
-        raise BadRequest(f"shared-memory argument {value.name}: {exc.strerror}") from None
-    try:
-        decoded = loads(memoryview(data))
-    except MeshError as exc:
-        with contextlib.suppress(OSError):
-            path.unlink()
-        raise BadRequest(f"shared-memory argument {value.name}: {exc}") from None
-    return Upload(value.name, value.nbytes, data, decoded)
+    async def _upload(self, value: Any) -> Any:
+        """A same-machine client's shared-memory argument, taken by the store (``Upload``)."""
+        if not isinstance(value, ShmArg):
+            return value
+        try:
+            return await self.service.take_upload(value)
+        except MeshError as exc:
+            raise BadRequest(str(exc)) from None
 
 
 def _bad(message: str) -> dict[str, Any]:
     return {"kind": "bad-request", "message": message}
+
+
+def _internal(exc: Exception) -> dict[str, Any]:
+    return {
+        "kind": "internal",
+        "type": INTERNAL_ERROR,
+        "message": f"internal error: {type(exc).__name__}: {exc}",
+    }
 
 
 def _result_json(task_id: str, ok: bool, value: Any, node: str) -> dict[str, Any]:
@@ -588,7 +785,11 @@ def _op(summary: str, *, body: bool = False, params: tuple[str, ...] = ()) -> di
         "security": [{"meshSignature": []}],
         "responses": {
             "200": {"description": "OK", "content": {"application/json": {}}},
-            "401": {"description": "authentication failed"},
+            "400": {"description": "malformed request or number out of range, with the reason"},
+            "401": {"description": "authentication failed (bad proof, body or receiver)"},
+            "408": {"description": "the body did not arrive in time"},
+            "413": {"description": "the body is too large for this route"},
+            "500": {"description": "internal error on the node (logged there)"},
         },
     }
     if params:
@@ -608,8 +809,8 @@ def _op(summary: str, *, body: bool = False, params: tuple[str, ...] = ()) -> di
                             "task": {"type": "string"},
                             "args": {"oneOf": [{"type": "array"}, {"type": "object"}]},
                             "kwargs": {"type": "object"},
-                            "timeout": {"type": "number"},
-                            "wait": {"type": "number"},
+                            "timeout": {"type": "number", "exclusiveMinimum": 0},
+                            "wait": {"type": "number", "minimum": 0},
                             "labels": {"type": "object"},
                             "resources": {"type": "object"},
                         },
@@ -617,7 +818,6 @@ def _op(summary: str, *, body: bool = False, params: tuple[str, ...] = ()) -> di
                 }
             },
         }
-        op["responses"]["400"] = {"description": "malformed request, with the reason"}
     return op
 
 
@@ -628,9 +828,11 @@ OPENAPI: Final[dict[str, Any]] = {
         "version": "1",
         "description": (
             "The HTTP API of one Mesh node. Requests prove the mesh key with headers "
-            f"{HEADER_TIME} (unix seconds), {HEADER_NONCE} (random, single use) and "
-            f"{HEADER_SIGNATURE}: hex HMAC-SHA256 under the key over "
-            "METHOD\\nPATH?QUERY\\nsha256(body) hex\\ntime\\nnonce."
+            f"{HEADER_TIME} (unix seconds), {HEADER_NONCE} (random, single use), "
+            f"{HEADER_BODY} (hex SHA-256 of the body), {HEADER_TO} (the receiving node's "
+            f"id, from {HELLO_PATH}) and {HEADER_SIGNATURE}: hex HMAC-SHA256 under the key "
+            "over METHOD\\nPATH?QUERY\\nbody sha256\\ntime\\nnonce\\nreceiver id. "
+            "The proof is checked before the body is read."
         ),
     },
     "components": {
@@ -639,6 +841,17 @@ OPENAPI: Final[dict[str, Any]] = {
         }
     },
     "paths": {
+        HELLO_PATH: {
+            "get": {
+                "summary": "This node's id, version and key fingerprint (no key needed)",
+                "responses": {
+                    "200": {
+                        "description": '{"id", "version", "mesh"}',
+                        "content": {"application/json": {}},
+                    }
+                },
+            }
+        },
         "/v1/status": {"get": _op("This node: id, peers, running, queued, completed")},
         "/v1/peers": {"get": _op("Known nodes: id, address, state, load, capabilities")},
         "/v1/tasks": {"post": _op("Submit a task; with wait, answer with its result", body=True)},

@@ -23,13 +23,21 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Final
 
 import aiohttp
 
-from mesh.client import DEFAULT_PORT, event_loop, normalise_url, request_json, resolve_key
+from mesh.client import (
+    DEFAULT_PORT,
+    event_loop,
+    node_id_at,
+    normalise_url,
+    request_json,
+    resolve_key,
+)
 from mesh.client import key_bytes as derive_key
 from mesh.config import MeshConfig
 from mesh.errors import MeshError
@@ -37,6 +45,8 @@ from mesh.errors import MeshError
 PRESETS: Final = {"lan": MeshConfig.lan, "local": MeshConfig.local, "test": MeshConfig.test}
 PRESET_ENV: Final = "MESH_PRESET"
 COMMANDS: Final = ("start", "peers", "submit", "status", "why")
+POLL_S: Final = 60.0
+"""Longest single wait ``submit`` asks the node for (under ``NodeConfig.api_max_wait_s``)."""
 
 
 def _pair(text: str, sep: str = "=") -> tuple[str, str]:
@@ -226,28 +236,38 @@ async def _client_command(ns: argparse.Namespace) -> int:
     async with aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)
     ) as session:
+        to = await node_id_at(session, key, base)
+
+        async def call(method: str, path: str, payload: Any = None) -> Any:
+            return await request_json(session, key, base, method, path, payload, to=to)
+
         if ns.command == "peers":
-            peers = await request_json(session, key, base, "GET", "/v1/peers")
-            _print_peers(peers, ns.json)
+            _print_peers(await call("GET", "/v1/peers"), ns.json)
             return 0
         if ns.command == "status":
-            status = await request_json(session, key, base, "GET", "/v1/status")
-            _print_mapping(status, ns.json)
+            _print_mapping(await call("GET", "/v1/status"), ns.json)
             return 0
         if ns.command == "why":
-            record = await request_json(session, key, base, "GET", f"/v1/tasks/{ns.task_id}/why")
-            _print_why(record, ns.json)
+            _print_why(await call("GET", f"/v1/tasks/{ns.task_id}/why"), ns.json)
             return 0
         args, kwargs = _parse_task_args(ns.args)
-        body: dict[str, Any] = {
-            "task": ns.task,
-            "args": args,
-            "kwargs": kwargs,
-            "wait": ns.timeout if ns.timeout is not None else 86400.0,
-        }
+        # Without --timeout the command waits up to a day, in long polls the node allows.
+        patience = ns.timeout if ns.timeout is not None else 86400.0
+        deadline = time.monotonic() + patience
+
+        def wait() -> float:
+            return round(max(0.0, min(POLL_S, deadline - time.monotonic())), 3)
+
+        body: dict[str, Any] = {"task": ns.task, "args": args, "kwargs": kwargs, "wait": wait()}
         if ns.timeout is not None:
             body["timeout"] = ns.timeout
-        reply = await request_json(session, key, base, "POST", "/v1/tasks", body)
+        reply = await call("POST", "/v1/tasks", body)
+        while "ok" not in reply and "task_id" in reply and wait() > 0:
+            info = await call("GET", f"/v1/tasks/{reply['task_id']}?wait={wait()}")
+            if info.get("state") in ("done", "failed"):
+                reply = info
+        if "ok" not in reply and "error" in reply:
+            reply = {**reply, "error": f"no result within {patience:g} s"}
         return _print_result(reply, ns.json)
 
 

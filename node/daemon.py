@@ -78,6 +78,7 @@ from mesh.messages import (
 from node.api import Api, Deliver, jsonable, result_json
 from node.capabilities import probe
 from node.executor import Executor
+from node.http_guard import GuardedSite
 from node.store import ObjectStore, OwnedSegment, Upload, nbytes_of, remove_orphan_segments
 from node.transport_ws import WS_PATH, WsTransport
 from node.worker import SharedArg
@@ -90,6 +91,9 @@ _KIND: Final = {FAILED_TASK: "task", FAILED_NO_PEER: "no-peer"}
 
 _MAX_ARG_DEPTH: Final = 8
 """How deep argument containers are searched for references and large arrays."""
+
+INTERNAL_ERROR: Final = "InternalError"
+"""``exc_type`` of a task that failed through an unexpected error on the node's side."""
 
 
 class StartError(MeshError):
@@ -256,7 +260,9 @@ class Daemon:
                 peers=self.membership,
                 capabilities=capabilities,
             )
-            self.transport = WsTransport(codec=codec, config=self.config, wall_clock=time.time)
+            self.transport = WsTransport(
+                codec=codec, config=self.config, wall_clock=time.time, resolve=self._node_at
+            )
             self.driver = Driver(
                 node=self.node_id,
                 transport=self.transport,
@@ -265,15 +271,24 @@ class Daemon:
                     Route(MEMBERSHIP_TAGS, self.membership),
                     Route(CONTRACT_TAGS, self.contract),
                 ),
+                resolve=self._node_at,
                 on_step=self._on_step,
             )
-            app = web.Application(client_max_size=self.config.api_max_body_bytes)
+            app = web.Application(client_max_size=self.config.http_submit_body_bytes)
             self.api = Api(self, self._key, exempt=frozenset({WS_PATH}))
             self.transport.add_routes(app)
             self.api.add_routes(app)
-            runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+            runner = web.AppRunner(
+                app,
+                access_log=None,
+                handle_signals=False,
+                shutdown_timeout=1.0,
+                keepalive_timeout=self.config.http_keepalive_timeout_s,
+                # A refused body is not drained: its connection is closed instead.
+                lingering_time=0,
+            )
             await runner.setup()
-            await web.SockSite(runner, sock).start()
+            await GuardedSite(runner, sock, guard=self.api.guard).start()
             await self.transport.start(self.address)
             self._http = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.config.object_fetch_timeout_s)
@@ -291,6 +306,7 @@ class Daemon:
                 self._tg = tg
                 driving = tg.create_task(self.driver.run())
                 gossiping = tg.create_task(self._gossip_load())
+                sweeping = tg.create_task(self._sweep_orphans())
                 for seed in opts.joins:
                     self.membership.join(Address(seed), time.monotonic())
                 self.driver.wake()
@@ -299,6 +315,7 @@ class Daemon:
                 await stop.wait()
                 await self._shutdown()
                 gossiping.cancel()
+                sweeping.cancel()
                 self.driver.stop()
                 await driving
                 for job in list(self._jobs.values()):
@@ -367,6 +384,12 @@ class Daemon:
             except (TimeoutError, OSError) as exc:
                 log.warning("mDNS did not close cleanly: %s", exc)
 
+    def _node_at(self, address: Address) -> NodeId | None:
+        """The node a frame to ``address`` is for: membership's view first (the node a core
+        means), then the id a hello proved there. Two dict lookups: called per frame."""
+        node = self.membership.node_at(address)
+        return node if node is not None else self.transport.node_at(address)
+
     def _on_found(self, node: NodeId, address: Address) -> None:
         if node == self.node_id or not hasattr(self, "membership"):
             return
@@ -410,6 +433,16 @@ class Daemon:
                 last = load
                 self.membership.set_load(load, time.monotonic())
                 self.driver.wake()
+
+    async def _sweep_orphans(self) -> None:
+        """Remove shared memory that crashed processes left behind, on a timer: a node
+        killed with SIGKILL cannot free its objects' segments, and none may wait for some
+        node to start again."""
+        while True:
+            await asyncio.sleep(self.config.orphan_sweep_interval_s)
+            removed = await asyncio.to_thread(remove_orphan_segments)
+            if removed:
+                log.info("removed %d shared-memory files of processes that died", removed)
 
     # -- the cores' events ----------------------------------------------------------------
 
@@ -488,6 +521,27 @@ class Daemon:
             raise LocalProtocolError("the node is shutting down")
         task_id = TaskId(f"{self._id_prefix}-{next(self._ids)}")
         temp: list[str] = []
+        try:
+            self._submit(task_id, name, args, kwargs, options, deliver, temp)
+        except BaseException:
+            # A second upload that does not fit must not leave the first one stored.
+            self._pending.pop(task_id, None)
+            for oid in temp:
+                self.store.release(oid)
+            raise
+        self.driver.wake()
+        return task_id
+
+    def _submit(
+        self,
+        task_id: TaskId,
+        name: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        options: Mapping[str, Any],
+        deliver: Deliver,
+        temp: list[str],
+    ) -> None:
         holders: Counter[NodeId] = Counter()
         call_args = tuple(self._prepare(a, temp, holders, 0) for a in args)
         call_kwargs = {str(k): self._prepare(v, temp, holders, 0) for k, v in kwargs.items()}
@@ -510,15 +564,7 @@ class Daemon:
             name=name, args=call_args, kwargs=call_kwargs, timeout_s=options.get("timeout")
         )
         self._pending[task_id] = _Pending(name=name, deliver=deliver, temp_objects=temp)
-        try:
-            self.contract.submit(spec, call, time.monotonic())
-        except LocalProtocolError:
-            self._pending.pop(task_id, None)
-            for oid in temp:
-                self.store.release(oid)
-            raise
-        self.driver.wake()
-        return task_id
+        self.contract.submit(spec, call, time.monotonic())
 
     def _prepare(self, value: Any, temp: list[str], holders: Counter[NodeId], depth: int) -> Any:
         """Large arrays become references to this node's store; refs are counted by holder.
@@ -610,6 +656,15 @@ class Daemon:
             ok, outcome = False, "cancelled"
             value = {"message": "cancelled", "exc_type": "Cancelled"}
             raise
+        except Exception as exc:
+            # A bug on this node's side of one task (or input nothing above caught): that
+            # task fails with a named internal error; the node and its other tasks go on.
+            log.exception("internal error while running task %s", task_id)
+            ok, outcome = False, "error"
+            value = {
+                "message": f"internal error on {self.node_id}: {type(exc).__name__}: {exc}",
+                "exc_type": INTERNAL_ERROR,
+            }
         finally:
             self.executed[outcome] += 1
             self._jobs.pop(task_id, None)
@@ -682,11 +737,11 @@ class Daemon:
         if isinstance(body, ShmArg):
             try:
                 check_object_segment(body.name, body.nbytes)
-            except FileNotFoundError:
-                raise ObjectLostError(ref.id, ref.holder) from None
             except PermissionError:
                 # Another user's node: its segments are private, so take the bytes instead.
                 body = await fetch_bytes(http, self._key, address, ref, allocate=allocate)
+            except OSError:
+                raise ObjectLostError(ref.id, ref.holder) from None
             else:
                 return SharedArg(name=body.name, nbytes=body.nbytes)
         self.fetched_bytes += ref.nbytes
@@ -800,6 +855,9 @@ class Daemon:
     def release_object(self, object_id: str) -> bool:
         return self.store.release(object_id)
 
+    async def take_upload(self, upload: ShmArg) -> Upload:
+        return await asyncio.to_thread(self.store.take_upload, upload)
+
     def metrics(self) -> bytes:
         data: bytes = generate_latest(self._metrics_registry)
         return data
@@ -847,7 +905,8 @@ class _Collector:
         )
         reasons: Counter[str] = Counter(d.transport.rejected)
         reasons.update(d.driver.rejected)
-        reasons["http-auth"] += d.api.auth.failures
+        reasons.update(d.api.rejected)
+        reasons["http-internal-error"] += d.api.internal_errors
         for reason, n in sorted(reasons.items()):
             rejected.add_metric([reason], n)
         running = GaugeMetricFamily("mesh_running_tasks", "Tasks running on this node")

@@ -26,6 +26,7 @@ import ctypes
 import gc
 import itertools
 import logging
+import math
 import os
 import secrets
 import signal
@@ -60,6 +61,7 @@ WORKER_DIED: Final = "WorkerDied"
 TIMEOUT: Final = "Timeout"
 CANCELLED: Final = "Cancelled"
 UNKNOWN_TASK: Final = "UnknownTask"
+BAD_TIMEOUT: Final = "BadTimeout"
 
 _KEEP_ARGS_BYTES: Final = 256 * 1024 * 1024
 """A worker's argument segment is kept for reuse up to this size, and freed above it."""
@@ -76,7 +78,8 @@ class Outcome:
     value: Any
     """The task's result when ``ok``; None otherwise."""
     error_type: str = ""
-    """When not ok: the exception's class name, or WorkerDied, Timeout, Cancelled, UnknownTask."""
+    """When not ok: the exception's class name, or WorkerDied, Timeout, Cancelled, UnknownTask,
+    BadTimeout."""
     message: str = ""
     traceback: str = ""
     """The traceback as formatted in the worker, starting at the task function."""
@@ -339,8 +342,17 @@ class Executor:
             raise LocalProtocolError(f"task {task_id} is already running here")
         if name not in self.registry:
             return self._failed(UNKNOWN_TASK, f"task {name} is not installed on {self.node_id}")
-        if timeout is not None and timeout <= 0:
-            return self._failed(TIMEOUT, f"task {task_id} had no time left to run")
+        if timeout is not None:
+            # From a peer's award: NaN or a string-made float must fail the task, never reach
+            # call_later, where it would raise in the event loop. Infinite means unbounded.
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+                return self._failed(BAD_TIMEOUT, f"task {task_id}: timeout {timeout!r}")
+            if math.isnan(timeout):
+                return self._failed(BAD_TIMEOUT, f"task {task_id}: timeout is not a number")
+            if timeout <= 0:
+                return self._failed(TIMEOUT, f"task {task_id} had no time left to run")
+            if math.isinf(timeout):
+                timeout = None
         seq = next(self._seq)
         shared: dict[str, SharedArg] = {}
         call_args = _send_shared(list(args), shared, 0)

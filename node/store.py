@@ -12,11 +12,14 @@ reference's back: an object leaves only when ``release`` is called for it.
 Processes on the same machine share large objects through shared memory, as a plasma store
 does: an object from ``segment_min_bytes`` on can live in a segment the store owns, a file
 in ``/dev/shm`` named ``<store prefix><n>`` that other nodes' workers map read-only. A
-client's upload is adopted as such a segment by renaming it (no copy); any other object gets
+client's upload is copied into such a segment in the kernel (``take_upload``): copy-on-adopt,
+because the client could still shrink its own file under a mapping of it, which kills the
+reader with SIGBUS; the store's copy is a file only the node writes. Any other object gets
 its segment written once, in a thread, the first time a process on this machine asks for it.
 A segment is removed exactly when its object is released or the store closes; processes that
-mapped it keep its pages until they unmap them. Segments of a store whose process died are
-removed by ``remove_orphan_segments`` when a node starts.
+mapped it keep its pages until they unmap them. Segments of processes that died (a node
+killed with SIGKILL, its workers) and uploads no node took are removed by
+``remove_orphan_segments``, which the daemon runs at start and then on a timer.
 
 The daemon serves ``encoded`` chunks or segment names over HTTP and decides what to put and
 when to release; the store touches no socket.
@@ -26,12 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import mmap
 import os
 import re
 import secrets
 import sys
+import time
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,18 +46,28 @@ from typing import Any, Final
 import numpy as np
 import psutil
 
-from mesh.client import SEGMENT_PREFIX, SHM_DIR
+from mesh.client import SEGMENT_PREFIX, SHM_DIR, SHM_PREFIX
 from mesh.codec import Chunks, decode_body, encode_body
 from mesh.config import NodeConfig
-from mesh.errors import LocalProtocolError, MeshError, ObjectLostError, TaskLostError
+from mesh.errors import (
+    LocalProtocolError,
+    MeshError,
+    ObjectLostError,
+    RemoteProtocolError,
+    TaskLostError,
+)
 from mesh.messages import NodeId, ObjectRef, ShmArg, Wire, field_names
+from mesh.shm import open_exact
 from node.worker import write_chunks
 
 _LIMIT_SHARE: Final = 4
 """With no configured limit the store may take 1/_LIMIT_SHARE of the machine's memory."""
 
 _MAP_POPULATE: Final[int] = getattr(mmap, "MAP_POPULATE", 0)
-_OWNER: Final = re.compile(re.escape(SEGMENT_PREFIX) + r"([0-9]{1,10})-")
+_OWNER: Final = re.compile(r"mesh-(?:obj-)?([0-9]{1,10})-")
+"""A segment's owner: an object store (``SEGMENT_PREFIX``) or an executor (``mesh-<pid>-``)."""
+_UPLOAD: Final = re.compile(re.escape(SHM_PREFIX) + r"[0-9a-f]{24}")
+_MAX_UPLOAD: Final = 64 * 1024 * 1024 * 1024
 
 
 class ObjectNotFoundError(ObjectLostError):
@@ -133,7 +148,7 @@ def _path(name: str) -> str:
 
 
 def _unlink(name: str) -> None:
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+    with contextlib.suppress(OSError):  # gone already, a directory, another user's
         os.unlink(_path(name))
 
 
@@ -147,24 +162,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_orphan_segments() -> int:
-    """Remove the segments of stores whose process is gone (a node that crashed); how many.
+def remove_orphan_segments(*, upload_max_age_s: float = 600.0) -> int:
+    """Remove what crashed processes left in shared memory; how many files.
 
-    A store's segments carry its process id, so a live store's are never touched.
+    Segments carry their owner's process id (a store's ``mesh-obj-<pid>-``, an executor's
+    ``mesh-<pid>-``): those of a process that is gone go, a live one's are never touched.
+    A client's upload is taken within moments of being written, so one older than
+    ``upload_max_age_s`` belongs to a client that died before submitting it.
     """
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
         return 0
     removed = 0
+    now = time.time()
     for name in names:
         owner = _OWNER.match(name)
-        if owner is None:
+        if owner is not None:
+            pid = int(owner.group(1))
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+        elif _UPLOAD.fullmatch(name):
+            try:
+                if now - os.lstat(_path(name)).st_mtime < upload_max_age_s:
+                    continue
+            except OSError:
+                continue
+        else:
             continue
-        pid = int(owner.group(1))
-        if pid != os.getpid() and not _pid_alive(pid):
-            _unlink(name)
-            removed += 1
+        _unlink(name)
+        removed += 1
     return removed
 
 
@@ -196,11 +223,12 @@ def _write(name: str, chunks: Chunks, size: int) -> mmap.mmap:
 
 
 class Upload:
-    """A body a client on this machine left in shared memory, mapped, not yet adopted.
+    """A body a client on this machine left in shared memory, copied into a segment of the
+    store and decoded, not yet adopted as an object.
 
-    ``value`` is decoded from the mapping (arrays are views of it). The client's file is
-    removed when the upload is dropped without ``ObjectStore.adopt`` taking it over, so an
-    argument that never reaches the store leaves nothing behind.
+    ``value`` is decoded from the store's own mapping (arrays are views of it). The segment
+    is removed when the upload is dropped without ``ObjectStore.adopt`` keeping it, so an
+    argument that never becomes an object leaves nothing behind.
     """
 
     __slots__ = ("__weakref__", "_gone", "mapping", "name", "nbytes", "value")
@@ -213,12 +241,42 @@ class Upload:
         self._gone = weakref.finalize(self, _unlink, name)
 
     def discard(self) -> Any:
-        """Remove the client's file now and return the value (its pages stay mapped)."""
+        """Remove the segment's name now and return the value (its pages stay mapped)."""
         self._gone()
         return self.value
 
     def _taken(self) -> None:
         self._gone.detach()
+
+
+class UploadError(RemoteProtocolError):
+    """A client's shared-memory upload that cannot be taken: its message names the upload."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="bad-upload")
+
+
+def _copy_exact(src: int, dst: int, nbytes: int) -> int:
+    """Copy up to ``nbytes`` from the start of ``src`` to ``dst`` through the kernel (no
+    mapping of ``src``); the bytes copied, fewer if ``src`` is shorter."""
+    done = 0
+    kernel = True
+    while done < nbytes:
+        if kernel:
+            try:
+                n = os.copy_file_range(src, dst, nbytes - done, done, done)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                kernel = False  # an old kernel or two file systems: read and write instead
+                continue
+        else:
+            block = os.pread(src, min(nbytes - done, 1 << 20), done)
+            n = os.pwrite(dst, block, done) if block else 0
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 class OwnedSegment:
@@ -338,19 +396,64 @@ class ObjectStore:
         ref = ObjectRef(id=oid, holder=self.node_id, nbytes=size, dtype=dtype, shape=shape)
         return self._keep(oid, _Entry(value=value, chunks=chunks, size=size, ref=ref))
 
-    def adopt(self, upload: Upload, *, object_id: str | None = None) -> ObjectRef:
-        """Keep a client's upload, taking its file over as the object's segment (no copy).
+    def take_upload(self, upload: ShmArg) -> Upload:
+        """Copy a same-machine client's upload into a new segment of this store and decode it.
 
-        Where the file cannot be taken over (another user's, say) the value is kept as by
-        ``put``. Raises like ``put``; the upload is then left to its owner.
+        Blocking (a copy of the whole body): call it in a thread. The client's file is opened
+        by ``mesh.shm.open_exact`` (no link, no FIFO, this user's, the announced size) and
+        copied in the kernel, never mapped: the client keeps its descriptor and could shrink
+        the file at any time, and a mapping of a shrunk file kills the reader with SIGBUS.
+        The copy is this store's own file, which only the node changes. The client's file is
+        removed once copied or refused. Raises ``UploadError`` naming the upload,
+        ``LocalProtocolError`` if the store is closed.
+        """
+        if self._closed:
+            raise LocalProtocolError("the object store is closed")
+        what = f"shared-memory upload {upload.name}"
+        if not _UPLOAD.fullmatch(upload.name) or not 0 < upload.nbytes <= _MAX_UPLOAD:
+            raise UploadError(f"bad shared-memory upload {upload.name!r}")
+        src_path = _path(upload.name)
+        try:
+            src = open_exact(src_path, upload.nbytes, what=what)
+        except FileNotFoundError:
+            raise UploadError(f"{what} not found: is the client on this machine?") from None
+        except PermissionError:
+            raise UploadError(f"{what} belongs to another user") from None
+        except RemoteProtocolError as exc:
+            _unlink(upload.name)
+            raise UploadError(str(exc)) from None
+        name = f"{self.prefix}{next(self._names)}"
+        try:
+            fd = os.open(_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, upload.nbytes)
+                copied = _copy_exact(src, fd, upload.nbytes)
+                if copied != upload.nbytes:
+                    raise UploadError(f"{what} changed size while it was read")
+                mapping = mmap.mmap(fd, upload.nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _unlink(name)
+            raise
+        finally:
+            os.close(src)
+            _unlink(upload.name)
+        taken = Upload(name, upload.nbytes, mapping, None)
+        try:
+            taken.value = decode_body(memoryview(mapping))
+        except MeshError as exc:
+            raise UploadError(f"{what}: {exc}") from None
+        return taken
+
+    def adopt(self, upload: Upload, *, object_id: str | None = None) -> ObjectRef:
+        """Keep an upload (``take_upload``) as an object; its segment becomes the object's.
+
+        Raises like ``put``; the upload then still removes its segment when dropped.
         """
         oid = self._new_id(object_id)
         self._check_room(upload.nbytes)
-        name = f"{self.prefix}{next(self._names)}"
-        try:
-            os.rename(_path(upload.name), _path(name))
-        except OSError:
-            return self.put(upload.discard(), object_id=oid)
+        name = upload.name
         upload._taken()
         value = upload.value
         dtype, shape = _summary(value)

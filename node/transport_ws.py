@@ -11,10 +11,18 @@ side dials a peer on the first frame for it, reuses the connection, and also sen
 connection the peer opened, so a pair normally has one connection. When both dial at once,
 both keep the connection opened by the lower listen address, tell each other so (``BYE``)
 and close the other one once both have stopped sending on it: nothing in flight is lost.
+A connection whose dialer named its receiver in the hello wins over one whose dialer did
+not, so that a seed's hello replayed to another node cannot take over the real connection
+to its sender.
 
 Each websocket message starts with one kind byte:
 
 ``HELLO``  the codec frame of a ``PeerHello``: the first message each way on a connection.
+           The dialer's names the node it expects (blank if it knows only the address,
+           as for a seed); the answer names the dialer. Each side learns the other's node
+           id from the hello's sender, which ``node_at`` serves so frames can name their
+           receiver. A peer of another frame version is refused on its hello, which is
+           logged once for that connection and closes it.
 ``BATCH``  small frames coalesced: ``(u32 length, frame)`` repeated.
 ``CHUNK``  a piece of a big frame: ``u64 total`` then the piece; the pieces of one frame
            follow each other on a connection, small frames may come between them.
@@ -46,10 +54,10 @@ import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp._websocket.writer import WebSocketWriter
 
-from mesh.codec import Buffer, Chunks, Codec
+from mesh.codec import UNADDRESSED, Buffer, Chunks, Codec
 from mesh.config import NodeConfig
 from mesh.errors import LocalProtocolError, RemoteProtocolError
-from mesh.messages import Address, PeerHello
+from mesh.messages import Address, NodeId, PeerHello
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,8 @@ _CHUNK_HEAD = struct.Struct("<B7xQ")  # kind, frame size; the piece starts 16-al
 _ALIGN: Final = 16
 _BYE = bytes((KIND_BYE,))
 _MAX_ADDRESS_LEN: Final = 300
+_MAX_KNOWN_IDS: Final = 4096
+"""Addresses whose node id is remembered from hellos; the oldest are forgotten first."""
 
 WebSocket: TypeAlias = "web.WebSocketResponse | aiohttp.ClientWebSocketResponse"
 
@@ -77,6 +87,7 @@ class _Conn:
     """One websocket to a peer, after the hello exchange."""
 
     __slots__ = (
+        "addressed",
         "bye_received",
         "bye_sent",
         "done",
@@ -99,8 +110,10 @@ class _Conn:
         peer_boot: int,
         outbound: bool,
         serial: int,
+        addressed: bool,
     ) -> None:
         self.ws = ws
+        self.addressed = addressed  # the dialer's hello named the node it expected
         self.peer = peer  # the name this side sends to the peer under
         self.peer_listen = peer_listen  # the name the peer gave itself in its hello
         self.peer_boot = peer_boot
@@ -265,7 +278,9 @@ class WsTransport:
     ``wall_clock`` (``time.time``) stamps them. ``authenticate`` checks every received
     frame and raises ``RemoteProtocolError`` to refuse it; it defaults to
     ``codec.authenticate``. It may be called from a worker thread (for big frames), so it
-    must not touch state shared with the event loop.
+    must not touch state shared with the event loop. ``resolve`` names the node the hello
+    of a dial is for (the daemon's view of membership and of this transport); it defaults
+    to ``node_at``.
     """
 
     def __init__(
@@ -275,11 +290,14 @@ class WsTransport:
         config: NodeConfig,
         wall_clock: Callable[[], float],
         authenticate: Callable[[Buffer], None] | None = None,
+        resolve: Callable[[Address], NodeId | None] | None = None,
     ) -> None:
         if config.ws_reassembly_bytes < 1 or config.ws_chunk_bytes < 1:
             raise LocalProtocolError("transport buffer sizes must be positive")
         self._codec = codec
         self._authenticate = codec.authenticate if authenticate is None else authenticate
+        self._resolve = self.node_at if resolve is None else resolve
+        self._ids: dict[Address, NodeId] = {}
         self._cfg = config
         self._wall_clock = wall_clock
         self._address: Address | None = None
@@ -324,6 +342,20 @@ class WsTransport:
     def connections(self) -> int:
         """Websockets open right now."""
         return len(self._open)
+
+    def node_at(self, address: Address) -> NodeId | None:
+        """The node id a hello proved at ``address`` (dialled there, or the peer's listen
+        address), or None if no peer there has said hello yet."""
+        return self._ids.get(address)
+
+    def _learn(self, address: Address, node: NodeId) -> None:
+        ids = self._ids
+        if ids.get(address) == node:
+            return
+        ids.pop(address, None)
+        if len(ids) >= _MAX_KNOWN_IDS:
+            del ids[next(iter(ids))]
+        ids[address] = node
 
     def counters(self) -> dict[str, int]:
         """Every counter as a flat mapping, ``rejected.<reason>`` included (for metrics)."""
@@ -631,23 +663,38 @@ class WsTransport:
             timeout=aiohttp.ClientWSTimeout(ws_close=self._cfg.ws_close_timeout_s),
         )
         _unmask(ws)
+        expected = self._resolve(address)
         try:
-            await ws.send_bytes(self._hello())
-            listen, boot = self._check_hello(await ws.receive())
+            await ws.send_bytes(self._hello(expected))
+            listen, boot, node, _ = self._check_hello(await ws.receive())
         except BaseException:
             await ws.close()
             raise
+        self._learn(address, node)
+        self._learn(listen, node)
         self._serial += 1
         return _Conn(
-            ws, peer=address, peer_listen=listen, peer_boot=boot, outbound=True, serial=self._serial
+            ws,
+            peer=address,
+            peer_listen=listen,
+            peer_boot=boot,
+            outbound=True,
+            serial=self._serial,
+            addressed=expected is not None,
         )
 
-    def _hello(self) -> bytes:
-        chunks, _ = self._codec.encode(PeerHello(address=self.address), self._wall_clock())
+    def _hello(self, to: NodeId | None) -> bytes:
+        chunks, _ = self._codec.encode(
+            PeerHello(address=self.address),
+            self._wall_clock(),
+            to=UNADDRESSED if to is None else to,
+        )
         return b"".join([bytes((KIND_HELLO,)), *chunks])
 
-    def _check_hello(self, msg: aiohttp.WSMessage) -> tuple[Address, int]:
-        """The peer's listen address and boot from its hello; RemoteProtocolError if bad."""
+    def _check_hello(self, msg: aiohttp.WSMessage) -> tuple[Address, int, NodeId, bool]:
+        """The peer's listen address, boot and node id from its hello, and whether the
+        hello named this node; RemoteProtocolError if bad (another frame version, a hello
+        for another node, ...)."""
         if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
             raise ConnectionResetError("peer closed before its hello")
         if msg.type is not WSMsgType.BINARY:
@@ -662,7 +709,7 @@ class WsTransport:
         host, sep, port = hello.address.rpartition(":")
         if not (sep and host and port.isdigit() and len(hello.address) <= _MAX_ADDRESS_LEN):
             raise RemoteProtocolError(f"bad listen address {hello.address!r}", reason="bad-field")
-        return Address(hello.address), frame.boot
+        return Address(hello.address), frame.boot, frame.sender, frame.to != UNADDRESSED
 
     @staticmethod
     def _bad_message(msg: aiohttp.WSMessage) -> RemoteProtocolError:
@@ -688,8 +735,8 @@ class WsTransport:
         await ws.prepare(request)
         try:
             async with asyncio.timeout(self._cfg.ws_connect_timeout_s):
-                listen, boot = self._check_hello(await ws.receive())
-                await ws.send_bytes(self._hello())
+                listen, boot, node, addressed = self._check_hello(await ws.receive())
+                await ws.send_bytes(self._hello(node))
         except RemoteProtocolError as exc:
             self.rejected[exc.reason] += 1
             log.warning("connection from %s rejected: %s", request.remote, exc)
@@ -702,9 +749,16 @@ class WsTransport:
         except _IO_ERRORS:
             await ws.close()
             return ws
+        self._learn(listen, node)
         self._serial += 1
         conn = _Conn(
-            ws, peer=listen, peer_listen=listen, peer_boot=boot, outbound=False, serial=self._serial
+            ws,
+            peer=listen,
+            peer_listen=listen,
+            peer_boot=boot,
+            outbound=False,
+            serial=self._serial,
+            addressed=addressed,
         )
         try:
             await self._attach(self._peer(listen), conn)
@@ -734,10 +788,12 @@ class WsTransport:
             peer.conn = conn
             await self._close_ws(current, WSCloseCode.GOING_AWAY)
         else:
-            # Both sides apply the same rule: the connection opened by the lower listen
-            # address wins; between two opened by the same side, the newer one.
-            def rank(c: _Conn) -> tuple[str, int]:
-                return (self._initiator(c), -c.serial)
+            # Both sides apply the same rule: a connection whose dialer named its receiver
+            # wins (only a seed's first dial does not, and a replayed one must not win);
+            # then the one opened by the lower listen address; between two opened by the
+            # same side, the newer one.
+            def rank(c: _Conn) -> tuple[bool, str, int]:
+                return (not c.addressed, self._initiator(c), -c.serial)
 
             winner, loser = sorted((current, conn), key=rank)
             peer.conn = winner

@@ -73,6 +73,7 @@ from mesh.errors import (
     TaskLostError,
 )
 from mesh.messages import NodeId, ShmArg
+from mesh.shm import open_exact
 from tasks import Registry, TaskContext, running_as
 
 HEADER: Final = struct.Struct("<BQ")
@@ -176,15 +177,10 @@ def map_shared(name: str, nbytes: int) -> mmap.mmap:
         raise RemoteProtocolError(f"{name!r} is not an object segment", reason="bad-segment")
     path = segment_path(name)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = open_exact(path, nbytes, what=f"object segment {name}")
     except (FileNotFoundError, PermissionError) as exc:
         raise SegmentLostError(name, exc.strerror or "cannot open it") from None
     try:
-        size = os.fstat(fd).st_size
-        if nbytes <= 0 or size != nbytes:
-            raise RemoteProtocolError(
-                f"object segment {name} holds {size} bytes, not {nbytes}", reason="bad-segment"
-            )
         # The task reads its arguments whole: map every page in one call, not one fault each.
         flags = mmap.MAP_SHARED | _MAP_POPULATE
         return mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ)

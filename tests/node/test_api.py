@@ -37,13 +37,15 @@ async def call(
     headers: dict[str, str] | None = None,
     sign_body: bytes | None = None,
     now: float | None = None,
+    to: str = "solo",
 ) -> tuple[int, Any]:
-    """One request to the node; signed with ``key`` (default: the mesh key) unless
-    ``headers`` are given. Returns status and decoded JSON (or text)."""
+    """One request to the node; signed with ``key`` (default: the mesh key) for node ``to``
+    unless ``headers`` are given. Returns status and decoded JSON (or text)."""
     if headers is None:
         kb = key_bytes(key or c.key)
         signed = body if sign_body is None else sign_body
-        headers = sign_request(kb, method, path, signed, time.time() if now is None else now)
+        stamp = time.time() if now is None else now
+        headers = sign_request(kb, method, path, signed, stamp, to=to)
     headers = {**headers, "Content-Type": "application/json"}
     async with (
         aiohttp.ClientSession() as s,
@@ -90,7 +92,7 @@ async def test_requests_without_a_valid_proof_get_401_and_change_nothing(solo: C
 
 
 async def test_a_replayed_request_is_refused(solo: Cluster) -> None:
-    headers = sign_request(key_bytes(solo.key), "GET", "/v1/status", b"", time.time())
+    headers = sign_request(key_bytes(solo.key), "GET", "/v1/status", b"", time.time(), to="solo")
     first, _ = await call(solo, "GET", "/v1/status", headers=headers)
     again, _ = await call(solo, "GET", "/v1/status", headers=headers)
     assert first == 200
@@ -163,17 +165,23 @@ async def test_junk_on_the_peer_endpoint_drops_the_connection(solo: Cluster) -> 
     before = rejected_total(await metrics(solo))
     url = f"ws://{solo.nodes['solo'].address}/mesh/ws"
     junk = [os.urandom(200), b"M\x01" + os.urandom(100), os.urandom(3 * 1024 * 1024)]
+    dropped = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
     async with aiohttp.ClientSession() as s:
         for payload in junk:
             async with s.ws_connect(url, max_msg_size=0) as ws:
-                await ws.send_bytes(payload)
+                try:
+                    await ws.send_bytes(payload)
+                except (ConnectionError, aiohttp.ClientError):
+                    # The node may drop the connection before a big frame is all written:
+                    # that is the very behaviour under test.
+                    continue
                 msg = await ws.receive(timeout=10)
-                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+                assert msg.type in dropped
             assert ws.closed
         async with s.ws_connect(url) as ws:
             await ws.send_str("hello")
             msg = await ws.receive(timeout=10)
-            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            assert msg.type in dropped
 
     async def counted() -> bool:
         return rejected_total(await metrics(solo)) >= before + 4
@@ -182,6 +190,7 @@ async def test_junk_on_the_peer_endpoint_drops_the_connection(solo: Cluster) -> 
     while not await counted():
         assert time.monotonic() < deadline, "rejected frames were not counted"
         await asyncio.sleep(0.1)
+    assert solo.nodes["solo"].proc.poll() is None
     status, reply = await call(
         solo, "POST", "/v1/tasks", json.dumps({"task": "echo", "args": [7], "wait": 30}).encode()
     )

@@ -279,6 +279,21 @@ async def test_timeout_kills_the_task_and_the_node_goes_on(ex: Executor) -> None
     assert (await bounded(ex.run("t-after-timeout", "echo", [2]))).value == 2
 
 
+async def test_a_timeout_that_is_not_a_number_fails_the_task_not_the_executor(
+    ex: Executor,
+) -> None:
+    # Regression: a peer's award with timeout NaN reached call_later, which raised in the
+    # event loop and ended the daemon.
+    for i, bad in enumerate([float("nan"), "3", True]):
+        out = await bounded(ex.run(f"t-nan-{i}", "echo", [1], timeout=bad))  # type: ignore[arg-type]
+        assert (out.ok, out.error_type) == (False, "BadTimeout")
+    out = await bounded(ex.run("t-neg", "echo", [1], timeout=-1.0))
+    assert (out.ok, out.error_type) == (False, "Timeout")
+    out = await bounded(ex.run("t-inf", "echo", [3], timeout=float("inf")))
+    assert (out.ok, out.value) == (True, 3)
+    assert ex.running == 0
+
+
 async def test_cancel_running_and_queued_tasks(plugin_dir: Path) -> None:
     async with fresh(1) as one:
         running = asyncio.ensure_future(one.run("t-long", "sleep", [60]))

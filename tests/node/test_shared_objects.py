@@ -37,11 +37,16 @@ from mesh.client import (
 from mesh.codec import encode_body, loads
 from mesh.config import MeshConfig
 from mesh.core import MemberState
-from mesh.errors import ObjectLostError, RemoteProtocolError
+from mesh.errors import MeshError, ObjectLostError, RemoteProtocolError
 from mesh.messages import NodeId, ObjectRef, ShmArg
-from node.api import BadRequest, load_shm
 from node.daemon import Daemon, NodeOptions
-from node.store import ObjectNotFoundError, ObjectStore, Upload, remove_orphan_segments
+from node.store import (
+    ObjectNotFoundError,
+    ObjectStore,
+    UploadError,
+    _copy_exact,
+    remove_orphan_segments,
+)
 from node.worker import OBJECT_SEGMENT_PREFIX, SharedArg, attach_shared, map_shared
 
 pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="needs /dev/shm")
@@ -86,19 +91,21 @@ def test_host_id_is_stable_and_names_no_path() -> None:
     assert host_id().isalnum()
 
 
-async def test_an_adopted_upload_is_the_same_file_not_a_copy(store: ObjectStore) -> None:
+def test_an_upload_is_copied_into_the_store_and_the_clients_file_removed(
+    store: ObjectStore,
+) -> None:
     arr = np.arange(MIB // 4, dtype=np.float64)
     name, size = _upload(arr)
     inode = os.stat(SHM_DIR / name).st_ino
-    upload = await load_shm(ShmArg(name=name, nbytes=size))
-    assert isinstance(upload, Upload)
+    upload = store.take_upload(ShmArg(name=name, nbytes=size))
+    assert not (SHM_DIR / name).exists()
     ref = store.adopt(upload)
     del upload
-    assert not (SHM_DIR / name).exists()
     shared = store.segment(ref)
     assert shared is not None
+    assert shared.name.startswith(store.prefix)
+    assert os.stat(SHM_DIR / shared.name).st_ino != inode
     assert shared.nbytes == size == ref.nbytes
-    assert os.stat(SHM_DIR / shared.name).st_ino == inode
     assert store.used_bytes == size
     assert (ref.dtype, ref.shape) == ("<f8", arr.shape)
     np.testing.assert_array_equal(loads(memoryview(map_object_segment(shared.name, size))), arr)
@@ -107,24 +114,103 @@ async def test_an_adopted_upload_is_the_same_file_not_a_copy(store: ObjectStore)
     assert store.used_bytes == 0
 
 
-async def test_an_upload_nobody_adopts_leaves_no_file() -> None:
+def test_a_client_that_shrinks_its_file_after_the_upload_changes_nothing(
+    store: ObjectStore,
+) -> None:
+    # Regression: the node mapped the client's file, and a client that truncated it through
+    # the descriptor it kept made the node die of SIGBUS on its next read of the object.
+    arr = np.arange(MIB // 2, dtype=np.float64)
+    name, size = _upload(arr)
+    fd = os.open(SHM_DIR / name, os.O_RDWR)
+    try:
+        ref = store.adopt(store.take_upload(ShmArg(name=name, nbytes=size)))
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+    np.testing.assert_array_equal(store.get(ref), arr)
+    np.testing.assert_array_equal(loads(b"".join(store.encoded(ref)[0])), arr)
+
+
+def test_an_upload_nobody_adopts_leaves_no_file(store: ObjectStore) -> None:
     name, size = _upload(np.ones(MIB // 8))
-    upload = await load_shm(ShmArg(name=name, nbytes=size))
-    assert (SHM_DIR / name).exists()
-    del upload
+    upload = store.take_upload(ShmArg(name=name, nbytes=size))
     assert not (SHM_DIR / name).exists()
+    assert _files(store.prefix) == {upload.name}
+    del upload
+    assert not _files(store.prefix)
 
 
-async def test_load_shm_refuses_bad_uploads() -> None:
+def test_bad_uploads_are_refused_by_name_and_leave_nothing(store: ObjectStore) -> None:
     name, size = _upload(np.ones(1000))
-    with pytest.raises(BadRequest, match="wrong size"):
-        await load_shm(ShmArg(name=name, nbytes=size + 8))
+    with pytest.raises(UploadError, match=f"{name} holds {size} bytes, not {size + 8}"):
+        store.take_upload(ShmArg(name=name, nbytes=size + 8))
     assert not (SHM_DIR / name).exists()
     for bad in ("mesh-up-../../etc/passwd", "mesh-obj-1-00000000-1", "x" * 32):
-        with pytest.raises(BadRequest, match="bad shared-memory argument"):
-            await load_shm(ShmArg(name=bad, nbytes=8))
-    with pytest.raises(BadRequest, match="not found"):
-        await load_shm(ShmArg(name=f"mesh-up-{secrets.token_hex(12)}", nbytes=8))
+        with pytest.raises(UploadError, match="bad shared-memory upload"):
+            store.take_upload(ShmArg(name=bad, nbytes=8))
+    with pytest.raises(UploadError, match="not found"):
+        store.take_upload(ShmArg(name=f"mesh-up-{secrets.token_hex(12)}", nbytes=8))
+    assert not _files(store.prefix)
+
+
+def test_an_upload_named_for_a_link_reveals_nothing_of_its_target(
+    store: ObjectStore, tmp_path: Any
+) -> None:
+    # Regression: the node followed the link, and its error told whether a root-only file
+    # existed and its size; a link to a valid body was adopted and crashed a fetching peer.
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 12345)
+    secret.chmod(0o600)
+    _, size = _upload(np.ones(1000))
+    for target in (secret, tmp_path / "missing", SHM_DIR / _upload(np.ones(1000))[0]):
+        name = f"mesh-up-{secrets.token_hex(12)}"
+        (SHM_DIR / name).symlink_to(target)
+        try:
+            with pytest.raises(UploadError) as info:
+                store.take_upload(ShmArg(name=name, nbytes=size))
+            assert str(info.value) == f"shared-memory upload {name} is not a regular file"
+        finally:
+            (SHM_DIR / name).unlink(missing_ok=True)
+    assert not _files(store.prefix)
+
+
+def test_an_upload_named_for_a_fifo_or_directory_is_refused_at_once(store: ObjectStore) -> None:
+    # Regression: open() of a FIFO blocked the node's threads for good.
+    for make in (os.mkfifo, os.mkdir):
+        name = f"mesh-up-{secrets.token_hex(12)}"
+        make(SHM_DIR / name)
+        try:
+            with pytest.raises(UploadError, match="is not a regular file"):
+                store.take_upload(ShmArg(name=name, nbytes=64))
+        finally:
+            path = SHM_DIR / name
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a file of another user")
+def test_an_upload_of_another_user_is_refused(store: ObjectStore) -> None:
+    name, size = _upload(np.ones(1000))
+    os.chown(SHM_DIR / name, 65534, 65534)
+    try:
+        with pytest.raises(UploadError, match="belongs to another user"):
+            store.take_upload(ShmArg(name=name, nbytes=size))
+    finally:
+        (SHM_DIR / name).unlink(missing_ok=True)
+
+
+def test_a_source_shorter_than_announced_gives_a_short_copy(tmp_path: Any) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(b"a" * 1000)
+    fi, fo = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDWR | os.O_CREAT)
+    try:
+        assert _copy_exact(fi, fo, 4096) == 1000
+    finally:
+        os.close(fi)
+        os.close(fo)
+    assert dst.read_bytes() == b"a" * 1000
 
 
 async def test_share_writes_a_segment_once_and_release_removes_it(store: ObjectStore) -> None:
@@ -175,25 +261,55 @@ def test_close_removes_every_segment_and_owned_ones_go_when_dropped(store: Objec
     del kept
 
 
-def test_orphans_of_a_dead_process_are_removed_and_live_ones_kept() -> None:
+def _dead_pid() -> int:
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         check=True,
         capture_output=True,
         text=True,
     )
-    pid = int(dead.stdout)
-    orphan = f"{SEGMENT_PREFIX}{pid}-{secrets.token_hex(4)}-1"
-    live = f"{SEGMENT_PREFIX}{os.getppid()}-{secrets.token_hex(4)}-1"
-    for name in (orphan, live):
+    return int(dead.stdout)
+
+
+def test_orphans_of_a_dead_process_are_removed_and_live_ones_kept() -> None:
+    pid = _dead_pid()
+    orphans = [
+        f"{SEGMENT_PREFIX}{pid}-{secrets.token_hex(4)}-1",  # a store's object
+        f"mesh-{pid}-{secrets.token_hex(4)}-w1-args",  # an executor's worker arguments
+    ]
+    old_upload = f"mesh-up-{secrets.token_hex(12)}"
+    kept = [
+        f"{SEGMENT_PREFIX}{os.getppid()}-{secrets.token_hex(4)}-1",
+        f"mesh-{os.getppid()}-{secrets.token_hex(4)}-w1-args",
+        f"mesh-up-{secrets.token_hex(12)}",  # a fresh upload: its client is about to submit
+    ]
+    names = [*orphans, old_upload, *kept]
+    for name in names:
         (SHM_DIR / name).write_bytes(b"x")
+    os.utime(SHM_DIR / old_upload, (1.0, 1.0))
     try:
-        assert remove_orphan_segments() >= 1
-        assert not (SHM_DIR / orphan).exists()
-        assert (SHM_DIR / live).exists()
+        assert remove_orphan_segments() >= 3
+        for name in (*orphans, old_upload):
+            assert not (SHM_DIR / name).exists(), name
+        for name in kept:
+            assert (SHM_DIR / name).exists(), name
     finally:
-        for name in (orphan, live):
+        for name in names:
             (SHM_DIR / name).unlink(missing_ok=True)
+
+
+async def test_a_running_node_removes_a_dead_nodes_segments_on_a_timer() -> None:
+    # Regression: a node killed with SIGKILL left its 64 MiB segment in /dev/shm until some
+    # node started again.
+    orphan = f"{SEGMENT_PREFIX}{_dead_pid()}-{secrets.token_hex(4)}-1"
+    async with _node("sweeper", secrets.token_hex(16), sweep_s=0.05):
+        (SHM_DIR / orphan).write_bytes(b"x" * MIB)
+        try:
+            async with asyncio.timeout(20):
+                while (SHM_DIR / orphan).exists():  # noqa: ASYNC110 - another task's files
+                    await asyncio.sleep(0.02)
+        finally:
+            (SHM_DIR / orphan).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,6 +339,28 @@ async def test_workers_and_fetchers_refuse_bad_segments(store: ObjectStore) -> N
     assert attach_shared([shared], frozenset()) == [shared]
 
 
+def test_a_segment_name_that_is_a_link_or_fifo_is_refused_not_followed(tmp_path: Any) -> None:
+    # Regression: a holder that answered with a segment name made into a link crashed the
+    # fetching node (ELOOP was not among the errors it expected); a FIFO blocked it.
+    target = tmp_path / "target"
+    target.write_bytes(b"x" * 4096)
+    link = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-1"
+    fifo = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-2"
+    (SHM_DIR / link).symlink_to(target)
+    os.mkfifo(SHM_DIR / fifo)
+    try:
+        for name in (link, fifo):
+            with pytest.raises(RemoteProtocolError, match="not a regular file"):
+                check_object_segment(name, 4096)
+            with pytest.raises(RemoteProtocolError, match="not a regular file"):
+                map_shared(name, 4096)
+            with pytest.raises(RemoteProtocolError, match="not a regular file"):
+                map_object_segment(name, 4096)
+    finally:
+        (SHM_DIR / link).unlink(missing_ok=True)
+        (SHM_DIR / fifo).unlink(missing_ok=True)
+
+
 def test_a_holders_segment_answer_must_match_the_reference() -> None:
     ref = ObjectRef(id="o1", holder=NODE, nbytes=4096, dtype="", shape=())
     good = f"{SEGMENT_PREFIX}12-0123abcd-7"
@@ -248,10 +386,22 @@ def test_a_holders_segment_answer_must_match_the_reference() -> None:
 
 @asynccontextmanager
 async def _node(
-    name: str, key: str, joins: tuple[str, ...] = (), host: str | None = None
+    name: str,
+    key: str,
+    joins: tuple[str, ...] = (),
+    host: str | None = None,
+    *,
+    sweep_s: float = 30.0,
+    store_limit: int | None = None,
 ) -> AsyncIterator[Daemon]:
     config = MeshConfig.test()
-    config = dataclasses.replace(config, node=dataclasses.replace(config.node, host_id=host))
+    node = dataclasses.replace(
+        config.node,
+        host_id=host,
+        orphan_sweep_interval_s=sweep_s,
+        store_limit_bytes=store_limit,
+    )
+    config = dataclasses.replace(config, node=node)
     options = NodeOptions(
         key=key,
         host="127.0.0.1",
@@ -286,6 +436,21 @@ async def _alive(a: Daemon, b: Daemon) -> None:
             if ma and mb and ma.state == mb.state == MemberState.ALIVE:
                 return
             await asyncio.sleep(0.02)
+
+
+async def test_a_submission_whose_second_upload_does_not_fit_keeps_neither() -> None:
+    # Regression: the first upload stayed adopted with no reference left to release it.
+    async with _node("full", secrets.token_hex(16), store_limit=3 * MIB) as node:
+        async with await AsyncClient.connect(f"http://{node.address}", node.options.key) as c:
+            first, second = np.ones(MIB // 4), np.ones(MIB // 4)  # 2 MiB each
+            with pytest.raises(MeshError, match="object store full"):
+                await c.submit_with("array_sum", [first, second])
+            assert await c.submit("array_sum", first) == first.sum()  # the node goes on
+        assert node.store.used_bytes == 0
+        assert len(node.store) == 0
+        async with asyncio.timeout(10):
+            while _files(node.store.prefix):  # noqa: ASYNC110 - freed in a thread
+                await asyncio.sleep(0.02)
 
 
 @asynccontextmanager

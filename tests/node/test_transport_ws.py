@@ -18,14 +18,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import aiohttp
+import msgpack
 import numpy as np
 import pytest
 from aiohttp import WSMsgType, web
 
-from mesh.codec import FRAME_PREFIX, MAGIC, VERSION, Buffer, Codec
+from mesh.codec import FRAME_PREFIX, MAGIC, UNADDRESSED, VERSION, Buffer, Codec
 from mesh.config import NodeConfig
 from mesh.messages import Address, Load, NodeId, PeerHello
-from node.transport_ws import KIND_BATCH, KIND_CHUNK, KIND_HELLO, WS_PATH, WsTransport
+from node.transport_ws import (
+    KIND_BATCH,
+    KIND_BYE,
+    KIND_CHUNK,
+    KIND_HELLO,
+    WS_PATH,
+    WsTransport,
+)
 from tests.transport_suite import CHECKS, Check
 
 KEY = b"mesh-test-key-0123456789abcdef"
@@ -48,10 +56,12 @@ DEADLINE_S = 20.0
 PAD = bytes(8)  # the codec's smallest body; authenticate() refuses shorter frames
 
 
-def sign(body: bytes, key: bytes = KEY) -> bytes:
-    """An authenticated frame around an arbitrary body: all the transport checks."""
-    mac = hmac.new(key, PAD + body, hashlib.sha256).digest()
-    return bytes((MAGIC, VERSION)) + mac + PAD + body
+def sign(body: bytes, key: bytes = KEY, version: int = VERSION) -> bytes:
+    """An authenticated frame around an arbitrary body: all the transport checks. The
+    prefix is under the MAC since version 2; version 1 covered the body alone."""
+    prefix = bytes((MAGIC, version))
+    covered = PAD + body if version == 1 else prefix + PAD + body
+    return prefix + hmac.new(key, covered, hashlib.sha256).digest() + PAD + body
 
 
 def body_of(frame: Buffer) -> bytes:
@@ -104,10 +114,15 @@ async def make_node() -> AsyncIterator[MakeNode]:
             key: bytes = KEY,
             config: NodeConfig = CONFIG,
             authenticate: Callable[[Buffer], None] | None = None,
+            resolve: Callable[[Address], NodeId | None] | None = None,
         ) -> Node:
             codec = Codec(key, NodeId(name), max_frame_bytes=config.max_frame_bytes)
             transport = WsTransport(
-                codec=codec, config=config, wall_clock=time.time, authenticate=authenticate
+                codec=codec,
+                config=config,
+                wall_clock=time.time,
+                authenticate=authenticate,
+                resolve=resolve,
             )
             app = web.Application()
             transport.add_routes(app)
@@ -124,8 +139,10 @@ async def make_node() -> AsyncIterator[MakeNode]:
         yield make
 
 
-def load_frame(codec: Codec, n: int) -> list[Buffer]:
-    chunks, _ = codec.encode(Load(running=n, queued=0, backlog_s=0.0), time.time())
+def load_frame(codec: Codec, n: int, to: Node) -> list[Buffer]:
+    chunks, _ = codec.encode(
+        Load(running=n, queued=0, backlog_s=0.0), time.time(), to=to.codec.sender
+    )
     return chunks
 
 
@@ -154,9 +171,9 @@ async def test_transport_suite(check: Check, make_node: MakeNode) -> None:
 
 async def test_round_trip_both_ways_on_one_connection(make_node: MakeNode) -> None:
     a, b = await make_node("a"), await make_node("b")
-    await a.t.send(b.address, load_frame(a.codec, 1))
+    await a.t.send(b.address, load_frame(a.codec, 1, b))
     assert load_of(b.codec, await recv(b.t)) == 1
-    await b.t.send(a.address, load_frame(b.codec, 2))
+    await b.t.send(a.address, load_frame(b.codec, 2, a))
     assert load_of(a.codec, await recv(a.t)) == 2
     # b answered over the connection a opened: one connection for the pair.
     assert (a.t.connects, b.t.connects) == (1, 1)
@@ -209,7 +226,7 @@ async def test_frame_chunks_are_sent_back_to_back(make_node: MakeNode) -> None:
 async def test_big_frame_arrives_whole_and_aligned(make_node: MakeNode) -> None:
     a, b = await make_node("a"), await make_node("b")
     arr = np.random.default_rng(1).standard_normal(3 * 1024 * 1024 + 7)
-    chunks, _ = a.codec.encode(Load(running=0, queued=0, backlog_s=0.0), time.time())
+    chunks = load_frame(a.codec, 0, b)
     # A real encoded frame followed by a big array frame built from several buffers.
     await a.t.send(b.address, chunks)
     body = b"head" + bytes(60) + arr.tobytes()
@@ -375,9 +392,16 @@ async def test_simultaneous_dials_settle_on_one_connection(make_node: MakeNode) 
 # -- hostile input -------------------------------------------------------------------------
 
 
-def hello(codec: Codec, address: str) -> bytes:
-    chunks, _ = codec.encode(PeerHello(address=address), time.time())
+def hello(codec: Codec, address: str, to: NodeId = UNADDRESSED) -> bytes:
+    chunks, _ = codec.encode(PeerHello(address=address), time.time(), to=to)
     return b"".join([bytes((KIND_HELLO,)), *chunks])
+
+
+def v1_frame(sender: str, tag: int, fields: list[object], seq: int = 1) -> bytes:
+    """A frame as a node of frame version 1 sends it: no receiver, MAC over the body."""
+    header: bytes = msgpack.packb([sender, 1, seq, time.time(), tag, fields], use_bin_type=True)
+    body = struct.pack("<II", len(header), 0) + header
+    return bytes((MAGIC, 1)) + hmac.new(KEY, body, hashlib.sha256).digest() + body
 
 
 def batch(*frames: bytes) -> bytes:
@@ -446,7 +470,7 @@ async def test_hostile_connections_are_closed_and_counted(make_node: MakeNode) -
         # Only a keyed peer is answered with a hello.
         assert (len(replies) == 1) == (first is None), reason
     # After all that, the node still serves its real peers.
-    await b.t.send(a.address, load_frame(b.codec, 7))
+    await b.t.send(a.address, load_frame(b.codec, 7, a))
     assert load_of(a.codec, await recv(a.t)) == 7
     assert a.t.frames_received == 1
 
@@ -472,6 +496,104 @@ async def test_a_node_with_another_key_cannot_connect(make_node: MakeNode) -> No
     await eventually(lambda: stranger.t.dropped == 1, "the stranger to give up")
     assert a.t.rejected["bad-mac"] >= 1
     assert stranger.t.rejected["bad-mac"] == 0  # a never answered with a hello
+    assert a.t.frames_received == 0
+
+
+# -- receivers and frame versions --------------------------------------------------------
+
+
+def version_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "frame version" in r.getMessage()]
+
+
+async def test_hellos_teach_each_side_the_others_node_id(make_node: MakeNode) -> None:
+    a, b = await make_node("a"), await make_node("b")
+    assert a.t.node_at(b.address) is None
+    await a.t.send(b.address, load_frame(a.codec, 1, b))
+    await recv(b.t)
+    assert a.t.node_at(b.address) == "b"
+    assert b.t.node_at(a.address) == "a"
+
+
+async def test_a_dial_names_the_node_it_expects(make_node: MakeNode) -> None:
+    b = await make_node("b")
+    a = await make_node("a", resolve=lambda address: NodeId("b"))
+    await a.t.send(b.address, load_frame(a.codec, 1, b))
+    assert load_of(b.codec, await recv(b.t)) == 1
+    assert not b.t.rejected
+    # A dialer that expects another node there is refused at its hello.
+    c = await make_node("c", resolve=lambda address: NodeId("somebody-else"))
+    await c.t.send(b.address, load_frame(c.codec, 2, b))
+    await eventually(lambda: c.t.dropped == 1, "c to give up")
+    assert b.t.rejected == {"wrong-receiver": CONFIG.ws_dial_attempts}
+    assert b.t.frames_received == 1
+
+
+async def test_a_hello_captured_on_its_way_to_a_is_refused_by_b(make_node: MakeNode) -> None:
+    a, b = await make_node("a"), await make_node("b")
+    intruder = Codec(KEY, NodeId("intruder"), max_frame_bytes=CONFIG.max_frame_bytes)
+    captured = hello(intruder, "127.0.0.1:9", to=NodeId("a"))
+    code, replies = await raw_session(b, captured, [])
+    assert code == aiohttp.WSCloseCode.POLICY_VIOLATION
+    assert replies == []
+    assert b.t.rejected == {"wrong-receiver": 1}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"http://{a.address}{WS_PATH}") as ws,
+    ):
+        await ws.send_bytes(captured)
+        assert (await ws.receive()).data[0] == KIND_HELLO  # a, its receiver, takes it
+    assert not a.t.rejected
+
+
+async def test_a_replayed_seed_hello_cannot_take_over_a_real_connection(
+    make_node: MakeNode,
+) -> None:
+    b = await make_node("b")
+    d = await make_node("d", resolve=lambda address: NodeId("b"))
+    await d.t.send(b.address, load_frame(d.codec, 1, b))
+    await recv(b.t)
+    # A hello d sent unaddressed to some seed, captured and replayed to b: fresh to b's
+    # replay guard, from d's running process, so b accepts it as a second connection.
+    captured = hello(d.codec, d.address)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"http://{b.address}{WS_PATH}") as ws,
+    ):
+        await ws.send_bytes(captured)
+        assert (await ws.receive()).data[0] == KIND_HELLO
+        assert (await ws.receive()).data == bytes((KIND_BYE,))  # b keeps the real one
+        await b.t.send(d.address, load_frame(b.codec, 2, d))
+        assert load_of(d.codec, await recv(d.t)) == 2
+
+
+async def test_a_version_1_peer_is_refused_at_its_hello_and_logged_once(
+    make_node: MakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await make_node("a")
+    old_hello = bytes((KIND_HELLO,)) + v1_frame("old", int(PeerHello.TAG), ["127.0.0.1:9"])
+    with caplog.at_level("WARNING", logger="node.transport_ws"):
+        code, replies = await raw_session(a, old_hello, [])
+    assert code == aiohttp.WSCloseCode.POLICY_VIOLATION
+    assert replies == []
+    assert a.t.rejected == {"version": 1}
+    [line] = version_warnings(caplog)
+    assert f"peer speaks frame version 1, this node {VERSION}: upgrade it" in line
+
+
+async def test_old_frames_close_the_connection_with_one_log_line(
+    make_node: MakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await make_node("a")
+    intruder = Codec(KEY, NodeId("intruder"), max_frame_bytes=CONFIG.max_frame_bytes)
+    old = [sign(b"old %d" % i, version=1) for i in range(20)]
+    with caplog.at_level("WARNING", logger="node.transport_ws"):
+        code, _ = await raw_session(
+            a, hello(intruder, "127.0.0.1:9", to=NodeId("a")), [batch(*old), batch(*old)]
+        )
+    assert code == aiohttp.WSCloseCode.POLICY_VIOLATION
+    assert a.t.rejected == {"version": 1}
+    assert len(version_warnings(caplog)) == 1
     assert a.t.frames_received == 0
 
 

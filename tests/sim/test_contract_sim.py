@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 
 import pytest
 
 from mesh.config import ContractConfig
-from mesh.contract import FAILED_NO_PEER
+from mesh.contract import FAILED_NO_PEER, Contract
 from mesh.messages import NodeId, Requirements, TaskId
 from mesh.resources import check
 from mesh.sim_contract import (
@@ -127,3 +128,67 @@ def test_task_nobody_can_run_fails_within_one_reply_deadline(resource: str) -> N
     assert failed.kind == FAILED_NO_PEER
     assert failed.details["missing"] == {"missing": resource}
     assert out.failed_at[TaskId("probe")] - 1.0 <= LAN.reply_timeout_s
+
+
+def stalled_run(
+    config: ContractConfig, *, detect_s: float, duration: float, seed: int = 3
+) -> tuple[Outcome, frozenset[TaskId], dict[str, int]]:
+    """A burst of short tasks from two initiators overloads eight nodes, so queues are
+    deep; the fastest other node stalls in the middle of it. Returns the outcome, what the
+    stalled node was running when it stalled, and its counters."""
+    nodes, _ = workload(n=8, initiators=2, tasks=1, seed=seed)
+    starters = (nodes[0].node, nodes[1].node)
+    rng = random.Random(seed)
+    burst = [
+        SimTask(
+            task_id=TaskId(f"s{j:04d}"),
+            initiator=starters[j % 2],
+            at=1.0 + rng.uniform(0.0, 1.0),
+            requirements=Requirements(
+                task="infer", resources={"cpu": 1.0}, libraries={}, labels={}
+            ),
+            base_s=0.1,
+            noise=1.0,
+        )
+        for j in range(1000)
+    ]
+    burst.sort(key=lambda t: t.at)
+    victim = max(
+        (x for x in nodes if x.node not in starters),
+        key=lambda x: x.capabilities.resources["cpu"] / x.slowness,
+    ).node
+    sim = AllocationSim(nodes=nodes, tasks=burst, config=config, seed=seed, detect_s=detect_s)
+    sim.stall(victim, 1.5, duration)
+    out = sim.run(500.0)
+    core = sim.sim.core(victim)
+    assert isinstance(core, Contract)
+    return out, sim.running_at_stall[victim], core.stats()
+
+
+@pytest.mark.parametrize(
+    ("config", "detect_s", "duration"),
+    [
+        # SIGSTOP for 12 s on a LAN: membership declares the node dead meanwhile and its
+        # tasks are placed again without a cancel (the case the issue measured).
+        (LAN, 1.0, 12.0),
+        # Membership keeps it: its leases lapse, and the initiators' cancels wait in its
+        # socket behind the results of what it was running.
+        (ContractConfig.test(), 100.0, 3.0),
+    ],
+    ids=["declared-dead", "leases-lapse"],
+)
+def test_a_stalled_node_runs_none_of_its_waiting_tasks_that_were_placed_again(
+    config: ContractConfig, detect_s: float, duration: float
+) -> None:
+    out, running, stats = stalled_run(config, detect_s=detect_s, duration=duration)
+    assert out.completed == 1000
+    assert (out.lost, out.failed, out.duplicate_results, out.capacity_violations) == (0, 0, 0, 0)
+    twice = {t for t, n in out.runs.items() if n > 1}
+    assert twice <= running  # only what it was running when it stalled ran twice
+    assert stats["stalls"] == 1
+    assert stats["stale_checked"] > 0
+    # Without the check, the same run executes tasks that were waiting a second time.
+    blind, running, _ = stalled_run(
+        replace(config, stall_s=math.inf), detect_s=detect_s, duration=duration
+    )
+    assert {t for t, n in blind.runs.items() if n > 1} - running

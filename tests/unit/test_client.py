@@ -10,9 +10,11 @@ import pytest
 
 from mesh.client import (
     DEFAULT_URL,
+    HEADER_BODY,
     HEADER_NONCE,
     HEADER_SIGNATURE,
     HEADER_TIME,
+    HEADER_TO,
     error_from,
     key_bytes,
     key_file,
@@ -20,6 +22,7 @@ from mesh.client import (
     resolve_key,
     sign_request,
 )
+from mesh.config import NodeConfig
 from mesh.errors import (
     LocalProtocolError,
     MeshError,
@@ -28,7 +31,17 @@ from mesh.errors import (
     TaskLostError,
 )
 from mesh.messages import NodeId, ObjectRef
-from node.api import BadRequest, RequestAuth, from_json, jsonable, parse_options
+from node.api import (
+    BadRequest,
+    Refused,
+    RequestAuth,
+    check_nesting,
+    from_json,
+    jsonable,
+    parse_json,
+    parse_options,
+    seconds,
+)
 
 KEY = key_bytes("correct horse battery staple")
 
@@ -80,73 +93,100 @@ def auth() -> RequestAuth:
     return RequestAuth(KEY, skew_s=60.0, max_nonces=4)
 
 
+NODE_A = "node-a"
+
+
+def passes(a: RequestAuth, method: str, path: str, headers: dict[str, str], now: float) -> bool:
+    """Whether ``a`` (the auth of node-a) accepts a request on its headers."""
+    try:
+        a.verify(method, path, headers, node_id=NODE_A, now=now)
+    except Refused:
+        return False
+    return True
+
+
 def test_a_signed_request_passes_once() -> None:
     a = auth()
-    h = sign_request(KEY, "POST", "/v1/tasks?x=1", b'{"task": "noop"}', 1000.0)
-    assert set(h) == {HEADER_TIME, HEADER_NONCE, HEADER_SIGNATURE}
-    now = 1000.5
-    assert a._check(
-        "POST",
-        "/v1/tasks?x=1",
-        b'{"task": "noop"}',
-        h[HEADER_TIME],
-        h[HEADER_NONCE],
-        h[HEADER_SIGNATURE],
-        now,
-    )
+    body = b'{"task": "noop"}'
+    h = sign_request(KEY, "POST", "/v1/tasks?x=1", body, 1000.0, to=NODE_A)
+    assert set(h) == {HEADER_TIME, HEADER_NONCE, HEADER_SIGNATURE, HEADER_BODY, HEADER_TO}
+    assert passes(a, "POST", "/v1/tasks?x=1", h, 1000.5)
+    a.verify_body(h, body)
     # The same proof again is a replay.
-    assert not a._check(
-        "POST",
-        "/v1/tasks?x=1",
-        b'{"task": "noop"}',
-        h[HEADER_TIME],
-        h[HEADER_NONCE],
-        h[HEADER_SIGNATURE],
-        now,
-    )
+    assert not passes(a, "POST", "/v1/tasks?x=1", h, 1000.5)
+    assert a.failures == 1
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "body", "now", "key"),
+    ("method", "path", "now", "key", "to"),
     [
-        ("GET", "/v1/tasks?x=1", b'{"task": "noop"}', 1000.5, KEY),  # method changed
-        ("POST", "/v1/tasks?x=2", b'{"task": "noop"}', 1000.5, KEY),  # path changed
-        ("POST", "/v1/tasks?x=1", b'{"task": "fail"}', 1000.5, KEY),  # body changed
-        ("POST", "/v1/tasks?x=1", b'{"task": "noop"}', 1100.0, KEY),  # too old
-        ("POST", "/v1/tasks?x=1", b'{"task": "noop"}', 900.0, KEY),  # from the future
-        ("POST", "/v1/tasks?x=1", b'{"task": "noop"}', 1000.5, key_bytes("other")),
+        ("GET", "/v1/tasks?x=1", 1000.5, KEY, NODE_A),  # method changed
+        ("POST", "/v1/tasks?x=2", 1000.5, KEY, NODE_A),  # path changed
+        ("POST", "/v1/tasks?x=1", 1100.0, KEY, NODE_A),  # too old
+        ("POST", "/v1/tasks?x=1", 900.0, KEY, NODE_A),  # from the future
+        ("POST", "/v1/tasks?x=1", 1000.5, key_bytes("other"), NODE_A),
+        ("POST", "/v1/tasks?x=1", 1000.5, KEY, "node-b"),  # signed for another node
     ],
 )
 def test_any_change_to_a_signed_request_fails(
-    method: str, path: str, body: bytes, now: float, key: bytes
+    method: str, path: str, now: float, key: bytes, to: str
 ) -> None:
-    h = sign_request(key, "POST", "/v1/tasks?x=1", b'{"task": "noop"}', 1000.0)
-    assert not auth()._check(
-        method, path, body, h[HEADER_TIME], h[HEADER_NONCE], h[HEADER_SIGNATURE], now
-    )
+    h = sign_request(key, "POST", "/v1/tasks?x=1", b'{"task": "noop"}', 1000.0, to=to)
+    assert not passes(auth(), method, path, h, now)
+
+
+def test_changed_signed_headers_fail() -> None:
+    h = sign_request(KEY, "POST", "/v1/tasks", b"{}", 1000.0, to="node-b")
+    for name, value in ((HEADER_TO, NODE_A), (HEADER_BODY, "0" * 64), (HEADER_TIME, "1000.1")):
+        assert not passes(auth(), "POST", "/v1/tasks", {**h, name: value}, 1000.5)
+
+
+def test_a_request_for_another_node_is_refused_as_such() -> None:
+    a = auth()
+    h = sign_request(KEY, "GET", "/v1/status", b"", 1000.0, to="node-b")
+    with pytest.raises(Refused, match="this request is for node node-b, not node-a") as info:
+        a.verify("GET", "/v1/status", h, node_id=NODE_A, now=1000.5)
+    assert info.value.reason == "http-wrong-receiver"
+    assert info.value.status == 401
+
+
+def test_a_body_other_than_the_signed_one_fails() -> None:
+    a = auth()
+    h = sign_request(KEY, "POST", "/v1/tasks", b'{"task": "noop"}', 1000.0, to=NODE_A)
+    assert passes(a, "POST", "/v1/tasks", h, 1000.5)
+    with pytest.raises(Refused) as info:
+        a.verify_body(h, b'{"task": "fail"}')
+    assert info.value.reason == "http-body-hash"
+    assert a.failures == 1
 
 
 def test_missing_or_garbage_headers_fail() -> None:
     a = auth()
-    assert not a.check("GET", "/v1/status", b"", {})
-    assert not a.check(
-        "GET", "/v1/status", b"", {HEADER_TIME: "soon", HEADER_NONCE: "n", HEADER_SIGNATURE: "s"}
-    )
-    assert a.failures == 2
+    garbage = {
+        HEADER_TIME: "nan",
+        HEADER_NONCE: "n",
+        HEADER_SIGNATURE: "s",
+        HEADER_BODY: "0" * 64,
+        HEADER_TO: NODE_A,
+    }
+    assert not passes(a, "GET", "/v1/status", {}, 1000.0)
+    assert not passes(a, "GET", "/v1/status", garbage, 1000.0)
+    assert not passes(a, "GET", "/v1/status", {**garbage, HEADER_TIME: "soon"}, 1000.0)
+    assert a.failures == 3
 
 
 def test_nonce_memory_is_bounded_and_forgetting_never_reopens_a_replay() -> None:
     a = auth()
-    proofs = [sign_request(KEY, "GET", "/p", b"", 1000.0 + i) for i in range(10)]
+    proofs = [sign_request(KEY, "GET", "/p", b"", 1000.0 + i, to=NODE_A) for i in range(10)]
     for h in proofs:
-        assert a._check(
-            "GET", "/p", b"", h[HEADER_TIME], h[HEADER_NONCE], h[HEADER_SIGNATURE], 1010.0
-        )
+        assert passes(a, "GET", "/p", h, 1010.0)
     assert len(a._nonces) <= 4
     for h in proofs:
-        assert not a._check(
-            "GET", "/p", b"", h[HEADER_TIME], h[HEADER_NONCE], h[HEADER_SIGNATURE], 1010.0
-        )
+        assert not passes(a, "GET", "/p", h, 1010.0)
+
+
+CONFIG = NodeConfig.lan()
+DEPTH = CONFIG.api_max_nesting
 
 
 def test_json_conversion_of_results_and_arguments() -> None:
@@ -157,24 +197,77 @@ def test_json_conversion_of_results_and_arguments() -> None:
     assert out["r"]["$ref"] == "abc"
     assert out["t"] == [1, 2.5]
     assert out["g"] == 2.0
-    back = from_json(out)
+    back = from_json(out, max_depth=DEPTH)
     assert back["r"] == ref
     assert back["b"] == b"\x00\x01"
+    bad_refs: list[dict[str, object]] = [
+        {"$ref": "x", "holder": "n", "nbytes": "many"},
+        {"$ref": "x", "holder": {"not": "a node"}},
+        {"$ref": "x", "holder": "n", "nbytes": -1},
+        {"$ref": "x", "holder": "n", "nbytes": 1e300},
+        {"$ref": "x", "holder": "n", "shape": [2, -1]},
+    ]
+    for bad in bad_refs:
+        with pytest.raises(BadRequest):
+            from_json(bad, max_depth=DEPTH)
+
+
+def test_json_bodies_refuse_non_finite_numbers_and_deep_nesting() -> None:
+    assert parse_json(b'{"a": [1, 2.5e3]}') == {"a": [1, 2500.0]}
+    assert parse_json(b"") is None
+    for body in (b'{"t": NaN}', b"[Infinity]", b"[-Infinity]", b"[1e400]", b"{oops", b"\xff"):
+        with pytest.raises(BadRequest):
+            parse_json(body)
+    deep = parse_json(b"[" * 600 + b"]" * 600)  # the parser copes; the arguments may not
+    with pytest.raises(BadRequest, match="nested too deeply"):
+        from_json(deep, max_depth=DEPTH)
+    with pytest.raises(BadRequest, match="nested too deeply"):
+        parse_json(b"[" * 100_000 + b"]" * 100_000)
+    nested: list[object] = []
+    for _ in range(DEPTH - 1):
+        nested = [nested]
+    assert from_json(nested, max_depth=DEPTH) == nested
+    check_nesting([nested], DEPTH)
     with pytest.raises(BadRequest):
-        from_json({"$ref": "x", "holder": "n", "nbytes": "many"})
+        check_nesting([[nested]], DEPTH)
+    with pytest.raises(BadRequest):
+        check_nesting([{"k": (nested,)}], DEPTH)
+
+
+def test_seconds_must_be_finite_and_in_range() -> None:
+    assert seconds(2, "t", maximum=10.0) == 2.0
+    assert seconds(0, "w", maximum=10.0, zero=True) == 0.0
+    for bad in (0, -1, float("nan"), float("inf"), -float("inf"), 1e300, 10**400, True, "5"):
+        with pytest.raises(BadRequest, match="t must be"):
+            seconds(bad, "t", maximum=10.0)
 
 
 def test_options_are_validated() -> None:
-    assert parse_options(None) == {}
-    assert parse_options({"timeout": 2, "labels": {"zone": "a"}, "resources": {"gpu": 1}}) == {
+    assert parse_options(None, CONFIG) == {}
+    assert parse_options(
+        {"timeout": 2, "labels": {"zone": "a"}, "resources": {"gpu": 1}}, CONFIG
+    ) == {
         "timeout": 2.0,
         "labels": {"zone": "a"},
         "resources": {"gpu": 1.0},
     }
     bad: object
-    for bad in ({"timeout": 0}, {"timeout": True}, {"labels": {"a": 1}}, {"resources": []}, 5):
+    for bad in (
+        {"timeout": 0},
+        {"timeout": True},
+        {"timeout": float("nan")},
+        {"timeout": float("inf")},
+        {"timeout": CONFIG.api_max_task_timeout_s + 1},
+        {"labels": {"a": 1}},
+        {"resources": []},
+        {"resources": {"gpu": float("nan")}},
+        {"resources": {"gpu": float("inf")}},
+        {"resources": {"gpu": -1}},
+        {"resources": {"gpu": 10**400}},
+        5,
+    ):
         with pytest.raises(BadRequest):
-            parse_options(bad)
+            parse_options(bad, CONFIG)
 
 
 def test_error_records_become_the_right_exceptions() -> None:

@@ -55,6 +55,7 @@ from tests.unit.test_messages import (
 __all__ = ["local_wire_types"]  # the fixture that registers the test-local wire types
 
 KEY = b"k" * 32
+RX = NodeId("rx")
 NOW = 1_700_000_000.0
 SKEW = 120.0
 LOAD_TAG = int(WireType.LOAD)
@@ -74,12 +75,15 @@ def sample_frame() -> tuple[bytes, Codec]:
         tensor=torch.ones(3, dtype=torch.bfloat16),
         maybe=None,
     )
-    return tx.encode_bytes(msg, NOW), rx
+    return tx.encode_bytes(msg, NOW, to=RX), rx
 
 
 def mac(body: bytes, key: bytes = KEY, version: int = VERSION) -> bytes:
-    """A frame around ``body`` that passes authentication under ``key``."""
-    return bytes((codec.MAGIC, version)) + hmac.new(key, body, hashlib.sha256).digest() + body
+    """A frame around ``body`` that passes authentication under ``key``: since version 2
+    the prefix is under the MAC, in version 1 the body alone was."""
+    prefix = bytes((codec.MAGIC, version))
+    covered = body if version == 1 else prefix + body
+    return prefix + hmac.new(key, covered, hashlib.sha256).digest() + body
 
 
 def body(
@@ -103,8 +107,9 @@ def envelope(
     boot: Any = 1,
     seq: Any = 1,
     sent_at: Any = NOW,
+    to: Any = "rx",
 ) -> bytes:
-    packed: bytes = msgpack.packb([sender, boot, seq, sent_at, tag, fields], use_bin_type=True)
+    packed: bytes = msgpack.packb([sender, boot, seq, sent_at, to, tag, fields], use_bin_type=True)
     return packed
 
 
@@ -158,7 +163,7 @@ def test_arrays_and_tensors_decode_as_aligned_views_into_the_frame(
 ) -> None:
     tx, rx = codecs()
     msg = Arrays(array=arr, arrays=(arr, arr), tensor=t, maybe=arr)
-    frame = tx.encode_bytes(msg, NOW)
+    frame = tx.encode_bytes(msg, NOW, to=RX)
     out = rx.decode(frame, NOW).msg
     assert isinstance(out, Arrays)
     start, end = frame_base(frame)
@@ -177,7 +182,9 @@ def test_arrays_and_tensors_decode_as_aligned_views_into_the_frame(
 def test_a_large_array_is_not_copied_on_decode() -> None:
     tx, rx = codecs(max_frame_bytes=64 << 20)
     arr = np.random.default_rng(0).standard_normal((1024, 1024))  # 8 MiB
-    frame = tx.encode_bytes(Arrays(array=arr, arrays=(), tensor=torch.zeros(0), maybe=None), NOW)
+    frame = tx.encode_bytes(
+        Arrays(array=arr, arrays=(), tensor=torch.zeros(0), maybe=None), NOW, to=RX
+    )
     out = rx.decode(frame, NOW).msg
     assert isinstance(out, Arrays)
     assert np.shares_memory(out.array, np.frombuffer(frame, dtype=np.uint8))
@@ -301,18 +308,18 @@ def test_a_packer_recovers_after_a_refused_value() -> None:
     tx, rx = codecs()
     bad = Arrays(array=np.zeros(1, dtype=object), arrays=(), tensor=torch.zeros(0), maybe=None)
     with pytest.raises(LocalProtocolError):
-        tx.encode(bad, NOW)
+        tx.encode(bad, NOW, to=RX)
     good = Load(running=1, queued=2, backlog_s=3.0)
-    assert rx.decode(tx.encode_bytes(good, NOW), NOW).msg == good
+    assert rx.decode(tx.encode_bytes(good, NOW, to=RX), NOW).msg == good
 
 
 def test_encode_refuses_non_messages_and_oversized_frames() -> None:
     tx, _ = codecs(max_frame_bytes=4096)
     with pytest.raises(LocalProtocolError):
-        tx.encode({"not": "a message"}, NOW)  # type: ignore[arg-type]
+        tx.encode({"not": "a message"}, NOW, to=RX)  # type: ignore[arg-type]
     big = Arrays(array=np.zeros(1024), arrays=(), tensor=torch.zeros(0), maybe=None)
     with pytest.raises(LocalProtocolError):
-        tx.encode(big, NOW)
+        tx.encode(big, NOW, to=RX)
 
 
 def test_codec_refuses_short_keys() -> None:
@@ -333,15 +340,16 @@ def test_key_fingerprint_is_a_sha256_prefix() -> None:
 def test_a_frame_round_trips_with_its_envelope() -> None:
     tx, rx = codecs()
     msg = Load(running=3, queued=4, backlog_s=1.25)
-    first = rx.decode(tx.encode_bytes(msg, NOW), NOW + 1)
-    second = rx.decode(tx.encode_bytes(msg, int(NOW)), NOW)  # an int clock is fine
+    first = rx.decode(tx.encode_bytes(msg, NOW, to=RX), NOW + 1)
+    second = rx.decode(tx.encode_bytes(msg, int(NOW), to=RX), NOW)  # an int clock is fine
     assert (first.sender, first.boot, first.seq, first.sent_at, first.msg) == ("tx", 7, 1, NOW, msg)
+    assert first.to == "rx"
     assert second.seq == 2
 
 
 def test_authenticate_then_decode_without_a_second_mac() -> None:
     tx, rx = codecs()
-    frame = tx.encode_bytes(Load(running=0, queued=0, backlog_s=0.0), NOW)
+    frame = tx.encode_bytes(Load(running=0, queued=0, backlog_s=0.0), NOW, to=RX)
     rx.authenticate(frame)
     assert rx.decode(frame, NOW, authenticated=True).seq == 1
 
@@ -393,7 +401,7 @@ def test_replays_are_rejected() -> None:
 @pytest.mark.parametrize("offset", [-SKEW - 1, SKEW + 1, math.inf, -math.inf])
 def test_stale_and_future_frames_are_rejected(offset: float) -> None:
     tx, rx = codecs()
-    frame = tx.encode_bytes(Load(running=0, queued=0, backlog_s=0.0), NOW)
+    frame = tx.encode_bytes(Load(running=0, queued=0, backlog_s=0.0), NOW, to=RX)
     err = only_remote_errors(lambda: rx.decode(frame, NOW + offset))
     assert err is not None
     assert err.reason == "stale"
@@ -403,7 +411,7 @@ def test_stale_and_future_frames_are_rejected(offset: float) -> None:
 def test_oversized_frames_are_rejected_before_the_mac() -> None:
     tx, _ = codecs(max_frame_bytes=1 << 20)
     frame = tx.encode_bytes(
-        Arrays(array=np.zeros(4096), arrays=(), tensor=torch.zeros(0), maybe=None), NOW
+        Arrays(array=np.zeros(4096), arrays=(), tensor=torch.zeros(0), maybe=None), NOW, to=RX
     )
     _, small = codecs(max_frame_bytes=len(frame) - 1)
     assert reject(frame, small).reason == "oversized"
@@ -501,8 +509,14 @@ GARBAGE: dict[str, bytes] = {
     "ext just past the limit": nested_ext(MAX_EXT_DEPTH + 1),
     # the envelope
     "envelope not a list": raw_envelope(msgpack.packb({"a": 1})),
-    "envelope too short": raw_envelope(msgpack.packb(["peer", 1, 1, NOW, LOAD_TAG])),
-    "envelope too long": raw_envelope(msgpack.packb(["peer", 1, 1, NOW, LOAD_TAG, [1, 2, 3.0], 0])),
+    "envelope too short": raw_envelope(msgpack.packb(["peer", 1, 1, NOW, "rx", LOAD_TAG])),
+    "envelope too long": raw_envelope(
+        msgpack.packb(["peer", 1, 1, NOW, "rx", LOAD_TAG, [1, 2, 3.0], 0])
+    ),
+    "version-1 envelope": raw_envelope(msgpack.packb(["peer", 1, 1, NOW, LOAD_TAG, [1, 2, 3.0]])),
+    "to int": mac(body(envelope([1, 2, 3.0], to=5))),
+    "to none": mac(body(envelope([1, 2, 3.0], to=None))),
+    "to bytes": mac(body(envelope([1, 2, 3.0], to=b"rx"))),
     "sender not str": mac(body(envelope([1, 2, 3.0], sender=5))),
     "sender empty": mac(body(envelope([1, 2, 3.0], sender=""))),
     "sender huge": mac(body(envelope([1, 2, 3.0], sender="x" * 10_000))),
@@ -688,7 +702,7 @@ def test_corrupted_bodies_of_real_messages_raise_only_remote_protocol_error(
     msg: Wire, data: st.DataObject
 ) -> None:
     tx, rx = codecs()
-    good = bytearray(tx.encode_bytes(msg, NOW)[FRAME_PREFIX:])
+    good = bytearray(tx.encode_bytes(msg, NOW, to=RX)[FRAME_PREFIX:])
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(good) - 1))
         good[i] = data.draw(st.integers(0, 255))

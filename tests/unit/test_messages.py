@@ -408,7 +408,7 @@ def test_every_message_round_trips_through_a_frame(msg: Wire, now: float) -> Non
     key = b"m" * 32
     tx = Codec(key, NodeId("tx"), max_frame_bytes=1 << 24, boot=3)
     rx = Codec(key, NodeId("rx"), max_frame_bytes=1 << 24)
-    frame = rx.decode(tx.encode_bytes(msg, now), now)
+    frame = rx.decode(tx.encode_bytes(msg, now, to=NodeId("rx")), now)
     assert (frame.sender, frame.boot, frame.seq, frame.sent_at) == ("tx", 3, 1, now)
     assert same(_canonical(msg), frame.msg)
 
