@@ -38,7 +38,8 @@ genuine sender said of itself under its MAC: a Join merges the sender's own reco
 if newer than what the receiver holds, so it revives nobody) and is answered with a Delta
 to the sender's own address; a hello opens a connection on which the replayer can then
 send nothing that is accepted, since every later frame names its receiver and the
-replayer cannot change it. A dialer that knows the id (from membership, or from an
+replayer cannot change it, and which never displaces a connection whose hello named its
+receiver (``node.transport_ws``). A dialer that knows the id (from membership, or from an
 earlier hello) names it in its hello too, so only first contact with a seed carries blank
 hellos at all.
 

@@ -783,10 +783,16 @@ class Membership:
     def _refute(self, claimed: int) -> None:
         if self._left:
             return
+        incarnation = max(self._own.incarnation, claimed) + 1
+        if incarnation > MAX_COUNTER:
+            # Only a key holder making things up names this node at the top of the range:
+            # a refutation above it would be refused by every honest peer, so none is sent.
+            self._reject("unrefutable-claim")
+            return
         self._refutations += 1
         self._own = _replace_record(
             self._own,
-            incarnation=max(self._own.incarnation, claimed) + 1,
+            incarnation=incarnation,
             version=self._own.version + 1,
         )
         self._enqueue(self._own)

@@ -561,8 +561,9 @@ async def test_a_replayed_seed_hello_cannot_take_over_a_real_connection(
         session.ws_connect(f"http://{b.address}{WS_PATH}") as ws,
     ):
         await ws.send_bytes(captured)
-        assert (await ws.receive()).data[0] == KIND_HELLO
-        assert (await ws.receive()).data == bytes((KIND_BYE,))  # b keeps the real one
+        async with asyncio.timeout(DEADLINE_S):
+            assert (await ws.receive()).data[0] == KIND_HELLO
+            assert (await ws.receive()).data == bytes((KIND_BYE,))  # b keeps the real one
         await b.t.send(d.address, load_frame(b.codec, 2, d))
         assert load_of(d.codec, await recv(d.t)) == 2
 
