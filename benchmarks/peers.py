@@ -52,7 +52,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -303,6 +303,86 @@ def _env(tmp: Path) -> dict[str, str]:
     return env
 
 
+def start_node(
+    name: str,
+    key: str,
+    tmp: Path,
+    join: str | None,
+    extra: Sequence[str],
+    *,
+    prefix: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """One ``mesh-node`` (one slot, ``local`` preset, 127.0.0.1, no mDNS, label
+    ``name=NAME``) logging to ``tmp/NAME.log``, and the address it listens on.
+
+    ``prefix`` goes before the command (a wrapper that execs it, e.g. into a cgroup); ``env``
+    replaces ``_env(tmp)``. A node that exits or does not listen within 60 s is ended and
+    raises ``RuntimeError``.
+    """
+    log = tmp / f"{name}.log"
+    args = [
+        *prefix,
+        sys.executable,
+        "-m",
+        "node",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--no-mdns",
+        "--preset",
+        "local",
+        "--name",
+        name,
+        "--key",
+        key,
+        "--slots",
+        "1",
+        "--label",
+        f"name={name}",
+        *extra,
+    ]
+    if join:
+        args += ["--join", join]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else _env(tmp),
+            cwd=str(ROOT),
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            m = re.search(r"listening on (\S+:\d+)", log.read_text(errors="replace"))
+            if m:
+                return proc, m.group(1)
+            if proc.poll() is not None:
+                raise RuntimeError(f"node {name} exited: {log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        raise RuntimeError(f"node {name} did not listen within 60 s")
+    except BaseException:
+        end_processes([proc])
+        raise
+
+
+def end_processes(procs: Iterable[subprocess.Popen[bytes]], grace_s: float = 20.0) -> None:
+    """SIGTERM each process still running, then SIGKILL any not gone after ``grace_s``."""
+    todo = list(procs)
+    for proc in todo:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+    for proc in todo:
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
 class MeshRunner:
     """Three ``mesh-node`` processes and a sync client connected to the submitting one."""
 
@@ -336,45 +416,9 @@ class MeshRunner:
         return self._client
 
     def _start(self, name: str, join: str | None, extra: list[str]) -> str:
-        log = self._tmp / f"{name}.log"
-        args = [
-            sys.executable,
-            "-m",
-            "node",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--no-mdns",
-            "--preset",
-            "local",
-            "--name",
-            name,
-            "--key",
-            self._key,
-            "--slots",
-            "1",
-            "--label",
-            f"name={name}",
-            *extra,
-        ]
-        if join:
-            args += ["--join", join]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, env=_env(self._tmp), cwd=str(ROOT)
-            )
+        proc, address = start_node(name, self._key, self._tmp, join, extra)
         self.procs[name] = proc
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            m = re.search(r"listening on (\S+:\d+)", log.read_text(errors="replace"))
-            if m:
-                return m.group(1)
-            if proc.poll() is not None:
-                raise RuntimeError(f"node {name} exited: {log.read_text()[-2000:]}")
-            time.sleep(0.05)
-        raise RuntimeError(f"node {name} did not listen within 60 s")
+        return address
 
     def _wait_ready(self) -> None:
         """Until all three are alive and both workers advertise the bench tasks."""
@@ -422,15 +466,7 @@ class MeshRunner:
             with contextlib.suppress(Exception):
                 self._client.close()
             self._client = None
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        end_processes(self.procs.values())
 
 
 # ---------------------------------------------------------------------------------------
