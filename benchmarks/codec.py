@@ -76,7 +76,7 @@ def main() -> None:
 
     mib = 64
     array = np.random.default_rng(0).standard_normal(mib << 18, dtype=np.float32)
-    result_msg = Result(tasks=(TaskId("t1"),), values=(array,))
+    result_msg = Result(tasks=(TaskId("t1"),), values=(array,), run_s=(0.1,))
     big_frame = tx.encode_bytes(result_msg, NOW, to=RX)
 
     def decode_big() -> Any:

@@ -225,6 +225,24 @@ class ContractConfig:
     """Tasks a participant offers to queue per slot beyond those running. Some queue hides
     the award round trip; a deep one binds tasks early to a node that may turn out slow."""
 
+    bind_ahead_s: float = 0.02
+    """Late binding: an initiator binds to a pool worker only the tasks it would start
+    within this long (at least one per lane), and gives it more as its results come back.
+    Tasks shorter than this queue a little at their worker to hide the refill's round
+    trip; longer ones are bound only when a lane frees, so a burst spreads in proportion
+    to each node's real speed and no slow node holds work a fast one could finish first."""
+
+    recruit_s: float = 0.05
+    """A group whose pool would take longer than this to work through its queue calls for
+    proposals from further capable nodes (those outside the pool), to add them."""
+
+    recruit_parallel: int = 4
+    """Calls for proposals one group keeps open at once while it recruits."""
+
+    history_half_life_s: float = 120.0
+    """How fast a node's runtime history for a task fades into its estimate-based prior:
+    a measurement this old counts half. A node that was slow once wins work again."""
+
     widen_rounds: int = 2
     """Rounds of calls to further candidates when nobody bid, before the task fails."""
 

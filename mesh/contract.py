@@ -87,6 +87,16 @@ _CANDIDATE_STATES: Final = frozenset({MemberState.ALIVE, MemberState.SUSPECT})
 """Members that may be asked to bid: a suspect is not dead until membership says so."""
 
 _EPS: Final = 1e-9
+MAX_ESTIMATE_S: Final = 1e6
+"""Longest runtime, bid or estimate taken from a peer (about 11 days): beyond it a number
+is not an estimate but an attack on the sums bids are made of."""
+MIN_ESTIMATE_S: Final = 1e-6
+"""Shortest runtime an estimate is taken as when learning from it: a ratio against 1 ns
+would scale every later bid by a billion."""
+MAX_LANES: Final = 1024
+"""Most tasks of one kind a node is modelled to run at once, whatever it declares."""
+LOCALITY_SCAN: Final = 16
+"""Queued tasks a worker with room looks through for the one whose inputs it holds."""
 POOL: Final = 16
 """Candidates drawn uniformly per wanted candidate before the load-weighted choice."""
 
@@ -200,8 +210,17 @@ class AuctionRecord:
     rounds: tuple[RoundRecord, ...]
     winner: NodeId | None
     cost_s: float | None
+    """Expected seconds to completion when bound: ``wait_s + est_s + transfer_s``."""
     why: str
     attempts: int
+    wait_s: float | None = None
+    """Queue wait expected at the winner when bound (the initiator's model of it)."""
+    est_s: float | None = None
+    """Runtime expected at the winner when bound (its bid, then its measured runs)."""
+    transfer_s: float | None = None
+    """Time expected to bring the task's inputs to the winner, at its measured rates."""
+    run_s: float | None = None
+    """Runtime the winner measured, once the result is in."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,11 +239,11 @@ class TaskState(StrEnum):
 
 TRANSITIONS: Final[dict[tuple[TaskState, str], TaskState]] = {
     (TaskState.QUEUED, "call"): TaskState.AUCTION,
-    (TaskState.AUCTION, "award"): TaskState.AWARDED,
-    (TaskState.AUCTION, "unplaced"): TaskState.QUEUED,  # no slot left, or widening
+    (TaskState.AUCTION, "decided"): TaskState.QUEUED,  # back to the queue the pool works
+    (TaskState.AUCTION, "unplaced"): TaskState.QUEUED,  # widening, or the pool takes it
+    (TaskState.QUEUED, "award"): TaskState.AWARDED,  # a pool worker had room
     (TaskState.AWARDED, "confirm"): TaskState.HELD,
     (TaskState.AWARDED, "progress"): TaskState.HELD,  # the confirm was lost
-    (TaskState.AWARDED, "next-bid"): TaskState.AWARDED,
     (TaskState.HELD, "progress"): TaskState.HELD,
     (TaskState.AWARDED, "again"): TaskState.QUEUED,  # declined, lapsed, or winner died
     (TaskState.HELD, "again"): TaskState.QUEUED,
@@ -237,21 +256,29 @@ class _Task:
     __slots__ = (
         "attempts",
         "auction",
+        "awarded_at",
         "cost",
         "ended",
+        "est_s",
         "exclude",
+        "expected_end",
+        "home",
         "key",
         "lease_until",
         "payload",
         "rounds",
+        "run_s",
         "spec",
         "state",
         "submitted_at",
+        "transfer_s",
+        "wait_s",
         "why",
         "widened",
         "winner",
         "winner_incarnation",
         "winners",
+        "worker",
     )
 
     def __init__(self, spec: TaskSpec, payload: Any, key: _Key, now: float) -> None:
@@ -272,6 +299,16 @@ class _Task:
         self.exclude: frozenset[NodeId] = frozenset()
         self.widened = 0
         self.ended = ""
+        self.worker: _Worker | None = None  # the pool worker it is awarded to
+        self.awarded_at = 0.0
+        self.est_s: float | None = None  # the winner's expected runtime when awarded
+        self.wait_s: float | None = None
+        self.transfer_s: float | None = None
+        self.expected_end = 0.0
+        self.run_s: float | None = None  # measured by the winner
+        self.home: NodeId | None = None  # the node holding most of its input bytes
+        if spec.input_bytes:
+            self.home = max(spec.input_bytes.items(), key=lambda kv: (kv[1], kv[0]))[0]
 
     def move(self, event: str) -> None:
         nxt = TRANSITIONS.get((self.state, event))
@@ -284,14 +321,106 @@ _Key = tuple[Any, ...]
 
 
 class _Group:
-    """Queued tasks that can share one call for proposals (same requirements, estimate)."""
+    """Tasks with the same requirements and estimate: one queue, and the pool of workers
+    (bidders recruited by calls for proposals) that works through it."""
 
-    __slots__ = ("est", "queue", "requirements")
+    __slots__ = (
+        "backoff",
+        "est",
+        "pool",
+        "queue",
+        "quiet_until",
+        "recruiting",
+        "requirements",
+    )
 
     def __init__(self, requirements: Requirements, est: float | None) -> None:
         self.requirements = requirements
         self.est = est
         self.queue: deque[_Task] = deque()
+        self.pool: dict[NodeId, _Worker] = {}
+        self.recruiting = 0  # open calls for proposals of this group
+        self.quiet_until = -INF  # no recruiting before: the last call added nobody useful
+        self.backoff = 0.0  # the latest quiet period, doubled by each call that added nobody
+
+
+class _Worker:
+    """The initiator's model of one pool worker, for one group: how many tasks it runs at
+    once, how long one takes there (its bid, then what its results measured), when each
+    of its lanes frees, and the tasks it holds now (at most ``window``)."""
+
+    __slots__ = (
+        "bandwidth",
+        "bind_ahead",
+        "cfp",
+        "idle_since",
+        "inflight",
+        "lane_free",
+        "lanes",
+        "node",
+        "offered",
+        "run_s",
+        "samples",
+        "window",
+    )
+
+    def __init__(
+        self, node: NodeId, cfp: int, bid: Propose, now: float, bind_ahead_s: float
+    ) -> None:
+        self.node = node
+        self.bind_ahead = bind_ahead_s
+        self.inflight: dict[TaskId, _Task] = {}
+        self.idle_since = now
+        self.samples = 0
+        self.run_s = bid.run_s
+        self.cfp = cfp
+        self.window = 1
+        self.bandwidth = dict(bid.bandwidth)
+        self.offered = len(bid.costs)
+        self.lanes = max(1, min(bid.lanes, MAX_LANES, len(bid.costs)))
+        # Lane i frees when the bid says its slot i would start: its cost less one run.
+        self.lane_free = [now + max(0.0, c - bid.run_s) for c in bid.costs[: self.lanes]]
+        self.resize()
+
+    def resize(self) -> None:
+        """Hold what starts within ``bind_ahead`` of now per lane, and never less than
+        one task per lane: short tasks queue here to hide the round trip of a refill,
+        long ones are bound only when a lane is about to free."""
+        ahead = int(self.bind_ahead / max(self.run_s, MIN_ESTIMATE_S))
+        self.window = max(1, min(self.offered, self.lanes * (1 + ahead)))
+
+    def start_at(self, now: float) -> float:
+        return max(now, min(self.lane_free))
+
+    def take(self, task: _Task, now: float) -> float:
+        """Book ``task`` on the lane that frees first; its expected end."""
+        i = min(range(len(self.lane_free)), key=self.lane_free.__getitem__)
+        end = max(now, self.lane_free[i]) + self.run_s
+        self.lane_free[i] = end
+        self.inflight[task.spec.task_id] = task
+        self.idle_since = INF
+        return end
+
+    def release(self, task: _Task, now: float) -> None:
+        """``task`` left this worker (result, decline, lapse): its lane frees now."""
+        if self.inflight.pop(task.spec.task_id, None) is None:
+            return
+        if not self.inflight:
+            self.idle_since = now
+        lanes = self.lane_free
+        for i, t in enumerate(lanes):
+            if t == task.expected_end:
+                lanes[i] = now
+                return
+        if not self.inflight:
+            self.lane_free = [now] * self.lanes
+
+    def learn(self, run_s: float, alpha: float) -> None:
+        """A result's measured runtime: the first replaces the bid's guess, later ones
+        move the average."""
+        self.samples += 1
+        self.run_s = run_s if self.samples == 1 else self.run_s + alpha * (run_s - self.run_s)
+        self.resize()
 
 
 class _Auction:
@@ -349,6 +478,7 @@ class _Held:
         "query",
         "renewed",
         "req",
+        "res",
         "seed",
         "started",
         "task_id",
@@ -356,6 +486,8 @@ class _Held:
 
     def __init__(self, task_id: TaskId, res: _Reservation, payload: Any, now: float) -> None:
         self.task_id = task_id
+        self.res: _Reservation | None = res  # None once it no longer counts there
+        res.holding += 1
         self.initiator = res.initiator
         self.cfp = res.cfp
         self.req = res.requirements
@@ -386,6 +518,7 @@ class _Reservation:
         "est",
         "expires",
         "forget_at",
+        "holding",
         "initiator",
         "made",
         "need",
@@ -393,7 +526,6 @@ class _Reservation:
         "requirements",
         "reserved",
         "seed",
-        "taken",
         "tasks",
     )
 
@@ -411,30 +543,32 @@ class _Reservation:
         self.initiator = initiator
         self.cfp = cfp
         self.requirements = msg.requirements
-        self.tasks = frozenset(msg.tasks)
+        self.tasks = len(msg.tasks)
         self.need = need
         self.est = est
         self.seed = msg.est_runtime_s
         self.offered = offered
         self.reserved = offered
-        self.taken = 0
+        self.holding = 0  # tasks awarded under it and not yet finished or dropped here
         self.made = now
         self.expires = now + config.reservation_s
         # Long enough to tell a late award (decline it) from one never solicited (reject it).
         self.forget_at = now + 4 * config.reservation_s
 
 
-def _finite_nonneg(x: float) -> bool:
-    return math.isfinite(x) and x >= 0.0
+def _plausible(seconds: float) -> bool:
+    """A duration from a peer that sums can take: finite, >= 0, at most MAX_ESTIMATE_S."""
+    return 0.0 <= seconds <= MAX_ESTIMATE_S
 
 
 def _limiting(need: dict[str, float], have: dict[str, float]) -> tuple[str, int]:
     """The resource that bounds how many such tasks run at once, and that bound."""
-    best_key, best = "cpu", 1 << 30
+    best_key, best = "cpu", MAX_LANES
     for k, v in need.items():
         if v <= 0:
             continue
-        lanes = int(have.get(k, 0.0) / v + _EPS)
+        # A demand of 5e-324 divides to inf: bound before int().
+        lanes = int(min(have.get(k, 0.0) / v + _EPS, MAX_LANES))
         if lanes < best:
             best_key, best = k, lanes
     return best_key, best
@@ -461,9 +595,12 @@ class Contract:
         rng: random.Random,
         peers: PeerView,
         capabilities: Capabilities,
+        speed: float = 1.0,
     ) -> None:
         if config.candidates < 1:
             raise LocalProtocolError("ContractConfig.candidates must be at least 1")
+        if not 1e-3 <= speed <= 1e3:
+            raise LocalProtocolError(f"speed factor {speed} is outside [0.001, 1000]")
         self._node = node
         self._cfg = config
         self._rng = rng
@@ -504,11 +641,14 @@ class Contract:
         self._running: dict[TaskId, _Held] = {}
         self._held: dict[TaskId, _Held] = {}
         self._used: dict[str, float] = {}
-        self._history: dict[str, float] = {}
-        self._speed = 1.0  # measured / estimated runtime, over every task with an estimate
+        self._history: dict[str, tuple[float, float]] = {}  # name -> (runtime, measured at)
+        # measured / estimated runtime, over every task with an estimate; seeded by the
+        # driver's calibration (``speed``), replaced by the first real measurements
+        self._speed = speed
+        self._bandwidth: dict[NodeId, float] = {}  # measured from each peer, bytes/s
         self._speed_samples = 0
         self._progress_at = INF
-        self._results: dict[NodeId, tuple[list[TaskId], list[Any]]] = {}
+        self._results: dict[NodeId, tuple[list[TaskId], list[Any], list[float]]] = {}
         self._failures: dict[NodeId, tuple[list[TaskId], list[Any]]] = {}
         # stalls
         self._now = -INF  # the latest ``now`` any entry point was given
@@ -525,6 +665,9 @@ class Contract:
     def receive(self, src: NodeId, msg: Wire, now: float) -> None:
         self._tick(now)
         try:
+            if src == self._node:
+                # What this node sends itself never leaves it: this came from outside.
+                raise RemoteProtocolError("a peer frame in this node's name", reason="self")
             self._dispatch(src, msg, now)
         except RemoteProtocolError as exc:
             self._stats[f"rejected.{exc.reason}"] += 1
@@ -566,8 +709,10 @@ class Contract:
         return None if t == INF else t
 
     def take_outgoing(self) -> list[tuple[Address, Wire]]:
-        for dst, (ids, values) in self._results.items():
-            self._send_remote(dst, Result(tasks=tuple(ids), values=tuple(values)))
+        for dst, (ids, values, runs) in self._results.items():
+            self._send_remote(
+                dst, Result(tasks=tuple(ids), values=tuple(values), run_s=tuple(runs))
+            )
         for dst, (ids, errors) in self._failures.items():
             self._send_remote(dst, Failure(tasks=tuple(ids), errors=tuple(errors)))
         self._results.clear()
@@ -592,7 +737,8 @@ class Contract:
         why = invalid(spec.requirements)
         if why is not None:
             raise LocalProtocolError(f"task {spec.task_id}: {why}")
-        if spec.est_runtime_s is not None and not _finite_nonneg(spec.est_runtime_s):
+        if spec.est_runtime_s is not None and not _plausible(spec.est_runtime_s):
+            # Its call would be refused by every bidder, this node included (``bad-cost``).
             raise LocalProtocolError(f"task {spec.task_id}: bad runtime estimate")
         if any(b < 0 for b in spec.input_bytes.values()):
             raise LocalProtocolError(f"task {spec.task_id}: negative input size")
@@ -664,21 +810,28 @@ class Contract:
         for k, v in held.need.items():
             self._used[k] = self._used.get(k, 0.0) - v
         if held.started is not None and ok and not held.cancelled:
-            self._learn(held, now - held.started)
+            self._learn(held, now - held.started, now)
+        self._unhold(held, now)
+        # Capped at what the initiator accepts: beyond it the whole result would be refused.
+        run = 0.0 if held.started is None else min(max(0.0, now - held.started), MAX_ESTIMATE_S)
         if held.cancelled:
             self._stats["cancelled_runs"] += 1
         elif held.initiator == self._node:
             msg: Wire = (
-                Result(tasks=(task_id,), values=(value,))
+                Result(tasks=(task_id,), values=(value,), run_s=(run,))
                 if ok
                 else Failure(tasks=(task_id,), errors=(value,))
             )
             self._loop.append((self._node, msg))
-        else:
-            buf = self._results if ok else self._failures
-            ids, values = buf.setdefault(held.initiator, ([], []))
+        elif ok:
+            ids, values, runs = self._results.setdefault(held.initiator, ([], [], []))
             ids.append(task_id)
             values.append(value)
+            runs.append(run)
+        else:
+            ids, errors = self._failures.setdefault(held.initiator, ([], []))
+            ids.append(task_id)
+            errors.append(value)
         self._stats["finished_ok" if ok else "finished_error"] += 1
         self._start_ready(now)
         self._drain(now)
@@ -706,6 +859,20 @@ class Contract:
                 "leaving",
             )
         self._drain(now)
+
+    def waiting(self) -> int:
+        """Tasks awarded here that have not started."""
+        return len(self._held) - len(self._running)
+
+    def set_bandwidth(self, node: NodeId, bytes_per_s: float) -> None:
+        """The driver measured the transfer rate from ``node``: bids count inputs held
+        there at this rate (``bandwidth_bytes_per_s`` until measured)."""
+        if math.isfinite(bytes_per_s) and bytes_per_s > 0:
+            old = self._bandwidth.get(node)
+            alpha = self._cfg.runtime_alpha
+            self._bandwidth[node] = (
+                bytes_per_s if old is None else old + alpha * (bytes_per_s - old)
+            )
 
     def load(self) -> Load:
         """Running, queued and backlog (committed seconds per slot), for gossip."""
@@ -735,6 +902,10 @@ class Contract:
             cost_s=task.cost,
             why=task.why,
             attempts=task.attempts,
+            wait_s=task.wait_s,
+            est_s=task.est_s,
+            transfer_s=task.transfer_s,
+            run_s=task.run_s,
         )
 
     def stats(self) -> dict[str, int]:
@@ -915,23 +1086,63 @@ class Contract:
         return [n for _, n in heapq.nlargest(d, keyed)]
 
     def _flush(self, now: float) -> None:
+        """Feed every group's pool, and recruit workers where the queue needs more."""
         self._flush_at = INF
-        progress = True
-        while progress and len(self._auctions) < self._cfg.max_auctions:
-            progress = False
-            for key, group in list(self._groups.items()):
-                if len(self._auctions) >= self._cfg.max_auctions:
-                    break
-                batch: list[_Task] = []
-                while group.queue and len(batch) < self._cfg.max_batch:
-                    t = group.queue.popleft()
-                    if t.state is TaskState.QUEUED and not t.ended:
-                        batch.append(t)
-                if not group.queue:
+        for key, group in list(self._groups.items()):
+            self._refill(group, now)
+            queue = group.queue
+            while queue and (queue[0].ended or queue[0].state is not TaskState.QUEUED):
+                queue.popleft()
+            if not queue:
+                if not group.pool and not group.recruiting:
                     del self._groups[key]
-                if batch:
-                    self._call(group, batch, frozenset(), now)
-                    progress = True
+                continue
+            if len(self._auctions) < self._cfg.max_auctions and self._short_handed(group, now):
+                self._recruit(group, now)
+            elif group.pool and now < group.quiet_until:
+                self._flush_at = min(self._flush_at, group.quiet_until)
+
+    def _short_handed(self, group: _Group, now: float) -> bool:
+        """Whether more workers could help: there is no pool, or the last queued task
+        would wait longer than ``recruit_s`` for a lane of the pool. A call whose bidders
+        all stayed idle (the pool finishes sooner than any of them would) keeps the group
+        from calling again for ``recruit_s`` plus one task on its fastest worker."""
+        if group.recruiting >= self._cfg.recruit_parallel:
+            return False
+        pool = group.pool
+        if not pool:
+            return not group.recruiting
+        if now < group.quiet_until:
+            return False
+        free = [f for w in pool.values() for f in w.lane_free]
+        backlog = len(group.queue) - sum(1 for f in free if f <= now)
+        if backlog <= 0:
+            return False
+        rate = sum(w.lanes / max(w.run_s, MIN_ESTIMATE_S) for w in pool.values())
+        wait = max(0.0, min(free) - now) + (backlog - 1) / rate
+        return wait > self._cfg.recruit_s
+
+    def _recruit(self, group: _Group, now: float) -> None:
+        """Call for proposals for part of the queue, among capable nodes outside the pool.
+
+        The first call of a group takes a whole batch: its bidders form the pool. Later
+        calls take tasks from the back of the queue (the pool goes on with the front) and
+        only add workers: a call nobody answers puts its tasks back, and fails nothing
+        while the pool works."""
+        queue = group.queue
+        if not group.pool:
+            batch = [queue.popleft() for _ in range(min(self._cfg.max_batch, len(queue)))]
+            exclude: frozenset[NodeId] = frozenset()
+        else:
+            exclude = frozenset(group.pool)
+            if not any(m.node not in exclude for m in self._match(group)):
+                return
+            n = min(self._cfg.max_batch, max(1, len(queue) // 2))
+            batch = [queue.pop() for _ in range(n)]
+            batch.reverse()
+        batch = [t for t in batch if t.state is TaskState.QUEUED and not t.ended]
+        if batch:
+            self._call(group, batch, batch[0].exclude | exclude, now)
 
     def _call(
         self, group: _Group, tasks: list[_Task], exclude: frozenset[NodeId], now: float
@@ -974,6 +1185,7 @@ class Contract:
             inputs={t.spec.task_id: t.spec.input_bytes for t in tasks if t.spec.input_bytes},
         )
         self._auctions[cfp] = auction
+        group.recruiting += 1
         heapq.heappush(self._deadlines, (deadline, cfp))
         self._stats["auctions"] += 1
         for n in chosen:
@@ -1003,15 +1215,14 @@ class Contract:
             return
         if not msg.costs or len(msg.costs) > MAX_CFP_TASKS:
             raise RemoteProtocolError("a bid must offer at least one slot", reason="bad-cost")
-        if not all(_finite_nonneg(c) for c in msg.costs):
-            raise RemoteProtocolError("bid costs must be finite and >= 0", reason="bad-cost")
-        if msg.transfer_s:
-            ids = {t.spec.task_id for t in auction.tasks}
-            for tid, x in msg.transfer_s.items():
-                if tid not in ids:
-                    raise RemoteProtocolError(f"bid names task {tid}", reason="unknown-task")
-                if not _finite_nonneg(x):
-                    raise RemoteProtocolError("transfer must be finite and >= 0", reason="bad-cost")
+        if not all(_plausible(c) for c in msg.costs) or not _plausible(msg.run_s):
+            raise RemoteProtocolError(
+                f"bid costs must be finite, >= 0 and <= {MAX_ESTIMATE_S:g} s", reason="bad-cost"
+            )
+        if msg.lanes < 1:
+            raise RemoteProtocolError("a bid runs at least one task at once", reason="bad-cost")
+        if not all(math.isfinite(x) and x > 0 for x in msg.bandwidth.values()):
+            raise RemoteProtocolError("bandwidth must be finite and > 0", reason="bad-cost")
         auction.bids[src] = msg
         self._stats["bids_received"] += 1
         if self._all_answered(auction):
@@ -1020,8 +1231,7 @@ class Contract:
             self._stats["early_awards"] += 1
             self._decide(auction, now)
 
-    @staticmethod
-    def _decisive(auction: _Auction, bid: Propose, now: float) -> bool:
+    def _decisive(self, auction: _Auction, bid: Propose, now: float) -> bool:
         """Whether ``bid`` alone settles the auction: it completes every task sooner than
         this answer took to come back. Any other bidder could finish at best that much
         sooner, and its answer, sent at the same time, is already later than this one: on
@@ -1030,8 +1240,19 @@ class Contract:
         n = len(auction.tasks)
         if len(bid.costs) < n:
             return False
-        transfer = max(bid.transfer_s.values(), default=0.0)
+        transfer = max(
+            (self._transfer(t, bid.bandwidth, NodeId("")) for t in auction.tasks), default=0.0
+        )
         return bid.costs[n - 1] + transfer < now - auction.opened
+
+    def _transfer(self, task: _Task, bandwidth: dict[NodeId, float], node: NodeId) -> float:
+        """Seconds to bring ``task``'s inputs to ``node``, at its measured rates."""
+        if not task.spec.input_bytes:
+            return 0.0
+        default = self._cfg.bandwidth_bytes_per_s
+        return sum(
+            b / bandwidth.get(h, default) for h, b in task.spec.input_bytes.items() if h != node
+        )
 
     def _on_refuse(self, src: NodeId, msg: Refuse, now: float) -> None:
         auction = self._auction_for(src, msg.cfp)
@@ -1043,11 +1264,13 @@ class Contract:
             self._decide(auction, now)
 
     def _decide(self, auction: _Auction, now: float) -> None:
-        """Award each task of ``auction`` to the cheapest slot left; requeue the rest."""
+        """The bidders join the group's pool; the tasks go back to its queue, which the
+        pool works through (``_refill``); bidders given nothing are released."""
         del self._auctions[auction.cfp]
         auction.decided = True
-        if self._groups:  # tasks wait for a free auction: this one just freed
-            self._flush_at = min(self._flush_at, now)
+        group = auction.group
+        group.recruiting -= 1
+        self._flush_at = min(self._flush_at, now)
         tasks = [t for t in auction.tasks if not t.ended and t.state is TaskState.AUCTION]
         bids = auction.bids
         auction.round = RoundRecord(
@@ -1064,79 +1287,178 @@ class Contract:
         if not bids:
             self._widen(auction, tasks, now)
             return
-        auction.next_slot = {n: 0 for n in bids}
-        awards, unplaced = self._assign(auction, tasks, set())
-        for n, won in awards.items():
-            self._award(auction, n, won, "award", now)
+        pool = group.pool
+        joined = [
+            n for n in bids if n not in pool and self._peers.member(n) is not None
+        ]  # a pool member keeps the reservation it works under; one gone since is skipped
+        for n in joined:
+            pool[n] = _Worker(n, auction.cfp, bids[n], now, self._cfg.bind_ahead_s)
+        for t in reversed(tasks):
+            t.move("decided")
+            self._requeue(t)
+        self._refill(group, now)
+        useful = False
         for n in bids:
-            if n not in awards:
+            w = pool.get(n)
+            if n not in joined or w is None or not w.inflight:
                 self._send_lazy(n, Reject(cfp=auction.cfp), now)
+                if w is not None and not w.inflight:
+                    del pool[n]
+            else:
+                useful = True
+        if useful:
+            group.backoff = 0.0
+        elif pool:
+            self._back_off(group, now)
         if now < auction.deadline:
             # Decided before every answer came: those still to come are bids already made,
             # whose slots are held until the reject (the stream keeps it after the call).
             for n in auction.round.silent:
                 self._send_lazy(n, Reject(cfp=auction.cfp), now)
-        if unplaced:
-            for t in reversed(unplaced):
-                t.move("unplaced")
-                self._requeue(t)
-            self._flush_at = now
 
-    def _assign(
-        self, auction: _Auction, tasks: list[_Task], skip: set[NodeId]
-    ) -> tuple[dict[NodeId, list[_Task]], list[_Task]]:
-        """Greedy: each task in turn takes the cheapest slot still offered (plus transfer)."""
-        bidders = [(n, p) for n, p in auction.bids.items() if n not in skip]
-        slot = auction.next_slot
-        awards: dict[NodeId, list[_Task]] = {}
-        unplaced: list[_Task] = []
-        for t in tasks:
-            tid = t.spec.task_id
-            best: NodeId | None = None
-            best_cost = INF
-            for n, p in bidders:
-                i = slot[n]
-                if i < len(p.costs):
-                    c = p.costs[i] + p.transfer_s.get(tid, 0.0) if p.transfer_s else p.costs[i]
-                    if c < best_cost:
-                        best, best_cost = n, c
-            if best is None:
-                unplaced.append(t)
+    def _refill(self, group: _Group, now: float) -> None:
+        """Late binding: give queued tasks to pool workers that have room, each worker
+        taking while it would finish a task no later than the rest of the pool could."""
+        pool, queue = group.pool, group.queue
+        if not pool or not queue:
+            return
+        # A worker idle for a while may have forgotten the reservation it works under
+        # (``reservation_s`` after its last task): it is recruited again if needed.
+        stale = now - 2 * self._cfg.reservation_s
+        for n in [n for n, w in pool.items() if w.idle_since < stale]:
+            del pool[n]
+        room = [w for w in pool.values() if len(w.inflight) < w.window]
+        if not room:
+            return
+        room.sort(key=lambda w: w.start_at(now) + w.run_s)
+        rate = sum(w.lanes / max(w.run_s, MIN_ESTIMATE_S) for w in pool.values())
+        lanes = sum(w.lanes for w in pool.values())
+        for w in room:
+            won: list[_Task] = []
+            while len(w.inflight) < w.window and queue:
+                if not self._worth(w, group, now, rate, lanes):
+                    break
+                t = self._pick(w, group, now)
+                if t is None:
+                    break
+                t.move("award")
+                t.worker = w
+                t.awarded_at = now
+                t.est_s = w.run_s
+                t.expected_end = w.take(t, now)
+                t.wait_s = t.expected_end - w.run_s - now
+                t.transfer_s = self._transfer(t, w.bandwidth, w.node)
+                t.cost = t.expected_end - now + t.transfer_s
+                won.append(t)
+            if won:
+                self._award(w, won, now)
+
+    def _worth(self, w: _Worker, group: _Group, now: float, rate: float, lanes: int) -> bool:
+        """Whether ``w`` should take another task: the queue holds more tasks than the
+        rest of the pool completes before ``w`` would complete one. Near the end of a
+        queue this keeps a slow node from taking the last tasks, which a fast one would
+        finish sooner even after the task it is running."""
+        queued = len(group.queue)
+        done_by = w.start_at(now) + w.run_s
+        if queued > (done_by - now) * rate + lanes:
+            return True  # a long queue: the whole pool together cannot drain it by then
+        capacity = 0
+        for v in group.pool.values():
+            if v is w:
                 continue
-            slot[best] += 1
-            t.cost = best_cost
-            awards.setdefault(best, []).append(t)
-        return awards, unplaced
+            for free in v.lane_free:
+                # Tasks it completes strictly before ``w`` would: on a tie ``w`` takes the
+                # task, else identical workers all hold back and nobody ever gets it.
+                ahead = (done_by - max(now, free)) / max(v.run_s, MIN_ESTIMATE_S)
+                capacity += max(0, int(ahead - _EPS))
+            if capacity >= queued:
+                self._stats["held_back"] += 1
+                return False
+        return True
 
-    def _award(
-        self, auction: _Auction, node: NodeId, tasks: list[_Task], event: str, now: float
-    ) -> None:
+    def _pick(self, w: _Worker, group: _Group, now: float) -> _Task | None:
+        """The queued task ``w`` should take: among the first few, one whose inputs it
+        holds, else one that no pool worker holds, else one it finishes (transfer
+        included) before the worker that holds its inputs would start it."""
+        queue = group.queue
+        pool = group.pool
+        done_by = w.start_at(now) + w.run_s
+        fallback: int | None = None
+        i = 0
+        while i < len(queue) and i < LOCALITY_SCAN:
+            t = queue[i]
+            if t.ended or t.state is not TaskState.QUEUED:
+                del queue[i]
+                continue
+            home = t.home
+            if home is None or home == w.node:
+                if home == w.node or fallback is None:
+                    fallback = i
+                if home == w.node:
+                    break
+            elif fallback is None:
+                holder = pool.get(home)
+                if holder is None or (
+                    done_by + self._transfer(t, w.bandwidth, w.node)
+                    < holder.start_at(now) + holder.run_s
+                ):
+                    fallback = i
+            i += 1
+        if fallback is None:
+            return None
+        t = queue[fallback]
+        del queue[fallback]
+        return t
+
+    def _award(self, w: _Worker, tasks: list[_Task], now: float) -> None:
+        node = w.node
         member = self._peers.member(node)
         incarnation = member.incarnation if member is not None else 0
         lease = INF if node == self._node else now + self._cfg.lease_s
-        why = "lowest bid" if event == "award" else "next bid after a decline"
         for t in tasks:
-            t.move(event)
             t.winner = node
             t.winner_incarnation = incarnation
             t.winners.add(node)
             t.lease_until = lease
-            t.why = why
+            t.why = "finishes first among the pool's workers"
         self._stats["awards"] += len(tasks)
         if lease != INF and self._sweep_at == INF:
             self._sweep_at = now + self._cfg.lease_s / 4
         self._send(
             node,
             Accept(
-                cfp=auction.cfp,
+                cfp=w.cfp,
                 tasks=tuple(t.spec.task_id for t in tasks),
                 payloads=tuple(t.payload for t in tasks),
             ),
         )
 
+    def _back_off(self, group: _Group, now: float) -> None:
+        """A recruiting call added nobody: no further call for a while, doubling from two
+        reply timeouts up to one task on the pool's fastest worker. Calls that add nobody
+        cost messages and help no task; a pool that stays short-handed still recruits."""
+        fastest = min(w.run_s for w in group.pool.values())
+        floor = 2 * self._cfg.reply_timeout_s
+        group.backoff = min(
+            max(2 * group.backoff, floor), max(self._cfg.recruit_s + fastest, floor)
+        )
+        group.quiet_until = now + group.backoff
+        if group.queue:
+            self._flush_at = min(self._flush_at, group.quiet_until)
+
     def _widen(self, auction: _Auction, tasks: list[_Task], now: float) -> None:
         """Nobody bid: ask candidates not yet asked, or fail once the rounds are spent."""
         if not tasks:
+            return
+        group = auction.group
+        if group.pool:
+            # Recruiting found nobody: the pool goes on with these. Quiet for a while, as
+            # after a call that added nobody useful (``_decide``): else a refuser is called
+            # again at once, a call per round trip for as long as the pool is busy.
+            for t in reversed(tasks):
+                t.move("unplaced")
+                self._requeue(t)
+            self._back_off(group, now)
             return
         first = tasks[0]
         exclude = first.exclude | frozenset(auction.asked)
@@ -1193,11 +1515,28 @@ class Contract:
             group = self._groups[task.key] = _Group(spec.requirements, spec.est_runtime_s)
         group.queue.appendleft(task)
 
+    def _unbind(self, task: _Task, now: float, *, dismiss: bool) -> None:
+        """``task`` leaves its pool worker; with ``dismiss`` the worker leaves the pool (it
+        declined, lapsed or died: it is recruited again only by a new call)."""
+        w = task.worker
+        if w is None:
+            return
+        task.worker = None
+        w.release(task, now)
+        group = self._groups.get(task.key)
+        if group is None or group.pool.get(w.node) is not w:
+            return
+        if dismiss or (not w.inflight and not group.queue):
+            del group.pool[w.node]
+        elif not dismiss:
+            self._flush_at = min(self._flush_at, now)  # room freed: refill
+
     def _again(self, task: _Task, reason: str, now: float, *, cancel: bool, count: bool) -> None:
         """Announce ``task`` again (its winner declined, lapsed or died)."""
         winner = task.winner
         if cancel and winner is not None:
             self._send(winner, Cancel(tasks=(task.spec.task_id,)))
+        self._unbind(task, now, dismiss=True)
         self._stats["reannounces"] += 1
         if count:
             task.attempts += 1
@@ -1246,30 +1585,14 @@ class Contract:
         self._stats["confirms_received"] += 1
 
     def _on_decline(self, src: NodeId, msg: Decline, now: float) -> None:
+        if len(set(msg.tasks)) != len(msg.tasks):
+            raise RemoteProtocolError("a task appears twice in one decline", reason="bad-batch")
         tasks = [
             t for t in self._owned(src, msg.tasks) if t.state in (TaskState.AWARDED, TaskState.HELD)
         ]
         self._stats["declines_received"] += len(tasks)
-        retry: list[_Task] = []
         for t in tasks:
-            a = t.auction
-            if a is not None and a.cfp == msg.cfp and t.state is TaskState.AWARDED:
-                retry.append(t)
-            else:
-                self._again(t, f"{src} gave it back ({msg.reason})", now, cancel=False, count=False)
-        if not retry:
-            return
-        by_auction: dict[int, tuple[_Auction, list[_Task]]] = {}
-        for t in retry:
-            if t.auction is not None:
-                by_auction.setdefault(t.auction.cfp, (t.auction, []))[1].append(t)
-        for auction, ts in by_auction.values():
-            auction.decliners.add(src)
-            awards, unplaced = self._assign(auction, ts, auction.decliners)
-            for n, won in awards.items():
-                self._award(auction, n, won, "next-bid", now)
-            for t in unplaced:
-                self._again(t, f"{src} declined ({msg.reason})", now, cancel=False, count=False)
+            self._again(t, f"{src} gave it back ({msg.reason})", now, cancel=False, count=False)
 
     def _on_progress(self, src: NodeId, msg: Progress, now: float) -> None:
         lease = now + self._cfg.lease_s
@@ -1285,9 +1608,14 @@ class Contract:
         values = msg.values if isinstance(msg, Result) else msg.errors
         if len(values) != len(msg.tasks):
             raise RemoteProtocolError("tasks and values differ in length", reason="malformed")
-        live: list[tuple[_Task, Any]] = []
+        runs = msg.run_s if isinstance(msg, Result) else (None,) * len(msg.tasks)
+        if len(runs) != len(msg.tasks):
+            raise RemoteProtocolError("tasks and run times differ in length", reason="malformed")
+        if not all(r is None or _plausible(r) for r in runs):
+            raise RemoteProtocolError("run times must be finite and >= 0", reason="bad-cost")
+        live: list[tuple[_Task, Any, float | None]] = []
         duplicates = 0
-        for tid, value in zip(msg.tasks, values, strict=True):
+        for tid, value, run in zip(msg.tasks, values, runs, strict=True):
             task = self._tasks.get(tid)
             if task is None:
                 winners = self._done.get(tid)
@@ -1299,15 +1627,19 @@ class Contract:
             elif src not in task.winners:
                 raise RemoteProtocolError(f"{src} never won {tid}", reason="not-winner")
             else:
-                live.append((task, value))
-        if len({id(t) for t, _ in live}) != len(live):
+                live.append((task, value, run))
+        if len({id(t) for t, _, _ in live}) != len(live):
             raise RemoteProtocolError("a task appears twice in one result", reason="malformed")
         self._stats["duplicates"] += duplicates
         ok = isinstance(msg, Result)
-        for task, value in live:
+        for task, value, run in live:
             if task.winner is not None and task.winner != src:
                 # Executed twice (a lapse or a lost confirm); the other run is now waste.
                 self._send(task.winner, Cancel(tasks=(task.spec.task_id,)))
+            elif run is not None and task.worker is not None:
+                task.run_s = run
+                task.worker.learn(run, self._cfg.runtime_alpha)
+
             task.winner = src
             if ok:
                 self._events.append(Completed(task_id=task.spec.task_id, node=src, value=value))
@@ -1331,6 +1663,7 @@ class Contract:
 
     def _end(self, task: _Task, how: str) -> None:
         tid = task.spec.task_id
+        self._unbind(task, self._now, dismiss=False)
         task.ended = how
         task.lease_until = INF
         task.auction = None
@@ -1366,25 +1699,34 @@ class Contract:
     # Participant: bids, reservations, execution
     # -----------------------------------------------------------------------------------
 
-    def _runtime(self, name: str, seed: float | None) -> float:
-        """Expected runtime here: own history, else the submitter's estimate scaled by how
-        this node has compared with estimates so far."""
+    def _runtime(self, name: str, seed: float | None, now: float) -> float:
+        """Expected runtime here. The prior is the submitter's estimate (or the default)
+        times this node's speed factor, which calibration at start seeds and every run
+        with an estimate corrects. This node's own history for the name outweighs the
+        prior while it is fresh and fades into it with age (``history_half_life_s``):
+        one slow run long ago does not price a node out of every later auction."""
+        prior = (seed if seed is not None else self._cfg.default_runtime_s) * self._speed
         known = self._history.get(name)
-        if known is not None:
-            return known
-        return (seed if seed is not None else self._cfg.default_runtime_s) * self._speed
+        if known is None:
+            return min(prior, MAX_ESTIMATE_S)
+        value, at = known
+        trust: float = 0.5 ** (max(0.0, now - at) / self._cfg.history_half_life_s)
+        return min(trust * value + (1.0 - trust) * prior, MAX_ESTIMATE_S)
 
-    def _learn(self, held: _Held, measured: float) -> None:
+    def _learn(self, held: _Held, measured: float, now: float) -> None:
         alpha = self._cfg.runtime_alpha
         name = held.req.task
         old = self._history.get(name)
-        self._history[name] = measured if old is None else old + alpha * (measured - old)
-        if held.seed:
+        value = measured if old is None else old[0] + alpha * (measured - old[0])
+        self._history[name] = (value, now)
+        if held.seed is not None and held.seed >= MIN_ESTIMATE_S:
             # A plain mean over the first few runs, then the moving average: the first
             # measurements are what tells a slow node from a fast one, so they count fully.
+            # One ratio moves the factor by at most 1000x either way.
+            ratio = min(max(measured / held.seed, 1e-3), 1e3)
             self._speed_samples += 1
             weight = max(alpha, 1.0 / self._speed_samples)
-            self._speed += weight * (measured / held.seed - self._speed)
+            self._speed += weight * (ratio - self._speed)
 
     def _account(self, need: dict[str, float], est: float, n: int) -> None:
         work, count = self._pending_work, self._pending_count
@@ -1392,6 +1734,19 @@ class Contract:
             if v > 0:
                 work[k] = work.get(k, 0.0) + est * n
                 count[k] = count.get(k, 0) + n
+
+    def _room(self, need: dict[str, float], est: float, now: float) -> int:
+        """Tasks of this kind that could start here within ``bind_ahead_s`` beyond those
+        already running, waiting or reserved: a refill beyond it is declined as busy, and
+        its initiator places it elsewhere. Several initiators each refilling this node as
+        if its lanes were theirs alone would otherwise queue work here that idle nodes
+        could start at once."""
+        key, lanes = _limiting(need, self._caps.resources)
+        lanes = max(1, lanes)
+        ahead = int(self._cfg.bind_ahead_s / max(est, MIN_ESTIMATE_S))
+        busy = sum(1 for h in self._running.values() if h.need.get(key, 0.0) > 0)
+        busy += self._pending_count.get(key, 0)
+        return max(0, min(lanes * (1 + ahead), self._cfg.max_offer) - busy)
 
     def _bid(self, need: dict[str, float], est: float, n: int, now: float) -> list[float]:
         """Completion times of up to ``n`` more tasks on this node: running tasks by their
@@ -1438,8 +1793,10 @@ class Contract:
         why = invalid(msg.requirements)
         if why is not None:
             raise RemoteProtocolError(why, reason="bad-requirements")
-        if msg.est_runtime_s is not None and not _finite_nonneg(msg.est_runtime_s):
-            raise RemoteProtocolError("runtime estimate must be >= 0", reason="bad-cost")
+        if msg.est_runtime_s is not None and not _plausible(msg.est_runtime_s):
+            raise RemoteProtocolError(
+                f"runtime estimate must be >= 0 and <= {MAX_ESTIMATE_S:g} s", reason="bad-cost"
+            )
         for tid, holders in msg.inputs.items():
             if tid not in ids:
                 raise RemoteProtocolError(
@@ -1457,14 +1814,17 @@ class Contract:
             self._stats["refusals_sent"] += 1
             return
         need = demand(msg.requirements)
-        est = self._runtime(msg.requirements.task, msg.est_runtime_s)
-        costs = self._bid(need, est, len(msg.tasks), now)
-        bw = self._cfg.bandwidth_bytes_per_s
-        transfer: dict[TaskId, float] = {}
-        for tid, holders in msg.inputs.items():
-            lacking_bytes = sum(b for n, b in holders.items() if n != self._node)
-            if lacking_bytes:
-                transfer[tid] = lacking_bytes / bw
+        est = self._runtime(msg.requirements.task, msg.est_runtime_s, now)
+        # Queued behind long work a slot may end past MAX_ESTIMATE_S: bid the cap, which
+        # the initiator accepts, rather than a number it refuses (``bad-cost``).
+        costs = [min(c, MAX_ESTIMATE_S) for c in self._bid(need, est, len(msg.tasks), now)]
+        default = self._cfg.bandwidth_bytes_per_s
+        bandwidth = {
+            h: self._bandwidth.get(h, default)
+            for holders in msg.inputs.values()
+            for h in holders
+            if h != self._node
+        }
         res = _Reservation(src, msg.cfp, msg, need, est, len(costs), now, self._cfg)
         self._reservations[key] = res
         self._res_expiry.append(res)
@@ -1472,7 +1832,11 @@ class Contract:
         self._account(need, est, res.offered)
         self._res_forget.append(res)
         self._stats["bids_sent"] += 1
-        self._send(src, Propose(cfp=msg.cfp, costs=tuple(costs), transfer_s=transfer))
+        lanes = max(1, _limiting(need, self._caps.resources)[1])
+        self._send(
+            src,
+            Propose(cfp=msg.cfp, costs=tuple(costs), lanes=lanes, run_s=est, bandwidth=bandwidth),
+        )
 
     def _on_accept(self, src: NodeId, msg: Accept, now: float) -> None:
         res = self._reservations.get((src, msg.cfp))
@@ -1480,17 +1844,18 @@ class Contract:
             raise RemoteProtocolError(f"award for {msg.cfp} never called", reason="unsolicited")
         if len(msg.payloads) != len(msg.tasks) or len(set(msg.tasks)) != len(msg.tasks):
             raise RemoteProtocolError("tasks and payloads do not match", reason="malformed")
-        for tid in msg.tasks:
-            if tid not in res.tasks:
-                raise RemoteProtocolError(f"task {tid} was not called", reason="unknown-task")
+        if not msg.tasks or len(msg.tasks) > MAX_CFP_TASKS:
+            raise RemoteProtocolError("empty or oversized award", reason="bad-batch")
+        # Awards under one call keep coming while the initiator refills this node as its
+        # results go back (late binding): any task of the call's kind, taken while there
+        # is room (``_bid``), the rest declined as busy.
         fresh = [
             (tid, p)
             for tid, p in zip(msg.tasks, msg.payloads, strict=True)
             if tid not in self._held
         ]
         again = [tid for tid in msg.tasks if tid in self._held]
-        if res.taken + len(fresh) > res.offered:
-            raise RemoteProtocolError("more tasks awarded than slots offered", reason="over-award")
+        res.forget_at = max(res.forget_at, now + 4 * self._cfg.reservation_s)
         # A bid made before this node stalled may have been awarded long ago, and the task
         # placed again elsewhere since: give it back rather than run it a second time.
         stale = res.made < self._stalled_at
@@ -1515,9 +1880,8 @@ class Contract:
         # initiator falls back to this bid) is taken only if there is room now.
         room = res.reserved
         if room < len(fresh):
-            room += len(self._bid(res.need, res.est, len(fresh) - room, now))
+            room += self._room(res.need, res.est, now)
         take, back = fresh[:room], fresh[room:]
-        res.taken += len(take)
         self._release(res)
         for tid, payload in take:
             held = _Held(tid, res, payload, now)
@@ -1553,6 +1917,15 @@ class Contract:
             self._drop_held(h)
         self._stats["cancels_received"] += 1
 
+    def _unhold(self, held: _Held, now: float) -> None:
+        """``held`` no longer counts under its reservation, which stays known (for further
+        awards under it) for a while after its last task."""
+        res = held.res
+        if res is not None:
+            held.res = None
+            res.holding -= 1
+            res.forget_at = max(res.forget_at, now + 4 * self._cfg.reservation_s)
+
     def _drop_held(self, held: _Held) -> None:
         if held.task_id in self._running:
             if not held.cancelled:
@@ -1563,6 +1936,7 @@ class Contract:
                 self._account(held.need, held.est, -1)
             held.cancelled = True
             self._held.pop(held.task_id, None)
+            self._unhold(held, self._now)
 
     def _release(self, res: _Reservation) -> None:
         if res.reserved:
@@ -1580,6 +1954,7 @@ class Contract:
                 self._account(h.need, h.est, -1)
             h.cancelled = True
             self._held.pop(h.task_id, None)
+            self._unhold(h, self._now)
             by.setdefault((h.initiator, h.cfp), []).append(h.task_id)
         for (initiator, cfp), ids in by.items():
             self._send(initiator, Decline(cfp=cfp, tasks=tuple(ids), reason=reason))
@@ -1740,14 +2115,32 @@ class Contract:
     def _expire_reservations(self, now: float) -> None:
         while self._res_expiry and self._res_expiry[0].expires <= now:
             self._release(self._res_expiry.popleft())
-        while self._res_forget and self._res_forget[0].forget_at <= now:
-            r = self._res_forget.popleft()
-            self._reservations.pop((r.initiator, r.cfp), None)
+        forget = self._res_forget
+        for _ in range(len(forget)):
+            if forget[0].forget_at > now:
+                break
+            r = forget.popleft()
+            if r.holding > 0 or r.forget_at > now:
+                # Still working for its initiator, or awarded since: look again later.
+                r.forget_at = max(r.forget_at, now + 4 * self._cfg.reservation_s)
+                forget.append(r)
+            else:
+                self._reservations.pop((r.initiator, r.cfp), None)
 
 
 def _error_info(value: Any) -> tuple[str, dict[str, Any]]:
-    """A task error as reported by the node that ran it: a message and its details."""
+    """A task error as reported by the node that ran it: a message and its details.
+
+    Only flat fields are kept (strings, numbers, booleans, None under string keys): an
+    error is read by people and by ``mesh.errors``, and a peer may send any nesting."""
     if isinstance(value, dict):
-        details = {str(k): v for k, v in value.items()}
-        return str(details.get("message", "task failed")), details
-    return str(value), {"value": value}
+        details = {
+            k: v
+            for k, v in value.items()
+            if isinstance(k, str) and (v is None or isinstance(v, str | int | float | bool))
+        }
+        message = details.get("message")
+        return (message if isinstance(message, str) else "task failed"), details
+    if isinstance(value, str):
+        return value, {}
+    return "task failed", {}

@@ -227,13 +227,19 @@ class Propose(Wire):
     """Candidate -> initiator: a bid of ``len(costs)`` slots, cheapest first.
 
     ``costs[i]`` is the estimated seconds until a task placed in slot ``i`` completes
-    (queue wait plus runtime); ``transfer_s`` adds the input transfer for the tasks whose
-    inputs the bidder lacks. The slots stay softly reserved until the reservation expires.
+    (queue wait plus runtime); ``lanes`` is how many such tasks the bidder runs at once and
+    ``run_s`` its estimate of one task's runtime, from which the initiator keeps its own
+    model of the bidder while it feeds it work. ``bandwidth`` is the transfer rate, in
+    bytes per second, the bidder has measured from each holder of the call's inputs. The
+    slots stay softly reserved until the reservation expires; further awards under the
+    same call (refills, as results come back) are taken while the bidder has room.
     """
 
     cfp: int
     costs: tuple[float, ...]
-    transfer_s: dict[TaskId, float]
+    lanes: int
+    run_s: float
+    bandwidth: dict[NodeId, float]
 
 
 @wire(WireType.REFUSE)
@@ -286,10 +292,13 @@ class Progress(Wire):
 
 @wire(WireType.RESULT)
 class Result(Wire):
-    """Winner -> initiator: ``tasks`` completed with ``values`` (same order)."""
+    """Winner -> initiator: ``tasks`` completed with ``values`` (same order), each after
+    running ``run_s`` seconds (same order): what the initiator's model of the winner and
+    ``mesh-node why`` learn from."""
 
     tasks: tuple[TaskId, ...]
     values: tuple[Any, ...]
+    run_s: tuple[float, ...]
 
 
 @wire(WireType.FAILURE)

@@ -46,6 +46,8 @@ class SimNode:
     node: NodeId
     capabilities: Capabilities
     slowness: float
+    speed: float = 1.0
+    """What the node believes its speed factor to be at start (its calibration)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +90,10 @@ class Outcome:
     failures: dict[TaskId, Failed] = field(default_factory=dict)
     failed_at: dict[TaskId, float] = field(default_factory=dict)
     messages_by_kind: dict[str, int] = field(default_factory=dict)
+    ran_on: dict[NodeId, int] = field(default_factory=dict)
+    """Executions started per node."""
+    most_waiting: dict[NodeId, int] = field(default_factory=dict)
+    """Most tasks ever awarded to a node and not yet started there."""
 
     @property
     def makespan(self) -> float:
@@ -188,6 +194,7 @@ class AllocationSim:
             rng=rng,
             peers=self.view,
             capabilities=self.nodes[node].capabilities,
+            speed=self.nodes[node].speed,
         )
         return [(CONTRACT_TAGS, core)]
 
@@ -278,6 +285,9 @@ class AllocationSim:
         if not cores:
             return
         core = _contract(cores)
+        waiting = core.waiting()
+        if waiting > self.out.most_waiting.get(node, 0):
+            self.out.most_waiting[node] = waiting
         for ev in core.take_events():
             if isinstance(ev, Execute):
                 self._execute(node, ev, now)
@@ -315,6 +325,7 @@ class AllocationSim:
         if check(task.requirements, machine.capabilities):
             self.out.misplaced += 1
         self.out.executions += 1
+        self.out.ran_on[node] = self.out.ran_on.get(node, 0) + 1
         self.out.runs[ev.task_id] = self.out.runs.get(ev.task_id, 0) + 1
         self._run_seq += 1
         token = self._run_seq
@@ -370,13 +381,21 @@ KINDS: dict[str, tuple[float, dict[str, float], dict[str, str], float]] = {
 
 
 def workload(
-    *, n: int, initiators: int, tasks: int, seed: int, load: float = 0.9
+    *,
+    n: int,
+    initiators: int,
+    tasks: int,
+    seed: int,
+    load: float = 0.9,
+    burst: bool = False,
+    slowness: tuple[float, float] = (1.0, 4.0),
 ) -> tuple[list[SimNode], list[SimTask]]:
     """A heterogeneous mesh and a mixed task stream, drawn from ``seed``.
 
-    A quarter of the nodes have GPUs; slowness is uniform in [1, 4]; a fifth of the nodes
-    lack scikit-learn. Initiators submit Poisson streams whose total work is ``load``
-    times what the mesh can do over the submission window.
+    A quarter of the nodes have GPUs; slowness is uniform in ``slowness``; a fifth of the
+    nodes lack scikit-learn. Initiators submit Poisson streams whose total work is
+    ``load`` times what the mesh can do over the submission window, or with ``burst``
+    every task at t=0.
     """
     rng = random.Random(f"workload/{seed}/{n}")
     nodes: list[SimNode] = []
@@ -391,13 +410,14 @@ def workload(
             libraries["scikit-learn"] = "1.5.2"
         caps = Capabilities(resources=resources, libraries=libraries, tasks=tuple(KINDS), labels={})
         nodes.append(
-            SimNode(node=NodeId(f"n{i:03d}"), capabilities=caps, slowness=rng.uniform(1, 4))
+            SimNode(node=NodeId(f"n{i:03d}"), capabilities=caps, slowness=rng.uniform(*slowness))
         )
     names = list(KINDS)
     shares = [KINDS[k][3] for k in names]
     drawn = rng.choices(names, weights=shares, k=tasks)
-    cpu_work = sum(KINDS[k][0] * KINDS[k][1]["cpu"] for k in drawn) * 2.5  # mean slowness
-    gpu_work = sum(KINDS[k][0] for k in drawn if "gpu" in KINDS[k][1]) * 2.5
+    mean_slowness = sum(slowness) / 2
+    cpu_work = sum(KINDS[k][0] * KINDS[k][1]["cpu"] for k in drawn) * mean_slowness
+    gpu_work = sum(KINDS[k][0] for k in drawn if "gpu" in KINDS[k][1]) * mean_slowness
     cpu_cap = sum(x.capabilities.resources["cpu"] for x in nodes)
     gpu_cap = sum(x.capabilities.resources.get("gpu", 0.0) for x in nodes)
     window = max(cpu_work / cpu_cap, gpu_work / max(gpu_cap, 1.0)) / load
@@ -409,7 +429,7 @@ def workload(
             SimTask(
                 task_id=TaskId(f"t{j:05d}"),
                 initiator=starters[j % initiators],
-                at=rng.uniform(0.0, window),
+                at=0.0 if burst else rng.uniform(0.0, window),
                 requirements=Requirements(
                     task=kind, resources=dict(resources), libraries=dict(libraries), labels={}
                 ),

@@ -314,6 +314,12 @@ def _print_why(record: dict[str, Any], as_json: bool) -> None:
     cost = record.get("cost_s")
     cost_text = f" at {cost:.4f} s" if isinstance(cost, int | float) else ""
     print(f"  winner: {record.get('winner') or 'none'}{cost_text}; {record.get('why', '')}")
+    wait, est, transfer, run = (record.get(k) for k in ("wait_s", "est_s", "transfer_s", "run_s"))
+    if isinstance(wait, float) and isinstance(est, float) and isinstance(transfer, float):
+        print(f"  expected: queue wait {wait:.4f} s + run {est:.4f} s + transfer {transfer:.4f} s")
+        if isinstance(run, float):
+            ratio = f" ({run / est:.2f}x the estimate)" if est > 0 else ""
+            print(f"  measured: run {run:.4f} s{ratio}")
 
 
 def _print_result(reply: dict[str, Any], as_json: bool) -> int:

@@ -92,6 +92,12 @@ _KIND: Final = {FAILED_TASK: "task", FAILED_NO_PEER: "no-peer"}
 _MAX_ARG_DEPTH: Final = 8
 """How deep argument containers are searched for references and large arrays."""
 
+BANDWIDTH_SAMPLE_BYTES: Final = 1 << 20
+"""Fetched bodies from this size up tell the contract core the rate from their holder."""
+
+SHARED_MEMORY_BYTES_PER_S: Final = 1e11
+"""The rate bids count for an object held on this machine: it is mapped, not copied."""
+
 INTERNAL_ERROR: Final = "InternalError"
 """``exc_type`` of a task that failed through an unexpected error on the node's side."""
 
@@ -725,6 +731,7 @@ class Daemon:
             return SharedArg(name=shared.name, nbytes=shared.nbytes)
         http, address = self._holder(ref)
         received: list[OwnedSegment] = []
+        started = time.monotonic()
 
         def allocate(nbytes: int) -> Buffer:
             if nbytes < self.config.store_segment_min_bytes:
@@ -743,8 +750,13 @@ class Daemon:
             except OSError:
                 raise ObjectLostError(ref.id, ref.holder) from None
             else:
+                self.contract.set_bandwidth(ref.holder, SHARED_MEMORY_BYTES_PER_S)
                 return SharedArg(name=body.name, nbytes=body.nbytes)
         self.fetched_bytes += ref.nbytes
+        if ref.nbytes >= BANDWIDTH_SAMPLE_BYTES:
+            # Large bodies only: a small one measures the round trip, not the link.
+            elapsed = max(time.monotonic() - started, 1e-6)
+            self.contract.set_bandwidth(ref.holder, ref.nbytes / elapsed)
         if not received:
             return loads(body)
         del body
@@ -814,6 +826,10 @@ class Daemon:
             "state": record.state,
             "winner": record.winner,
             "cost_s": record.cost_s,
+            "wait_s": record.wait_s,
+            "est_s": record.est_s,
+            "transfer_s": record.transfer_s,
+            "run_s": record.run_s,
             "why": record.why,
             "attempts": record.attempts,
             "rounds": [

@@ -65,10 +65,15 @@ def test_why_shows_the_bids(trio: Cluster) -> None:
     assert res["node"] in bids
     assert all(cost >= 0 for cost in bids.values())
     assert record["rounds"][0]["asked"]
+    # The parts of the winner's expected time, and the run it measured.
+    assert all(record[k] >= 0 for k in ("wait_s", "est_s", "transfer_s", "run_s"))
+    assert record["cost_s"] >= record["est_s"]
     text = trio.cli("a", "why", res["task_id"])
     assert text.returncode == 0
     assert "bid" in text.stdout
     assert "winner" in text.stdout
+    assert "expected: queue wait" in text.stdout
+    assert "measured: run" in text.stdout
 
 
 def test_worker_exit_fails_only_that_task(trio: Cluster) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import replace
 
@@ -10,7 +9,7 @@ import pytest
 
 from mesh.config import ContractConfig
 from mesh.contract import FAILED_NO_PEER, Contract
-from mesh.messages import NodeId, Requirements, TaskId
+from mesh.messages import Capabilities, NodeId, Requirements, TaskId
 from mesh.resources import check
 from mesh.sim_contract import (
     AllocationSim,
@@ -74,7 +73,7 @@ def test_messages_per_task_do_not_grow_with_the_mesh() -> None:
     per_large = large.messages / large.tasks
     assert per_small <= 3 * D + 2
     assert per_large <= 3 * D + 2
-    assert abs(per_small - per_large) < 0.5
+    assert per_large <= per_small + 0.5
 
 
 def test_makespan_is_close_to_omniscient_greedy() -> None:
@@ -133,8 +132,9 @@ def test_task_nobody_can_run_fails_within_one_reply_deadline(resource: str) -> N
 def stalled_run(
     config: ContractConfig, *, detect_s: float, duration: float, seed: int = 3
 ) -> tuple[Outcome, frozenset[TaskId], dict[str, int]]:
-    """A burst of short tasks from two initiators overloads eight nodes, so queues are
-    deep; the fastest other node stalls in the middle of it. Returns the outcome, what the
+    """A burst of short tasks from two initiators overloads eight nodes; tasks this short
+    queue at their winners (late binding binds what starts within ``bind_ahead_s``), and
+    the fastest other node stalls in the middle of it. Returns the outcome, what the
     stalled node was running when it stalled, and its counters."""
     nodes, _ = workload(n=8, initiators=2, tasks=1, seed=seed)
     starters = (nodes[0].node, nodes[1].node)
@@ -143,22 +143,24 @@ def stalled_run(
         SimTask(
             task_id=TaskId(f"s{j:04d}"),
             initiator=starters[j % 2],
-            at=1.0 + rng.uniform(0.0, 1.0),
+            at=1.0 + rng.uniform(0.0, 0.5),
             requirements=Requirements(
                 task="infer", resources={"cpu": 1.0}, libraries={}, labels={}
             ),
-            base_s=0.1,
+            base_s=0.002,
             noise=1.0,
         )
         for j in range(1000)
     ]
-    burst.sort(key=lambda t: t.at)
+    # One more task after the stall keeps the run going until the stalled node resumes.
+    late = replace(burst[0], task_id=TaskId("late"), at=1.2 + duration + 1.0)
+    burst = sorted([*burst, late], key=lambda t: t.at)
     victim = max(
         (x for x in nodes if x.node not in starters),
         key=lambda x: x.capabilities.resources["cpu"] / x.slowness,
     ).node
     sim = AllocationSim(nodes=nodes, tasks=burst, config=config, seed=seed, detect_s=detect_s)
-    sim.stall(victim, 1.5, duration)
+    sim.stall(victim, 1.2, duration)
     out = sim.run(500.0)
     core = sim.sim.core(victim)
     assert isinstance(core, Contract)
@@ -181,14 +183,92 @@ def test_a_stalled_node_runs_none_of_its_waiting_tasks_that_were_placed_again(
     config: ContractConfig, detect_s: float, duration: float
 ) -> None:
     out, running, stats = stalled_run(config, detect_s=detect_s, duration=duration)
-    assert out.completed == 1000
+    assert out.completed == 1001
     assert (out.lost, out.failed, out.duplicate_results, out.capacity_violations) == (0, 0, 0, 0)
     twice = {t for t, n in out.runs.items() if n > 1}
     assert twice <= running  # only what it was running when it stalled ran twice
     assert stats["stalls"] == 1
-    assert stats["stale_checked"] > 0
-    # Without the check, the same run executes tasks that were waiting a second time.
-    blind, running, _ = stalled_run(
-        replace(config, stall_s=math.inf), detect_s=detect_s, duration=duration
+    # Late binding leaves a stalled node few unstarted tasks to ask about; what it does
+    # with them (LeaseQuery, LeaseReply, Decline) is covered in tests/unit/test_contract_stall.py.
+
+
+# ---------------------------------------------------------------------------------------
+# Late binding on machines of different speed
+# ---------------------------------------------------------------------------------------
+
+SPIN = Requirements(task="spin", resources={"cpu": 1.0}, libraries={}, labels={})
+ONE_SLOT = Capabilities(resources={"cpu": 1.0}, libraries={}, tasks=("spin",), labels={})
+
+
+def spin_burst(
+    nodes: list[SimNode], count: int, base_s: float, *, prefix: str = "t", at: float = 0.0
+) -> list[SimTask]:
+    return [
+        SimTask(
+            task_id=TaskId(f"{prefix}{j:04d}"),
+            initiator=nodes[0].node,
+            at=at,
+            requirements=SPIN,
+            base_s=base_s,
+            noise=1.0,
+        )
+        for j in range(count)
+    ]
+
+
+def machines(*slowness: float, speed: float = 1.0) -> list[SimNode]:
+    return [
+        SimNode(node=NodeId(f"m{i}"), capabilities=ONE_SLOT, slowness=s, speed=speed)
+        for i, s in enumerate(slowness)
+    ]
+
+
+def test_a_burst_on_nodes_of_speeds_1_to_4_runs_mostly_on_the_fast_node() -> None:
+    nodes = machines(1.0, 4.0)
+    tasks = spin_burst(nodes, 100, 0.06)
+    out = AllocationSim(nodes=nodes, tasks=tasks, config=LAN, seed=1).run(100.0)
+    assert out.completed == 100
+    assert (out.lost, out.duplicate_results, out.capacity_violations) == (0, 0, 0)
+    fast, slow = out.ran_on[NodeId("m0")], out.ran_on[NodeId("m1")]
+    assert fast > 3 * slow  # in proportion to speed (4:1), not 50/50
+    assert out.makespan < 0.5 * 50 * (0.06 * 4.0)  # an even split ends when m1 ends its 50
+
+
+def test_long_tasks_are_bound_only_to_a_lane_about_to_free() -> None:
+    """No task waits at a node that cannot start it: with tasks longer than
+    ``bind_ahead_s`` a one-slot node never holds an unstarted task."""
+    nodes = machines(1.0, 2.0, 8.0)
+    out = AllocationSim(nodes=nodes, tasks=spin_burst(nodes, 60, 0.5), config=LAN, seed=2).run(
+        200.0
     )
-    assert {t for t, n in blind.runs.items() if n > 1} - running
+    assert out.completed == 60
+    assert max(out.most_waiting.values(), default=0) == 0
+
+
+def test_a_node_whose_estimate_is_ten_times_too_high_gets_work_and_corrects_it() -> None:
+    """m1 believes itself ten times slower than it is (a bad calibration): it bids 10x
+    too high, yet a burst still reaches it; its measured runs correct its bids, and the
+    second burst is spread as evenly as the machines are."""
+    nodes = [
+        SimNode(node=NodeId("m0"), capabilities=ONE_SLOT, slowness=1.0),
+        SimNode(node=NodeId("m1"), capabilities=ONE_SLOT, slowness=1.0, speed=10.0),
+    ]
+    first = spin_burst(nodes, 40, 0.1, prefix="a")
+    second = spin_burst(nodes, 40, 0.1, prefix="b", at=20.0)
+    sim = AllocationSim(nodes=nodes, tasks=[*first, *second], config=LAN, seed=3)
+    out = sim.run(200.0)
+    assert out.completed == 80
+    core = sim.sim.core(NodeId("m1"))
+    assert isinstance(core, Contract)
+    assert core.stats()["executions"] >= 30  # about half of both bursts, not none
+
+
+def test_a_node_that_dies_holding_a_window_of_unstarted_tasks_loses_none() -> None:
+    nodes = machines(1.0, 1.0, 1.0)
+    tasks = spin_burst(nodes, 3000, 0.002)  # short: each node holds a window of them
+    sim = AllocationSim(nodes=nodes, tasks=tasks, config=LAN, seed=4)
+    sim.crash(NodeId("m2"), 0.5)
+    out = sim.run(200.0)
+    assert out.most_waiting[NodeId("m2")] > 0
+    assert out.completed == 3000
+    assert (out.lost, out.duplicate_results, out.capacity_violations) == (0, 0, 0)

@@ -20,6 +20,7 @@ from mesh.contract import (
     FAILED_NO_BIDS,
     FAILED_NO_PEER,
     FAILED_TASK,
+    MAX_ESTIMATE_S,
     CancelExecution,
     Completed,
     Contract,
@@ -29,7 +30,7 @@ from mesh.contract import (
     TaskSpec,
 )
 from mesh.core import MemberState, MemberView
-from mesh.errors import NoCapablePeerError, RemoteProtocolError, TaskError
+from mesh.errors import LocalProtocolError, NoCapablePeerError, RemoteProtocolError, TaskError
 from mesh.messages import (
     Accept,
     Address,
@@ -185,9 +186,38 @@ def open_auction(mesh: Mesh, n: int = 1, now: float = 0.0) -> CallForProposals:
     return msg
 
 
-def bid(mesh: Mesh, node: str, cfp: int, *costs: float, now: float = 0.0) -> Sent:
-    mesh.cores["i"].receive(NodeId(node), Propose(cfp=cfp, costs=costs, transfer_s={}), now)
+def proposal(
+    cfp: int,
+    *costs: float,
+    run_s: float | None = None,
+    lanes: int = 1,
+    bandwidth: dict[NodeId, float] | None = None,
+) -> Propose:
+    """A bid; one task's runtime is the first slot's cost unless said (an idle bidder)."""
+    return Propose(
+        cfp=cfp,
+        costs=costs,
+        lanes=lanes,
+        run_s=costs[0] if run_s is None else run_s,
+        bandwidth=bandwidth or {},
+    )
+
+
+def bid(
+    mesh: Mesh,
+    node: str,
+    cfp: int,
+    *costs: float,
+    now: float = 0.0,
+    run_s: float | None = None,
+    lanes: int = 1,
+) -> Sent:
+    mesh.cores["i"].receive(NodeId(node), proposal(cfp, *costs, run_s=run_s, lanes=lanes), now)
     return mesh.out("i")
+
+
+def result(tid: str, value: object, run_s: float = 0.1) -> Result:
+    return Result(tasks=(TaskId(tid),), values=(value,), run_s=(run_s,))
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,48 +241,213 @@ def test_award_goes_to_the_cheapest_bid_and_releases_the_others() -> None:
     assert rec.rounds[0].bids == {"a": 5.0, "b": 2.0, "c": 3.0}
 
 
-def test_a_batch_shares_one_call_and_is_spread_over_offered_slots() -> None:
+def two_runners() -> Mesh:
+    """``i`` cannot run ``t``; only ``a`` and ``b`` can: nobody is left to recruit."""
+    return Mesh({"i": caps(tasks=()), "a": caps(), "b": caps()})
+
+
+def call_out(mesh: Mesh, n: int, now: float = 0.0) -> tuple[int, set[str]]:
+    """Submit ``n`` tasks to ``i``: the one call for proposals they share, and whom it asked."""
+    for k in range(n):
+        mesh.cores["i"].submit(spec(k), {"k": k}, now)
+    mesh.cores["i"].handle_timer(now)
+    calls = of(mesh.out("i"), CallForProposals)
+    assert {len(m.tasks) for _, _, m in calls} == {n}  # one call, not one per task
+    (cfp,) = {m.cfp for _, _, m in calls}
+    return cfp, {d for _, d, _ in calls}
+
+
+def states(core: Contract, n: int) -> list[str]:
+    recs = [core.record(TaskId(f"task-{k}")) for k in range(n)]
+    return [r.state if r is not None else "?" for r in recs]
+
+
+def advance(core: Contract, until: float) -> None:
+    """Serve every timer of ``core`` due by ``until``, each at its own time."""
+    while (t := core.next_timer()) is not None and t <= until:
+        core.handle_timer(t)
+
+
+def test_a_burst_is_bound_a_window_at_a_time_and_refilled_as_results_come_back() -> None:
+    """Late binding: each pool worker holds what it would start soon (one task here, as
+    tasks are longer than ``bind_ahead_s``); the rest wait at the initiator and go, under
+    the call each worker bid on, to whichever worker a result frees. Work spreads as the
+    workers' speeds do."""
+    mesh = two_runners()
+    core = mesh.cores["i"]
+    cfp, _ = call_out(mesh, 6)
+    runtime = {"a": 0.1, "b": 0.2}  # b is half as fast
+    assert bid(mesh, "a", cfp, 0.1, 0.2, 0.3, run_s=0.1) == []
+    sent = bid(mesh, "b", cfp, 0.2, 0.4, run_s=0.2)
+    assert {d: m.tasks for _, d, m in of(sent, Accept)} == {"a": ("task-0",), "b": ("task-1",)}
+    assert of(sent, Reject) == []  # both stay in the pool
+    advance(core, 0.0)
+    assert of(mesh.out("i"), CallForProposals) == []  # nobody outside the pool to recruit
+    assert states(core, 6) == ["awarded"] * 2 + ["queued"] * 4
+
+    held = {"a": TaskId("task-0"), "b": TaskId("task-1")}
+    ends = dict(runtime)
+    ran: dict[str, list[str]] = {"a": ["task-0"], "b": ["task-1"]}
+    while ends:
+        node = min(ends, key=lambda n: (ends[n], n))
+        now = ends.pop(node)
+        advance(core, now)
+        core.receive(NodeId(node), result(held.pop(node), node, runtime[node]), now)
+        advance(core, now)
+        for _, dst, acc in of(mesh.out("i"), Accept):
+            assert acc.cfp == cfp  # a refill, under the call the worker bid on
+            assert len(acc.tasks) == 1  # never more than its window
+            assert dst not in held
+            core.receive(NodeId(dst), Confirm(cfp=cfp, tasks=acc.tasks), now)
+            held[dst] = acc.tasks[0]
+            ends[dst] = now + runtime[dst]
+            ran[dst].append(acc.tasks[0])
+    completed = [e.task_id for e in core.take_events() if isinstance(e, Completed)]
+    assert sorted(completed) == [f"task-{k}" for k in range(6)]  # each exactly once
+    assert (len(ran["a"]), len(ran["b"])) == (4, 2)  # 2:1, as their speeds
+    assert core.stats()["awards"] == 6
+    assert "reannounces" not in core.stats()
+    rec = core.record(TaskId(ran["a"][-1]))
+    assert rec is not None
+    assert (rec.winner, rec.est_s, rec.run_s) == ("a", 0.1, 0.1)
+
+
+def test_short_tasks_bind_a_window_of_several_per_lane() -> None:
+    """A worker holds every task it would start within ``bind_ahead_s``: short tasks
+    queue there to hide the round trip of the refill."""
+    mesh = two_runners()
+    cfp, _ = call_out(mesh, 40)
+    run = CFG.bind_ahead_s / 4  # five per lane: one running, four bound ahead
+    costs = tuple(run * (k + 1) for k in range(10))
+    bid(mesh, "a", cfp, *costs, run_s=run)
+    sent = bid(mesh, "b", cfp, *costs[:8:2], run_s=run, lanes=2)  # two lanes, four slots
+    won = {d: len(m.tasks) for _, d, m in of(sent, Accept)}
+    assert won == {"a": 5, "b": 4}  # b: two lanes of five, but it offered four slots
+
+
+def test_identical_bids_still_place_the_task() -> None:
+    """Two idle workers with the same bid each finish a task exactly when the other
+    would: one of them takes it (a tie once left it to neither, and called again)."""
+    for now in (0.0, 1.0, 3.7):
+        mesh = two_runners()
+        cfp, _ = call_out(mesh, 1, now)
+        bid(mesh, "a", cfp, 0.1, now=now)
+        sent = bid(mesh, "b", cfp, 0.1, now=now)
+        assert len(of(sent, Accept)) == 1, now
+        assert len(of(sent, Reject)) == 1, now
+        advance(mesh.cores["i"], now)
+        assert of(mesh.out("i"), CallForProposals) == [], now
+
+
+def four_runners() -> Mesh:
+    """``i`` cannot run ``t``; ``a`` .. ``d`` can: a call asks three of them."""
+    return Mesh({"i": caps(tasks=()), **{n: caps() for n in "abcd"}})
+
+
+def test_a_queue_the_pool_would_take_long_over_recruits_outside_the_pool() -> None:
+    mesh = four_runners()
+    core = mesh.cores["i"]
+    cfp, asked = call_out(mesh, 8)
+    assert len(asked) == CFG.candidates
+    sent = [x for node in sorted(asked) for x in bid(mesh, node, cfp, 1.0)]
+    assert len(of(sent, Accept)) == 3  # one each: a task takes a second, their window
+    advance(core, 0.0)
+    calls = of(mesh.out("i"), CallForProposals)
+    (outsider,) = set("abcd") - asked
+    assert [d for _, d, _ in calls] == [outsider]  # only nodes outside the pool
+    recruit = calls[0][2]
+    assert recruit.tasks == ("task-6", "task-7")  # from the back of the queue
+    sent = bid(mesh, outsider, recruit.cfp, 1.0)
+    assert [(d, m.cfp, m.tasks) for _, d, m in of(sent, Accept)] == [
+        (outsider, recruit.cfp, ("task-6",))
+    ]
+    assert states(core, 8).count("awarded") == 4
+    assert states(core, 8).count("queued") == 4
+
+
+def next_call(mesh: Mesh, until: float) -> tuple[float, str, CallForProposals]:
+    """Serve ``i``'s timers until it sends a call for proposals (by ``until``)."""
+    core = mesh.cores["i"]
+    while (t := core.next_timer()) is not None and t <= until:
+        core.handle_timer(t)
+        calls = of(mesh.out("i"), CallForProposals)
+        if calls:
+            (call,) = calls
+            return t, call[1], call[2]
+    raise AssertionError(f"no call for proposals by {until}")
+
+
+def test_a_recruiting_call_nobody_answers_fails_nothing_and_waits_to_call_again() -> None:
+    mesh = four_runners()
+    core = mesh.cores["i"]
+    cfp, asked = call_out(mesh, 8)
+    for node in sorted(asked):
+        bid(mesh, node, cfp, 0.5)  # one each; five wait for 0.5 s tasks
+    _, outsider, _ = next_call(mesh, 0.0)
+    assert outsider not in asked
+    now = CFG.reply_timeout_s
+    advance(core, now)  # the outsider stayed silent: its tasks go back to the pool's queue
+    assert core.take_events() == []
+    assert states(core, 8) == ["awarded"] * 3 + ["queued"] * 5
+    at, node, again = next_call(mesh, 0.9)  # within the leases of what the pool holds
+    assert node == outsider
+    assert at >= now + CFG.recruit_s  # quiet a while first, not called again at once
+    # Refused, the same: no call per round trip for as long as the pool is busy.
+    now = at + 0.001
+    core.receive(NodeId(outsider), Refuse(cfp=again.cfp, reason={"state": "leaving"}), now)
+    advance(core, now + CFG.recruit_s)
+    assert of(mesh.out("i"), CallForProposals) == []
+    assert core.take_events() == []
+    assert states(core, 8) == ["awarded"] * 3 + ["queued"] * 5
+
+
+def test_a_decline_puts_the_task_back_and_a_pool_worker_takes_it() -> None:
+    mesh = two_runners()
+    core = mesh.cores["i"]
+    cfp, _ = call_out(mesh, 2)
+    bid(mesh, "a", cfp, 1.0)
+    sent = bid(mesh, "b", cfp, 1.0)
+    assert {d: m.tasks for _, d, m in of(sent, Accept)} == {"a": ("task-0",), "b": ("task-1",)}
+    core.receive(NodeId("a"), Decline(cfp=cfp, tasks=(TaskId("task-0"),), reason="busy"), 0.01)
+    assert core.stats()["declines_received"] == 1
+    assert states(core, 2) == ["queued", "awarded"]  # back in the queue, not to a next bid
+    mesh.timers(0.01)
+    # a left the pool: only a new call may bring it back, and a busy node refuses
+    calls = of(mesh.out("i"), CallForProposals)
+    assert [(d, m.tasks) for _, d, m in calls] == [("a", ("task-0",))]
+    core.receive(NodeId("a"), Refuse(cfp=calls[0][2].cfp, reason={"state": "leaving"}), 0.02)
+    mesh.timers(0.02)
+    assert of(mesh.out("i"), Accept) == []
+    assert states(core, 2) == ["queued", "awarded"]
+    core.receive(NodeId("b"), result("task-1", "one", 1.0), 1.0)
+    mesh.timers(1.0)
+    assert [(d, m.cfp, m.tasks) for _, d, m in of(mesh.out("i"), Accept)] == [
+        ("b", cfp, ("task-0",))
+    ]
+    rec = core.record(TaskId("task-0"))
+    assert rec is not None
+    assert (rec.winner, rec.attempts) == ("b", 0)  # a decline is not a failed placement
+
+
+def test_a_decline_with_no_pool_left_calls_for_proposals_again() -> None:
     mesh = initiator_mesh()
-    cfp = open_auction(mesh, n=5)
-    assert len(cfp.tasks) == 5  # one call for proposals per candidate, not per task
-    bid(mesh, "a", cfp.cfp, 1.0, 2.0)
-    bid(mesh, "b", cfp.cfp, 1.5)
-    sent = bid(mesh, "c", cfp.cfp, 10.0, 11.0)
-    won = {d: m.tasks for _, d, m in of(sent, Accept)}
-    assert won == {"a": ("task-0", "task-2"), "b": ("task-1",), "c": ("task-3", "task-4")}
-    assert of(sent, Reject) == []
-
-
-def test_unplaced_tasks_go_to_a_new_call() -> None:
-    mesh = initiator_mesh()
-    cfp = open_auction(mesh, n=3)
-    bid(mesh, "a", cfp.cfp, 1.0)
-    bid(mesh, "b", cfp.cfp, 1.0)
-    sent = bid(mesh, "c", cfp.cfp, 1.0)
-    assert sum(len(m.tasks) for _, _, m in of(sent, Accept)) == 3
-    mesh2 = initiator_mesh()
-    cfp2 = open_auction(mesh2, n=4)
-    for n in "abc":
-        bid(mesh2, n, cfp2.cfp, 1.0)
-    mesh2.cores["i"].handle_timer(0.0)
-    again = of(mesh2.out("i"), CallForProposals)
-    assert again
-    assert all(m.tasks == ("task-3",) for _, _, m in again)
-
-
-def test_decline_goes_to_the_next_bid() -> None:
-    mesh = initiator_mesh()
+    core = mesh.cores["i"]
     cfp = open_auction(mesh).cfp
     bid(mesh, "a", cfp, 5.0)
     bid(mesh, "b", cfp, 2.0)
-    bid(mesh, "c", cfp, 3.0)
-    core = mesh.cores["i"]
+    sent = bid(mesh, "c", cfp, 3.0)
+    assert [d for _, d, _ in of(sent, Accept)] == ["b"]
     core.receive(NodeId("b"), Decline(cfp=cfp, tasks=(TaskId("task-0"),), reason="busy"), 0.01)
-    sent = mesh.out("i")
-    assert [(d, m.tasks) for _, d, m in of(sent, Accept)] == [("c", ("task-0",))]
-    core.receive(NodeId("c"), Decline(cfp=cfp, tasks=(TaskId("task-0"),), reason="busy"), 0.02)
-    assert [d for _, d, _ in of(mesh.out("i"), Accept)] == ["a"]
-    assert core.stats()["declines_received"] == 2
+    assert of(mesh.out("i"), Accept) == []  # no next bid: the losers were released
+    mesh.timers(0.01)
+    calls = of(mesh.out("i"), CallForProposals)
+    assert sorted(d for _, d, _ in calls) == ["a", "b", "c"]
+    again = calls[0][2].cfp
+    assert again != cfp
+    bid(mesh, "a", again, 5.0, now=0.02)
+    bid(mesh, "b", again, 9.0, now=0.02)
+    sent = bid(mesh, "c", again, 3.0, now=0.02)
+    assert [(d, m.cfp) for _, d, m in of(sent, Accept)] == [("c", again)]
 
 
 def test_confirm_and_result_are_delivered_once() -> None:
@@ -263,11 +458,14 @@ def test_confirm_and_result_are_delivered_once() -> None:
     core = mesh.cores["i"]
     t0 = TaskId("task-0")
     core.receive(NodeId("a"), Confirm(cfp=cfp, tasks=(t0,)), 0.01)
-    core.receive(NodeId("a"), Result(tasks=(t0,), values=(42,)), 0.5)
-    core.receive(NodeId("a"), Result(tasks=(t0,), values=(42,)), 0.6)
+    core.receive(NodeId("a"), result(t0, 42, run_s=0.45), 0.5)
+    core.receive(NodeId("a"), result(t0, 42, run_s=0.45), 0.6)
     events = core.take_events()
     assert events == [Completed(task_id=t0, node=NodeId("a"), value=42)]
     assert core.stats()["duplicates"] == 1
+    rec = core.record(t0)
+    assert rec is not None
+    assert (rec.state, rec.run_s) == ("completed", 0.45)  # what the winner measured
 
 
 def test_late_bid_is_ignored() -> None:
@@ -331,6 +529,8 @@ def test_rejects_and_confirms_share_the_next_write_or_go_after_the_lazy_delay() 
         core.receive(NodeId(src), msg, 0.001)
     winner = of(mesh.out("i"), Accept)[0][1]
     loser = "b" if winner == "a" else "a"
+    core.handle_timer(0.001)  # the pool's refill after the decision: nothing left to bind
+    assert mesh.out("i") == []
     assert core.next_timer() == pytest.approx(0.006)  # the loser's reject waits
     # A second task: the reject to the loser rides with its call for proposals.
     core.submit(spec(1), {"k": 1}, 0.002)
@@ -425,9 +625,9 @@ def test_old_winner_result_after_reannounce_is_accepted_once_and_cancels_the_new
     bid(mesh, "c", cfp, 2.0)
     core.handle_timer(0.1 + CFG.reply_timeout_s)
     mesh.out("i")
-    core.receive(NodeId("a"), Result(tasks=(TaskId("task-0"),), values=("late",)), 0.3)
+    core.receive(NodeId("a"), result("task-0", "late"), 0.3)
     assert [d for _, d, _ in of(mesh.out("i"), Cancel)] == ["b"]
-    core.receive(NodeId("b"), Result(tasks=(TaskId("task-0"),), values=("new",)), 0.4)
+    core.receive(NodeId("b"), result("task-0", "new"), 0.4)
     assert core.take_events() == [
         Completed(task_id=TaskId("task-0"), node=NodeId("a"), value="late")
     ]
@@ -541,7 +741,7 @@ def test_participant_never_runs_more_than_its_slots() -> None:
     assert [e.task_id for e in p.take_events()] == [ids[2]]
     assert p.load().running == 2
     ((_, _, result),) = mesh.out("p")
-    assert result == Result(tasks=(ids[0],), values=("r0",))
+    assert result == Result(tasks=(ids[0],), values=("r0",), run_s=(0.1,))  # ran 0.0 .. 0.1
 
 
 def test_gpu_lanes_bound_gpu_tasks_and_cpu_tasks_pass_a_blocked_one() -> None:
@@ -652,9 +852,33 @@ def test_transfer_is_counted_and_data_holder_wins() -> None:
     core.handle_timer(0.0)
     sent = mesh.pump(0.0)
     props = {s: m for s, _, m in of(sent, Propose)}
-    assert props["a"].transfer_s == {"task-0": 10.0}
-    assert props["b"].transfer_s == {}
+    # Each bidder says how fast it gets data from the holders; the initiator adds it up.
+    assert props["a"].bandwidth == {"b": CFG.bandwidth_bytes_per_s}
+    assert props["b"].bandwidth == {}
     assert [d for _, d, _ in of(sent, Accept)] == ["b"]
+    rec = core.record(TaskId("task-0"))
+    assert rec is not None
+    assert rec.transfer_s == 0.0
+
+
+def test_a_measured_bandwidth_prices_the_transfer() -> None:
+    """``b`` holds the input but cannot run the task: ``a`` runs it, and the record says
+    what moving the input costs at the rate ``a`` measured from ``b``."""
+    mesh = Mesh({"i": caps(tasks=()), "a": caps(), "b": caps(tasks=())})
+    mesh.cores["a"].set_bandwidth(NodeId("b"), CFG.bandwidth_bytes_per_s / 2)
+    mesh.cores["a"].set_bandwidth(NodeId("b"), math.nan)  # ignored: not a rate
+    core = mesh.cores["i"]
+    big = 10 * int(CFG.bandwidth_bytes_per_s)
+    core.submit(spec(0, input_bytes={NodeId("b"): big}), None, 0.0)
+    core.handle_timer(0.0)
+    sent = mesh.pump(0.0)
+    ((_, _, prop),) = of(sent, Propose)
+    assert prop.bandwidth == {"b": CFG.bandwidth_bytes_per_s / 2}
+    assert [d for _, d, _ in of(sent, Accept)] == ["a"]
+    rec = core.record(TaskId("task-0"))
+    assert rec is not None
+    assert rec.transfer_s == pytest.approx(20.0)
+    assert rec.cost_s == pytest.approx(prop.costs[0] + 20.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -776,6 +1000,62 @@ def test_own_node_runs_tasks_without_messages() -> None:
     ]
 
 
+def test_own_task_queued_behind_the_longest_estimate_still_places() -> None:
+    """A peer's call with the largest estimate accepted (MAX_ESTIMATE_S) queues that much
+    work here; this node's bid for its own task behind it would end past the bound. It
+    bids the bound instead: its own initiator refused the bid before, and the refusal of
+    its own message surfaced as LocalProtocolError out of ``handle_timer``."""
+    mesh = Mesh({"i": caps(cpu=1), "j": caps(tasks=())})
+    core = mesh.cores["i"]
+    core.receive(NodeId("j"), call(1, 1, est=MAX_ESTIMATE_S), 0.0)
+    assert last(mesh.out("i"), Propose).costs == (MAX_ESTIMATE_S,)
+    core.submit(spec(0, est_runtime_s=1.0), None, 0.0)
+    core.handle_timer(0.0)
+    mesh.collect()
+    rec = core.record(TaskId("task-0"))
+    assert rec is not None
+    assert (rec.state, rec.winner) == ("held", "i")
+
+
+def test_a_submitted_estimate_beyond_the_bound_is_refused_at_once() -> None:
+    mesh = Mesh({"i": caps()})
+    core = mesh.cores["i"]
+    for k, est in enumerate((MAX_ESTIMATE_S * 2, math.inf, math.nan, -1.0)):
+        with pytest.raises(LocalProtocolError):
+            core.submit(spec(k, est_runtime_s=est), None, 0.0)
+    core.submit(spec(9, est_runtime_s=MAX_ESTIMATE_S), None, 0.0)
+    core.handle_timer(0.0)  # every bidder, this node included, takes this one
+    mesh.collect()
+    assert [e.task_id for e in mesh.events["i"] if isinstance(e, Execute)] == ["task-9"]
+
+
+def test_a_run_longer_than_the_bound_reports_the_bound() -> None:
+    """A run over MAX_ESTIMATE_S (11.6 days) is reported as that: a longer one would get
+    the whole result refused by its initiator (its own, here: LocalProtocolError)."""
+    mesh = Mesh({"i": caps(), "j": caps(tasks=())})
+    core = mesh.cores["i"]
+    core.submit(spec(0), None, 0.0)
+    core.handle_timer(0.0)
+    core.receive(NodeId("j"), call(1, 1), 0.0)
+    core.receive(NodeId("j"), Accept(cfp=1, tasks=(TaskId("x1-0"),), payloads=(0,)), 0.0)
+    mesh.out("i")
+    mesh.collect()
+    assert sorted(e.task_id for e in mesh.events["i"] if isinstance(e, Execute)) == [
+        "task-0",
+        "x1-0",
+    ]
+    late = 2 * MAX_ESTIMATE_S
+    mesh.run("i", late)
+    mesh.collect()
+    assert [e for e in mesh.events["i"] if isinstance(e, Completed)] == [
+        Completed(task_id=TaskId("task-0"), node=NodeId("i"), value="v-task-0")
+    ]
+    rec = core.record(TaskId("task-0"))
+    assert rec is not None
+    assert rec.run_s == MAX_ESTIMATE_S
+    assert last(mesh.out("i"), Result).run_s == (MAX_ESTIMATE_S,)  # to j, which accepts it
+
+
 # ---------------------------------------------------------------------------------------
 # Bad input: RemoteProtocolError, counted, state unchanged
 # ---------------------------------------------------------------------------------------
@@ -793,20 +1073,68 @@ def test_bad_bids_are_rejected_and_the_auction_carries_on() -> None:
     mesh = initiator_mesh()
     core = mesh.cores["i"]
     cfp = open_auction(mesh).cfp
-    rejects(core, "a", Propose(cfp=cfp + 999, costs=(1.0,), transfer_s={}), "unknown-cfp")
-    rejects(core, "a", Propose(cfp=cfp, costs=(math.nan,), transfer_s={}), "bad-cost")
-    rejects(core, "a", Propose(cfp=cfp, costs=(-1.0,), transfer_s={}), "bad-cost")
-    rejects(core, "a", Propose(cfp=cfp, costs=(math.inf,), transfer_s={}), "bad-cost")
-    rejects(core, "a", Propose(cfp=cfp, costs=(), transfer_s={}), "bad-cost")
-    bogus = {TaskId("nope"): 1.0}
-    rejects(core, "a", Propose(cfp=cfp, costs=(1.0,), transfer_s=bogus), "unknown-task")
-    rejects(core, "zz", Propose(cfp=cfp, costs=(1.0,), transfer_s={}), "not-asked")
+    rejects(core, "a", proposal(cfp + 999, 1.0), "unknown-cfp")
+    rejects(core, "a", proposal(cfp, math.nan, run_s=0.1), "bad-cost")
+    rejects(core, "a", proposal(cfp, -1.0, run_s=0.1), "bad-cost")
+    rejects(core, "a", proposal(cfp, math.inf, run_s=0.1), "bad-cost")
+    rejects(core, "a", proposal(cfp, run_s=0.1), "bad-cost")  # no slot
+    rejects(core, "a", proposal(cfp, 1.0, lanes=0), "bad-cost")
+    for rate in (0.0, -1.0, math.nan, math.inf):
+        rejects(core, "a", proposal(cfp, 1.0, bandwidth={NodeId("b"): rate}), "bad-cost")
+    rejects(core, "zz", proposal(cfp, 1.0), "not-asked")
     assert mesh.out("i") == []
     bid(mesh, "a", cfp, 3.0)
-    rejects(core, "a", Propose(cfp=cfp, costs=(1.0,), transfer_s={}), "duplicate")
+    rejects(core, "a", proposal(cfp, 1.0), "duplicate")
     bid(mesh, "b", cfp, 2.0)
     sent = bid(mesh, "c", cfp, 4.0)
     assert [d for _, d, _ in of(sent, Accept)] == ["b"]
+
+
+BAD_SECONDS = (math.nan, -1.0, -0.0001, 1.5e6, math.inf)
+
+
+@pytest.mark.parametrize("bad", BAD_SECONDS)
+@pytest.mark.parametrize("where", ["costs", "run_s", "a later slot"])
+def test_a_bid_with_an_implausible_duration_is_rejected_and_never_awarded(
+    bad: float, where: str
+) -> None:
+    """Costs and runtimes must be finite, >= 0 and at most MAX_ESTIMATE_S (1e6 s): the
+    bidder is then as good as silent, however cheap its bid looks."""
+    mesh = initiator_mesh()
+    core = mesh.cores["i"]
+    cfp = open_auction(mesh).cfp
+    if where == "costs":
+        hostile = proposal(cfp, bad, run_s=0.001)
+    elif where == "run_s":
+        hostile = proposal(cfp, 0.001, run_s=bad)
+    else:
+        hostile = proposal(cfp, 0.001, bad, run_s=0.001)
+    before = core.stats()
+    rejects(core, "a", hostile, "bad-cost")
+    after = core.stats()
+    assert {k: v for k, v in after.items() if k != "rejected.bad-cost"} == before
+    assert mesh.out("i") == []
+    bid(mesh, "b", cfp, 5.0)
+    sent = bid(mesh, "c", cfp, 9.0)
+    assert sent == []  # a has not answered yet, as far as the auction knows
+    core.handle_timer(CFG.reply_timeout_s)
+    sent = mesh.out("i")
+    assert [d for _, d, _ in of(sent, Accept)] == ["b"]
+    rec = core.record(TaskId("task-0"))
+    assert rec is not None
+    assert rec.winner == "b"
+    assert "a" not in rec.rounds[0].bids
+    assert "a" in rec.rounds[0].silent
+
+
+def test_a_bid_of_exactly_the_largest_duration_is_taken() -> None:
+    mesh = initiator_mesh()
+    cfp = open_auction(mesh).cfp
+    bid(mesh, "a", cfp, MAX_ESTIMATE_S, run_s=MAX_ESTIMATE_S)
+    bid(mesh, "b", cfp, 0.0, run_s=0.0)
+    sent = bid(mesh, "c", cfp, 5.0)
+    assert [d for _, d, _ in of(sent, Accept)] == ["b"]
+    assert mesh.cores["i"].stats().get("rejected.bad-cost", 0) == 0
 
 
 def test_results_from_a_non_winner_are_rejected() -> None:
@@ -814,16 +1142,52 @@ def test_results_from_a_non_winner_are_rejected() -> None:
     awarded_to_a(mesh)
     core = mesh.cores["i"]
     t0 = TaskId("task-0")
-    rejects(core, "b", Result(tasks=(t0,), values=(1,)), "not-winner")
+    rejects(core, "b", result(t0, 1), "not-winner")
     rejects(core, "b", Failure(tasks=(t0,), errors=("x",)), "not-winner")
-    rejects(core, "a", Result(tasks=(TaskId("task-77"),), values=(1,)), "unknown-task")
-    rejects(core, "a", Result(tasks=(t0,), values=(1, 2)), "malformed")
+    rejects(core, "a", result("task-77", 1), "unknown-task")
+    rejects(core, "a", Result(tasks=(t0,), values=(1, 2), run_s=(0.1,)), "malformed")
     # A message mixing a valid and an invalid entry changes nothing.
-    rejects(core, "a", Result(tasks=(t0, TaskId("task-77")), values=(1, 2)), "unknown-task")
+    rejects(
+        core,
+        "a",
+        Result(tasks=(t0, TaskId("task-77")), values=(1, 2), run_s=(0.1, 0.1)),
+        "unknown-task",
+    )
     rejects(core, "b", Confirm(cfp=1, tasks=(t0,)), "not-winner")
     assert core.take_events() == []
-    core.receive(NodeId("a"), Result(tasks=(t0,), values=(1,)), 0.1)
+    core.receive(NodeId("a"), result(t0, 1), 0.1)
     assert core.take_events() == [Completed(task_id=t0, node=NodeId("a"), value=1)]
+
+
+@pytest.mark.parametrize(
+    ("run_s", "reason"),
+    [
+        ((), "malformed"),
+        ((0.1, 0.1), "malformed"),
+        ((math.nan,), "bad-cost"),
+        ((-1.0,), "bad-cost"),
+        ((math.inf,), "bad-cost"),
+        ((1.5e6,), "bad-cost"),
+    ],
+)
+def test_a_result_with_bad_run_times_is_rejected_and_changes_nothing(
+    run_s: tuple[float, ...], reason: str
+) -> None:
+    mesh = initiator_mesh()
+    awarded_to_a(mesh)
+    core = mesh.cores["i"]
+    t0 = TaskId("task-0")
+    before = (core.stats(), core.next_timer(), core.record(t0))
+    rejects(core, "a", Result(tasks=(t0,), values=(1,), run_s=run_s), reason)
+    stats = {k: v for k, v in core.stats().items() if not k.startswith("rejected.")}
+    assert (stats, core.next_timer(), core.record(t0)) == before
+    assert core.take_events() == []
+    assert mesh.out("i") == []
+    core.receive(NodeId("a"), result(t0, 1, run_s=0.3), 0.1)  # the winner tries again
+    assert core.take_events() == [Completed(task_id=t0, node=NodeId("a"), value=1)]
+    rec = core.record(t0)
+    assert rec is not None
+    assert rec.run_s == 0.3
 
 
 def test_unsolicited_awards_and_bad_calls_are_rejected() -> None:
@@ -834,14 +1198,17 @@ def test_unsolicited_awards_and_bad_calls_are_rejected() -> None:
     rejects(p, "i", call(1, 0), "bad-batch")
     bad = Requirements(task="t", resources={"cpu": -1.0}, libraries={}, labels={})
     rejects(p, "i", call(1, 1, bad), "bad-requirements")
-    rejects(p, "i", call(1, 1, est=math.nan), "bad-cost")
+    for est in (math.nan, -1.0, math.inf, MAX_ESTIMATE_S * 1.5):
+        rejects(p, "i", call(1, 1, est=est), "bad-cost")
     p.receive(NodeId("i"), call(1, 2), 0.0)
     mesh.out("p")
     rejects(p, "i", call(1, 2), "duplicate")
     rejects(p, "j", Accept(cfp=1, tasks=(TaskId("x1-0"),), payloads=(0,)), "unsolicited")
-    rejects(p, "i", Accept(cfp=1, tasks=(TaskId("zz"),), payloads=(0,)), "unknown-task")
+    rejects(p, "i", Accept(cfp=1, tasks=(), payloads=()), "bad-batch")
     three = (TaskId("x1-0"), TaskId("x1-1"), TaskId("x1-0"))
     rejects(p, "i", Accept(cfp=1, tasks=three, payloads=(0, 1, 2)), "malformed")
+    rejects(p, "i", Accept(cfp=1, tasks=three[:2], payloads=(0,)), "malformed")
+    rejects(p, "p", Accept(cfp=1, tasks=(TaskId("x1-0"),), payloads=(0,)), "self")
     assert p.take_events() == []
     assert p.load().running == 0
     p.receive(NodeId("i"), Accept(cfp=1, tasks=(TaskId("x1-0"),), payloads=(0,)), 0.0)
@@ -849,15 +1216,63 @@ def test_unsolicited_awards_and_bad_calls_are_rejected() -> None:
     rejects(p, "j", Cancel(tasks=(TaskId("x1-0"),)), "not-initiator")
 
 
-def test_over_award_is_rejected() -> None:
+def test_a_rejected_peer_message_changes_nothing_at_the_participant() -> None:
+    mesh = participant(cpu=2)
+    p = mesh.cores["p"]
+    p.receive(NodeId("i"), call(1, 2), 0.0)
+    mesh.out("p")
+    before = (p.load(), p.next_timer(), p.waiting())
+    rejects(p, "i", Accept(cfp=1, tasks=(TaskId("a"), TaskId("a")), payloads=(0, 1)), "malformed")
+    rejects(p, "i", call(2, 1, est=2e6), "bad-cost")
+    rejects(p, "p", call(3, 1), "self")
+    assert (p.load(), p.next_timer(), p.waiting()) == before
+    assert mesh.out("p") == []
+    assert p.take_events() == []
+
+
+def test_an_award_beyond_the_room_is_taken_in_part_and_the_rest_declined_as_busy() -> None:
+    """A refill may name any task of the call's kind, and as many as the initiator likes:
+    the participant takes what fits (its reserved slots, then what would start within
+    ``bind_ahead_s``) and gives the rest back, never running over its resources."""
     mesh = participant(cpu=1)
     p = mesh.cores["p"]
-    p.receive(NodeId("j"), call(9, 3), 0.0)  # fills the queue: next bid offers one slot
+    p.receive(NodeId("j"), call(9, 3), 0.0)  # fills the queue: the next bid offers one slot
     p.receive(NodeId("i"), call(1, 3), 0.0)
     prop = last(mesh.out("p"), Propose)
     assert len(prop.costs) == 1
-    ids = (TaskId("x1-0"), TaskId("x1-1"))
-    rejects(p, "i", Accept(cfp=1, tasks=ids, payloads=(0, 1)), "over-award")
+    ids = (TaskId("x1-0"), TaskId("other"))  # "other" was not in the call: a refill
+    p.receive(NodeId("i"), Accept(cfp=1, tasks=ids, payloads=(0, 1)), 0.0)
+    sent = [m for _, _, m in mesh.out("p")]
+    assert Confirm(cfp=1, tasks=(TaskId("x1-0"),)) in sent
+    assert Decline(cfp=1, tasks=(TaskId("other"),), reason="busy") in sent
+    assert p.stats()["declines_sent"] == 1
+    assert p.waiting() == 0  # x1-0 runs: j's reservation is only a reservation
+    assert p.load().running == 1
+
+
+def test_refills_under_one_call_are_taken_as_results_go_back() -> None:
+    """The reservation a call made stays known while it holds tasks, however long they
+    run; further awards under it (tasks the call never named) are taken while there is
+    room. Once idle for a few reservation periods it is forgotten."""
+    mesh = participant(cpu=1)
+    p = mesh.cores["p"]
+    p.receive(NodeId("i"), call(1, 1, est=1.0), 0.0)
+    mesh.out("p")
+    p.receive(NodeId("i"), Accept(cfp=1, tasks=(TaskId("x1-0"),), payloads=(0,)), 0.0)
+    assert [e.task_id for e in p.take_events()] == ["x1-0"]
+    advance(p, 1.0)  # far beyond the reservation: the task holds it
+    mesh.out("p")
+    p.task_finished(TaskId("x1-0"), True, "r", 1.0)
+    assert of(mesh.out("p"), Result) == [
+        ("p", "i", Result(tasks=(TaskId("x1-0"),), values=("r",), run_s=(1.0,)))
+    ]
+    p.receive(NodeId("i"), Accept(cfp=1, tasks=(TaskId("refill-1"),), payloads=(1,)), 1.001)
+    assert [e.task_id for e in p.take_events()] == ["refill-1"]
+    assert last(mesh.out("p"), Confirm) == Confirm(cfp=1, tasks=(TaskId("refill-1"),))
+    p.task_finished(TaskId("refill-1"), True, "r1", 1.1)
+    mesh.out("p")
+    advance(p, 1.1 + 5 * CFG.reservation_s)  # idle: forgotten
+    rejects(p, "i", Accept(cfp=1, tasks=(TaskId("refill-2"),), payloads=(2,)), "unsolicited")
 
 
 # ---------------------------------------------------------------------------------------
@@ -876,14 +1291,14 @@ def test_every_contract_message_survives_the_codec() -> None:
             est_runtime_s=None,
             inputs={TaskId("a"): {NodeId("n"): 10}},
         ),
-        Propose(cfp=1, costs=(0.5, 1.0), transfer_s={TaskId("a"): 0.1}),
+        Propose(cfp=1, costs=(0.5, 1.0), lanes=2, run_s=0.5, bandwidth={NodeId("n"): 1e8}),
         Refuse(cfp=1, reason={"missing": "gpu"}),
         Accept(cfp=1, tasks=t, payloads=({"name": "f", "args": [1, 2]}, None)),
         Reject(cfp=1),
         Confirm(cfp=1, tasks=t),
         Decline(cfp=1, tasks=t, reason="busy"),
         Progress(tasks=t),
-        Result(tasks=t, values=(1, "x")),
+        Result(tasks=t, values=(1, "x"), run_s=(0.25, 0.0)),
         Failure(tasks=t, errors=({"message": "boom"}, "x")),
         Cancel(tasks=t),
     ]

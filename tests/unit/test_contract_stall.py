@@ -1,7 +1,8 @@
 """A winner that stalled asks before running what it waited to start (hand-stepped cores).
 
 The stage: initiators ``i`` (lease 1 s) and ``j`` (lease 10 s) each award to ``a``, which
-has one slot: ``i0`` runs, ``i1`` and ``j0`` wait. Then ``a`` stalls for 2 s while ``b``
+has one slot: ``i0`` runs, ``i1`` and ``j0`` wait (the tasks are declared short, ``EST``,
+so late binding binds several per lane at once). Then ``a`` stalls for 2 s while ``b``
 joins: ``i`` lets its leases at ``a`` lapse and has ``b`` run both of its tasks, ``j``
 keeps its own. Frames to ``a`` meanwhile wait in its socket; the test decides when they
 arrive.
@@ -34,6 +35,7 @@ from tests.unit.test_contract import CFG, Mesh, Sent, caps, of, rejects, spec
 
 I0, I1, J0 = TaskId("task-i0"), TaskId("task-i1"), TaskId("task-j0")
 RESUME = 2.0
+EST = CFG.bind_ahead_s / 4
 
 
 class Logged(Mesh):
@@ -67,11 +69,11 @@ class Stage:
         self.mesh = mesh
         self.i, self.j, self.a, self.b = (mesh.cores[n] for n in "ijab")
         self.buffered: Sent = []
-        self.i.submit(spec("i0"), "p-i0", 0.0)
-        self.i.submit(spec("i1"), "p-i1", 0.0)
+        self.i.submit(spec("i0", est_runtime_s=EST), "p-i0", 0.0)
+        self.i.submit(spec("i1", est_runtime_s=EST), "p-i1", 0.0)
         self.i.handle_timer(0.0)
         mesh.pump(0.0)
-        self.j.submit(spec("j0"), "p-j0", 0.0)
+        self.j.submit(spec("j0", est_runtime_s=EST), "p-j0", 0.0)
         self.j.handle_timer(0.0)
         mesh.pump(0.0)
         assert self.executed("a") == [I0]
@@ -202,18 +204,24 @@ def test_without_an_answer_the_tasks_are_given_back_and_still_run_once(
 
 def test_an_award_on_a_bid_made_before_the_stall_is_declined() -> None:
     s = Stage()
-    s.i.submit(spec("i2"), "p-i2", 0.0)
+    s.i.submit(spec("i2", est_runtime_s=EST), "p-i2", 0.0)
     s.i.handle_timer(0.0)
-    call = s.mesh.out("i")
-    (cfp,) = [m for _, d, m in of(call, CallForProposals) if d == "a"]
-    s.a.receive(NodeId("i"), cfp, 0.0)
-    s.i.receive(NodeId("a"), s.mesh.out("a")[0][2], 0.0)
-    (accept,) = [m for _, _, m in of(s.mesh.out("i"), Accept)]
+    assert s.mesh.out("i") == []  # a, in i's pool, holds all it offered: i2 waits at i
+    # i0's result frees room at a: i gives it i2, under the call a bid on at 0.0.
+    s.finish(I0, 0.01)
+    for _, dst, msg in s.mesh.out("a"):
+        if dst == "i":
+            s.i.receive(NodeId("a"), msg, 0.01)
+    s.i.handle_timer(0.01)
+    sent_i = s.mesh.out("i")
+    assert not of(sent_i, CallForProposals)
+    (accept,) = [m for _, d, m in of(sent_i, Accept) if d == "a"]
+    assert accept.tasks == (TaskId("task-i2"),)
     # The award waits in a's socket through a stall.
     s.a.receive(NodeId("i"), accept, RESUME)
     sent = s.mesh.out("a")
     assert [m for _, _, m in of(sent, Decline)] == [
-        Decline(cfp=cfp.cfp, tasks=(TaskId("task-i2"),), reason="stale")
+        Decline(cfp=accept.cfp, tasks=(TaskId("task-i2"),), reason="stale")
     ]
     assert s.a.stats()["stale_declined"] == 1
     assert TaskId("task-i2") not in s.executed("a")
