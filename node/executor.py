@@ -269,7 +269,6 @@ class Executor:
         self._no_workers = asyncio.Event()
         self._no_workers.set()
         self._cores = cores if cores is not None else local_pool().cores
-        self._host_slots = slots
         self._pinned = _pinned_threads(os.environ)
         self._threads = self._pinned or threads_per_worker(self._cores, slots)
         self._env = self._worker_env()
@@ -349,20 +348,20 @@ class Executor:
         return self._threads
 
     def set_host_slots(self, slots: int) -> None:
-        """Slots of every node on this host, this one's included (``node.cores.host_slots``).
+        """Slots of every node on this host, this one's included (``node.cores.HostSlots``).
 
         Each worker takes the new thread count before its next task; a running task keeps
         the count it started with. Cheap when nothing changes: call it on every membership
         change.
         """
-        self._host_slots = max(slots, self._slots)
+        slots = max(slots, self._slots)
         if self._pinned is not None:
             return
-        threads = threads_per_worker(self._cores, self._host_slots)
+        threads = threads_per_worker(self._cores, slots)
         if threads != self._threads:
             log.info(
                 "%d slots on this host share %d cores: %d threads per worker (were %d)",
-                self._host_slots,
+                slots,
                 self._cores,
                 threads,
                 self._threads,

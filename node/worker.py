@@ -376,7 +376,7 @@ def set_threads(threads: int) -> None:
     it is installed (scikit-learn brings it).
     """
     if threads < 1:
-        raise RemoteProtocolError(f"bad thread count {threads!r}", reason="malformed")
+        raise LocalProtocolError(f"bad thread count {threads!r}")
     for var in THREAD_VARS:
         os.environ[var] = str(threads)
     torch = sys.modules.get("torch")
