@@ -292,14 +292,10 @@ def run_pipeline(r: Runner, size: PipelineSize) -> dict[str, float]:
 def _env(tmp: Path) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CONFIG_HOME": str(tmp / "config")}
     env.pop("MESH_KEY", None)
-    # Each working node stands for a one-core machine: the two share this machine's two
-    # cores. A node sizes its workers' BLAS and torch threads as cores / its own slots (2
-    # here), and two such workers on two busy cores make torch's spinning threads wait on
-    # each other for whole time slices (training that takes 1 s took 20 s
-    # and more that way here). Ray and
-    # Dask give each worker one thread; so does this.
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = "1"
+    # The nodes share this machine's cores by themselves (one thread per worker on two
+    # cores). This pins one thread per worker on any machine, as Ray and Dask give theirs:
+    # the systems compare at equal threads, not at whatever the core count allows.
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 

@@ -130,11 +130,9 @@ class LocalMesh:
     addresses: list[str] = field(default_factory=list)
 
     def start(self, timeout: float = 60.0) -> Client:
-        cores = os.cpu_count() or 1
-        # The nodes share this machine: split its cores so workers do not oversubscribe it.
-        slots = max(1, cores // self.count)
-        threads = str(max(1, cores // (self.count * slots)))
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        # The nodes share this machine: split its cores between them. Each node then sizes
+        # its workers' BLAS and torch threads by every slot on the machine, not its own.
+        slots = max(1, (os.cpu_count() or 1) // self.count)
         for i in range(self.count):
             name = f"demo-{chr(ord('a') + i)}"
             cmd = [sys.executable, "-m", "node", "start", "--host", "127.0.0.1", "--port", "0"]
@@ -145,9 +143,7 @@ class LocalMesh:
                 cmd += ["--without", "torch"]
             log = self.workdir / f"{name}.log"
             with open(log, "wb") as out:
-                self.procs.append(
-                    subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-                )
+                self.procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
             self.addresses.append(self._listening(self.procs[-1], log, timeout))
         client = connect(f"http://{self.addresses[0]}", self.key)
         deadline = time.monotonic() + timeout

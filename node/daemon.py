@@ -77,6 +77,7 @@ from mesh.messages import (
 )
 from node.api import Api, Deliver, jsonable, result_json
 from node.capabilities import probe
+from node.cores import HostSlots
 from node.executor import Executor
 from node.http_guard import GuardedSite
 from node.store import ObjectStore, OwnedSegment, Upload, nbytes_of, remove_orphan_segments
@@ -210,6 +211,7 @@ class Daemon:
         self.registry: Registry
         self.store: ObjectStore
         self.membership: Membership
+        self._host_slots: HostSlots
         self.contract: Contract
         self.transport: WsTransport
         self.driver: Driver
@@ -259,6 +261,7 @@ class Daemon:
                 capabilities=capabilities,
                 load=Load(running=0, queued=0, backlog_s=0.0),
             )
+            self._host_slots = HostSlots(self.membership, self.node_id)
             self.contract = Contract(
                 node=self.node_id,
                 config=self.mesh_config.contract,
@@ -458,6 +461,8 @@ class Daemon:
             for m in m_events:
                 if isinstance(m, MemberDown):
                     self.contract.peer_down(m.node, now)
+            if m_events:  # nodes on this host came, went or changed: share its cores anew
+                self.executor.set_host_slots(self._host_slots.observe(m.node for m in m_events))
             c_events = self.contract.take_events()
             for ev in c_events:
                 if isinstance(ev, Execute):

@@ -7,6 +7,12 @@ large argument into shared memory) runs in a thread. An argument given as a
 ``node.worker.SharedArg`` (an object-store segment on this machine) is not copied at all:
 the worker maps it. See ``node.worker`` for the pipe protocol and the shared-memory segments.
 
+Each worker's BLAS and torch threads are the node's usable cores divided among every slot on
+its host (``node.cores``): the daemon tells ``set_host_slots`` when nodes on this host come
+and go, a worker is started with the count in its environment, and one that already runs
+gets a new count just before its next task. An ``OMP_NUM_THREADS`` in the node's own
+environment is the operator's choice and fixes the count instead.
+
 Guarantees: never more tasks running than slots; tasks start in the order they were
 submitted; a task that raises comes back as an ``Outcome`` with its exception's type,
 message and remote traceback; a worker that dies fails only the task it was running
@@ -43,6 +49,7 @@ from mesh.codec import Chunks, encode_body
 from mesh.config import NodeConfig
 from mesh.errors import LocalProtocolError, MeshError
 from mesh.messages import NodeId, ShmArg
+from node.cores import THREAD_VARS, local_pool, threads_per_worker
 from node.worker import (
     HEADER,
     INLINE,
@@ -118,6 +125,9 @@ class _Worker:
     pid: int = 0
     pidfd: int = -1
     gpu: int | None = None
+    threads: int = 0
+    """The BLAS/torch thread count this worker was last given (in its environment or in a
+    ``threads`` message)."""
 
 
 class _Pipe(asyncio.Protocol):
@@ -183,6 +193,15 @@ def _child_pythonpath() -> str:
     return os.pathsep.join(keep)
 
 
+def _pinned_threads(environ: Mapping[str, str]) -> int | None:
+    """The thread count an operator fixed with ``OMP_NUM_THREADS``, if any."""
+    try:
+        threads = int(environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return threads if threads >= 1 else None
+
+
 def _exit_text(code: int | None) -> str:
     if code is None:
         return "worker process ended"
@@ -210,7 +229,8 @@ class Executor:
 
     Use as ``async with Executor(...) as ex: outcome = await ex.run(...)``. ``without``
     names libraries the workers refuse to import (a node kept off ML work);
-    ``gpu_devices`` (CUDA indices) pins each worker to one of them.
+    ``gpu_devices`` (CUDA indices) pins each worker to one of them. ``cores`` is how many
+    cores the workers may keep busy (measured by ``node.cores.local_pool`` when None).
     """
 
     def __init__(
@@ -223,9 +243,12 @@ class Executor:
         without: Sequence[str] = (),
         entry_points: bool = True,
         gpu_devices: Sequence[int] = (),
+        cores: int | None = None,
     ) -> None:
         if slots < 1:
             raise LocalProtocolError(f"an executor needs at least one slot, not {slots}")
+        if cores is not None and cores < 1:
+            raise LocalProtocolError(f"workers need at least one core, not {cores}")
         self.node_id = node_id
         self._slots = slots
         self.config = config
@@ -245,6 +268,9 @@ class Executor:
         self._closing = False
         self._no_workers = asyncio.Event()
         self._no_workers.set()
+        self._cores = cores if cores is not None else local_pool().cores
+        self._pinned = _pinned_threads(os.environ)
+        self._threads = self._pinned or threads_per_worker(self._cores, slots)
         self._env = self._worker_env()
 
     # --- lifecycle ------------------------------------------------------------------
@@ -315,6 +341,32 @@ class Executor:
     def workers(self) -> int:
         """Worker processes alive or starting."""
         return len(self._workers)
+
+    @property
+    def threads(self) -> int:
+        """BLAS/torch threads each worker runs its next task with."""
+        return self._threads
+
+    def set_host_slots(self, slots: int) -> None:
+        """Slots of every node on this host, this one's included (``node.cores.HostSlots``).
+
+        Each worker takes the new thread count before its next task; a running task keeps
+        the count it started with. Cheap when nothing changes: call it on every membership
+        change.
+        """
+        slots = max(slots, self._slots)
+        if self._pinned is not None:
+            return
+        threads = threads_per_worker(self._cores, slots)
+        if threads != self._threads:
+            log.info(
+                "%d slots on this host share %d cores: %d threads per worker (were %d)",
+                slots,
+                self._cores,
+                threads,
+                self._threads,
+            )
+            self._threads = threads
 
     def worker_pids(self) -> tuple[int, ...]:
         """Process ids of the workers that are ready (for diagnostics and tests)."""
@@ -397,10 +449,22 @@ class Executor:
     def _worker_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONPATH"] = _child_pythonpath()
-        # Without this every worker's BLAS or torch would use every core: slots x cores threads.
-        threads = str(max(1, (os.cpu_count() or 1) // self._slots))
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env.setdefault(var, threads)
+        return env
+
+    def _spawn_env(self, worker: _Worker) -> dict[str, str]:
+        """The environment of a new worker: its thread count (and its GPU)."""
+        # Without a count every worker's BLAS or torch would use every core: slots x cores
+        # threads on each node of the host.
+        worker.threads = self._threads
+        env = {**self._env, **dict.fromkeys(THREAD_VARS, str(self._threads))}
+        if self._pinned is not None:
+            env.update({v: self._env[v] for v in THREAD_VARS if v in self._env})
+        if self._gpu_devices:
+            # One device per worker, spread evenly: a task sees cuda:0 and never
+            # contends with another worker's task for memory it did not plan for.
+            busy = [w.gpu for w in self._workers]
+            worker.gpu = min(self._gpu_devices, key=busy.count)
+            env["CUDA_VISIBLE_DEVICES"] = str(worker.gpu)
         return env
 
     def _resolve(self, job: _Job, outcome: Outcome) -> None:
@@ -445,6 +509,11 @@ class Executor:
             return
         worker.job = job
         job.worker = worker
+        if worker.threads != self._threads:
+            # Read by the worker just before the call that follows: no cost per task.
+            worker.threads = self._threads
+            chunks, size = encode_body(["threads", self._threads])
+            transport.writelines([HEADER.pack(INLINE, size), *chunks])
         if job.size > self.config.executor_shm_threshold_bytes and self._tg is not None:
             self._tg.create_task(self._start_large(worker, job), name=f"mesh-args-{job.seq}")
             return
@@ -563,13 +632,7 @@ class Executor:
                 argv += ["--without", lib]
             if not self._entry_points:
                 argv.append("--no-entry-points")
-            env = self._env
-            if self._gpu_devices:
-                # One device per worker, spread evenly: a task sees cuda:0 and never
-                # contends with another worker's task for memory it did not plan for.
-                busy = [w.gpu for w in self._workers]
-                worker.gpu = min(self._gpu_devices, key=busy.count)
-                env = {**env, "CUDA_VISIBLE_DEVICES": str(worker.gpu)}
+            env = self._spawn_env(worker)
             worker.proc = await asyncio.create_subprocess_exec(
                 *argv,
                 pass_fds=(child.fileno(),),

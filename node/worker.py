@@ -29,8 +29,9 @@ the mapping, with no copy.
 Every segment a worker makes starts with its worker's prefix, so the executor removes
 whatever a dead worker left behind.
 
-Calls are ``["run", seq, task_id, name, args, kwargs, shared_segment_names]`` and
-``["stop"]``.
+Calls are ``["run", seq, task_id, name, args, kwargs, shared_segment_names]``,
+``["threads", n]`` (run what follows with ``n`` BLAS and torch threads; sent just before a
+call when the count changed) and ``["stop"]``.
 
 Replies are ``["ready", pid]`` once, then ``["done", seq, ok, value, error_type, message,
 traceback, runtime_s]`` per task. A task's exception is caught here and reported; anything
@@ -46,6 +47,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.metadata
@@ -74,6 +76,7 @@ from mesh.errors import (
 )
 from mesh.messages import NodeId, ShmArg
 from mesh.shm import open_exact
+from node.cores import THREAD_VARS
 from tasks import Registry, TaskContext, running_as
 
 HEADER: Final = struct.Struct("<BQ")
@@ -365,6 +368,29 @@ def attach_shared(value: Any, names: frozenset[str], depth: int = 0) -> Any:
     return value
 
 
+def set_threads(threads: int) -> None:
+    """Run what follows with ``threads`` BLAS and torch threads.
+
+    Libraries loaded later read the environment; torch, if a task imported it, is told
+    directly; OpenBLAS, MKL and OpenMP already loaded are told through threadpoolctl where
+    it is installed (scikit-learn brings it).
+    """
+    if threads < 1:
+        raise LocalProtocolError(f"bad thread count {threads!r}")
+    for var in THREAD_VARS:
+        os.environ[var] = str(threads)
+    torch = sys.modules.get("torch")
+    set_num_threads = getattr(torch, "set_num_threads", None)
+    if set_num_threads is not None:
+        set_num_threads(threads)
+    try:
+        # Imported untyped (it ships no annotations), and only once a count changes.
+        threadpoolctl: Any = importlib.import_module("threadpoolctl")
+    except ImportError:
+        return
+    threadpoolctl.threadpool_limits(limits=threads)
+
+
 def _run_one(registry: Registry, node_id: NodeId, msg: list[Any], held: list[Any]) -> list[Any]:
     _, seq, task_id, name, args, kwargs, shared = msg
     tdef = registry.get(name)
@@ -422,6 +448,9 @@ def serve(
         del received
         if msg[0] == "stop":
             return
+        if msg[0] == "threads":
+            set_threads(int(msg[1]))
+            continue
         if msg[0] != "run":
             raise LocalProtocolError(f"worker got unknown message {msg[0]!r}")
         # Shared segments the task mapped: unmapping a large one takes milliseconds, which
