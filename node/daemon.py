@@ -77,7 +77,7 @@ from mesh.messages import (
 )
 from node.api import Api, Deliver, jsonable, result_json
 from node.capabilities import probe
-from node.cores import HostSlots
+from node.cores import HostSlots, local_pool, slot_speed
 from node.executor import Executor
 from node.http_guard import GuardedSite
 from node.store import ObjectStore, OwnedSegment, Upload, nbytes_of, remove_orphan_segments
@@ -268,6 +268,7 @@ class Daemon:
                 rng=self._rng,
                 peers=self.membership,
                 capabilities=capabilities,
+                speed=slot_speed(slots, local_pool()),
             )
             self.transport = WsTransport(
                 codec=codec, config=self.config, wall_clock=time.time, resolve=self._node_at

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from mesh.core import MemberState, MemberView
 from mesh.messages import Address, Capabilities, Load, NodeId
 from node.capabilities import probe
 from node.cores import (
     POOL_LABEL,
+    CpuPool,
     HostSlots,
     cgroup_quota,
     local_pool,
     measure,
+    slot_speed,
     threads_per_worker,
 )
 
@@ -302,3 +306,16 @@ def test_absurd_slots_of_a_peer_leave_one_thread() -> None:
     assert threads_per_worker(16, slots) == 1
     peers.put(view("b", slots=0, pool="p"))
     assert HostSlots(peers, ME).observe([]) == 2
+
+
+def test_slot_speed_is_how_much_slower_a_busy_slot_runs_than_a_whole_core() -> None:
+    def pool(cpus: int, quota: float | None) -> CpuPool:
+        return CpuPool(
+            name="p", cores=max(1, min(cpus, int(quota or cpus))), cpus=cpus, quota=quota
+        )
+
+    assert slot_speed(1, pool(2, None)) == 1.0  # a slot with a core to itself
+    assert slot_speed(4, pool(2, None)) == 2.0  # four workers on two cores
+    assert slot_speed(1, pool(2, 0.2)) == pytest.approx(5.0)  # held to a fifth of a core
+    assert slot_speed(2, pool(8, 4.0)) == 1.0  # a quota above the slots costs nothing
+    assert slot_speed(1, pool(1, 1e-9)) == 1e3  # bounded as the contract core requires
