@@ -225,7 +225,7 @@ class ContractConfig:
     """Tasks a participant offers to queue per slot beyond those running. Some queue hides
     the award round trip; a deep one binds tasks early to a node that may turn out slow."""
 
-    bind_ahead_s: float = 0.02
+    bind_ahead_s: float = 0.1
     """Late binding: an initiator binds to a pool worker only the tasks it would start
     within this long (at least one per lane), and gives it more as its results come back.
     Tasks shorter than this queue a little at their worker to hide the refill's round
@@ -303,6 +303,7 @@ class ContractConfig:
             lazy_delay_s=0.0,
             bandwidth_bytes_per_s=1e9,
             silence_patience_s=2.0,
+            bind_ahead_s=0.02,
         )
 
 
