@@ -19,8 +19,9 @@ they send through). ``Contract`` is the one core a driver sees: it routes each m
 its role, runs both roles' timers and notices stalls. Neither role touches the other's
 state; they talk in messages, as they would between two nodes.
 
-The initiator's task states and their legal transitions are the data in ``TRANSITIONS``;
-an illegal one is a bug here and raises ``LocalProtocolError``. Peer input that cannot be
+Each role's states and their legal transitions are data: ``TRANSITIONS`` for a task in
+its initiator, ``HELD_TRANSITIONS`` for a task awarded to a participant. An illegal
+transition is a bug here and raises ``LocalProtocolError``. Peer input that cannot be
 accepted raises ``RemoteProtocolError`` (counted in ``stats()`` under ``rejected.<reason>``)
 and leaves the state unchanged.
 
@@ -91,13 +92,14 @@ from mesh.messages import (
     TaskId,
     Wire,
 )
-from mesh.participant import Participant
+from mesh.participant import HELD_TRANSITIONS, HeldState, Participant
 
 __all__ = [
     "FAILED_LOST",
     "FAILED_NO_BIDS",
     "FAILED_NO_PEER",
     "FAILED_TASK",
+    "HELD_TRANSITIONS",
     "INF",
     "LOCALITY_SCAN",
     "MAX_CFP_TASKS",
@@ -113,6 +115,7 @@ __all__ = [
     "ContractEvent",
     "Execute",
     "Failed",
+    "HeldState",
     "RoundRecord",
     "TaskSpec",
     "TaskState",

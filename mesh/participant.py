@@ -1,6 +1,11 @@
 """The participant role of the contract net: bids for the tasks this node can run, and
 runs what it is awarded.
 
+A task awarded here moves through the states of ``HeldState``; the legal transitions are
+the data in ``HELD_TRANSITIONS``, and ``_Held.move`` raises ``LocalProtocolError`` on any
+other, which is a bug here. Peer input that cannot be accepted raises
+``RemoteProtocolError`` and leaves the state unchanged.
+
 It bids its estimated seconds to completion for every task it can ever run (busy is not
 a refusal: a busy node bids its queue), refuses with a structured reason those it cannot,
 and holds the slots it offered in a soft ``_Reservation`` for a while. Awards under one
@@ -25,7 +30,8 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from typing import Any
+from enum import StrEnum
+from typing import Any, Final
 
 from mesh.config import ContractConfig
 from mesh.contract_shared import (
@@ -64,13 +70,43 @@ from mesh.messages import (
 from mesh.resources import check, demand, invalid
 
 # ---------------------------------------------------------------------------------------
-# Participant state
+# Held tasks, their states, and the participant's reservations
 # ---------------------------------------------------------------------------------------
+
+
+class HeldState(StrEnum):
+    """Where a task awarded to this node is, in its participant."""
+
+    WAITING = "waiting"  # confirmed and queued: starts, in order, once it fits
+    ASKING = "asking"  # held back after a stall until its initiator says it is still here
+    RUNNING = "running"  # Execute emitted: the driver runs it
+    CANCELLING = "cancelling"  # CancelExecution emitted: the driver has yet to stop it
+    DROPPED = "dropped"  # cancelled or given back unrun; the queue passes over it
+    FINISHED = "finished"  # the driver reported it ended, run to the end or stopped
+
+
+HELD_TRANSITIONS: Final[dict[tuple[HeldState, str], HeldState]] = {
+    (HeldState.WAITING, "start"): HeldState.RUNNING,  # it fits: Execute
+    (HeldState.WAITING, "stall"): HeldState.ASKING,  # this node stalled: LeaseQuery
+    (HeldState.ASKING, "stall"): HeldState.ASKING,  # stalled again before the reply: asked again
+    (HeldState.ASKING, "keep"): HeldState.WAITING,  # LeaseReply kept it, or awarded again
+    (HeldState.WAITING, "cancel"): HeldState.DROPPED,  # Cancel, or its initiator went down
+    (HeldState.ASKING, "cancel"): HeldState.DROPPED,  # ... or LeaseReply did not keep it
+    (HeldState.RUNNING, "cancel"): HeldState.CANCELLING,  # CancelExecution
+    (HeldState.CANCELLING, "cancel"): HeldState.CANCELLING,  # already stopping
+    (HeldState.WAITING, "give-back"): HeldState.DROPPED,  # Decline: leaving, or incapable
+    (HeldState.ASKING, "give-back"): HeldState.DROPPED,  # Decline: no LeaseReply in time
+    (HeldState.RUNNING, "finish"): HeldState.FINISHED,  # its result or failure goes back
+    (HeldState.CANCELLING, "finish"): HeldState.FINISHED,  # stopped: nothing goes back
+}
+"""(state, event) -> next state. Anything missing is illegal. A task enters WAITING when
+an award of it is taken; DROPPED and FINISHED are ends."""
+
+_UNSTARTED: Final = frozenset({HeldState.WAITING, HeldState.ASKING})
 
 
 class _Held:
     __slots__ = (
-        "cancelled",
         "cfp",
         "est",
         "initiator",
@@ -82,6 +118,7 @@ class _Held:
         "res",
         "seed",
         "started",
+        "state",
         "task_id",
     )
 
@@ -96,10 +133,16 @@ class _Held:
         self.est = res.est
         self.seed = res.seed
         self.payload = payload
-        self.started: float | None = None
+        self.state = HeldState.WAITING
+        self.started = INF  # when it started (RUNNING, CANCELLING)
         self.renewed = now  # when the initiator last renewed the lease (the confirm)
-        self.cancelled = False
-        self.query = 0  # the LeaseQuery it waits for before it may start (0: none)
+        self.query = 0  # the LeaseQuery it waits for (ASKING)
+
+    def move(self, event: str) -> None:
+        nxt = HELD_TRANSITIONS.get((self.state, event))
+        if nxt is None:
+            raise LocalProtocolError(f"held task {self.task_id}: no {event!r} from {self.state}")
+        self.state = nxt
 
 
 class _Query:
@@ -190,8 +233,8 @@ class Participant:
         self._pending_count: dict[str, int] = {}
         self._res_forget: deque[_Reservation] = deque()
         self._queue: deque[_Held] = deque()
-        self._running: dict[TaskId, _Held] = {}
-        self._held: dict[TaskId, _Held] = {}
+        self._running: dict[TaskId, _Held] = {}  # RUNNING and CANCELLING
+        self._held: dict[TaskId, _Held] = {}  # every state but DROPPED and FINISHED
         self._used: dict[str, float] = {}
         self._history: dict[str, tuple[float, float]] = {}  # name -> (runtime, measured at)
         # measured / estimated runtime, over every task with an estimate; seeded by the
@@ -221,12 +264,14 @@ class Participant:
         self._held.pop(task_id, None)
         for k, v in held.need.items():
             self._used[k] = self._used.get(k, 0.0) - v
-        if held.started is not None and ok and not held.cancelled:
+        stopped = held.state is HeldState.CANCELLING
+        held.move("finish")
+        if ok and not stopped:
             self._learn(held, now - held.started, now)
         self._unhold(held, now)
         # Capped at what the initiator accepts: beyond it the whole result would be refused.
-        run = 0.0 if held.started is None else min(max(0.0, now - held.started), MAX_ESTIMATE_S)
-        if held.cancelled:
+        run = min(max(0.0, now - held.started), MAX_ESTIMATE_S)
+        if stopped:
             self._ctx.stats["cancelled_runs"] += 1
         elif held.initiator == self._node:
             msg: Wire = (
@@ -250,11 +295,7 @@ class Participant:
     def set_capabilities(self, capabilities: Capabilities, now: float) -> None:
         """The node's capabilities changed: give back queued tasks it can no longer run."""
         self._caps = capabilities
-        back = [
-            h
-            for h in self._queue
-            if not h.cancelled and h.task_id not in self._running and self._cannot_run(h)
-        ]
+        back = [h for h in self._queue if h.state in _UNSTARTED and self._cannot_run(h)]
         self._give_back(back, "incapable")
         self._start_ready(now)
 
@@ -262,10 +303,7 @@ class Participant:
         """Graceful shutdown: stop bidding and give back tasks that have not started."""
         self._ctx.accepting = accepting
         if not accepting:
-            self._give_back(
-                [h for h in self._queue if not h.cancelled and h.task_id not in self._running],
-                "leaving",
-            )
+            self._give_back([h for h in self._queue if h.state in _UNSTARTED], "leaving")
 
     def waiting(self) -> int:
         """Tasks awarded here that have not started."""
@@ -284,7 +322,7 @@ class Participant:
     def load(self) -> Load:
         """Running, queued and backlog (committed seconds per slot), for gossip."""
         slots = max(1.0, self._caps.resources.get("cpu", 1.0))
-        queued = sum(1 for h in self._queue if not h.cancelled and h.started is None)
+        queued = sum(1 for h in self._queue if h.state in _UNSTARTED)
         reserved = sum(r.reserved for r in self._active.values())
         work = sum(h.est for h in self._held.values())
         work += sum(r.reserved * r.est for r in self._active.values())
@@ -395,7 +433,7 @@ class Participant:
         running = 0
         for h in self._running.values():
             if h.need.get(key, 0.0) > 0:
-                elapsed = now - (h.started if h.started is not None else now)
+                elapsed = now - h.started
                 # A task past its estimate has shown that it is longer than thought; task
                 # durations are heavy-tailed, so expect it to go on about as long as it has
                 # overrun, not to end now (which would make a busy node bid as if idle).
@@ -509,9 +547,9 @@ class Participant:
             return
         for tid in again:
             h = self._held[tid]
-            if h.query and h.initiator == src:
+            if h.state is HeldState.ASKING and h.initiator == src:
                 # Awarded here again since the stall: the initiator's answer already.
-                h.query = 0
+                h.move("keep")
                 h.renewed = now
                 self._ctx.stats["stale_confirmed"] += 1
         # The reservation is soft: an award after it expired (or after a reject, when the
@@ -567,14 +605,14 @@ class Participant:
             res.forget_at = max(res.forget_at, now + 4 * self._cfg.reservation_s)
 
     def _drop_held(self, held: _Held) -> None:
-        if held.task_id in self._running:
-            if not held.cancelled:
-                held.cancelled = True
-                self._ctx.events.append(CancelExecution(task_id=held.task_id))
-        else:
-            if not held.cancelled:
-                self._account(held.need, held.est, -1)
-            held.cancelled = True
+        """Its initiator no longer wants ``held`` (a cancel, the initiator gone, its reply
+        after a stall): the driver stops it if it runs, else it is forgotten unrun."""
+        was = held.state
+        held.move("cancel")
+        if was is HeldState.RUNNING:
+            self._ctx.events.append(CancelExecution(task_id=held.task_id))
+        elif held.state is HeldState.DROPPED:
+            self._account(held.need, held.est, -1)
             self._held.pop(held.task_id, None)
             self._unhold(held, self._ctx.now)
 
@@ -590,9 +628,8 @@ class Participant:
     def _give_back(self, helds: list[_Held], reason: str) -> None:
         by: dict[tuple[NodeId, int], list[TaskId]] = {}
         for h in helds:
-            if not h.cancelled:
-                self._account(h.need, h.est, -1)
-            h.cancelled = True
+            h.move("give-back")
+            self._account(h.need, h.est, -1)
             self._held.pop(h.task_id, None)
             self._unhold(h, self._ctx.now)
             by.setdefault((h.initiator, h.cfp), []).append(h.task_id)
@@ -611,10 +648,10 @@ class Participant:
         i = 0
         while i < len(queue) and i < 64:
             held = queue[i]
-            if held.cancelled:
+            if held.state is HeldState.DROPPED:
                 del queue[i]
                 continue
-            if held.query:  # waits for its initiator's word after a stall
+            if held.state is HeldState.ASKING:  # waits for its initiator's word
                 i += 1
                 continue
             short = [
@@ -630,6 +667,7 @@ class Participant:
                 continue
             del queue[i]
             self._account(held.need, held.est, -1)
+            held.move("start")
             held.started = now
             self._running[held.task_id] = held
             for k, v in held.need.items():
@@ -652,7 +690,7 @@ class Participant:
         by: dict[NodeId, list[TaskId]] = {}
         remote = False
         for h in self._held.values():
-            if not h.cancelled and h.initiator != self._node:
+            if h.state is not HeldState.CANCELLING and h.initiator != self._node:
                 remote = True
                 if h.renewed <= due:
                     h.renewed = now
@@ -673,7 +711,7 @@ class Participant:
         self._stalled_at = now
         by: dict[NodeId, list[_Held]] = {}
         for h in self._held.values():
-            if not h.cancelled and h.task_id not in self._running and h.initiator != self._node:
+            if h.state in _UNSTARTED and h.initiator != self._node:
                 by.setdefault(h.initiator, []).append(h)
         deadline = now + self._cfg.stall_reply_s
         for initiator, helds in by.items():
@@ -682,6 +720,7 @@ class Participant:
                 q = self._next_query
                 self._next_query += 1
                 for h in part:
+                    h.move("stall")
                     h.query = q
                 ids = tuple(h.task_id for h in part)
                 self._queries[q] = _Query(initiator, ids, deadline)
@@ -708,10 +747,10 @@ class Participant:
         del self._queries[msg.query]
         for tid in query.tasks:
             h = self._held.get(tid)
-            if h is None or h.query != msg.query:
-                continue  # cancelled, given back, or asked about again since
-            h.query = 0
+            if h is None or h.state is not HeldState.ASKING or h.query != msg.query:
+                continue  # cancelled, given back, awarded again, or asked about again since
             if tid in keep:
+                h.move("keep")
                 h.renewed = now
                 self._ctx.stats["stale_confirmed"] += 1
             else:
@@ -727,7 +766,11 @@ class Participant:
                 return
             del self._queries[q]
             waiting = [
-                h for tid in query.tasks if (h := self._held.get(tid)) is not None and h.query == q
+                h
+                for tid in query.tasks
+                if (h := self._held.get(tid)) is not None
+                and h.state is HeldState.ASKING
+                and h.query == q
             ]
             if waiting:
                 self._ctx.stats["stale_unanswered"] += len(waiting)
