@@ -205,7 +205,7 @@ class Contract:
     def cancel(self, task_id: TaskId, now: float) -> None:
         """Stop caring about ``task_id``: no event will be delivered for it."""
         self._tick(now)
-        self._initiator.cancel(task_id, now)
+        self._initiator.cancel(task_id)
         self._drain(now)
 
     def peer_down(self, node: NodeId, now: float) -> None:

@@ -2,9 +2,9 @@
 numbers taken from peers, and the ``Context`` through which both roles of one node send.
 
 The initiator (``mesh/initiator.py``) and the participant (``mesh/participant.py``) never
-touch each other's state: they meet here, in the outbox, the events and the counters of
-their node, and in what they send each other (to itself, a node's messages go round
-through ``Context.loop``). ``mesh/contract.py`` puts the two together as one core.
+touch each other's state: they meet here, in the outbox, the events, the counters and the
+``accepting`` flag of their node, and in what they send each other (to itself, a node's
+messages go round through ``Context.loop``). ``mesh/contract.py`` puts the two together as one core.
 
 This module may not import asyncio, aiohttp, zeroconf, socket or time, and may not read a
 clock: ``now`` is always an argument.
@@ -35,7 +35,6 @@ MIN_ESTIMATE_S: Final = 1e-6
 would scale every later bid by a billion."""
 MAX_LANES: Final = 1024
 """Most tasks of one kind a node is modelled to run at once, whatever it declares."""
-LOCALITY_SCAN: Final = 16
 
 # ---------------------------------------------------------------------------------------
 # Public value types
@@ -175,19 +174,19 @@ class Context:
     latest ``now`` it was given, whether it takes work, and the way out: messages to send
     (at once, lazily, or to itself through ``loop``), events for the driver, counters.
 
-    The roles reach ``out``, ``events``, ``lazy``, ``now`` and ``accepting`` through it,
-    never through copies: those are handed over and started anew, or change."""
+    The roles reach ``events``, ``now`` and ``accepting`` through it, never through
+    copies: the events are handed over and started anew, the others change."""
 
     __slots__ = (
+        "_lazy",
+        "_out",
         "accepting",
         "config",
         "events",
-        "lazy",
         "lazy_at",
         "loop",
         "node",
         "now",
-        "out",
         "peers",
         "stats",
     )
@@ -198,15 +197,15 @@ class Context:
         self.peers = peers
         self.accepting = True  # set_accepting(False): no bids, and not a candidate of its own
         self.now = -INF  # the latest ``now`` any entry point was given
-        self.out: list[tuple[Address, Wire]] = []
+        self._out: list[tuple[Address, Wire]] = []
         self.events: list[ContractEvent] = []
         self.loop: deque[tuple[NodeId, Wire]] = deque()  # what this node sent itself
         self.stats: Counter[str] = Counter()
-        self.lazy: dict[NodeId, list[Wire]] = {}
-        self.lazy_at = INF
+        self._lazy: dict[NodeId, list[Wire]] = {}  # what waits to ride with the next message
+        self.lazy_at = INF  # when what waits goes alone
 
     def take_out(self) -> list[tuple[Address, Wire]]:
-        out, self.out = self.out, []
+        out, self._out = self._out, []
         return out
 
     def take_events(self) -> list[ContractEvent]:
@@ -225,7 +224,7 @@ class Context:
         if dst == self.node or self.config.lazy_delay_s <= 0:
             self.send(dst, msg)
             return
-        self.lazy.setdefault(dst, []).append(msg)
+        self._lazy.setdefault(dst, []).append(msg)
         self.lazy_at = min(self.lazy_at, now + self.config.lazy_delay_s)
 
     def send_remote(self, dst: NodeId, msg: Wire) -> None:
@@ -233,12 +232,12 @@ class Context:
         if member is None:
             self.stats["unroutable"] += 1
             return
-        waiting = self.lazy.pop(dst, None) if self.lazy else None
+        waiting = self._lazy.pop(dst, None) if self._lazy else None
         if waiting:
             for m in waiting:
-                self.out.append((member.address, m))
+                self._out.append((member.address, m))
                 self.stats[f"sent.{type(m).__name__}"] += 1
-        self.out.append((member.address, msg))
+        self._out.append((member.address, msg))
         self.stats[f"sent.{type(msg).__name__}"] += 1
 
     def flush_lazy(self, now: float) -> None:
@@ -246,12 +245,12 @@ class Context:
         if self.lazy_at > now:
             return
         self.lazy_at = INF
-        lazy, self.lazy = self.lazy, {}
+        lazy, self._lazy = self._lazy, {}
         for dst, msgs in lazy.items():
             member = self.peers.member(dst)
             if member is None:
                 self.stats["unroutable"] += len(msgs)
                 continue
             for m in msgs:
-                self.out.append((member.address, m))
+                self._out.append((member.address, m))
                 self.stats[f"sent.{type(m).__name__}"] += 1

@@ -337,7 +337,8 @@ class Initiator:
         self._groups: dict[_Key, _Group] = {}
         self._auctions: dict[int, _Auction] = {}
         self._deadlines: list[tuple[float, int]] = []
-        # Random base: a restarted initiator never reuses the numbers of its previous life.
+        # Calls are numbered from a random base: a restarted node never reuses the numbers
+        # of its previous life, and a late answer is told from one to a call never made.
         self._cfp_base = cfp_base
         self._next_cfp = cfp_base
         self._flush_at = INF
@@ -379,7 +380,7 @@ class Initiator:
         else:
             self._flush_at = min(self._flush_at, now + self._cfg.batch_delay_s)
 
-    def cancel(self, task_id: TaskId, now: float) -> None:
+    def cancel(self, task_id: TaskId) -> None:
         """Stop caring about ``task_id``: no event will be delivered for it."""
         task = self._tasks.get(task_id)
         if task is None:
