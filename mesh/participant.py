@@ -585,7 +585,8 @@ class Participant:
         self._ctx.stats["rejects_received"] += 1
 
     def on_cancel(self, src: NodeId, msg: Cancel) -> None:
-        helds = [self._held[tid] for tid in msg.tasks if tid in self._held]
+        # A task named twice is cancelled once: the second would be no move from DROPPED.
+        helds = list({tid: self._held[tid] for tid in msg.tasks if tid in self._held}.values())
         for h in helds:
             if h.initiator != src:
                 raise RemoteProtocolError(
