@@ -821,6 +821,8 @@ def cpu(amount: float) -> Requirements:
 @example(("c", call(1000, U_HALF, n=8, est=MAX_ESTIMATE_S)))  # the largest accepted
 @example(("b", Failure(tasks=(B_WON,), errors=(call_chain(12),))))  # error deeper than recursion
 @example(("me", call(1000, cpu(1.0))))  # a call "from" this node itself
+@example(("a", Cancel(tasks=(TaskId("x-1"), TaskId("x-1")))))  # a waiting task cancelled twice
+@example(("a", Cancel(tasks=(TaskId("x-0"), TaskId("x-0")))))  # ... and a running one
 def test_contract_survives_one_hostile_message(message: tuple[str, Wire]) -> None:
     with memory_cap():
         w = build()

@@ -837,7 +837,7 @@ def test_runtime_history_changes_the_bid() -> None:
     assert prop.costs == (4.0,)
     other = replace(req(), task="u")
     p.receive(NodeId("i"), call(3, 1, other, est=2.0), 5.0)  # unseen task: scaled by speed
-    mesh.cores["p"]._caps = replace(caps(cpu=1), tasks=("t", "u"))
+    p.set_capabilities(replace(caps(cpu=1), tasks=("t", "u")), 5.0)
     p.receive(NodeId("i"), call(4, 1, other, est=2.0), 5.0)
     props = [m for _, _, m in mesh.out("p") if isinstance(m, Propose)]
     assert props
@@ -906,7 +906,7 @@ def test_refusals_widen_then_fail_naming_what_was_missing() -> None:
     mesh = Mesh(nodes)
     for name in nodes:  # gossip is stale: the nodes have lost the task since
         if name != "i":
-            mesh.cores[name]._caps = caps(tasks=())
+            mesh.cores[name].set_capabilities(caps(tasks=()), 0.0)
     core = mesh.cores["i"]
     core.submit(spec(0), None, 0.0)
     core.handle_timer(0.0)
