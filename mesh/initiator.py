@@ -770,7 +770,14 @@ class Initiator:
         stale = now - 2 * self._cfg.reservation_s
         for n in [n for n, w in pool.items() if w.idle_since < stale]:
             del pool[n]
-        room = [w for w in pool.values() if len(w.inflight) < w.window]
+        # A worker that holds tasks beyond its lanes (short ones) is refilled once half of
+        # those are done, not after every result: one award then carries many tasks, and
+        # what it still holds (half of ``bind_ahead_s``) covers the award's round trip.
+        room = [
+            w
+            for w in pool.values()
+            if w.window - len(w.inflight) >= max(1, (w.window - w.lanes) // 2)
+        ]
         if not room:
             return
         room.sort(key=lambda w: w.start_at(now) + w.run_s)
