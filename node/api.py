@@ -267,10 +267,9 @@ def jsonable(value: Any) -> Any:
         }
     if isinstance(value, Wire):
         return {n: jsonable(getattr(value, n)) for n in field_names(type(value))}
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
+    if isinstance(value, np.ndarray | np.generic):
+        # tolist() gives bytes, complex numbers and datetimes too, which JSON has not.
+        return jsonable(value.tolist())
     if isinstance(value, bytes | bytearray | memoryview):
         return {"$bytes": base64.b64encode(bytes(value)).decode()}
     if isinstance(value, dict):
@@ -343,8 +342,9 @@ def _is_count(value: Any) -> bool:
 
 
 def check_nesting(values: Iterable[Any], max_depth: int) -> None:
-    """``BadRequest`` if a list, tuple or map in ``values`` nests deeper than ``max_depth``
-    (arguments that arrived as msgpack, which ``from_json`` does not see)."""
+    """``BadRequest`` if a list, tuple, map or wire value (a ``TaskCall`` holds arguments of
+    its own) in ``values`` nests deeper than ``max_depth`` (arguments that arrived as
+    msgpack, which ``from_json`` does not see)."""
     stack: list[tuple[Any, int]] = [(v, max_depth) for v in values]
     while stack:
         value, left = stack.pop()
@@ -352,11 +352,13 @@ def check_nesting(values: Iterable[Any], max_depth: int) -> None:
             children: Iterable[Any] = value.values()
         elif isinstance(value, list | tuple):
             children = value
+        elif isinstance(value, Wire):
+            children = [getattr(value, n) for n in field_names(type(value))]
         else:
             continue
         if left <= 0:
             raise BadRequest("arguments nested too deeply")
-        stack.extend((c, left - 1) for c in children if isinstance(c, dict | list | tuple))
+        stack.extend((c, left - 1) for c in children if isinstance(c, dict | list | tuple | Wire))
 
 
 def seconds(value: Any, what: str, *, maximum: float, zero: bool = False) -> float:
@@ -575,7 +577,9 @@ class Api:
         )
         wait = seconds(body.get("wait", 0), '"wait"', maximum=self.config.api_max_wait_s, zero=True)
         depth = self.config.api_max_nesting
-        args, kwargs = from_json(args, max_depth=depth), from_json(kwargs, max_depth=depth)
+        args = from_json(args, max_depth=depth)
+        # Decoded value by value: keywords named "$ref" and "holder" are no reference.
+        kwargs = {k: from_json(v, max_depth=depth - 1) for k, v in kwargs.items()}
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[TaskId, bool, Any, str]] = loop.create_future()
 
@@ -648,6 +652,9 @@ class Api:
         resp = web.StreamResponse(headers={"Content-Type": OBJECT_CONTENT_TYPE})
         resp.content_length = size
         await resp.prepare(request)
+        if request.method == "HEAD":  # headers only: a body would be read as the next answer
+            await resp.write_eof()
+            return resp
         for chunk in chunks:
             await resp.write(chunk)
         await resp.write_eof()
@@ -710,7 +717,8 @@ class Api:
 
     async def _on_session_message(self, data: bytes, deliver_for: Callable[[Any], Deliver]) -> None:
         body = loads(data)
-        if not isinstance(body, dict) or body.get("op") != "submit":
+        op = body.get("op") if isinstance(body, dict) else None
+        if not (isinstance(op, str) and op == "submit"):  # an array compares elementwise
             raise BadRequest("expected {'op': 'submit', 'tasks': [...]}")
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
@@ -732,6 +740,9 @@ class Api:
                 if any(isinstance(v, ShmArg) for v in (*args, *kwargs.values())):
                     args = [await self._upload(a) for a in args]
                     kwargs = {k: await self._upload(v) for k, v in kwargs.items()}
+                    # What an upload held is an argument one level down, bounded the same.
+                    uploaded = [u.value for u in (*args, *kwargs.values()) if isinstance(u, Upload)]
+                    check_nesting(uploaded, self.config.api_max_nesting - 1)
                 self.service.submit(name, args, kwargs, valid, deliver)
             except MeshError as exc:  # BadRequest, a full store, a node shutting down
                 deliver(TaskId(""), False, _bad(str(exc)), "")
