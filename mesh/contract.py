@@ -1,12 +1,33 @@
 """Contract-net task allocation: a sans-I/O core playing initiator and participant.
 
-The node a task is submitted to is its *initiator*: it calls for proposals from d capable
+The node a task is submitted to is its *initiator*. It calls for proposals from d capable
 candidates (sampled with a bias to low gossiped load and to the holders of the task's
-inputs), awards each task to the lowest bid, releases the other bidders, and holds the
-award as a lease that progress messages renew. Every node is also a *participant*: it bids
-its estimated seconds to completion for the tasks it can ever run, refuses with a
-structured reason those it cannot, reserves the slots it offered for a short while, and
-runs what it was awarded without ever exceeding its resources.
+inputs); every node is also a *participant*, which bids its estimated seconds to
+completion for tasks it can run (queue wait plus runtime, with its lanes, its runtime
+estimate and its measured transfer rates), refuses with a structured reason those it
+cannot, and runs what it is awarded without ever exceeding its resources.
+
+Binding is late. The bidders of a call join a *pool* that works through the initiator's
+queue of tasks of that kind; a worker is awarded only what it would start within
+``bind_ahead_s`` (one task per lane for long tasks, many for short ones), and refilled as
+its results come back. Near the end of a queue a worker takes a task only if the rest of
+the pool would not finish it sooner. While the queue would wait for a lane, further calls
+recruit nodes outside the pool; a participant takes a refill only while it could start
+it soon, and declines the rest as busy. Why this mechanism, and not binding a burst at
+award time, or winners handing back queued work, or idle nodes asking busy initiators
+for theirs: a result already travels to the initiator, so a refill costs no message of
+its own (the award rides on what the result triggers), placement follows the speed each
+node really shows rather than any estimate, the initiator stays the one place that
+decides (exactly-once delivery stays simple: it binds each task to one worker at a time
+under a lease), and messages per task stay bounded by the calls of the pool, whatever
+the size of the mesh. Handing back queued work would need that work bound first, and
+pulling from idle nodes would have every idle node poll initiators it may not know.
+
+Estimates generalise: a participant's runtime for a task it never ran is the submitter's
+``est_runtime_s`` times its speed factor (seeded by the driver from the node's share of
+its cores, corrected by every measured run), and its own history for the name counts
+more while it is fresh (``history_half_life_s``). The initiator's model of a worker
+starts from its bid and follows the run times its results report.
 
 Throughput comes from batching: tasks with the same requirements queued in one initiator
 share one call for proposals, a bid offers several slots, an award names several tasks, and
