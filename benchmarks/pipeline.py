@@ -29,7 +29,9 @@ The last line printed is one JSON object: ``images``, ``rounds``, ``single_threa
 the libraries' default), ``single_process_s``, ``mesh_1_node_s``, ``mesh_1_node_ratio``,
 ``ratios_1_node`` (per round), ``mesh_3_nodes_s`` (null with ``--one-node``),
 ``accuracy_svm``, ``accuracy_forest``, ``accuracy_cnn``, ``angle_mae_deg``,
-``bytes_moved_ratio`` (null with ``--one-node``) and ``other_cores`` (per round, the most
+``bytes_moved_ratio`` (null with ``--one-node``), ``labels`` (whether the three-node run
+pinned stages to their data's holder; ``--no-labels`` leaves placement to the auctions) and
+``other_cores`` (per round, the most
 that others kept busy during either of its runs; null where unknown).
 """
 
@@ -173,6 +175,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="one process / one node, alternately")
     p.add_argument("--one-node", action="store_true", help="skip the three-node run")
     p.add_argument(
+        "--no-labels",
+        action="store_true",
+        help="three nodes without placement labels: the auctions alone keep stages by their data",
+    )
+    p.add_argument(
         "--single-threads",
         type=int,
         metavar="N",
@@ -220,7 +227,7 @@ def main() -> None:
     moved_ratio: float | None = None
     if not args.one_node:
         with Others() as other, demo.local_mesh(3, without_torch=1) as client:
-            three = demo.run_pipeline(client, size)
+            three = demo.run_pipeline(client, size, pin=not args.no_labels)
         moved, produced = demo.traffic(three)
         three_s, figures = three.wall_s, three.figures
         moved_ratio = round(moved / max(produced, 1), 4)
@@ -244,6 +251,7 @@ def main() -> None:
                 "accuracy_cnn": round(figures["accuracy_cnn"], 4),
                 "angle_mae_deg": round(figures["angle_mae_deg"], 3),
                 "bytes_moved_ratio": moved_ratio,
+                "labels": None if args.one_node else not args.no_labels,
                 "other_cores": others,
             }
         )
