@@ -72,6 +72,10 @@ _CANDIDATE_STATES: Final = frozenset({MemberState.ALIVE, MemberState.SUSPECT})
 
 LOCALITY_SCAN: Final = 16
 """Queued tasks a worker with room looks through for the one whose inputs it holds."""
+LOCALITY_MARGIN: Final = 0.25
+"""A worker takes a task whose inputs another pool worker holds only if it would finish it
+sooner by this share of a run there (beyond the transfer): estimates that differ by noise
+do not move data, a holder busy for longer than that does not hold its tasks back."""
 POOL: Final = 16
 """Candidates drawn uniformly per wanted candidate before the load-weighted choice."""
 
@@ -796,9 +800,10 @@ class Initiator:
                 t.awarded_at = now
                 t.est_s = w.run_s
                 t.expected_end = w.take(t, now)
-                t.wait_s = t.expected_end - w.run_s - now
+                # From the parts, so that rounding never makes the whole less than a part.
+                t.wait_s = max(0.0, t.expected_end - w.run_s - now)
                 t.transfer_s = self._transfer(t, w.bandwidth, w.node)
-                t.cost = t.expected_end - now + t.transfer_s
+                t.cost = t.wait_s + w.run_s + t.transfer_s
                 won.append(t)
             if won:
                 self._award(w, won, now)
@@ -829,7 +834,7 @@ class Initiator:
     def _pick(self, w: _Worker, group: _Group, now: float) -> _Task | None:
         """The queued task ``w`` should take: among the first few, one whose inputs it
         holds, else one that no pool worker holds, else one it finishes (transfer
-        included) before the worker that holds its inputs would start it."""
+        included) clearly sooner (``LOCALITY_MARGIN``) than the worker holding its inputs."""
         queue = group.queue
         pool = group.pool
         done_by = w.start_at(now) + w.run_s
@@ -850,7 +855,7 @@ class Initiator:
                 holder = pool.get(home)
                 if holder is None or (
                     done_by + self._transfer(t, w.bandwidth, w.node)
-                    < holder.start_at(now) + holder.run_s
+                    < holder.start_at(now) + (1.0 - LOCALITY_MARGIN) * holder.run_s
                 ):
                     fallback = i
             i += 1
