@@ -161,17 +161,20 @@ def test_an_upload_named_for_a_link_reveals_nothing_of_its_target(
     secret = tmp_path / "secret"
     secret.write_bytes(b"s" * 12345)
     secret.chmod(0o600)
-    _, size = _upload(np.ones(1000))
-    for target in (secret, tmp_path / "missing", SHM_DIR / _upload(np.ones(1000))[0]):
-        name = f"mesh-up-{secrets.token_hex(12)}"
-        (SHM_DIR / name).symlink_to(target)
-        try:
-            with pytest.raises(UploadError) as info:
-                store.take_upload(ShmArg(name=name, nbytes=size))
-            assert str(info.value) == f"shared-memory upload {name} is not a regular file"
-        finally:
-            (SHM_DIR / name).unlink(missing_ok=True)
-    assert not _files(store.prefix)
+    valid, size = _upload(np.ones(1000))
+    try:
+        for target in (secret, tmp_path / "missing", SHM_DIR / valid):
+            name = f"mesh-up-{secrets.token_hex(12)}"
+            (SHM_DIR / name).symlink_to(target)
+            try:
+                with pytest.raises(UploadError) as info:
+                    store.take_upload(ShmArg(name=name, nbytes=size))
+                assert str(info.value) == f"shared-memory upload {name} is not a regular file"
+            finally:
+                (SHM_DIR / name).unlink(missing_ok=True)
+        assert not _files(store.prefix)
+    finally:
+        (SHM_DIR / valid).unlink(missing_ok=True)  # the link's target, never taken
 
 
 def test_an_upload_named_for_a_fifo_or_directory_is_refused_at_once(store: ObjectStore) -> None:
