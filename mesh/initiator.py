@@ -111,7 +111,6 @@ TRANSITIONS: Final[dict[tuple[TaskState, str], TaskState]] = {
 class _Task:
     __slots__ = (
         "attempts",
-        "auction",
         "awarded_at",
         "cost",
         "ended",
@@ -148,7 +147,6 @@ class _Task:
         self.winners: set[NodeId] = set()
         self.lease_until = INF
         self.attempts = 0
-        self.auction: _Auction | None = None
         self.rounds: list[RoundRecord] = []
         self.cost: float | None = None
         self.why = "waiting for a call for proposals"
@@ -171,6 +169,12 @@ class _Task:
         if nxt is None:
             raise LocalProtocolError(f"task {self.spec.task_id}: no {event!r} from {self.state}")
         self.state = nxt
+
+    @property
+    def waiting(self) -> bool:
+        """In its group's queue for a pool worker (entries that ended or moved on are
+        dropped from the queue lazily)."""
+        return self.state is TaskState.QUEUED and not self.ended
 
 
 _Key = tuple[Any, ...]
@@ -198,6 +202,10 @@ class _Group:
         self.recruiting = 0  # open calls for proposals of this group
         self.quiet_until = -INF  # no recruiting before: the last call added nobody useful
         self.backoff = 0.0  # the latest quiet period, doubled by each call that added nobody
+
+    def rate(self) -> float:
+        """Tasks per second the pool completes with every lane busy, by its models."""
+        return sum(w.lanes / max(w.run_s, MIN_ESTIMATE_S) for w in self.pool.values())
 
 
 class _Worker:
@@ -285,13 +293,9 @@ class _Auction:
         "bids",
         "cfp",
         "deadline",
-        "decided",
-        "decliners",
         "group",
-        "next_slot",
         "opened",
         "refusals",
-        "round",
         "tasks",
     )
 
@@ -312,10 +316,6 @@ class _Auction:
         self.deadline = deadline
         self.bids: dict[NodeId, Propose] = {}
         self.refusals: dict[NodeId, dict[str, str]] = {}
-        self.next_slot: dict[NodeId, int] = {}
-        self.decliners: set[NodeId] = set()
-        self.decided = False
-        self.round: RoundRecord | None = None
 
 
 def _req_key(req: Requirements, est: float | None) -> _Key:
@@ -538,7 +538,7 @@ class Initiator:
         for key, group in list(self._groups.items()):
             self._refill(group, now)
             queue = group.queue
-            while queue and (queue[0].ended or queue[0].state is not TaskState.QUEUED):
+            while queue and not queue[0].waiting:
                 queue.popleft()
             if not queue:
                 if not group.pool and not group.recruiting:
@@ -565,7 +565,7 @@ class Initiator:
         backlog = len(group.queue) - sum(1 for f in free if f <= now)
         if backlog <= 0:
             return False
-        rate = sum(w.lanes / max(w.run_s, MIN_ESTIMATE_S) for w in pool.values())
+        rate = group.rate()
         wait = max(0.0, min(free) - now) + (backlog - 1) / rate
         return wait > self._cfg.recruit_s
 
@@ -587,7 +587,7 @@ class Initiator:
             n = min(self._cfg.max_batch, max(1, len(queue) // 2))
             batch = [queue.pop() for _ in range(n)]
             batch.reverse()
-        batch = [t for t in batch if t.state is TaskState.QUEUED and not t.ended]
+        batch = [t for t in batch if t.waiting]
         if batch:
             self._call(group, batch, batch[0].exclude | exclude, now)
 
@@ -623,7 +623,6 @@ class Initiator:
         auction = _Auction(cfp, group, tasks, chosen, now, deadline)
         for t in tasks:
             t.move("call")
-            t.auction = auction
         msg = CallForProposals(
             cfp=cfp,
             requirements=group.requirements,
@@ -714,13 +713,12 @@ class Initiator:
         """The bidders join the group's pool; the tasks go back to its queue, which the
         pool works through (``_refill``); bidders given nothing are released."""
         del self._auctions[auction.cfp]
-        auction.decided = True
         group = auction.group
         group.recruiting -= 1
         self._flush_at = min(self._flush_at, now)
         tasks = [t for t in auction.tasks if not t.ended and t.state is TaskState.AUCTION]
         bids = auction.bids
-        auction.round = RoundRecord(
+        record = RoundRecord(
             cfp=auction.cfp,
             at=now,
             asked=tuple(auction.asked),
@@ -730,7 +728,7 @@ class Initiator:
             silent=tuple(n for n in auction.asked if n not in bids and n not in auction.refusals),
         )
         for t in tasks:
-            t.rounds.append(auction.round)
+            t.rounds.append(record)
         if not bids:
             self._widen(auction, tasks, now)
             return
@@ -760,7 +758,7 @@ class Initiator:
         if now < auction.deadline:
             # Decided before every answer came: those still to come are bids already made,
             # whose slots are held until the reject (the stream keeps it after the call).
-            for n in auction.round.silent:
+            for n in record.silent:
                 self._ctx.send_lazy(n, Reject(cfp=auction.cfp), now)
 
     def _refill(self, group: _Group, now: float) -> None:
@@ -785,7 +783,7 @@ class Initiator:
         if not room:
             return
         room.sort(key=lambda w: w.start_at(now) + w.run_s)
-        rate = sum(w.lanes / max(w.run_s, MIN_ESTIMATE_S) for w in pool.values())
+        rate = group.rate()
         lanes = sum(w.lanes for w in pool.values())
         for w in room:
             won: list[_Task] = []
@@ -842,7 +840,7 @@ class Initiator:
         i = 0
         while i < len(queue) and i < LOCALITY_SCAN:
             t = queue[i]
-            if t.ended or t.state is not TaskState.QUEUED:
+            if not t.waiting:
                 del queue[i]
                 continue
             home = t.home
@@ -987,7 +985,7 @@ class Initiator:
             return
         if dismiss or (not w.inflight and not group.queue):
             del group.pool[w.node]
-        elif not dismiss:
+        else:
             self._flush_at = min(self._flush_at, now)  # room freed: refill
 
     def _again(self, task: _Task, reason: str, now: float, *, cancel: bool, count: bool) -> None:
@@ -1125,7 +1123,6 @@ class Initiator:
         self._unbind(task, self._ctx.now, dismiss=False)
         task.ended = how
         task.lease_until = INF
-        task.auction = None
         del self._tasks[tid]
         self._done[tid] = frozenset(task.winners)
         if len(self._done) > self._cfg.done_limit:
