@@ -788,11 +788,16 @@ class Initiator:
         for w in room:
             won: list[_Task] = []
             while len(w.inflight) < w.window and queue:
-                if not self._worth(w, group, now, rate, lanes):
+                i = self._pick(w, group, now)
+                if i is None:
                     break
-                t = self._pick(w, group, now)
-                if t is None:
+                t = queue[i]
+                # Locality first: ``_pick`` gives another worker a task whose inputs ``w``
+                # holds only if that worker finishes it clearly sooner, so ``w`` is not
+                # held back from it here (else neither of them ever takes it).
+                if t.home != w.node and not self._worth(w, group, now, rate, lanes):
                     break
+                del queue[i]
                 t.move("award")
                 t.worker = w
                 t.awarded_at = now
@@ -829,9 +834,9 @@ class Initiator:
                 return False
         return True
 
-    def _pick(self, w: _Worker, group: _Group, now: float) -> _Task | None:
-        """The queued task ``w`` should take: among the first few, one whose inputs it
-        holds, else one that no pool worker holds, else one it finishes (transfer
+    def _pick(self, w: _Worker, group: _Group, now: float) -> int | None:
+        """Where in the queue the task ``w`` should take is: among the first few, one whose
+        inputs it holds, else one that no pool worker holds, else one it finishes (transfer
         included) clearly sooner (``LOCALITY_MARGIN``) than the worker holding its inputs."""
         queue = group.queue
         pool = group.pool
@@ -857,11 +862,7 @@ class Initiator:
                 ):
                     fallback = i
             i += 1
-        if fallback is None:
-            return None
-        t = queue[fallback]
-        del queue[fallback]
-        return t
+        return fallback
 
     def _award(self, w: _Worker, tasks: list[_Task], now: float) -> None:
         node = w.node

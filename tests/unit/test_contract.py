@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TypeVar
 
@@ -104,7 +104,11 @@ class Mesh:
     """Several cores sharing one PeerView; the test moves messages and time."""
 
     def __init__(
-        self, nodes: dict[str, Capabilities], config: ContractConfig = CFG, seed: int = 7
+        self,
+        nodes: dict[str, Capabilities],
+        config: ContractConfig = CFG,
+        seed: int = 7,
+        speeds: Mapping[str, float] | None = None,
     ) -> None:
         self.peers = Peers()
         self.cores: dict[str, Contract] = {}
@@ -117,6 +121,7 @@ class Mesh:
                 rng=random.Random(seed + i),
                 peers=self.peers,
                 capabilities=c,
+                speed=(speeds or {}).get(name, 1.0),
             )
         self.events: dict[str, list[ContractEvent]] = {n: [] for n in nodes}
 
@@ -879,6 +884,21 @@ def test_a_measured_bandwidth_prices_the_transfer() -> None:
     assert rec is not None
     assert rec.transfer_s == pytest.approx(20.0)
     assert rec.cost_s == pytest.approx(prop.costs[0] + 20.0)
+
+
+def test_the_holder_of_the_inputs_takes_a_task_nobody_else_finishes_clearly_sooner() -> None:
+    """``a`` would finish first, but not by enough to move ``b``'s input; ``b`` holds the
+    input but ``a`` finishes first. One of them takes the task in the first auction: the
+    rule that keeps a slow node off a queue's last task never overrules locality."""
+    mesh = Mesh(
+        {"i": caps(tasks=()), "a": caps(cpu=1), "b": caps(cpu=1)}, speeds={"b": 1.1}
+    )
+    core = mesh.cores["i"]
+    core.submit(spec(0, input_bytes={NodeId("b"): 1000}, est_runtime_s=1.0), None, 0.0)
+    core.handle_timer(0.0)
+    sent = mesh.pump(0.0)  # every bid is in: the auction is decided
+    assert [d for _, d, _ in of(sent, Accept)] == ["b"]
+    assert len(of(sent, CallForProposals)) == 2  # one call, to each bidder
 
 
 # ---------------------------------------------------------------------------------------
