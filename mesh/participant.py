@@ -685,9 +685,9 @@ class Participant:
             return
         self._progress_at = INF
         interval = self._cfg.progress_interval_s
-        # Renew only leases that could lapse before the round after next: a task that
-        # finishes within a lease never costs a progress message.
-        due = now - (self._cfg.lease_s - 2 * interval)
+        # Renew each lease at least twice in its span, so that one lost progress message
+        # never lets it lapse; a task that finishes within half a lease costs none.
+        due = now - max(0.0, self._cfg.lease_s / 2 - interval)
         by: dict[NodeId, list[TaskId]] = {}
         remote = False
         for h in self._held.values():
