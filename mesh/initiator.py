@@ -546,7 +546,7 @@ class Initiator:
                 continue
             if len(self._auctions) < self._cfg.max_auctions and self._short_handed(group, now):
                 self._recruit(group, now)
-            elif group.pool and now < group.quiet_until:
+            elif now < group.quiet_until:
                 self._flush_at = min(self._flush_at, group.quiet_until)
 
     def _short_handed(self, group: _Group, now: float) -> bool:
@@ -556,11 +556,11 @@ class Initiator:
         from calling again for ``recruit_s`` plus one task on its fastest worker."""
         if group.recruiting >= self._cfg.recruit_parallel:
             return False
+        if now < group.quiet_until:
+            return False
         pool = group.pool
         if not pool:
             return not group.recruiting
-        if now < group.quiet_until:
-            return False
         free = [f for w in pool.values() for f in w.lane_free]
         backlog = len(group.queue) - sum(1 for f in free if f <= now)
         if backlog <= 0:
@@ -753,7 +753,7 @@ class Initiator:
                 useful = True
         if useful:
             group.backoff = 0.0
-        elif pool:
+        else:
             self._back_off(group, now)
         if now < auction.deadline:
             # Decided before every answer came: those still to come are bids already made,
@@ -788,6 +788,10 @@ class Initiator:
         for w in room:
             won: list[_Task] = []
             while len(w.inflight) < w.window and queue:
+                due = w.start_at(now) - w.bind_ahead
+                if due > now:
+                    self._flush_at = min(self._flush_at, due)
+                    break
                 i = self._pick(w, group, now)
                 if i is None:
                     break
@@ -891,7 +895,7 @@ class Initiator:
         """A recruiting call added nobody: no further call for a while, doubling from two
         reply timeouts up to one task on the pool's fastest worker. Calls that add nobody
         cost messages and help no task; a pool that stays short-handed still recruits."""
-        fastest = min(w.run_s for w in group.pool.values())
+        fastest = min((w.run_s for w in group.pool.values()), default=0.0)
         floor = 2 * self._cfg.reply_timeout_s
         group.backoff = min(
             max(2 * group.backoff, floor), max(self._cfg.recruit_s + fastest, floor)

@@ -1027,14 +1027,23 @@ def test_own_task_queued_behind_the_longest_estimate_still_places() -> None:
     """A peer's call with the largest estimate accepted (MAX_ESTIMATE_S) queues that much
     work here; this node's bid for its own task behind it would end past the bound. It
     bids the bound instead: its own initiator refused the bid before, and the refusal of
-    its own message surfaced as LocalProtocolError out of ``handle_timer``."""
+    its own message surfaced as LocalProtocolError out of ``handle_timer``. The task waits
+    (late binding) until the peer's reservation lapses, and then runs here."""
     mesh = Mesh({"i": caps(cpu=1), "j": caps(tasks=())})
     core = mesh.cores["i"]
     core.receive(NodeId("j"), call(1, 1, est=MAX_ESTIMATE_S), 0.0)
     assert last(mesh.out("i"), Propose).costs == (MAX_ESTIMATE_S,)
     core.submit(spec(0, est_runtime_s=1.0), None, 0.0)
     core.handle_timer(0.0)
-    mesh.collect()
+    rec = core.record(TaskId("task-0"))
+    assert rec is not None
+    assert (rec.state, rec.winner) == ("queued", None)
+    steps = 0
+    while (at := core.next_timer()) is not None and at < 10 * CFG.reservation_s:
+        core.handle_timer(at)
+        mesh.pump(at)
+        steps += 1
+        assert steps < 100  # timers move on: no call after call at one instant
     rec = core.record(TaskId("task-0"))
     assert rec is not None
     assert (rec.state, rec.winner) == ("held", "i")
