@@ -90,7 +90,7 @@ class Driver(Generic[C]):
         self.rejected: Counter[str] = Counter()
         """Frames dropped on arrival, by ``RemoteProtocolError.reason``."""
         self.received: Counter[str] = Counter()
-        """Messages accepted by a core, by wire type name (local deliveries included)."""
+        """Messages accepted by the core, by wire type name (local deliveries included)."""
         self.sent: Counter[str] = Counter()
         """Messages queued for sending, by wire type name (local deliveries included)."""
         self.dropped: Counter[str] = Counter()
