@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 MEMBERSHIP_TAGS = range(1, 32)
 CONTRACT_TAGS = range(32, 64)
-NODE_TAGS = range(64, 96)
 
 _MAX_STEP_ROUNDS = 16
 """Rounds of (local delivery, hook, flush) in one step before yielding to the loop, so that
@@ -318,8 +317,3 @@ class Driver:
             self.rejected["self"] += 1
             return
         self._deliver(frame.sender, frame.msg, self.clock())
-
-    def inject(self, msg: Wire) -> None:
-        """Deliver ``msg`` to its core as if this node had sent it to itself."""
-        self._local.append(msg)
-        self.wake()
