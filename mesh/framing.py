@@ -51,7 +51,7 @@ BATCH_HEAD: Final = struct.Struct("<B3xI")  # kind, frame count; then u32 sizes,
 CHUNK_HEAD: Final = struct.Struct("<B7xQ")  # kind, frame size; the piece starts 16-aligned
 ALIGN: Final = 16
 BYE: Final = bytes((KIND_BYE,))
-MAX_ADDRESS_LEN: Final = 300
+_MAX_ADDRESS_LEN: Final = 300
 
 _SLACK: Final = 64
 """Room for a message's head beyond its piece or batch."""
@@ -95,7 +95,7 @@ def read_hello(codec: Codec, message: Buffer, now: float) -> Hello:
     if not isinstance(hello, PeerHello):
         raise RemoteProtocolError("first frame is not a hello", reason="no-hello")
     host, sep, port = hello.address.rpartition(":")
-    if not (sep and host and port.isdigit() and len(hello.address) <= MAX_ADDRESS_LEN):
+    if not (sep and host and port.isdigit() and len(hello.address) <= _MAX_ADDRESS_LEN):
         raise RemoteProtocolError(f"bad listen address {hello.address!r}", reason="bad-field")
     return Hello(
         address=Address(hello.address),
