@@ -29,6 +29,7 @@ from mesh.framing import KIND_BATCH, KIND_BYE, KIND_CHUNK, KIND_HELLO
 from mesh.messages import Address, Load, NodeId, PeerHello
 from node.transport_ws import WS_PATH, WsTransport
 from tests.transport_suite import CHECKS, Check
+from tests.unit.test_framing import batch
 
 KEY = b"mesh-test-key-0123456789abcdef"
 OTHER_KEY = b"another-mesh-key-0123456789abc"
@@ -396,14 +397,6 @@ def v1_frame(sender: str, tag: int, fields: list[object], seq: int = 1) -> bytes
     header: bytes = msgpack.packb([sender, 1, seq, time.time(), tag, fields], use_bin_type=True)
     body = struct.pack("<II", len(header), 0) + header
     return bytes((MAGIC, 1)) + hmac.new(KEY, body, hashlib.sha256).digest() + body
-
-
-def batch(*frames: bytes) -> bytes:
-    head = struct.pack(f"<B3xI{len(frames)}I", KIND_BATCH, len(frames), *map(len, frames))
-    out = head + bytes(-len(head) % 16)
-    for f in frames:
-        out += f + bytes(-len(f) % 16)
-    return out
 
 
 async def raw_session(
