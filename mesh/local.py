@@ -179,7 +179,7 @@ class LocalNode:
             return self.proc.wait(timeout=10)
 
 
-@dataclass
+@dataclass(eq=False)
 class LocalMesh:
     """``n`` nodes started on entering the ``with`` block (each ``start()`` adds one more);
     the options here apply to every node, ``start()``'s add to them for one.
