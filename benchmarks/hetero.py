@@ -511,7 +511,15 @@ class MeshNodes:
         return where
 
     def close(self) -> None:
+        """End the nodes, then any worker of theirs that outlived its node (as ``end_trees``)."""
+        import psutil
+
+        below = []
+        for node in self.mesh.running():
+            with contextlib.suppress(psutil.Error):
+                below += psutil.Process(node.pid).children(recursive=True)
         self.mesh.close()
+        end_psutil([p for p in below if p.is_running()], 5.0)
 
 
 class DaskCluster:
