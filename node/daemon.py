@@ -67,6 +67,7 @@ from mesh.contract import (
 from mesh.core import MemberState
 from mesh.driver import Driver
 from mesh.errors import LocalProtocolError, MeshError, ObjectLostError
+from mesh.local import ReadyRecord
 from mesh.membership import Membership, MembershipEvent
 from mesh.messages import (
     Address,
@@ -133,6 +134,8 @@ class NodeOptions:
     """Overrides ``NodeConfig.shutdown_grace_s``."""
     seed: int | None = None
     """Seeds the cores' random generator (reproducible runs); None: from the OS."""
+    ready_file: str | None = None
+    """Where to write the ``ReadyRecord`` (one JSON object) once the node serves."""
 
 
 @dataclass(slots=True, eq=False)
@@ -345,6 +348,15 @@ class Daemon:
             f"  another machine joins with: mesh-node start --join {self.address} --key KEY"
             "  (or just the same key, found by mDNS)"
         )
+        if self.options.ready_file is not None:
+            ReadyRecord(
+                id=self.node_id,
+                address=self.address,
+                pid=os.getpid(),
+                host_id=self.host_id,
+                mesh=key_fingerprint(self._key),
+                slots=slots,
+            ).write(self.options.ready_file)
 
     async def _start_discovery(self) -> None:
         if not self.options.mdns:
