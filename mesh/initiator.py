@@ -7,9 +7,12 @@ accepted raises ``RemoteProtocolError`` and leaves the state unchanged.
 
 Binding is late. Tasks with the same requirements queue in one ``_Group``; a call for
 proposals recruits bidders into the group's pool of ``_Worker``s, and the pool works
-through the queue: a worker is given a task (an award, ``Accept``) when it has room, and
-refilled as its results come back. Each award is a lease that the winner's progress
-renews; a lapsed or declined one, or a winner gone, puts the task back in the queue.
+through the queue: a worker is given a task (an award, ``Accept``) when one of its lanes
+is within ``bind_ahead_s`` of freeing (its bid says when, other initiators' work
+included), and refilled as its results come back. Nothing waits on a node that another
+could start sooner, so several initiators sharing nodes do not queue behind each other.
+Each award is a lease that the winner's progress renews; a lapsed or declined one, or a
+winner gone, puts the task back in the queue.
 
 This module may not import asyncio, aiohttp, zeroconf, socket or time, and may not read a
 clock: ``now`` is always an argument, and randomness comes from the ``rng`` passed in.
