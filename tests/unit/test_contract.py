@@ -852,6 +852,31 @@ def test_runtime_history_changes_the_bid() -> None:
     assert props[-1].costs[0] > 2.0
 
 
+def test_runtime_learned_on_one_input_size_scales_to_another() -> None:
+    """A task run on 1 MB of inputs took 4 s: one on 2 MB is bid at about 8 s, one on
+    0.5 MB at 2 s, and one with small or no referenced inputs at the 4 s learned."""
+    mesh = participant(cpu=1)
+    p = mesh.cores["p"]
+    mb = 1 << 20
+
+    def sized(cfp: int, nbytes: int) -> CallForProposals:
+        c = call(cfp, 1, est=1.0)
+        return replace(c, inputs={c.tasks[0]: {NodeId("j"): nbytes}} if nbytes else {})
+
+    p.receive(NodeId("i"), sized(1, mb), 0.0)
+    p.receive(NodeId("i"), Accept(cfp=1, tasks=(TaskId("x1-0"),), payloads=(0,)), 0.0)
+    p.task_finished(TaskId("x1-0"), True, None, 4.0)
+    mesh.out("p")
+    bids = {}
+    for cfp, nbytes in ((2, 2 * mb), (3, mb // 2), (4, 1000), (5, 0)):
+        p.receive(NodeId("i"), sized(cfp, nbytes), 5.0)
+        bids[nbytes] = last(mesh.out("p"), Propose).run_s
+        p.receive(NodeId("i"), Reject(cfp=cfp), 5.0)
+    assert bids[2 * mb] == pytest.approx(8.0, rel=0.01)
+    assert bids[mb // 2] == pytest.approx(2.0, rel=0.01)
+    assert bids[1000] == bids[0] == pytest.approx(4.0, rel=0.01)
+
+
 def test_transfer_is_counted_and_data_holder_wins() -> None:
     mesh = Mesh({"i": caps(tasks=()), "a": caps(), "b": caps()})
     core = mesh.cores["i"]
