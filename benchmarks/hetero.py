@@ -593,6 +593,10 @@ class RayCluster:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.roots: dict[int, int] = {}
         ray_cli = str(Path(sys.executable).with_name("ray"))
+        # Token authentication is off for this run on 127.0.0.1: the nodes and the driver
+        # agree on it here, not on whatever an earlier Ray run left in ~/.ray/auth_token
+        # (with one there, worker nodes failed to join the head: InvalidAuthToken).
+        os.environ["RAY_AUTH_MODE"] = "disabled"
         env = {**_env(tmp), "RAY_USAGE_STATS_ENABLED": "0"}
         port = _free_port()
         common = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
