@@ -1,0 +1,178 @@
+"""The sync client: an ``AsyncClient`` on an event loop of its own, in a background thread.
+
+Every call hands a coroutine to that loop and waits for it, as Dask's sync client does;
+a submission does not even wait: it returns a ``TaskFuture`` at once and the loop submits
+it, so that a thousand submissions still go in one batch. Nothing here knows the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections.abc import Coroutine, Iterable, Iterator, Mapping
+from typing import Any, Self, TypeVar
+
+from mesh.client.aio import AsyncClient, AsyncTaskFuture
+from mesh.loop import event_loop
+from mesh.messages import ObjectRef
+
+T = TypeVar("T")
+
+
+class TaskFuture(concurrent.futures.Future[Any]):
+    """A ``concurrent.futures.Future`` for the sync client, with ``task_id`` and ``node``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.task_id = ""
+        self.node = ""
+
+    def _follow(self, source: AsyncTaskFuture) -> None:
+        """End as ``source`` ends (called on the client's loop)."""
+        source.add_done_callback(self._settle)
+
+    def _settle(self, source: AsyncTaskFuture) -> None:
+        self.task_id, self.node = source.task_id, source.node
+        try:
+            exc = source.exception()
+            if exc is None:
+                self.set_result(source.result())
+            else:
+                self.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled by its owner meanwhile
+
+
+class Client:
+    """The synchronous client. Made by ``connect()``; close it (or use ``with``)."""
+
+    def __init__(self, url: str | None = None, key: str | None = None, *, timeout: float = 10.0):
+        self._loop = event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="mesh-client", daemon=True
+        )
+        self._thread.start()
+        try:
+            self._async = self._call(AsyncClient.connect(url, key, open_timeout=timeout))
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.url = self._async.url
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the client's loop and wait for it (cancelled if ``timeout`` ends)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def close(self) -> None:
+        """End the session and the client's thread."""
+        if self._loop.is_closed():
+            return
+        try:
+            self._call(self._async.close(), timeout=10)
+        finally:
+            self._stop_loop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- submitting --------------------------------------------------------------------------
+
+    def _submit(self, calls: list[tuple[str, Iterable[Any], dict[str, Any]]]) -> list[TaskFuture]:
+        """Futures for ``(name, args, options)`` calls, submitted together by the loop."""
+        futures = [TaskFuture() for _ in calls]
+
+        def submit_all() -> None:
+            for (name, args, options), future in zip(calls, futures, strict=True):
+                try:
+                    future._follow(self._async.submit_with(name, args, **options))
+                except Exception as exc:  # options the async client refuses
+                    future.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(submit_all)
+        return futures
+
+    def submit(self, name: str, /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Submit task ``name``; returns a future at once."""
+        return self._submit([(name, args, {"kwargs": kwargs})])[0]
+
+    def submit_with(
+        self,
+        name: str,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        labels: Mapping[str, str] | None = None,
+        resources: Mapping[str, float] | None = None,
+    ) -> TaskFuture:
+        """``submit`` with a run-time ``timeout`` and extra ``labels``/``resources``."""
+        options = {"kwargs": kwargs, "timeout": timeout, "labels": labels, "resources": resources}
+        return self._submit([(name, tuple(args), options)])[0]
+
+    def map(self, name: str, iterable: Iterable[Any]) -> list[TaskFuture]:
+        """One task per item (the item is its single argument), sent in one batch."""
+        return self._submit([(name, (x,), {}) for x in iterable])
+
+    def gather(self, futures: Iterable[TaskFuture], timeout: float | None = None) -> list[Any]:
+        """The results in order; raises the first error found."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out = []
+        for f in list(futures):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            out.append(f.result(left))
+        return out
+
+    def as_completed(
+        self, futures: Iterable[TaskFuture], timeout: float | None = None
+    ) -> Iterator[TaskFuture]:
+        """The futures in the order they finish."""
+        done = concurrent.futures.as_completed(list(futures), timeout=timeout)
+        yield from done  # type: ignore[misc]
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def peers(self) -> list[dict[str, Any]]:
+        """Every node the connected node knows: id, address, state, load, capabilities."""
+        return self._call(self._async.peers())
+
+    def status(self) -> dict[str, Any]:
+        """The connected node's id, peers, running, queued and completed counts."""
+        return self._call(self._async.status())
+
+    def why(self, task_id: str) -> dict[str, Any]:
+        """The auction record of a task submitted through this node."""
+        return self._call(self._async.why(task_id))
+
+    def release(self, ref: ObjectRef) -> bool:
+        """Free ``ref`` on the node that holds it; False if it was not held."""
+        return self._call(self._async.release(ref))
+
+    def result(self, value: Any, timeout: float | None = None) -> Any:
+        """``value`` with references fetched: an ``ObjectRef``, a future, or plain data."""
+        if isinstance(value, TaskFuture):
+            value = value.result(timeout)
+        if isinstance(value, ObjectRef):
+            return self._call(self._async.fetch(value), timeout)
+        return value
+
+
+def connect(url: str | None = None, key: str | None = None, *, timeout: float = 10.0) -> Client:
+    """A sync client for the node at ``url`` (default: this machine's node on the default
+    port); ``key`` defaults to ``$MESH_KEY``, then the key file."""
+    return Client(url, key, timeout=timeout)
