@@ -78,9 +78,11 @@ def _walk(
     if isinstance(value, list | tuple):
         if not any(isinstance(v, seek) for v in value):
             return value
-        return [_walk(v, kind, seek, fn, depth + 1) for v in value]
+        items = [_walk(v, kind, seek, fn, depth + 1) for v in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
     if isinstance(value, dict):
         if not any(isinstance(v, seek) for v in value.values()):
             return value
-        return {k: _walk(v, kind, seek, fn, depth + 1) for k, v in value.items()}
+        entries = {k: _walk(v, kind, seek, fn, depth + 1) for k, v in value.items()}
+        return value if all(entries[k] is v for k, v in value.items()) else entries
     return value

@@ -159,7 +159,7 @@ class ErrorInfo:
             raise RemoteProtocolError(f"unknown failure kind {kind!r}", reason="bad-field")
         text: dict[str, str] = {}
         for name in _TEXT_FIELDS:
-            value = raw.get(name, "")
+            value = raw.get(name, None if name == "message" else "")
             if not isinstance(value, str):
                 raise RemoteProtocolError(f"error field {name} is no string", reason="bad-field")
             text[name] = value

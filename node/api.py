@@ -12,7 +12,7 @@ Routes (all under the node's one port, next to the peer websocket):
   node's ``host_id`` (a fetcher on the same machine) the answer is instead the JSON
   ``{"segment", "nbytes"}`` of the shared-memory segment that holds the body.
 - ``GET /v1/session``: the client's websocket; batches of submissions in, streamed
-  results out, both msgpack bodies made by ``mesh.codec``.
+  results out (the messages of ``mesh.session``).
 - ``GET /v1/hello``, ``GET /metrics`` (Prometheus text) and ``GET /openapi.json``:
   readable without the key; they hold no task data. ``/v1/hello`` says the node's id,
   version and key fingerprint: what a client signs its requests for.
@@ -722,7 +722,7 @@ class Api:
     async def _take(self, task: Submission | BadTask, deliver: Deliver) -> None:
         """Submit one task of a session's batch; a task that cannot be gets its failure."""
         if isinstance(task, BadTask):
-            deliver(_refused(FailureKind.BAD_REQUEST, task.reason))
+            deliver(_refused(task.reason))
             return
         args, kwargs = list(task.args), task.kwargs
         try:
@@ -736,12 +736,14 @@ class Api:
                 check_nesting(held, self.config.api_max_nesting - 1)
             self.service.submit(task.name, args, kwargs, options, deliver)
         except MeshError as exc:  # BadRequest, a full store, a node shutting down
-            deliver(_refused(FailureKind.BAD_REQUEST, str(exc)))
+            deliver(_refused(str(exc)))
         except Exception as exc:
             # A bug behind one submission fails that task, not the session or the node.
             self.internal_errors += 1
             log.exception("internal error submitting %.100r from a session", task.name)
-            deliver(_refused(FailureKind.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            error = ErrorInfo(kind=FailureKind.INTERNAL, message=message, exc_type=INTERNAL_ERROR)
+            deliver(Outcome(task_id="", error=error))
 
     async def _upload(self, value: Any) -> Any:
         """A same-machine client's shared-memory argument, taken by the store."""
@@ -753,10 +755,9 @@ class Api:
             raise BadRequest(str(exc)) from None
 
 
-def _refused(kind: FailureKind, message: str) -> Outcome:
-    """The outcome of a session task the node did not take."""
-    exc_type = INTERNAL_ERROR if kind is FailureKind.INTERNAL else ""
-    return Outcome(task_id="", error=ErrorInfo(kind=kind, message=message, exc_type=exc_type))
+def _refused(reason: str) -> Outcome:
+    """The outcome of a session task the node refused."""
+    return Outcome(task_id="", error=ErrorInfo(kind=FailureKind.BAD_REQUEST, message=reason))
 
 
 def result_json(outcome: Outcome) -> dict[str, Any]:

@@ -581,7 +581,7 @@ class Daemon:
         if isinstance(value, ObjectRef):
             holders[value.holder] += value.nbytes
             return value
-        if value.nbytes > self.config.store_threshold_bytes:
+        if value.nbytes > self.config.store_threshold_bytes:  # an array
             ref = self.store.put(value)
             temp.append(ref.id)
             holders[ref.holder] += ref.nbytes
@@ -664,11 +664,9 @@ class Daemon:
             self._jobs.pop(task_id, None)
             if not self._jobs:
                 self._jobs_idle.set()
-            ok = error is None
+            report = value if error is None else error.encode()
             try:
-                self.contract.task_finished(
-                    task_id, ok, value if error is None else error.encode(), time.monotonic()
-                )
+                self.contract.task_finished(task_id, error is None, report, time.monotonic())
             except LocalProtocolError as exc:
                 log.debug("finished task %s unknown to the contract core: %s", task_id, exc)
             self.driver.wake()
