@@ -116,7 +116,8 @@ class FailureKind(StrEnum):
     """A bug on the node's side of the submission."""
 
 
-_TEXT_FIELDS: Final = ("message", "exc_type", "traceback", "task")
+_OPTIONAL: Final = ("exc_type", "traceback", "task")
+"""The text fields of an ``ErrorInfo`` that may be empty (and are then left off the wire)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,7 +141,7 @@ class ErrorInfo:
     def encode(self) -> dict[str, Any]:
         """The record as a map of strings (what sessions and the contract net carry)."""
         out: dict[str, Any] = {"kind": str(self.kind), "message": self.message}
-        for name in ("exc_type", "traceback", "task"):
+        for name in _OPTIONAL:
             value = getattr(self, name)
             if value:
                 out[name] = value
@@ -157,12 +158,10 @@ class ErrorInfo:
         kind = raw.get("kind")
         if not isinstance(kind, str) or kind not in _KINDS:
             raise RemoteProtocolError(f"unknown failure kind {kind!r}", reason="bad-field")
-        text: dict[str, str] = {}
-        for name in _TEXT_FIELDS:
-            value = raw.get(name, None if name == "message" else "")
+        text = {"message": raw.get("message"), **{name: raw.get(name, "") for name in _OPTIONAL}}
+        for name, value in text.items():
             if not isinstance(value, str):
                 raise RemoteProtocolError(f"error field {name} is no string", reason="bad-field")
-            text[name] = value
         missing = raw.get("missing", {})
         if not (
             isinstance(missing, dict)

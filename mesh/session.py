@@ -89,6 +89,7 @@ def _task(cid: Any, name: Any, args: Any, kwargs: Any, options: Any) -> Submissi
         return BadTask(cid=cid, reason="task name or args malformed")
     if not isinstance(kwargs, dict):
         return BadTask(cid=cid, reason="kwargs must be a map")
+    kwargs = {str(k): v for k, v in kwargs.items()}  # keywords are names
     return Submission(cid=cid, name=name, args=tuple(args), kwargs=kwargs, options=options)
 
 

@@ -557,7 +557,7 @@ class Daemon:
         call = TaskCall(
             name=name,
             args=tuple(call_args),
-            kwargs={str(k): v for k, v in call_kwargs.items()},
+            kwargs=call_kwargs,
             timeout_s=options.get("timeout"),
         )
         self._pending[task_id] = _Pending(name=name, deliver=deliver, temp_objects=temp)

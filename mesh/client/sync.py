@@ -11,7 +11,8 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from collections.abc import Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
+from functools import partial
 from typing import Any, Self, TypeVar
 
 from mesh.client.aio import AsyncClient, AsyncTaskFuture
@@ -93,14 +94,15 @@ class Client:
 
     # -- submitting --------------------------------------------------------------------------
 
-    def _submit(self, calls: list[tuple[str, Iterable[Any], dict[str, Any]]]) -> list[TaskFuture]:
-        """Futures for ``(name, args, options)`` calls, submitted together by the loop."""
+    def _submit(self, calls: list[Callable[[], AsyncTaskFuture]]) -> list[TaskFuture]:
+        """Futures for ``calls`` of the async client's submit methods, which the loop makes
+        together (so that they go in one batch)."""
         futures = [TaskFuture() for _ in calls]
 
         def submit_all() -> None:
-            for (name, args, options), future in zip(calls, futures, strict=True):
+            for call, future in zip(calls, futures, strict=True):
                 try:
-                    future._follow(self._async.submit_with(name, args, **options))
+                    future._follow(call())
                 except Exception as exc:  # options the async client refuses
                     future.set_exception(exc)
 
@@ -109,7 +111,7 @@ class Client:
 
     def submit(self, name: str, /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Submit task ``name``; returns a future at once."""
-        return self._submit([(name, args, {"kwargs": kwargs})])[0]
+        return self._submit([partial(self._async.submit, name, *args, **kwargs)])[0]
 
     def submit_with(
         self,
@@ -122,12 +124,20 @@ class Client:
         resources: Mapping[str, float] | None = None,
     ) -> TaskFuture:
         """``submit`` with a run-time ``timeout`` and extra ``labels``/``resources``."""
-        options = {"kwargs": kwargs, "timeout": timeout, "labels": labels, "resources": resources}
-        return self._submit([(name, tuple(args), options)])[0]
+        call = partial(
+            self._async.submit_with,
+            name,
+            tuple(args),
+            kwargs,
+            timeout=timeout,
+            labels=labels,
+            resources=resources,
+        )
+        return self._submit([call])[0]
 
     def map(self, name: str, iterable: Iterable[Any]) -> list[TaskFuture]:
         """One task per item (the item is its single argument), sent in one batch."""
-        return self._submit([(name, (x,), {}) for x in iterable])
+        return self._submit([partial(self._async.submit, name, x) for x in iterable])
 
     def gather(self, futures: Iterable[TaskFuture], timeout: float | None = None) -> list[Any]:
         """The results in order; raises the first error found."""
