@@ -1,24 +1,26 @@
 """The sync client: an ``AsyncClient`` on an event loop of its own, in a background thread.
 
-Every call hands a coroutine to that loop and waits for it, as Dask's sync client does;
-a submission does not even wait: it returns a ``TaskFuture`` at once and the loop submits
-it, so that a thousand submissions still go in one batch. Nothing here knows the protocol.
+Each method is the async client's method of the same name, handed to that loop, as Dask's
+sync client does: a query waits for its answer (``_blocking``); a submission does not even
+wait (``_submitting``): it returns a ``TaskFuture`` at once and the loop submits it, so that
+a thousand submissions still go in one batch. Nothing here knows the protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
-from functools import partial
-from typing import Any, Self, TypeVar
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from mesh.client.aio import AsyncClient, AsyncTaskFuture
 from mesh.loop import event_loop
 from mesh.messages import ObjectRef
 
+P = ParamSpec("P")
 T = TypeVar("T")
 
 
@@ -44,6 +46,31 @@ class TaskFuture(concurrent.futures.Future[Any]):
                 self.set_exception(exc)
         except concurrent.futures.InvalidStateError:
             pass  # cancelled by its owner meanwhile
+
+
+def _blocking(
+    method: Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[Client, P], T]:
+    """The async client's ``method`` for this thread: run on the client's loop, waited for."""
+
+    @functools.wraps(method)
+    def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._call(method(self._async, *args, **kwargs))
+
+    return call
+
+
+def _submitting(
+    method: Callable[Concatenate[AsyncClient, P], AsyncTaskFuture],
+) -> Callable[Concatenate[Client, P], TaskFuture]:
+    """The async client's submit ``method`` for this thread: returns a ``TaskFuture`` at
+    once, and the client's loop submits the task."""
+
+    @functools.wraps(method)
+    def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> TaskFuture:
+        return self._submit([functools.partial(method, self._async, *args, **kwargs)])[0]
+
+    return call
 
 
 class Client:
@@ -109,35 +136,12 @@ class Client:
         self._loop.call_soon_threadsafe(submit_all)
         return futures
 
-    def submit(self, name: str, /, *args: Any, **kwargs: Any) -> TaskFuture:
-        """Submit task ``name``; returns a future at once."""
-        return self._submit([partial(self._async.submit, name, *args, **kwargs)])[0]
-
-    def submit_with(
-        self,
-        name: str,
-        args: Iterable[Any] = (),
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        timeout: float | None = None,
-        labels: Mapping[str, str] | None = None,
-        resources: Mapping[str, float] | None = None,
-    ) -> TaskFuture:
-        """``submit`` with a run-time ``timeout`` and extra ``labels``/``resources``."""
-        call = partial(
-            self._async.submit_with,
-            name,
-            tuple(args),
-            kwargs,
-            timeout=timeout,
-            labels=labels,
-            resources=resources,
-        )
-        return self._submit([call])[0]
+    submit = _submitting(AsyncClient.submit)
+    submit_with = _submitting(AsyncClient.submit_with)
 
     def map(self, name: str, iterable: Iterable[Any]) -> list[TaskFuture]:
         """One task per item (the item is its single argument), sent in one batch."""
-        return self._submit([partial(self._async.submit, name, x) for x in iterable])
+        return self._submit([functools.partial(self._async.submit, name, x) for x in iterable])
 
     def gather(self, futures: Iterable[TaskFuture], timeout: float | None = None) -> list[Any]:
         """The results in order; raises the first error found."""
@@ -157,21 +161,10 @@ class Client:
 
     # -- queries -----------------------------------------------------------------------------
 
-    def peers(self) -> list[dict[str, Any]]:
-        """Every node the connected node knows: id, address, state, load, capabilities."""
-        return self._call(self._async.peers())
-
-    def status(self) -> dict[str, Any]:
-        """The connected node's id, peers, running, queued and completed counts."""
-        return self._call(self._async.status())
-
-    def why(self, task_id: str) -> dict[str, Any]:
-        """The auction record of a task submitted through this node."""
-        return self._call(self._async.why(task_id))
-
-    def release(self, ref: ObjectRef) -> bool:
-        """Free ``ref`` on the node that holds it; False if it was not held."""
-        return self._call(self._async.release(ref))
+    peers = _blocking(AsyncClient.peers)
+    status = _blocking(AsyncClient.status)
+    why = _blocking(AsyncClient.why)
+    release = _blocking(AsyncClient.release)
 
     def result(self, value: Any, timeout: float | None = None) -> Any:
         """``value`` with references fetched: an ``ObjectRef``, a future, or plain data."""
