@@ -109,8 +109,8 @@ class _Pending:
         self.future._fail(exc)
 
     def _remove_uploads(self) -> None:
-        # The node took (and removed) every upload of a task it accepted: these are the
-        # ones of a task it refused.
+        # The node removes an upload once it has read it: what is left belongs to a task
+        # it refused unread, or to a session that ended first.
         for name in self.uploads:
             unlink(name)
 
