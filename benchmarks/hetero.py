@@ -69,7 +69,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import signal
 import socket
 import subprocess
@@ -83,6 +82,7 @@ from typing import Any, Final, Protocol
 
 import peers  # a sibling, as hostile.py imports node_loopback: the nodes find it on PYTHONPATH
 
+from mesh import LocalMesh
 from tasks import task
 
 ROOT: Final = peers.ROOT
@@ -349,6 +349,19 @@ def end_psutil(procs: Sequence[Any], grace_s: float) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
+def end_processes(procs: Sequence[subprocess.Popen[bytes]], grace_s: float = 20.0) -> None:
+    """SIGTERM each process still running, then SIGKILL any not gone after ``grace_s``."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
 def end_trees(procs: Sequence[subprocess.Popen[bytes]], grace_s: float = 20.0) -> None:
     """End these processes (SIGTERM, then SIGKILL), then whatever they had started that
     outlived them."""
@@ -358,7 +371,7 @@ def end_trees(procs: Sequence[subprocess.Popen[bytes]], grace_s: float = 20.0) -
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             below += psutil.Process(proc.pid).children(recursive=True)
-    peers.end_processes(procs, grace_s)
+    end_processes(procs, grace_s)
     end_psutil([p for p in below if p.is_running()], 5.0)
 
 
@@ -385,7 +398,7 @@ def calibrate(groups: CpuGroups, tmp: Path) -> list[float]:
     try:
         outs = [p.communicate(timeout=60)[0].decode().split() for p in procs]
     finally:
-        peers.end_processes(procs, 5.0)
+        end_processes(procs, 5.0)
     if any(p.returncode for p in procs):
         raise RuntimeError("a calibration spin failed")
     for i, (_, where) in enumerate(outs):
@@ -435,8 +448,12 @@ class System(Protocol):
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    """``peers``' node environment (one BLAS thread), with ``benchmarks/`` importable."""
-    return {**peers._env(tmp), "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])}
+    """This environment with one BLAS thread (``peers.THREAD_ENV``), the repository and
+    ``benchmarks/`` importable, and a configuration directory of the run's own."""
+    env = {**os.environ, **peers.THREAD_ENV, "XDG_CONFIG_HOME": str(tmp / "config")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")])
+    env.pop("MESH_KEY", None)
+    return env
 
 
 def _free_port() -> int:
@@ -457,58 +474,31 @@ def _wait_log(proc: subprocess.Popen[bytes], log: Path, text: str, what: str) ->
 
 
 class MeshNodes:
-    """A ``mesh-node`` per group and a client, outside the quotas, on the fastest node."""
+    """A ``mesh-node`` per group (``LocalMesh``, each started through the group's wrapper)
+    and a client, outside the quotas, on the fastest node."""
 
     name = "mesh"
 
     def __init__(self, groups: CpuGroups, mix: Mix, tmp: Path) -> None:
-        from mesh.client import Client
-
-        self._client: Client | None = None
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.mesh = LocalMesh(preset="local", slots=1, env=_env(tmp), timeout=START_S)
         self.roots: dict[int, int] = {}
         self._names = groups.names
-        key = secrets.token_hex(16)
         order = [mix.fastest, *(i for i in range(len(mix.shares)) if i != mix.fastest)]
         try:
-            addresses: list[str] = []
             for i in order:
-                proc, address = peers.start_node(
+                node = self.mesh.start(
                     f"node{i}",
-                    key,
-                    tmp,
-                    addresses[0] if addresses else None,
-                    ["--label", f"group={i}", "--tasks", MODULE],
+                    "--tasks",
+                    MODULE,
+                    labels={"group": str(i)},
                     prefix=groups.wrap(i, []),
-                    env=_env(tmp),
                 )
-                self.procs.append(proc)
-                self.roots[i] = proc.pid
-                addresses.append(address)
-            self._client = Client(addresses[0], key)
-            self._wait_ready(len(order))
+                self.roots[i] = node.pid
+            self.mesh.wait_alive()
+            self.client = self.mesh.client(f"node{mix.fastest}")
         except BaseException:
-            self.close()
+            self.mesh.close()
             raise
-
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            raise RuntimeError("the mesh client is closed")
-        return self._client
-
-    def _wait_ready(self, n: int) -> None:
-        deadline = time.monotonic() + START_S
-        while time.monotonic() < deadline:
-            ready = [
-                p
-                for p in self.client.peers()
-                if p["state"] == "alive" and "hetero.spin" in json.dumps(p.get("capabilities"))
-            ]
-            if len(ready) == n:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"the mesh nodes did not all see each other within {START_S:.0f} s")
 
     def burst(self, n: int, timeout: float) -> list[str]:
         futures = self.client.map("hetero.spin", [TASK_S] * n)
@@ -521,11 +511,15 @@ class MeshNodes:
         return where
 
     def close(self) -> None:
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                self._client.close()
-            self._client = None
-        end_trees(self.procs)
+        """End the nodes, then any worker of theirs that outlived its node (as ``end_trees``)."""
+        import psutil
+
+        below = []
+        for node in self.mesh.running():
+            with contextlib.suppress(psutil.Error):
+                below += psutil.Process(node.pid).children(recursive=True)
+        self.mesh.close()
+        end_psutil([p for p in below if p.is_running()], 5.0)
 
 
 class DaskCluster:

@@ -1,7 +1,7 @@
 """One node under hostile load while an honest client works through another.
 
-Starts three ``mesh-node`` processes on loopback (a, b, c; ``local`` preset, joined by
-``--join``). An honest client on c runs ``--tasks`` no-op tasks one after the other, first
+Starts three ``mesh-node`` processes on loopback (a, b, c: ``node_loopback.three_nodes``).
+An honest client on c runs ``--tasks`` no-op tasks one after the other, first
 on a quiet mesh, then while a second process (this file with ``--attack``) turns on node a,
 from its own loopback address (127.0.0.66, as a stranger on the LAN has an address of its
 own) everything that used to stop a node:
@@ -34,22 +34,18 @@ import json
 import os
 import re
 import resource
-import secrets
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
-from node_loopback import start_node, wait_alive
+from node_loopback import three_nodes
 
-from mesh.client import Client, connect, key_bytes, sign_request
+from mesh.client import Client, key_bytes, sign_request
 
 ATTACKER = "127.0.0.66"
 """The attacker's source address: on a LAN a stranger has an address of its own, and a
@@ -258,19 +254,13 @@ def main() -> None:
         address, key, node_b, b_url = ns.attack
         asyncio.run(attack(address, key, node_b, b_url, ns))
         return
-    key = secrets.token_hex(16)
-    procs: list[subprocess.Popen[bytes]] = []
     result: dict[str, Any] = {}
     attacker: subprocess.Popen[str] | None = None
-    with tempfile.TemporaryDirectory(prefix="mesh-hostile-") as tmp:
+    with three_nodes() as mesh:
+        a, b, c = (mesh.nodes[f"node-{i}"] for i in (1, 2, 3))
+        urls = [n.url for n in (a, b, c)]
         try:
-            a, a_addr = start_node("a", key, Path(tmp), None)
-            b, b_addr = start_node("b", key, Path(tmp), a_addr)
-            c, c_addr = start_node("c", key, Path(tmp), a_addr)
-            procs += [a, b, c]
-            urls = [f"http://{x}" for x in (a_addr, b_addr, c_addr)]
-            with connect(c_addr, key=key) as client:
-                wait_alive(client, 3)
+            with mesh.client(c.name) as client:
                 latencies(client, 200)  # warm every worker
                 idle, _, _ = latencies(client, ns.tasks)
                 before = sum(executed(client, u) for u in urls)
@@ -281,10 +271,10 @@ def main() -> None:
                         sys.executable,
                         __file__,
                         "--attack",
-                        a_addr,
-                        key,
-                        "b",
-                        urls[1],
+                        a.address,
+                        mesh.key,
+                        b.name,
+                        b.url,
                         "--big",
                         str(ns.big),
                         "--half-open",
@@ -312,7 +302,7 @@ def main() -> None:
                 "completed": completed,
                 "duplicates": duplicates,
                 "executions": runs,
-                "node_crashes": sum(p.poll() is not None for p in procs),
+                "node_crashes": sum(not n.running() for n in (a, b, c)),
                 "peak_rss_mb": round(peak.peak / 2**20, 1),
                 "idle_p99_ms": round(idle_p99, 3),
                 "attack_p99_ms": round(attack_p99, 3),
@@ -324,15 +314,6 @@ def main() -> None:
             if attacker is not None and attacker.poll() is None:
                 attacker.kill()
                 attacker.wait()
-            for p in procs:
-                if p.poll() is None:
-                    os.kill(p.pid, signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.kill(p.pid, signal.SIGKILL)
-                    p.wait()
     for k, v in result.items():
         print(f"{k:<16} {v}")
     print(json.dumps(result))

@@ -1,7 +1,7 @@
 """Three real nodes on loopback: throughput, latency, array transfer, idle cost.
 
-Starts three ``mesh-node`` processes (``local`` preset, no mDNS, joined by ``--join``) and
-measures through the public client:
+Starts three ``mesh-node`` processes with ``LocalMesh`` (``local`` preset, no mDNS, joined by
+``--join``, as many slots as cores) and measures through the public client:
 
 - ``noop_tasks_per_s``: 5000 ``noop`` submitted at once, until every result is back;
 - ``latency_ms_p50`` / ``_p99``: 500 ``noop`` one after the other;
@@ -18,72 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 
-from mesh.client import Client, connect
+from mesh import LocalMesh
+from mesh.client import Client
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER_IDLE_S = 5.0
 
 
-def start_node(
-    name: str, key: str, logdir: Path, join: str | None
-) -> tuple[subprocess.Popen[bytes], str]:
-    log = logdir / f"{name}.log"
-    args = [
-        sys.executable,
-        "-m",
-        "node",
-        "start",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--no-mdns",
-        "--preset",
-        "local",
-        "--name",
-        name,
-        "--key",
-        key,
-        "--worker-idle",
-        str(WORKER_IDLE_S),
-    ]
-    if join:
-        args += ["--join", join]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CONFIG_HOME": str(logdir)}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        m = re.search(r"listening on (\S+)", log.read_text())
-        if m:
-            return proc, m.group(1)
-        if proc.poll() is not None:
-            raise SystemExit(f"node {name} exited: {log.read_text()[-2000:]}")
-        time.sleep(0.05)
-    raise SystemExit(f"node {name} did not start")
-
-
-def wait_alive(c: Client, n: int) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if sum(p["state"] == "alive" for p in c.peers()) == n:
-            return
-        time.sleep(0.1)
-    raise SystemExit("the three nodes did not see each other")
+def three_nodes() -> LocalMesh:
+    """Three nodes as the loopback benchmarks run them: ``local`` preset, as many slots as
+    cores, idle workers exit after ``WORKER_IDLE_S``."""
+    return LocalMesh(3, preset="local", args=("--worker-idle", str(WORKER_IDLE_S)))
 
 
 def tree(pid: int) -> list[psutil.Process]:
@@ -137,31 +87,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small counts and a 5 s idle window")
     ns = ap.parse_args()
-    key = secrets.token_hex(16)
-    procs: list[subprocess.Popen[bytes]] = []
     result: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
-        try:
-            first, address = start_node("a", key, Path(tmp), None)
-            procs.append(first)
-            for name in ("b", "c"):
-                procs.append(start_node(name, key, Path(tmp), address)[0])
-            with connect(address, key=key) as c:
-                wait_alive(c, 3)
-                result.update(measure(c, ns.quick))
-            rss, cpu = idle_figures(first.pid, 5.0 if ns.quick else 30.0)
-            result["idle_rss_mb"] = round(rss, 1)
-            result["idle_cpu_percent"] = round(cpu, 2)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    os.kill(p.pid, signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.kill(p.pid, signal.SIGKILL)
-                    p.wait()
+    with three_nodes() as mesh:
+        with mesh.client() as c:  # node-1's: the idle node measured below
+            result.update(measure(c, ns.quick))
+        rss, cpu = idle_figures(mesh.nodes["node-1"].pid, 5.0 if ns.quick else 30.0)
+        result["idle_rss_mb"] = round(rss, 1)
+        result["idle_cpu_percent"] = round(cpu, 2)
     for k, v in result.items():
         print(f"{k:<28} {v}")
     print(json.dumps(result))

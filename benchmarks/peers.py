@@ -43,16 +43,14 @@ import json
 import logging
 import os
 import re
-import secrets
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -60,6 +58,7 @@ from typing import Any, Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from mesh import LocalMesh
 from tasks import task
 from tasks.vision import PipelineSize
 
@@ -289,147 +288,29 @@ def run_pipeline(r: Runner, size: PipelineSize) -> dict[str, float]:
 # Mesh
 
 
-def _env(tmp: Path) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CONFIG_HOME": str(tmp / "config")}
-    env.pop("MESH_KEY", None)
-    # The nodes share this machine's cores by themselves (one thread per worker on two
-    # cores). This pins one thread per worker on any machine, as Ray and Dask give theirs:
-    # the systems compare at equal threads, not at whatever the core count allows.
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def start_node(
-    name: str,
-    key: str,
-    tmp: Path,
-    join: str | None,
-    extra: Sequence[str],
-    *,
-    prefix: Sequence[str] = (),
-    env: Mapping[str, str] | None = None,
-) -> tuple[subprocess.Popen[bytes], str]:
-    """One ``mesh-node`` (one slot, ``local`` preset, 127.0.0.1, no mDNS, label
-    ``name=NAME``) logging to ``tmp/NAME.log``, and the address it listens on.
-
-    ``prefix`` goes before the command (a wrapper that execs it, e.g. into a cgroup); ``env``
-    replaces ``_env(tmp)``. A node that exits or does not listen within 60 s is ended and
-    raises ``RuntimeError``.
-    """
-    log = tmp / f"{name}.log"
-    args = [
-        *prefix,
-        sys.executable,
-        "-m",
-        "node",
-        "start",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--no-mdns",
-        "--preset",
-        "local",
-        "--name",
-        name,
-        "--key",
-        key,
-        "--slots",
-        "1",
-        "--label",
-        f"name={name}",
-        *extra,
-    ]
-    if join:
-        args += ["--join", join]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            args,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=dict(env) if env is not None else _env(tmp),
-            cwd=str(ROOT),
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            m = re.search(r"listening on (\S+:\d+)", log.read_text(errors="replace"))
-            if m:
-                return proc, m.group(1)
-            if proc.poll() is not None:
-                raise RuntimeError(f"node {name} exited: {log.read_text()[-2000:]}")
-            time.sleep(0.05)
-        raise RuntimeError(f"node {name} did not listen within 60 s")
-    except BaseException:
-        end_processes([proc])
-        raise
-
-
-def end_processes(procs: Iterable[subprocess.Popen[bytes]], grace_s: float = 20.0) -> None:
-    """SIGTERM each process still running, then SIGKILL any not gone after ``grace_s``."""
-    todo = list(procs)
-    for proc in todo:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-    for proc in todo:
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+THREAD_ENV: Final = {"OMP_NUM_THREADS": "1"}
+"""The nodes share this machine's cores by themselves (one thread per worker on two cores).
+This pins one thread per worker on any machine, as Ray and Dask give theirs: the systems
+compare at equal threads, not at whatever the core count allows."""
 
 
 class MeshRunner:
-    """Three ``mesh-node`` processes and a sync client connected to the submitting one."""
+    """Three ``mesh-node`` processes (``LocalMesh``: one slot each, ``local`` preset, no
+    mDNS, label ``name=NAME``) and a sync client connected to the submitting one."""
 
     name = "mesh"
 
-    def __init__(self, tmp: Path) -> None:
-        from mesh.client import Client
-
-        self._tmp = tmp
-        self._key = secrets.token_hex(16)
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._client: Client | None = None
+    def __init__(self) -> None:
+        self.mesh = LocalMesh(preset="local", slots=1, env=THREAD_ENV)
         try:
-            address = self._start("submit", None, ["--label", "role=submit"])
+            self.mesh.start("submit", labels={"role": "submit"})
             for name in ("work1", "work2"):
-                self._start(
-                    name,
-                    address,
-                    ["--label", "role=worker", "--tasks", BENCH_MODULE],
-                )
-            self._client = Client(address, self._key)
-            self._wait_ready()
+                self.mesh.start(name, "--tasks", BENCH_MODULE, labels=WORKER_LABEL)
+            self.mesh.wait_alive()
+            self.client = self.mesh.client("submit")
         except BaseException:
-            self.close()
+            self.mesh.close()
             raise
-
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            raise RuntimeError("the mesh client is closed")
-        return self._client
-
-    def _start(self, name: str, join: str | None, extra: list[str]) -> str:
-        proc, address = start_node(name, self._key, self._tmp, join, extra)
-        self.procs[name] = proc
-        return address
-
-    def _wait_ready(self) -> None:
-        """Until all three are alive and both workers advertise the bench tasks."""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            peers = self.client.peers()
-            workers = [
-                p
-                for p in peers
-                if p["state"] == "alive" and "bench.noop" in json.dumps(p.get("capabilities"))
-            ]
-            if len(workers) == 2 and sum(p["state"] == "alive" for p in peers) == 3:
-                return
-            time.sleep(0.1)
-        raise RuntimeError("the mesh nodes did not see each other within 60 s")
 
     def _fill(self, value: Any) -> Any:
         from mesh.client import TaskFuture
@@ -458,11 +339,7 @@ class MeshRunner:
         return [self.client.result(v, timeout) for v in values]
 
     def close(self) -> None:
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                self._client.close()
-            self._client = None
-        end_processes(self.procs.values())
+        self.mesh.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -589,17 +466,17 @@ class DaskRunner:
 # Rounds, table, chart
 
 
-def start(system: str, tmp: Path) -> Runner:
+def start(system: str) -> Runner:
     if system == "mesh":
-        return MeshRunner(tmp)
+        return MeshRunner()
     if system == "ray":
         return RayRunner()
     return DaskRunner()
 
 
-def one_round(system: str, sizes: Sizes, tmp: Path) -> dict[str, float]:
+def one_round(system: str, sizes: Sizes) -> dict[str, float]:
     t0 = time.perf_counter()
-    runner = start(system, tmp)
+    runner = start(system)
     try:
         started = time.perf_counter() - t0
         warm_up(runner)
@@ -803,41 +680,40 @@ def summarise(path: Path, top: int) -> list[str]:
 def profile(sizes: Sizes, outdir: Path, top: int) -> None:
     """Mesh alone, each workload under py-spy; prints the top functions per process."""
     outdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="mesh-peers-") as tmp:
-        r = MeshRunner(Path(tmp))
-        try:
-            warm_up(r)
-            pids = {name: p.pid for name, p in r.procs.items()}
-            pids["client"] = os.getpid()
-            arr = np.random.default_rng(7).random(sizes.array_mib * 2**20 // 8)
-            workloads: dict[str, Callable[[], object]] = {
-                "throughput": lambda: r.gather(
-                    r.submit_many("bench.noop", noop, range(sizes.noop_tasks)), WAIT_S
-                ),
-                "latency": lambda: [
-                    r.gather([r.submit("bench.noop", noop, i)], WAIT_S)
-                    for i in range(sizes.latency_calls)
-                ],
-                "transfer": lambda: [
-                    r.gather([r.submit("bench.array_sum", array_sum, arr)], WAIT_S)
-                    for _ in range(sizes.transfer_repeats)
-                ],
-                "fanout": lambda: r.gather(
-                    r.submit_many("bench.spin", spin, [sizes.fanout_task_s] * sizes.fanout_tasks),
-                    WAIT_S,
-                ),
-                "pipeline": lambda: run_pipeline(r, sizes.pipeline),
-            }
-            for name, work in workloads.items():
-                with recording(pids, outdir, name):
-                    t0 = time.perf_counter()
-                    work()
-                    took = time.perf_counter() - t0
-                print(f"{name}: {took:.3f} s under py-spy", flush=True)
-                for who in pids:
-                    print("\n".join(summarise(outdir / f"{name}-{who}.txt", top)), flush=True)
-        finally:
-            r.close()
+    r = MeshRunner()
+    try:
+        warm_up(r)
+        pids = {name: node.pid for name, node in r.mesh.nodes.items()}
+        pids["client"] = os.getpid()
+        arr = np.random.default_rng(7).random(sizes.array_mib * 2**20 // 8)
+        workloads: dict[str, Callable[[], object]] = {
+            "throughput": lambda: r.gather(
+                r.submit_many("bench.noop", noop, range(sizes.noop_tasks)), WAIT_S
+            ),
+            "latency": lambda: [
+                r.gather([r.submit("bench.noop", noop, i)], WAIT_S)
+                for i in range(sizes.latency_calls)
+            ],
+            "transfer": lambda: [
+                r.gather([r.submit("bench.array_sum", array_sum, arr)], WAIT_S)
+                for _ in range(sizes.transfer_repeats)
+            ],
+            "fanout": lambda: r.gather(
+                r.submit_many("bench.spin", spin, [sizes.fanout_task_s] * sizes.fanout_tasks),
+                WAIT_S,
+            ),
+            "pipeline": lambda: run_pipeline(r, sizes.pipeline),
+        }
+        for name, work in workloads.items():
+            with recording(pids, outdir, name):
+                t0 = time.perf_counter()
+                work()
+                took = time.perf_counter() - t0
+            print(f"{name}: {took:.3f} s under py-spy", flush=True)
+            for who in pids:
+                print("\n".join(summarise(outdir / f"{name}-{who}.txt", top)), flush=True)
+    finally:
+        r.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -886,18 +762,15 @@ def main() -> None:
     per: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
     failed: list[str] = []
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mesh-peers-") as tmp:
-        for i in range(rounds):
-            print(f"round {i + 1}/{rounds}", flush=True)
-            for s in systems:
-                where = Path(tmp) / f"{s}-{i}"
-                where.mkdir()
-                try:
-                    per[s].append(one_round(s, sizes, where))
-                except Exception as exc:
-                    # One system failing a round must not cost the others the run; it shows.
-                    failed.append(f"{s} round {i + 1}: {type(exc).__name__}: {exc}")
-                    print(f"  {s:<5} FAILED: {type(exc).__name__}: {exc}", flush=True)
+    for i in range(rounds):
+        print(f"round {i + 1}/{rounds}", flush=True)
+        for s in systems:
+            try:
+                per[s].append(one_round(s, sizes))
+            except Exception as exc:
+                # One system failing a round must not cost the others the run; it shows.
+                failed.append(f"{s} round {i + 1}: {type(exc).__name__}: {exc}")
+                print(f"  {s:<5} FAILED: {type(exc).__name__}: {exc}", flush=True)
     result = {s: medians(per[s]) for s in systems}
     print(f"\n{rounds} round(s) in {time.perf_counter() - t_start:.0f} s; medians:\n")
     print(table(result, sizes))

@@ -8,9 +8,9 @@
     python benchmarks/pipeline.py --single-threads 1     # one process with one torch thread
 
 Each round runs ``tasks.vision.run_sequential`` (plain sequential code, in a fresh Python
-process so that every round pays the same imports as the mesh's fresh nodes) and the
-pipeline of ``examples/lan_demo.py`` on one local node, each with the same seed and sizes;
-odd rounds run one process first, even rounds the mesh, so that a drift in what else the
+process so that every round pays the same imports as the mesh's fresh nodes) and the demo's
+pipeline (``tasks.pipeline``) on one local node, each with the same seed and sizes; odd
+rounds run one process first, even rounds the mesh, so that a drift in what else the
 machine runs hits both alike. A figure is the median over rounds, and the ratio is the
 median of each round's ratio. The local nodes start fresh on 127.0.0.1 and share this
 machine's cores (each node sizes its workers' threads by every slot on the host). Mesh
@@ -38,7 +38,6 @@ that others kept busy during either of its runs; null where unknown).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -46,16 +45,18 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from mesh import LocalMesh
+from mesh.client import Client
 from node.cores import THREAD_VARS
+from tasks.pipeline import Run, placed, run_pipeline, traffic
 from tasks.vision import PipelineSize
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "examples" / "lan_demo.py"
 
 _SEQUENTIAL = """
 import json, sys, time
@@ -117,15 +118,17 @@ class Others:
         return machine, ours, time.monotonic()
 
 
-def load_demo() -> ModuleType:
-    """``examples/lan_demo.py`` as a module (examples are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("lan_demo", DEMO)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {DEMO}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being made
-    spec.loader.exec_module(module)
-    return module
+@contextmanager
+def local_mesh(count: int, without_torch: int) -> Iterator[Client]:
+    """A client of ``count`` fresh nodes on 127.0.0.1 as the demo starts them (this machine's
+    cores split between them), the last ``without_torch`` of them without torch."""
+    slots = max(1, (os.cpu_count() or 1) // count)
+    with LocalMesh(slots=slots, args=["--grace", "5"]) as mesh:
+        for i in range(count):
+            without = ["torch"] if i >= count - without_torch else []
+            mesh.start(f"demo-{chr(ord('a') + i)}", without=without)
+        mesh.wait_alive()
+        yield mesh.client()
 
 
 def run_single(size: PipelineSize, threads: int | None = None) -> dict[str, Any]:
@@ -152,11 +155,11 @@ def run_single(size: PipelineSize, threads: int | None = None) -> dict[str, Any]
     return result
 
 
-def mesh_stages(demo: ModuleType, run: Any) -> dict[str, float]:
-    """Stage -> seconds during which at least one of its tasks ran (``lan_demo.placed``
-    replays each node's slots): comparable with one process's stage times, waits excluded."""
+def mesh_stages(run: Run) -> dict[str, float]:
+    """Stage -> seconds during which at least one of its tasks ran (``placed`` replays each
+    node's slots): comparable with one process's stage times, waits excluded."""
     spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for step, start, _ in demo.placed(run):
+    for step, start, _ in placed(run):
         spans[step.stage].append((start, step.end))
     out: dict[str, float] = {}
     for stage, intervals in spans.items():
@@ -191,7 +194,6 @@ def main() -> None:
     if args.single_threads is not None and args.single_threads < 1:
         p.error("--single-threads must be at least 1")
     size = PipelineSize.small(seed=args.seed) if args.small else PipelineSize(seed=args.seed)
-    demo = load_demo()
 
     singles: list[float] = []
     ones: list[float] = []
@@ -206,8 +208,8 @@ def main() -> None:
                 if what == "single":
                     single = run_single(size, args.single_threads)
                 else:
-                    with demo.local_mesh(1, without_torch=0) as client:
-                        one = demo.run_pipeline(client, size)
+                    with local_mesh(1, without_torch=0) as client:
+                        one = run_pipeline(client, size)
             busy.append(other.cores)
             if what == "single":
                 singles.append(single["wall_s"])
@@ -217,7 +219,7 @@ def main() -> None:
                 ones.append(one.wall_s)
                 figures = one.figures
                 print(f"round {r} mesh, 1 node:   {one.wall_s:.1f} s  {other}", flush=True)
-                print(f"  {_figures(one.figures)}\n  {_stages(mesh_stages(demo, one))}", flush=True)
+                print(f"  {_figures(one.figures)}\n  {_stages(mesh_stages(one))}", flush=True)
         ratios.append(ones[-1] / singles[-1])
         known = [b for b in busy if b is not None]
         others.append(round(max(known), 2) if known else None)
@@ -226,13 +228,13 @@ def main() -> None:
     three_s: float | None = None
     moved_ratio: float | None = None
     if not args.one_node:
-        with Others() as other, demo.local_mesh(3, without_torch=1) as client:
-            three = demo.run_pipeline(client, size, pin=not args.no_labels)
-        moved, produced = demo.traffic(three)
+        with Others() as other, local_mesh(3, without_torch=1) as client:
+            three = run_pipeline(client, size, pin=not args.no_labels)
+        moved, produced = traffic(three)
         three_s, figures = three.wall_s, three.figures
         moved_ratio = round(moved / max(produced, 1), 4)
         print(f"mesh, 3 nodes:  {three.wall_s:.1f} s  {other}", flush=True)
-        print(f"  {_figures(three.figures)}\n  {_stages(mesh_stages(demo, three))}", flush=True)
+        print(f"  {_figures(three.figures)}\n  {_stages(mesh_stages(three))}", flush=True)
         print(f"bytes moved {moved} of {produced} produced", flush=True)
 
     print(

@@ -30,10 +30,10 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh.config import MembershipConfig
-from mesh.core import Core, MemberState
+from mesh.core import MemberState
 from mesh.membership import MemberChanged, MemberDown, Membership, MemberUp
 from mesh.messages import Address, Capabilities, Load, NodeId, NodeRecord, Wire
-from mesh.sim import Route, Simulation
+from mesh.sim import Simulation
 
 LOSS = 0.05
 LATENCY = (0.0002, 0.002)
@@ -81,10 +81,10 @@ class Mesh:
             NodeRecord(node=i, address=a, incarnation=0, version=1, capabilities=CAPS, load=load)
             for i, a in zip(self.ids, self.addresses, strict=True)
         ]
-        self.sim = Simulation(seed=seed, latency=LATENCY, loss=LOSS)
+        self.sim: Simulation[Membership] = Simulation(seed=seed, latency=LATENCY, loss=LOSS)
         self.crashed: set[NodeId] = set()
 
-        def factory(node: NodeId, address: Address, now: float, rng: random.Random) -> list[Route]:
+        def factory(node: NodeId, address: Address, now: float, rng: random.Random) -> Membership:
             m = Membership(
                 node=node,
                 address=address,
@@ -96,15 +96,13 @@ class Mesh:
             )
             # A node started from a saved peer table: the mesh exists before measuring.
             m.learn((r for r in records if r.node != node), now)
-            return [(range(1, 32), m)]
+            return m
 
         for node, address in zip(self.ids, self.addresses, strict=True):
             self.sim.add_node(node, address, factory)
 
     def core(self, node: NodeId) -> Membership:
-        core = self.sim.core(node)
-        assert isinstance(core, Membership)  # this benchmark builds only Membership cores
-        return core
+        return self.sim.core(node)
 
     def live(self) -> list[NodeId]:
         return [n for n in self.ids if n not in self.crashed]
@@ -123,10 +121,8 @@ class Mesh:
                 t += period * (0.9 + 0.2 * rng.random())
 
 
-def _set_load(load: Load) -> Callable[[list[Core], float], None]:
-    def act(cores: list[Core], now: float) -> None:
-        core = cores[0]
-        assert isinstance(core, Membership)  # built by Mesh
+def _set_load(load: Load) -> Callable[[Membership, float], None]:
+    def act(core: Membership, now: float) -> None:
         core.set_load(load, now)
 
     return act

@@ -9,75 +9,40 @@
 
 With no options it looks for a mesh of this machine's key (the key file that ``mesh-node
 start`` creates): the node on this machine's default port, then nodes announced over mDNS.
-If it finds none, it starts three nodes on 127.0.0.1 with a fresh key, one of them with
-``--without torch``, and ends them when it is done (also on Ctrl-C or failure).
+If it finds none, it starts three nodes on 127.0.0.1 with a fresh key (``LocalMesh``), one of
+them with ``--without torch``, and ends them when it is done (also on Ctrl-C or failure).
 
-The pipeline: make augmented digit shards, preprocess them where they were made, train the
-two-headed CNN where its training shards are (one round per epoch, the nodes' weights
-averaged between rounds), turn every shard into CNN features where it lies, then fit an
-SVM, a random forest (digit class) and a ridge regressor (rotation angle) side by side and
-score them with the CNN's own predictions on the held-out shards. Shards and features stay
-on the node that made them as references; only weights and small results travel.
-
-Each stage is pinned to the node holding its input through a label only that node has
-(the local nodes get ``--label node=NAME``; give your machines one the same way); on a mesh
-without such labels the auctions place the stages, and bids favour the holders.
-
-Only the public client API is used (``mesh.client``). A node's busy time is reconstructed
-from what the client sees (when a task's inputs were ready, when its result arrived, and how
-many slots its node has), so it includes queueing inside a slot's turn but not the wait for
-a slot.
+The pipeline itself (``tasks/pipeline.py``) makes digit shards, preprocesses them, trains a
+CNN where its data lies, turns every shard into features there, and fits and scores three
+classical heads, each stage pinned to the node holding its input. This script shows its
+progress, its scores, the tasks each node ran and the bytes that moved, and draws a timeline.
+Only the public API is used.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
-import re
-import secrets
 import signal
-import subprocess
 import sys
-import tempfile
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mesh.client import DEFAULT_URL, Client, TaskFuture, connect, key_bytes, resolve_key
-from mesh.codec import dumps, key_fingerprint
-from mesh.errors import MeshError
-from mesh.messages import ObjectRef
+from mesh import LocalMesh, MeshError
+from mesh.client import DEFAULT_URL, Client, connect, key_bytes, resolve_key
+from mesh.codec import key_fingerprint
+from tasks.pipeline import STAGES, Run, node_name, run_pipeline, traffic, usage, write_timeline
 from tasks.vision import PipelineSize
 
 SERVICE: Final = "_mesh-node._tcp.local."
-STAGES: Final = (
-    "make_shard",
-    "preprocess",
-    "train_cnn",
-    "average_weights",
-    "extract_features",
-    "predict",
-    "train_svm",
-    "train_forest",
-    "train_regressor",
-    "evaluate",
-)
-COLOURS: Final = dict(zip(STAGES, [f"C{i}" for i in range(len(STAGES))], strict=True))
-_LISTENING: Final = re.compile(r"listening on (\S+:\d+)")
-
-
-# ---------------------------------------------------------------------------------------
-# Finding a mesh, or starting one
 
 
 def browse_mdns(key: str, seconds: float = 2.0) -> list[str]:
@@ -117,424 +82,17 @@ def find_mesh(node: str | None, key: str | None) -> Client | None:
     return None
 
 
-@dataclass
-class LocalMesh:
-    """``count`` nodes on 127.0.0.1 with a fresh key; the last ``without_torch`` of them
-    leave torch out. ``close()`` ends every process it started (SIGTERM, then SIGKILL)."""
-
-    count: int = 3
-    without_torch: int = 1
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mesh-demo-")))
-    key: str = field(default_factory=lambda: secrets.token_hex(16))
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    addresses: list[str] = field(default_factory=list)
-
-    def start(self, timeout: float = 60.0) -> Client:
-        # The nodes share this machine: split its cores between them. Each node then sizes
-        # its workers' BLAS and torch threads by every slot on the machine, not its own.
-        slots = max(1, (os.cpu_count() or 1) // self.count)
-        for i in range(self.count):
-            name = f"demo-{chr(ord('a') + i)}"
-            cmd = [sys.executable, "-m", "node", "start", "--host", "127.0.0.1", "--port", "0"]
-            cmd += ["--no-mdns", "--preset", "local", "--name", name, "--key", self.key]
-            cmd += ["--slots", str(slots), "--label", f"node={name}", "--grace", "5"]
-            cmd += [arg for a in self.addresses[:1] for arg in ("--join", a)]
-            if i >= self.count - self.without_torch:
-                cmd += ["--without", "torch"]
-            log = self.workdir / f"{name}.log"
-            with open(log, "wb") as out:
-                self.procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
-            self.addresses.append(self._listening(self.procs[-1], log, timeout))
-        client = connect(f"http://{self.addresses[0]}", self.key)
-        deadline = time.monotonic() + timeout
-        while sum(p["state"] == "alive" for p in client.peers()) < self.count:
-            if time.monotonic() > deadline:
-                client.close()
-                raise MeshError(f"the local nodes did not find each other within {timeout:g} s")
-            time.sleep(0.1)
-        return client
-
-    @staticmethod
-    def _listening(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while (m := _LISTENING.search(log.read_text(errors="replace"))) is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-2000:]
-                raise MeshError(f"a local node did not start (log {log}):\n{tail}")
-            time.sleep(0.05)
-        return m.group(1)
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-
-
-@contextmanager
-def local_mesh(count: int = 3, without_torch: int = 1) -> Iterator[Client]:
-    """A client of ``count`` fresh local nodes, all ended on leaving the block."""
-    mesh = LocalMesh(count=count, without_torch=without_torch)
-    try:
-        client = mesh.start()
-        try:
-            yield client
-        finally:
-            client.close()
-    finally:
-        mesh.close()
-
-
-# ---------------------------------------------------------------------------------------
-# The pipeline
-
-
-@dataclass(eq=False)
-class Step:
-    """One task of the pipeline as the client saw it (seconds since the pipeline began)."""
-
-    stage: str
-    refs: tuple[ObjectRef, ...]
-    inline_in: int
-    ready: float
-    end: float = 0.0
-    node: str = ""
-    value: Any = None
-
-
-@dataclass
-class Run:
-    """What one pipeline run produced, and where and when each task ran."""
-
-    figures: dict[str, float]
-    steps: list[Step]
-    nodes: dict[str, dict[str, Any]]
-    """Node id -> its peer record (slots, libraries) at the start."""
-    initiator: str
-    wall_s: float
-
-
-def _refs(value: Any) -> list[ObjectRef]:
-    if isinstance(value, ObjectRef):
-        return [value]
-    if isinstance(value, list | tuple):
-        return [r for v in value for r in _refs(v)]
-    if isinstance(value, dict):
-        return [r for v in value.values() for r in _refs(v)]
-    return []
-
-
-def _inline(value: Any) -> int:
-    """Bytes of the arrays carried inline (not as references) in ``value``."""
-    if isinstance(value, np.ndarray):
-        return int(value.nbytes)
-    if isinstance(value, list | tuple):
-        return sum(_inline(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_inline(v) for v in value.values())
-    return 0
-
-
-def unique_labels(peers: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
-    """Node id -> one label only that node has: what pins a task to the node holding its
-    inputs. Nodes without such a label are left to the auction."""
-    seen = Counter(kv for p in peers for kv in p["capabilities"]["labels"].items())
-    out: dict[str, dict[str, str]] = {}
-    for p in peers:
-        for k, v in sorted(p["capabilities"]["labels"].items()):
-            if seen[(k, v)] == 1:
-                out[p["id"]] = {k: v}
-                break
-    return out
-
-
-class Pipeline:
-    """Runs the pipeline through ``client``; ``on_planned(stage, n)`` and ``on_done(stage)``
-    (called from the client's thread) drive a progress display."""
-
-    def __init__(
-        self,
-        client: Client,
-        size: PipelineSize,
-        *,
-        pin: bool = True,
-        on_planned: Callable[[str, int], None] = lambda stage, n: None,
-        on_done: Callable[[str], None] = lambda stage: None,
-        timeout: float = 900.0,
-    ) -> None:
-        self.client, self.size, self.pin = client, size, pin
-        self.on_planned, self.on_done = on_planned, on_done
-        self.deadline = time.monotonic() + timeout
-        self.steps: list[Step] = []
-        self.t0 = time.monotonic()
-        self.labels: dict[str, dict[str, str]] = {}
-
-    def _submit(
-        self,
-        stage: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any] | None = None,
-        at: Any = None,
-    ) -> TaskFuture:
-        """Submit ``vision.<stage>``; ``at`` (a node id or a reference) pins it there."""
-        node = at.holder if isinstance(at, ObjectRef) else at
-        labels = self.labels.get(node) if self.pin and isinstance(node, str) else None
-        step = Step(stage, tuple(_refs([args, kwargs])), _inline([args, kwargs]), self._now())
-        self.steps.append(step)
-        fut = self.client.submit_with(f"vision.{stage}", args, kwargs or {}, labels=labels)
-
-        def done(f: TaskFuture) -> None:
-            step.end, step.node = self._now(), f.node
-            if f.exception() is None:
-                step.value = f.result()
-            self.on_done(stage)
-
-        fut.add_done_callback(done)  # type: ignore[arg-type]
-        return fut
-
-    def _now(self) -> float:
-        return time.monotonic() - self.t0
-
-    def _wait(self, stage: str, futures: Sequence[TaskFuture]) -> list[Any]:
-        try:
-            return self.client.gather(futures, timeout=max(0.0, self.deadline - time.monotonic()))
-        except TimeoutError:
-            raise MeshError(f"{stage}: no result before the pipeline's deadline") from None
-        except MeshError as exc:
-            raise MeshError(f"{stage}: {exc}") from exc
-
-    def run(self) -> Run:
-        size, seed = self.size, self.size.seed
-        peers = [p for p in self.client.peers() if p["state"] == "alive"]
-        nodes = {p["id"]: p for p in peers}
-        initiator = next((p["id"] for p in peers if p.get("self")), "")
-        self.labels = unique_labels(peers)
-        torch_nodes = sorted(
-            p["id"]
-            for p in peers
-            if "vision.train_cnn" in p["capabilities"]["tasks"]
-            and "torch" in p["capabilities"]["libraries"]
-        )
-        others = sorted(set(nodes) - set(torch_nodes))
-        # Training shards are made where they can be trained on, held-out shards preferably
-        # on nodes that cannot train: then the CNN trains where its data lies.
-        train_at = itertools.cycle(torch_nodes or sorted(nodes))
-        test_at = itertools.cycle(others or torch_nodes or sorted(nodes))
-        shard = {"seed": seed, "max_angle": size.max_angle}
-        plan = [("train", i, size.shard_size, next(train_at)) for i in range(size.train_shards)]
-        plan += [("test", i, size.test_shard_size, next(test_at)) for i in range(size.test_shards)]
-        self.on_planned("make_shard", len(plan))
-        self.on_planned("preprocess", len(plan))
-        made = {
-            self._submit("make_shard", (i,), {"size": n, "split": split, **shard}, at=node): (
-                split,
-                i,
-            )
-            for split, i, n, node in plan
-        }
-        pre: dict[tuple[str, int], TaskFuture] = {}
-        try:
-            for f in self.client.as_completed(made, timeout=self.deadline - time.monotonic()):
-                raw = self._wait("make_shard", [f])[0]
-                pre[made[f]] = self._submit("preprocess", (raw,), at=raw)
-        except TimeoutError:
-            raise MeshError("make_shard: no result before the pipeline's deadline") from None
-        train = self._wait("preprocess", [pre["train", i] for i in range(size.train_shards)])
-        test = self._wait("preprocess", [pre["test", i] for i in range(size.test_shards)])
-
-        weights = self._train_cnn(train, torch_nodes)
-
-        self.on_planned("extract_features", len(train) + len(test))
-        self.on_planned("predict", len(test))
-        dtype = {"dtype": size.feature_dtype}
-        feats = [self._submit("extract_features", (weights, s), dtype, at=s) for s in train + test]
-        preds = [self._submit("predict", (weights, s), at=s) for s in test]
-        features = self._wait("extract_features", feats)
-        train_f, test_f = features[: len(train)], features[len(train) :]
-        cnn = self._wait("predict", preds)
-
-        heads = ("train_svm", "train_forest", "train_regressor")
-        for stage in (*heads, "evaluate"):
-            self.on_planned(stage, 1)
-        # The heads run side by side, one per node, the slowest (the forest) where most
-        # feature bytes already are.
-        fitters = [n for n, p in nodes.items() if "scikit-learn" in p["capabilities"]["libraries"]]
-        held: Counter[str] = Counter({n: 0 for n in fitters})
-        for r in _refs([train_f, test_f]):
-            if r.holder in held:
-                held[r.holder] += r.nbytes
-        spots = itertools.cycle([n for n, _ in held.most_common()] or [None])
-        fitted = {
-            h: self._submit(h, (train_f, test_f), {"seed": seed}, at=next(spots))
-            for h in ("train_forest", "train_svm", "train_regressor")
-        }
-        classes = np.concatenate([p["classes"] for p in cnn])
-        angles = np.concatenate([p["angles"] for p in cnn])
-        scored = self._submit("evaluate", (test_f,), {"classes": classes, "angles": angles})
-        svm, forest, regressor = (
-            r["info"] for r in self._wait("heads", [fitted[h] for h in heads])
-        )
-        scores = self._wait("evaluate", [scored])[0]
-        figures = {
-            "images": float(size.train_images),
-            "accuracy_svm": float(svm["accuracy"]),
-            "accuracy_forest": float(forest["accuracy"]),
-            "accuracy_cnn": float(scores["accuracy"]),
-            "angle_mae_cnn_deg": float(scores["angle_mae_deg"]),
-            "angle_mae_regressor_deg": float(regressor["angle_mae_deg"]),
-        }
-        figures["angle_mae_deg"] = min(
-            figures["angle_mae_cnn_deg"], figures["angle_mae_regressor_deg"]
-        )
-        return Run(figures, self.steps, nodes, initiator, self._now())
-
-    def _train_cnn(self, train: list[Any], torch_nodes: list[str]) -> Any:
-        """The CNN's weights (a reference), trained where the training shards are.
-
-        One group of shards per torch-capable holder; shards on a node without torch join
-        the smallest group (they move once per round). Several groups train one epoch per
-        round from the last round's average, weighted by images. A single group, or a single
-        epoch (one average of models trained apart from the start is far worse than either),
-        trains all epochs in one task on the node holding the most shards, exactly as in
-        one process.
-        """
-        size = self.size
-        groups: dict[str | None, list[Any]] = defaultdict(list)
-        stray: list[Any] = []
-        for s in train:
-            holder = s.holder if isinstance(s, ObjectRef) else None
-            (groups[holder] if not torch_nodes or holder in torch_nodes else stray).append(s)
-        for s in stray:
-            target = min(torch_nodes, key=lambda n: len(groups.get(n, [])))
-            groups[target].append(s)
-        if len(groups) > 1 and size.epochs == 1:
-            biggest = max(groups, key=lambda n: len(groups[n]))
-            groups = {biggest: [s for g in groups.values() for s in g]}
-        rounds = 1 if len(groups) == 1 else size.epochs
-        epochs = size.epochs if rounds == 1 else 1
-        self.on_planned("train_cnn", rounds * len(groups))
-        self.on_planned("average_weights", 0 if len(groups) == 1 else rounds)
-        weights: Any = None
-        for r in range(rounds):
-            kwargs = {"seed": size.seed + r, "epochs": epochs, "batch_size": size.batch_size}
-            if weights is not None:
-                kwargs["init"] = weights
-            trained = [
-                self._submit("train_cnn", (shards,), kwargs, at=node)
-                for node, shards in groups.items()
-            ]
-            results = self._wait("train_cnn", trained)
-            if len(results) == 1:
-                return results[0]
-            counts = [len(g) for g in groups.values()]
-            weights = self._wait(
-                "average_weights",
-                [self._submit("average_weights", (results, counts), at=next(iter(groups)))],
-            )[0]
-        return weights
-
-
-def run_pipeline(client: Client, size: PipelineSize, **options: Any) -> Run:
-    """Run the whole pipeline on the mesh ``client`` talks to; see ``Pipeline``."""
-    return Pipeline(client, size, **options).run()
-
-
-# ---------------------------------------------------------------------------------------
-# What the run shows
-
-
-def placed(run: Run) -> list[tuple[Step, float, int]]:
-    """(step, start, slot) per finished task: each node's slots replayed in finishing order."""
-    out = []
-    by_node: dict[str, list[Step]] = defaultdict(list)
-    for s in run.steps:
-        if s.node:
-            by_node[s.node].append(s)
-    for node, steps in by_node.items():
-        slots = int(
-            run.nodes.get(node, {}).get("capabilities", {}).get("resources", {}).get("cpu", 1)
-        )
-        free = [0.0] * max(1, slots)
-        for s in sorted(steps, key=lambda s: s.end):
-            slot = min(range(len(free)), key=free.__getitem__)
-            start = min(s.end, max(s.ready, free[slot]))
-            free[slot] = s.end
-            out.append((s, start, slot))
-    return out
-
-
-def traffic(run: Run) -> tuple[int, int]:
-    """(bytes moved between nodes, bytes produced by tasks).
-
-    Moved: referenced inputs a task fetched from another node, plus inline arrays carried
-    between the submitting node and a different runner. Produced: every task's result.
-    """
-    moved = produced = 0
-    for s in run.steps:
-        size = s.value.nbytes if isinstance(s.value, ObjectRef) else len(dumps(s.value))
-        produced += size
-        moved += sum(r.nbytes for r in s.refs if r.holder != s.node)
-        if s.node != run.initiator:
-            moved += s.inline_in + (0 if isinstance(s.value, ObjectRef) else size)
-    return moved, produced
-
-
-def usage(run: Run) -> dict[str, dict[str, tuple[int, float]]]:
-    """Stage -> node -> (tasks run, busy seconds)."""
-    table: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
-    for s, start, _ in placed(run):
-        n, busy = table[s.stage].get(s.node, (0, 0.0))
-        table[s.stage][s.node] = (n + 1, busy + s.end - start)
-    return table
-
-
-def write_timeline(run: Run, path: Path) -> Path:
-    """A PNG of tasks per node over time, coloured by stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-    from matplotlib.patches import Patch
-
-    nodes = sorted(run.nodes)
-    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.9 * len(nodes)))
-    for s, start, slot in placed(run):
-        slots = int(
-            run.nodes.get(s.node, {}).get("capabilities", {}).get("resources", {}).get("cpu", 1)
-        )
-        row = nodes.index(s.node) if s.node in nodes else len(nodes)
-        height = 0.8 / max(1, slots)
-        ax.broken_barh(
-            [(start, max(s.end - start, 0.01))],
-            (row - 0.4 + slot * height, height * 0.9),
-            facecolors=COLOURS[s.stage],
-            edgecolors="white",
-            linewidth=0.5,
-        )
-    ax.set_yticks(range(len(nodes)), [_node_name(run, n) for n in nodes])
-    ax.set_xlabel("seconds since the pipeline began")
-    ax.set_title("Tasks per node over time")
-    used = [st for st in STAGES if any(s.stage == st for s in run.steps)]
-    ax.legend(
-        handles=[Patch(color=COLOURS[st], label=st) for st in used],
-        loc="upper left",
-        bbox_to_anchor=(1.0, 1.0),
-        fontsize="small",
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _node_name(run: Run, node: str) -> str:
-    torch = "torch" in run.nodes.get(node, {}).get("capabilities", {}).get("libraries", {})
-    return node if torch else f"{node} (no torch)"
+def start_local_mesh(stack: ExitStack) -> Client:
+    """Three fresh nodes on this machine, ended when ``stack`` closes: a client of the first."""
+    # The nodes share this machine: split its cores between them. Each node then sizes its
+    # workers' BLAS and torch threads by every slot on the machine, not its own.
+    slots = max(1, (os.cpu_count() or 1) // 3)
+    mesh = stack.enter_context(LocalMesh(slots=slots, args=["--grace", "5"]))
+    mesh.start("demo-a")
+    mesh.start("demo-b")
+    mesh.start("demo-c", without=["torch"])
+    mesh.wait_alive()
+    return mesh.client()
 
 
 def report(console: Console, run: Run, timeline: Path) -> None:
@@ -549,7 +107,7 @@ def report(console: Console, run: Run, timeline: Path) -> None:
     table = Table(title="tasks run / busy seconds, per stage and node")
     table.add_column("stage")
     for n in nodes:
-        table.add_column(_node_name(run, n), justify="right")
+        table.add_column(node_name(run, n), justify="right")
     for stage, row in sorted(usage(run).items(), key=lambda kv: STAGES.index(kv[0])):
         cells = [f"{row[n][0]} / {row[n][1]:.1f}" if n in row else "-" for n in nodes]
         table.add_row(stage, *cells)
@@ -583,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             client = None if args.local else find_mesh(args.node, args.key)
             if client is None:
                 console.print("No mesh found: starting three local nodes (one without torch)")
-                client = stack.enter_context(local_mesh())
+                client = start_local_mesh(stack)
             else:
                 stack.callback(client.close)
             console.print(f"Mesh via {client.url}: {len(client.peers())} nodes")

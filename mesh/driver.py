@@ -1,10 +1,12 @@
-"""The asyncio driver: runs sans-I/O protocol cores over a Transport in real time.
+"""The asyncio driver: runs a node's sans-I/O core over a Transport in real time.
 
 This is the only place where the cores meet a real clock. The driver reads the clock
-(``time.monotonic`` for the cores, ``time.time`` for the codec's timestamps), decodes frames
-from the transport with the node's ``Codec`` and hands each message to the core that owns
-its wire-type block, encodes what the cores want sent and queues it per destination, and
-keeps ONE timer armed at the earliest ``next_timer()`` of all cores.
+(``clock``, ``time.monotonic`` unless a test passes another, for the core; ``time.time``
+for the codec's timestamps), makes the core at its ``now``, decodes frames from the
+transport with the node's ``Codec`` and hands each message to the core, encodes what the
+core wants sent and queues it per destination, and keeps ONE timer armed at the core's
+``next_timer()``. What the node's owner asks of the core (submit a task, join a seed)
+goes through ``command``, which calls it with the same clock's ``now``.
 
 It never blocks the event loop: decoding is cheap (arrays are views), sends go through
 per-destination queues drained by sender tasks, and work triggered by local calls (a
@@ -12,11 +14,11 @@ submitted task, a finished task) is coalesced into one step per loop iteration w
 ``wake()``. A frame that cannot be accepted is counted by its ``RemoteProtocolError``
 reason and dropped; nothing a peer sends can stop the driver.
 
-It knows nothing about membership or contracts: the owner gives it routes (wire-type
-ranges to cores), an ``on_step`` hook in which it drains the cores' events, and a
-``resolve`` function naming the node behind an address, so that every frame names its
-receiver (see ``mesh.codec``). Cores send to addresses; ``resolve`` is called once per
-frame and must be a lookup, not a search.
+It knows nothing about membership or contracts: the owner gives it a factory for the core
+(``mesh.node_core.NodeCore`` in a node), an ``on_step`` hook in which it drains the core's
+events, and a ``resolve`` function naming the node behind an address, so that every frame
+names its receiver (see ``mesh.codec``). The core sends to addresses; ``resolve`` is called
+once per frame and must be a lookup, not a search.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from mesh.codec import BLANK_TO_TAGS, UNADDRESSED, Buffer, Chunks, Codec
 from mesh.core import Core
@@ -36,29 +38,20 @@ from mesh.transport import Transport
 
 log = logging.getLogger(__name__)
 
-MEMBERSHIP_TAGS = range(1, 32)
-CONTRACT_TAGS = range(32, 64)
-NODE_TAGS = range(64, 96)
-
 _MAX_STEP_ROUNDS = 16
 """Rounds of (local delivery, hook, flush) in one step before yielding to the loop, so that
-two cores talking to themselves cannot starve the transport."""
+a core talking to itself cannot starve the transport."""
+
+C = TypeVar("C", bound=Core)
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Messages whose wire tag is in ``tags`` go to ``core``."""
-
-    tags: range
-    core: Core
-
-
-class Driver:
-    """Pumps cores over a transport. Start with ``await run()``; ``stop()`` ends it.
+class Driver(Generic[C]):
+    """Pumps a core over a transport. Start with ``await run()``; ``stop()`` ends it.
 
     ``on_step(now)`` is called after every batch of received frames, timer expiries and
-    ``wake()`` calls; the owner drains core events there and may call core methods, whose
-    output is flushed in the same step.
+    ``wake()`` calls; the owner drains core events there and may call core methods with
+    that ``now``, whose output is flushed in the same step. Outside a step, the owner calls
+    the core through ``command``.
     """
 
     def __init__(
@@ -67,7 +60,7 @@ class Driver:
         node: NodeId,
         transport: Transport,
         codec: Codec,
-        routes: Sequence[Route],
+        core: Callable[[float], C],
         resolve: Callable[[Address], NodeId | None],
         on_step: Callable[[float], None] | None = None,
         authenticated: bool = True,
@@ -75,7 +68,8 @@ class Driver:
         wall_clock: Callable[[], float] = time.time,
         max_queued_per_peer: int = 100_000,
     ) -> None:
-        """``resolve(address)``: the id of the node at ``address``, or None if unknown. A
+        """``core(now)`` makes the core, at the driver's ``clock()``; it is ``self.core``.
+        ``resolve(address)``: the id of the node at ``address``, or None if unknown. A
         frame for an unknown node goes out unaddressed only if its type may (``Join``,
         ``PeerHello``); any other is dropped here as ``no-receiver``, since its receiver
         would refuse it.
@@ -86,27 +80,22 @@ class Driver:
         self.node = node
         self.transport = transport
         self.codec = codec
-        self.routes = tuple(routes)
         self.resolve = resolve
         self.on_step = on_step
         self.authenticated = authenticated
         self.clock = clock
         self.wall_clock = wall_clock
+        self.core: C = core(clock())
         self.max_queued_per_peer = max_queued_per_peer
         self.rejected: Counter[str] = Counter()
         """Frames dropped on arrival, by ``RemoteProtocolError.reason``."""
         self.received: Counter[str] = Counter()
-        """Messages accepted by a core, by wire type name (local deliveries included)."""
+        """Messages accepted by the core, by wire type name (local deliveries included)."""
         self.sent: Counter[str] = Counter()
         """Messages queued for sending, by wire type name (local deliveries included)."""
         self.dropped: Counter[str] = Counter()
         """Outgoing frames given up on, by cause (``overflow``, ``send-error``, ``encode``,
         ``no-receiver``)."""
-        self._by_tag: dict[int, Core] = {}
-        for route in self.routes:
-            for tag in route.tags:
-                self._by_tag[tag] = route.core
-        self._cores: tuple[Core, ...] = tuple(dict.fromkeys(r.core for r in self.routes))
         self._local: deque[Wire] = deque()
         self._queues: dict[Address, deque[Chunks]] = {}
         self._senders: dict[Address, asyncio.Task[None]] = {}
@@ -152,6 +141,15 @@ class Driver:
 
     # -- stepping -------------------------------------------------------------------------
 
+    def command(self, fn: Callable[[float], None]) -> None:
+        """Call ``fn(now)`` at once with the driver's clock (``fn`` calls the core: submit a
+        task, join a seed), then step soon to send what it made. What ``fn`` raises is
+        raised here."""
+        try:
+            fn(self.clock())
+        finally:
+            self.wake()
+
     def wake(self) -> None:
         """Ask for a step soon; calls within one loop iteration share one step."""
         if self._wake_pending or self._loop is None:
@@ -168,7 +166,9 @@ class Driver:
                 self._deliver(self.node, self._local.popleft(), now)
             # A core that wants to act now (a batch to call for at once, say) does so in
             # this step, not one loop turn later through the timer.
-            self._run_due(now)
+            due = self.core.next_timer()
+            if due is not None and due <= now:
+                self.core.handle_timer(now)
             if self.on_step is not None:
                 self.on_step(now)
             if not self._flush() and not self._local:
@@ -177,19 +177,9 @@ class Driver:
             self.wake()
         self._rearm()
 
-    def _run_due(self, now: float) -> None:
-        for core in self._cores:
-            t = core.next_timer()
-            if t is not None and t <= now:
-                core.handle_timer(now)
-
     def _deliver(self, src: NodeId, msg: Wire, now: float) -> None:
-        core = self._by_tag.get(int(msg.TAG))
-        if core is None:
-            self.rejected["unroutable"] += 1
-            return
         try:
-            core.receive(src, msg, now)
+            self.core.receive(src, msg, now)
         except RemoteProtocolError as exc:
             self.rejected[exc.reason] += 1
             log.debug("dropped %s from %s: %s", type(msg).__name__, src, exc)
@@ -197,37 +187,34 @@ class Driver:
         self.received[type(msg).__name__] += 1
 
     def _flush(self) -> bool:
-        """Queue every core's outgoing messages; True if there were any."""
-        any_out = False
+        """Queue the core's outgoing messages; True if there were any."""
+        out = self.core.take_outgoing()
+        if not out:
+            return False
         me = self.transport.address
         resolve = self.resolve
-        for core in self._cores:
-            out = core.take_outgoing()
-            if not out:
+        wall = self.wall_clock()
+        for dst, msg in out:
+            self.sent[type(msg).__name__] += 1
+            if dst == me:
+                self._local.append(msg)
                 continue
-            any_out = True
-            wall = self.wall_clock()
-            for dst, msg in out:
-                self.sent[type(msg).__name__] += 1
-                if dst == me:
-                    self._local.append(msg)
+            to = resolve(dst)
+            if to is None:
+                if int(msg.TAG) not in BLANK_TO_TAGS:
+                    self.dropped["no-receiver"] += 1
+                    log.debug("no node known at %s for %s", dst, type(msg).__name__)
                     continue
-                to = resolve(dst)
-                if to is None:
-                    if int(msg.TAG) not in BLANK_TO_TAGS:
-                        self.dropped["no-receiver"] += 1
-                        log.debug("no node known at %s for %s", dst, type(msg).__name__)
-                        continue
-                    to = UNADDRESSED
-                try:
-                    chunks, _ = self.codec.encode(msg, wall, to=to)
-                except MeshError as exc:
-                    # Our own message cannot be framed (too big): a bug above, not a peer's.
-                    self.dropped["encode"] += 1
-                    log.error("cannot send %s to %s: %s", type(msg).__name__, dst, exc)
-                    continue
-                self._enqueue(dst, chunks)
-        return any_out
+                to = UNADDRESSED
+            try:
+                chunks, _ = self.codec.encode(msg, wall, to=to)
+            except MeshError as exc:
+                # Our own message cannot be framed (too big): a bug above, not a peer's.
+                self.dropped["encode"] += 1
+                log.error("cannot send %s to %s: %s", type(msg).__name__, dst, exc)
+                continue
+            self._enqueue(dst, chunks)
+        return True
 
     def _enqueue(self, dst: Address, chunks: Chunks) -> None:
         queue = self._queues.get(dst)
@@ -269,11 +256,7 @@ class Driver:
     # -- time -----------------------------------------------------------------------------
 
     def _rearm(self) -> None:
-        due: float | None = None
-        for core in self._cores:
-            t = core.next_timer()
-            if t is not None and (due is None or t < due):
-                due = t
+        due = self.core.next_timer()
         if due == self._timer_at and self._timer is not None:
             return
         if self._timer is not None:
@@ -318,8 +301,3 @@ class Driver:
             self.rejected["self"] += 1
             return
         self._deliver(frame.sender, frame.msg, self.clock())
-
-    def inject(self, msg: Wire) -> None:
-        """Deliver ``msg`` to its core as if this node had sent it to itself."""
-        self._local.append(msg)
-        self.wake()

@@ -7,9 +7,12 @@ accepted raises ``RemoteProtocolError`` and leaves the state unchanged.
 
 Binding is late. Tasks with the same requirements queue in one ``_Group``; a call for
 proposals recruits bidders into the group's pool of ``_Worker``s, and the pool works
-through the queue: a worker is given a task (an award, ``Accept``) when it has room, and
-refilled as its results come back. Each award is a lease that the winner's progress
-renews; a lapsed or declined one, or a winner gone, puts the task back in the queue.
+through the queue: a worker is given a task (an award, ``Accept``) when one of its lanes
+is within ``bind_ahead_s`` of freeing (its bid says when, other initiators' work
+included), and refilled as its results come back. Nothing waits on a node that another
+could start sooner, so several initiators sharing nodes do not queue behind each other.
+Each award is a lease that the winner's progress renews; a lapsed or declined one, or a
+winner gone, puts the task back in the queue.
 
 This module may not import asyncio, aiohttp, zeroconf, socket or time, and may not read a
 clock: ``now`` is always an argument, and randomness comes from the ``rng`` passed in.
@@ -546,7 +549,7 @@ class Initiator:
                 continue
             if len(self._auctions) < self._cfg.max_auctions and self._short_handed(group, now):
                 self._recruit(group, now)
-            elif group.pool and now < group.quiet_until:
+            elif now < group.quiet_until:
                 self._flush_at = min(self._flush_at, group.quiet_until)
 
     def _short_handed(self, group: _Group, now: float) -> bool:
@@ -556,11 +559,11 @@ class Initiator:
         from calling again for ``recruit_s`` plus one task on its fastest worker."""
         if group.recruiting >= self._cfg.recruit_parallel:
             return False
+        if now < group.quiet_until:
+            return False
         pool = group.pool
         if not pool:
             return not group.recruiting
-        if now < group.quiet_until:
-            return False
         free = [f for w in pool.values() for f in w.lane_free]
         backlog = len(group.queue) - sum(1 for f in free if f <= now)
         if backlog <= 0:
@@ -753,7 +756,7 @@ class Initiator:
                 useful = True
         if useful:
             group.backoff = 0.0
-        elif pool:
+        else:
             self._back_off(group, now)
         if now < auction.deadline:
             # Decided before every answer came: those still to come are bids already made,
@@ -788,11 +791,20 @@ class Initiator:
         for w in room:
             won: list[_Task] = []
             while len(w.inflight) < w.window and queue:
-                if not self._worth(w, group, now, rate, lanes):
+                due = w.start_at(now) - w.bind_ahead
+                if due > now:
+                    self._flush_at = min(self._flush_at, due)
                     break
-                t = self._pick(w, group, now)
-                if t is None:
+                i = self._pick(w, group, now)
+                if i is None:
                     break
+                t = queue[i]
+                # Locality first: ``_pick`` gives another worker a task whose inputs ``w``
+                # holds only if that worker finishes it clearly sooner, so ``w`` is not
+                # held back from it here (else neither of them ever takes it).
+                if t.home != w.node and not self._worth(w, group, now, rate, lanes):
+                    break
+                del queue[i]
                 t.move("award")
                 t.worker = w
                 t.awarded_at = now
@@ -829,9 +841,9 @@ class Initiator:
                 return False
         return True
 
-    def _pick(self, w: _Worker, group: _Group, now: float) -> _Task | None:
-        """The queued task ``w`` should take: among the first few, one whose inputs it
-        holds, else one that no pool worker holds, else one it finishes (transfer
+    def _pick(self, w: _Worker, group: _Group, now: float) -> int | None:
+        """Where in the queue the task ``w`` should take is: among the first few, one whose
+        inputs it holds, else one that no pool worker holds, else one it finishes (transfer
         included) clearly sooner (``LOCALITY_MARGIN``) than the worker holding its inputs."""
         queue = group.queue
         pool = group.pool
@@ -857,11 +869,7 @@ class Initiator:
                 ):
                     fallback = i
             i += 1
-        if fallback is None:
-            return None
-        t = queue[fallback]
-        del queue[fallback]
-        return t
+        return fallback
 
     def _award(self, w: _Worker, tasks: list[_Task], now: float) -> None:
         node = w.node
@@ -890,7 +898,7 @@ class Initiator:
         """A recruiting call added nobody: no further call for a while, doubling from two
         reply timeouts up to one task on the pool's fastest worker. Calls that add nobody
         cost messages and help no task; a pool that stays short-handed still recruits."""
-        fastest = min(w.run_s for w in group.pool.values())
+        fastest = min((w.run_s for w in group.pool.values()), default=0.0)
         floor = 2 * self._cfg.reply_timeout_s
         group.backoff = min(
             max(2 * group.backoff, floor), max(self._cfg.recruit_s + fastest, floor)

@@ -110,6 +110,7 @@ class _Held:
         "cfp",
         "est",
         "initiator",
+        "nbytes",
         "need",
         "payload",
         "query",
@@ -124,6 +125,7 @@ class _Held:
 
     def __init__(self, task_id: TaskId, res: _Reservation, payload: Any, now: float) -> None:
         self.task_id = task_id
+        self.nbytes = res.inputs.get(task_id, 0)  # its referenced inputs' size
         self.res: _Reservation | None = res  # None once it no longer counts there
         res.holding += 1
         self.initiator = res.initiator
@@ -164,6 +166,7 @@ class _Reservation:
         "forget_at",
         "holding",
         "initiator",
+        "inputs",
         "made",
         "need",
         "offered",
@@ -191,6 +194,7 @@ class _Reservation:
         self.need = need
         self.est = est
         self.seed = msg.est_runtime_s
+        self.inputs = {t: sum(holders.values()) for t, holders in msg.inputs.items()}
         self.offered = offered
         self.reserved = offered
         self.holding = 0  # tasks awarded under it and not yet finished or dropped here
@@ -198,6 +202,20 @@ class _Reservation:
         self.expires = now + config.reservation_s
         # Long enough to tell a late award (decline it) from one never solicited (reject it).
         self.forget_at = now + 4 * config.reservation_s
+
+
+SIZE_MIN_BYTES: Final = 64 * 1024
+"""Inputs smaller than this say nothing about a task's runtime (its own work dominates)."""
+SIZE_RANGE: Final = 8.0
+"""How far input size may scale a runtime learned on other inputs, either way."""
+
+
+def _size_factor(nbytes: float, seen: float) -> float:
+    """How much longer a task of ``nbytes`` of inputs runs than one of ``seen``: in
+    proportion, within ``SIZE_RANGE``, where both are large enough to tell."""
+    if nbytes < SIZE_MIN_BYTES or seen < SIZE_MIN_BYTES:
+        return 1.0
+    return min(max(nbytes / seen, 1.0 / SIZE_RANGE), SIZE_RANGE)
 
 
 def _limiting(need: dict[str, float], have: dict[str, float]) -> tuple[str, int]:
@@ -236,7 +254,8 @@ class Participant:
         self._running: dict[TaskId, _Held] = {}  # RUNNING and CANCELLING
         self._held: dict[TaskId, _Held] = {}  # every state but DROPPED and FINISHED
         self._used: dict[str, float] = {}
-        self._history: dict[str, tuple[float, float]] = {}  # name -> (runtime, measured at)
+        # name -> (runtime, measured at, input bytes of the runs it averages)
+        self._history: dict[str, tuple[float, float, float]] = {}
         # measured / estimated runtime, over every task with an estimate; seeded by the
         # driver's calibration (``speed``), replaced by the first real measurements
         self._speed = speed
@@ -375,17 +394,20 @@ class Participant:
     # Bids, reservations, execution
     # -----------------------------------------------------------------------------------
 
-    def _runtime(self, name: str, seed: float | None, now: float) -> float:
-        """Expected runtime here. The prior is the submitter's estimate (or the default)
-        times this node's speed factor, which calibration at start seeds and every run
-        with an estimate corrects. This node's own history for the name outweighs the
-        prior while it is fresh and fades into it with age (``history_half_life_s``):
-        one slow run long ago does not price a node out of every later auction."""
+    def _runtime(self, name: str, seed: float | None, now: float, nbytes: float = 0.0) -> float:
+        """Expected runtime here of a task of ``nbytes`` of referenced inputs. The prior is
+        the submitter's estimate (or the default) times this node's speed factor, which
+        calibration at start seeds and every run with an estimate corrects. This node's
+        own history for the name outweighs the prior while it is fresh and fades into it
+        with age (``history_half_life_s``): one slow run long ago does not price a node
+        out of every later auction. History learned on inputs of another size scales in
+        proportion to the size (``_size_factor``)."""
         prior = (seed if seed is not None else self._cfg.default_runtime_s) * self._speed
         known = self._history.get(name)
         if known is None:
             return min(prior, MAX_ESTIMATE_S)
-        value, at = known
+        value, at, seen = known
+        value *= _size_factor(nbytes, seen)
         trust: float = 0.5 ** (max(0.0, now - at) / self._cfg.history_half_life_s)
         return min(trust * value + (1.0 - trust) * prior, MAX_ESTIMATE_S)
 
@@ -393,8 +415,14 @@ class Participant:
         alpha = self._cfg.runtime_alpha
         name = held.req.task
         old = self._history.get(name)
-        value = measured if old is None else old[0] + alpha * (measured - old[0])
-        self._history[name] = (value, now)
+        if old is None:
+            self._history[name] = (measured, now, float(held.nbytes))
+        else:
+            # The average moves towards this run as if it had had the average's input size.
+            value, _, seen = old
+            scaled = measured / _size_factor(held.nbytes, seen)
+            seen += alpha * (held.nbytes - seen)
+            self._history[name] = (value + alpha * (scaled - value), now, seen)
         if held.seed is not None and held.seed >= MIN_ESTIMATE_S:
             # A plain mean over the first few runs, then the moving average: the first
             # measurements are what tells a slow node from a fast one, so they count fully.
@@ -490,7 +518,8 @@ class Participant:
             self._ctx.stats["refusals_sent"] += 1
             return
         need = demand(msg.requirements)
-        est = self._runtime(msg.requirements.task, msg.est_runtime_s, now)
+        sizes = [sum(msg.inputs.get(t, {}).values()) for t in msg.tasks]
+        est = self._runtime(msg.requirements.task, msg.est_runtime_s, now, sum(sizes) / len(sizes))
         # Queued behind long work a slot may end past MAX_ESTIMATE_S: bid the cap, which
         # the initiator accepts, rather than a number it refuses (``bad-cost``).
         costs = [min(c, MAX_ESTIMATE_S) for c in self._bid(need, est, len(msg.tasks), now)]
@@ -685,9 +714,9 @@ class Participant:
             return
         self._progress_at = INF
         interval = self._cfg.progress_interval_s
-        # Renew only leases that could lapse before the round after next: a task that
-        # finishes within a lease never costs a progress message.
-        due = now - (self._cfg.lease_s - 2 * interval)
+        # Renew each lease at least twice in its span, so that one lost progress message
+        # never lets it lapse; a task that finishes within half a lease costs none.
+        due = now - max(0.0, self._cfg.lease_s / 2 - interval)
         by: dict[NodeId, list[TaskId]] = {}
         remote = False
         for h in self._held.values():

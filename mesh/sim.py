@@ -2,16 +2,17 @@
 
 The simulator is a second driver for the cores (``mesh.driver`` is the real-time one): it
 keeps one heap of events (message deliveries, core timers, scheduled actions), pops them
-in time order, feeds each to the core it is for with ``now`` set to the event's time,
-and turns what the core wants sent into future deliveries through an ``InMemoryNetwork``
-(the same latency, loss and partition model the in-memory transport uses). No event loop,
-no threads, no wall clock: a run is a pure function of its seed, and a thousand nodes fit
-in one process.
+in time order, feeds each to the node it is for with ``now`` set to the event's time,
+and turns what the node's core wants sent into future deliveries through an
+``InMemoryNetwork`` (the same latency, loss and partition model the in-memory transport
+uses). No event loop, no threads, no wall clock: a run is a pure function of its seed, and
+a thousand nodes fit in one process.
 
-Each node hosts one or more cores (membership, contract net, ...), made by a factory and
-routed messages by wire-type ranges, exactly as the real driver routes them. Nodes can
-crash (their state is lost), restart (the factory makes fresh cores), and stall (they
-process nothing for a while, then see ``now`` jump, as a node whose event loop blocked).
+Each node runs one core, made by a factory: a ``mesh.node_core.NodeCore`` (membership and
+contract net, joined as in a real node), or a single protocol core when that is what a
+run studies. Nodes can crash (their state is lost), restart (the factory makes a fresh
+core), and stall (they process nothing for a while, then see ``now`` jump, as a node whose
+event loop blocked).
 Every message is measured with its real encoded size (``wire_size``, equal to
 ``len(mesh.codec.dumps(msg))``) and can be observed by hooks.
 
@@ -22,9 +23,9 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgpack
 
@@ -131,11 +132,10 @@ class WireSizer:
 # The simulator
 # ---------------------------------------------------------------------------------------
 
-Route = tuple[range, Core]
-"""Messages whose wire tag is in the range go to the core."""
+C = TypeVar("C", bound=Core)
 
-NodeFactory = Callable[[NodeId, Address, float, random.Random], Sequence[Route]]
-"""Makes a node's cores at boot (and again at each restart): (node, address, now, rng)."""
+NodeFactory = Callable[[NodeId, Address, float, random.Random], C]
+"""Makes a node's core at boot (and again at each restart): (node, address, now, rng)."""
 
 SendHook = Callable[[float, NodeId, Address, Wire, int], None]
 """Called for every message sent: (now, src, dst address, message, encoded size)."""
@@ -152,15 +152,14 @@ _ACTION = 2
 
 
 @dataclass(slots=True)
-class _Node:
+class _Node(Generic[C]):
     node: NodeId
     address: Address
     index: int
-    factory: NodeFactory
-    cores: list[Core] = field(default_factory=list)
-    by_tag: list[int] = field(default_factory=list)
-    timers: list[float | None] = field(default_factory=list)
-    up: bool = False
+    factory: NodeFactory[C]
+    core: C | None = None
+    """None while the node is down."""
+    timer: float | None = None
     boots: int = 0
     stalled_until: float = 0.0
 
@@ -178,7 +177,7 @@ class SimStats:
     """Messages a core refused (``RemoteProtocolError``), by reason."""
 
 
-class Simulation:
+class Simulation(Generic[C]):
     """Many nodes, one virtual clock. Build with ``add_node``, then ``run_until``."""
 
     def __init__(
@@ -199,16 +198,16 @@ class Simulation:
         self._size = sizer if sizer is not None else WireSizer()
         self._heap: list[tuple[float, int, int, Any, Any, Any]] = []
         self._seq = 0
-        self._nodes: list[_Node] = []
-        self._by_id: dict[NodeId, _Node] = {}
-        self._by_address: dict[Address, _Node] = {}
+        self._nodes: list[_Node[C]] = []
+        self._by_id: dict[NodeId, _Node[C]] = {}
+        self._by_address: dict[Address, _Node[C]] = {}
 
     # ----------------------------------------------------------------- building
 
     def add_node(
-        self, node: NodeId, address: Address, factory: NodeFactory, *, at: float | None = None
+        self, node: NodeId, address: Address, factory: NodeFactory[C], *, at: float | None = None
     ) -> None:
-        """Add a node that boots at ``at`` (default: now) with the cores ``factory`` makes."""
+        """Add a node that boots at ``at`` (default: now) with the core ``factory`` makes."""
         if node in self._by_id or address in self._by_address:
             raise LocalProtocolError(f"{node} or {address} is already in the simulation")
         n = _Node(node=node, address=address, index=len(self._nodes), factory=factory)
@@ -221,20 +220,17 @@ class Simulation:
         return [n.node for n in self._nodes]
 
     def is_up(self, node: NodeId) -> bool:
-        return self._get(node).up
+        return self._get(node).core is not None
 
     def is_stalled(self, node: NodeId) -> bool:
         return self._get(node).stalled_until > self.now
 
-    def cores(self, node: NodeId) -> list[Core]:
-        """The cores of a running node (empty while it is crashed)."""
-        return list(self._get(node).cores)
-
-    def core(self, node: NodeId, index: int = 0) -> Core:
-        n = self._get(node)
-        if not n.up:
+    def core(self, node: NodeId) -> C:
+        """The core of a running node; ``LocalProtocolError`` while it is crashed."""
+        core = self._get(node).core
+        if core is None:
             raise LocalProtocolError(f"{node} is not running")
-        return n.cores[index]
+        return core
 
     # ----------------------------------------------------------------- faults and actions
 
@@ -243,16 +239,15 @@ class Simulation:
         n = self._get(node)
 
         def crash(now: float) -> None:
-            n.up = False
-            n.cores = []
-            n.timers = []
+            n.core = None
+            n.timer = None
 
         self._schedule(at, crash)
 
     def restart(self, node: NodeId, at: float) -> None:
-        """At ``at`` a crashed node boots again with fresh cores from its factory."""
+        """At ``at`` a crashed node boots again with a fresh core from its factory."""
         n = self._get(node)
-        self._schedule(at, lambda now: None if n.up else self._boot(n, now))
+        self._schedule(at, lambda now: None if n.core is not None else self._boot(n, now))
 
     def stall(self, node: NodeId, at: float, duration: float) -> None:
         """From ``at`` for ``duration`` the node handles nothing; then it sees ``now`` jump.
@@ -281,19 +276,19 @@ class Simulation:
 
         self._schedule(self.now if at is None else at, set_loss)
 
-    def act(self, node: NodeId, at: float, fn: Callable[[list[Core], float], None]) -> None:
-        """At ``at`` call ``fn(cores, now)`` on a running node (a driver-side call such as
-        ``join`` or ``set_load``), then send what its cores want sent."""
+    def act(self, node: NodeId, at: float, fn: Callable[[C, float], None]) -> None:
+        """At ``at`` call ``fn(core, now)`` on a running node (a command such as ``join`` or
+        ``submit``), then send what its core wants sent."""
         n = self._get(node)
 
         def act(now: float) -> None:
-            if not n.up:
+            if n.core is None:
                 return
             if n.stalled_until > now:
                 self._schedule(n.stalled_until, act)
                 return
-            fn(n.cores, now)
-            self._after_step(n, now)
+            fn(n.core, now)
+            self._after_step(n, n.core, now)
 
         self._schedule(at, act)
 
@@ -314,7 +309,7 @@ class Simulation:
             if kind == _DELIVER:
                 self._deliver(nodes[a], b, c, at)
             elif kind == _TIMER:
-                self._timer(nodes[a], b, c, at)
+                self._timer(nodes[a], b, at)
             else:
                 a(at)
             if stop is not None and stop():
@@ -327,7 +322,7 @@ class Simulation:
 
     # ----------------------------------------------------------------- internals
 
-    def _get(self, node: NodeId) -> _Node:
+    def _get(self, node: NodeId) -> _Node[C]:
         n = self._by_id.get(node)
         if n is None:
             raise LocalProtocolError(f"unknown node {node}")
@@ -340,57 +335,46 @@ class Simulation:
     def _schedule(self, at: float, fn: Callable[[float], None]) -> None:
         self._push(max(at, self.now), _ACTION, fn, None, None)
 
-    def _boot(self, n: _Node, now: float) -> None:
+    def _boot(self, n: _Node[C], now: float) -> None:
         rng = random.Random(f"node/{self.seed}/{n.node}/{n.boots}")
-        routes = list(n.factory(n.node, n.address, now, rng))
+        core = n.core = n.factory(n.node, n.address, now, rng)
         n.boots += 1
-        n.cores = [core for _, core in routes]
-        by_tag = [-1] * 256
-        for i, (tags, _) in enumerate(routes):
-            for tag in tags:
-                if 0 <= tag < 256 and by_tag[tag] < 0:
-                    by_tag[tag] = i
-        n.by_tag = by_tag
-        n.timers = [None] * len(routes)
-        n.up = True
+        n.timer = None
         n.stalled_until = 0.0
-        self._after_step(n, now)
+        self._after_step(n, core, now)
 
-    def _deliver(self, n: _Node, src: NodeId, msg: Wire, now: float) -> None:
-        if not n.up:
+    def _deliver(self, n: _Node[C], src: NodeId, msg: Wire, now: float) -> None:
+        core = n.core
+        if core is None:
             self.stats.dropped += 1
             return
         if n.stalled_until > now:
             self._push(n.stalled_until, _DELIVER, n.index, src, msg)
             return
         stats = self.stats
-        tag = int(msg.TAG)
-        i = n.by_tag[tag] if 0 <= tag < len(n.by_tag) else -1
         if self.on_deliver:
             size = self._size(msg)
             for hook in self.on_deliver:
                 hook(now, src, n.node, msg, size)
-        if i < 0:
-            stats.rejected["unrouted"] = stats.rejected.get("unrouted", 0) + 1
-            return
         stats.delivered += 1
         try:
-            n.cores[i].receive(src, msg, now)
+            core.receive(src, msg, now)
         except RemoteProtocolError as exc:
             stats.rejected[exc.reason] = stats.rejected.get(exc.reason, 0) + 1
-        self._after_step(n, now)
+        self._after_step(n, core, now)
 
-    def _timer(self, n: _Node, i: int, due: float, now: float) -> None:
-        if not n.up or i >= len(n.timers) or n.timers[i] != due:
-            return  # the node crashed, or the core asked for another time since
+    def _timer(self, n: _Node[C], due: float, now: float) -> None:
+        core = n.core
+        if core is None or n.timer != due:
+            return  # the node crashed, or its core asked for another time since
         if n.stalled_until > now:
-            self._push(n.stalled_until, _TIMER, n.index, i, due)
+            self._push(n.stalled_until, _TIMER, n.index, due, None)
             return
-        n.timers[i] = None
-        n.cores[i].handle_timer(now)
-        self._after_step(n, now)
+        n.timer = None
+        core.handle_timer(now)
+        self._after_step(n, core, now)
 
-    def _after_step(self, n: _Node, now: float) -> None:
+    def _after_step(self, n: _Node[C], core: C, now: float) -> None:
         for hook in self.on_step:
             hook(now, n.node)
         network = self.network
@@ -398,30 +382,24 @@ class Simulation:
         by_address = self._by_address
         size_of = self._size
         send_hooks = self.on_send
-        for core in n.cores:
-            out = core.take_outgoing()
-            if not out:
+        last_msg: Wire | None = None
+        size = 0
+        for dst, msg in core.take_outgoing():
+            if msg is not last_msg:
+                size = size_of(msg)
+                last_msg = msg
+            stats.sent += 1
+            stats.bytes_sent += size
+            for send_hook in send_hooks:
+                send_hook(now, n.node, dst, msg, size)
+            peer = by_address.get(dst)
+            delay = network.decide(n.address, dst)
+            if peer is None or delay is None:
+                stats.dropped += 1
                 continue
-            last_msg: Wire | None = None
-            size = 0
-            for dst, msg in out:
-                if msg is not last_msg:
-                    size = size_of(msg)
-                    last_msg = msg
-                stats.sent += 1
-                stats.bytes_sent += size
-                for send_hook in send_hooks:
-                    send_hook(now, n.node, dst, msg, size)
-                peer = by_address.get(dst)
-                delay = network.decide(n.address, dst)
-                if peer is None or delay is None:
-                    stats.dropped += 1
-                    continue
-                self._push(now + delay, _DELIVER, peer.index, n.node, msg)
-        timers = n.timers
-        for i, core in enumerate(n.cores):
-            due = core.next_timer()
-            if due != timers[i]:
-                timers[i] = due
-                if due is not None:
-                    self._push(max(due, now), _TIMER, n.index, i, due)
+            self._push(now + delay, _DELIVER, peer.index, n.node, msg)
+        due = core.next_timer()
+        if due != n.timer:
+            n.timer = due
+            if due is not None:
+                self._push(max(due, now), _TIMER, n.index, due, None)

@@ -1,12 +1,15 @@
 """Contract-net allocation in the discrete-event simulator, and the baseline it is judged by.
 
-``AllocationSim`` hosts one ``Contract`` core per node in ``mesh.sim.Simulation`` and plays
-the driver's part: it submits tasks at their arrival times, "executes" what the cores say
-(a task takes its base runtime times the node's slowness), and checks what a driver would
-see (results delivered once, resources never oversubscribed, tasks only on capable nodes).
-Membership is modelled, not run: every node sees the same view, loads refreshed every
-``gossip_s`` and a crashed node declared dead ``detect_s`` after it stopped (a stalled one
-too, if it stalls longer than that; it is alive again when it resumes).
+``AllocationSim`` runs one ``NodeCore`` per node in ``mesh.sim.Simulation``, as a real node
+does, and plays its owner's part: it submits tasks at their arrival times, "executes" what
+the contract says (a task takes its base runtime times the node's slowness), and checks
+what a daemon would see (results delivered once, resources never oversubscribed, tasks
+only on capable nodes). Membership is modelled, not run (``ModelMembership``): every node
+sees the same view, where a node's load lands as soon as it publishes it (every
+``gossip_s`` at most), and a crashed node is declared dead everywhere ``detect_s`` after it
+stopped (a stalled one too, if it stalls longer than that; it is alive again when it
+resumes). What a node does with that (place the dead node's tasks again, publish its
+load) is the real node's glue.
 
 ``workload`` draws a heterogeneous mesh and a mixed task stream from a seed;
 ``greedy_makespan`` is the omniscient list-scheduling baseline. No event loop, no clock,
@@ -31,12 +34,13 @@ from mesh.contract import (
     Failed,
     TaskSpec,
 )
-from mesh.core import Core, MemberState, MemberView
+from mesh.core import MemberState, MemberView
+from mesh.errors import RemoteProtocolError
+from mesh.membership import MemberDown, MembershipEvent
 from mesh.messages import Address, Capabilities, Load, NodeId, Requirements, TaskId, Wire
+from mesh.node_core import NodeCore
 from mesh.resources import check, demand
-from mesh.sim import Route, Simulation
-
-CONTRACT_TAGS = range(32, 64)
+from mesh.sim import Simulation
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,10 +142,57 @@ class SharedView:
         )
         self._list = list(self._views.values())
 
-    def set_loads(self, loads: dict[NodeId, Load]) -> None:
-        for node, load in loads.items():
-            self._views[node] = replace(self._views[node], load=load)
-        self._list = list(self._views.values())
+
+class ModelMembership:
+    """One node's membership in the model (``mesh.node_core.MembershipCore``): the shared
+    view, its own load written there at once, and the deaths the simulation declares. It
+    sends nothing; every node is known from the start, so joining asks nothing."""
+
+    def __init__(self, view: SharedView, node: NodeId) -> None:
+        self._view = view
+        self._node = node
+        self._events: list[MembershipEvent] = []
+        self._due: float | None = None
+
+    def members(self) -> list[MemberView]:
+        return self._view.members()
+
+    def member(self, node: NodeId) -> MemberView | None:
+        return self._view.member(node)
+
+    def declare_dead(self, node: NodeId, now: float) -> None:
+        """Report ``node`` dead to this node at its next step, which is ``now``."""
+        self._events.append(MemberDown(node=node, state=MemberState.DEAD))
+        self._due = now
+
+    def join(self, address: Address, now: float) -> None:
+        """Every node is known from the start: there is nobody to ask."""
+
+    def leave(self, now: float) -> None:
+        self._view.update(self._node, state=MemberState.LEFT)
+
+    def set_load(self, load: Load, now: float) -> None:
+        self._view.update(self._node, load=load)
+
+    def take_events(self) -> list[MembershipEvent]:
+        out, self._events = self._events, []
+        return out
+
+    def receive(self, src: NodeId, msg: Wire, now: float) -> None:
+        raise RemoteProtocolError("the model takes no membership messages", reason="unexpected")
+
+    def handle_timer(self, now: float) -> None:
+        self._due = None
+
+    def next_timer(self) -> float | None:
+        return self._due
+
+    def take_outgoing(self) -> list[tuple[Address, Wire]]:
+        return []
+
+
+ModelNode = NodeCore[ModelMembership]
+"""A simulated node: the real node's glue around a contract core and modelled membership."""
 
 
 class AllocationSim:
@@ -165,7 +216,9 @@ class AllocationSim:
         self.view = SharedView(nodes)
         self.gossip_s = gossip_s
         self.detect_s = detect_s
-        self.sim = Simulation(seed=seed, latency=latency, loss=loss, sizer=lambda m: 0)
+        self.sim: Simulation[ModelNode] = Simulation(
+            seed=seed, latency=latency, loss=loss, sizer=lambda m: 0
+        )
         self.out = Outcome(tasks=len(tasks))
         self._delivered: dict[TaskId, int] = {}
         self._used: dict[NodeId, dict[str, float]] = {n: {} for n in self.nodes}
@@ -181,22 +234,26 @@ class AllocationSim:
         for t in tasks:
             self.sim.act(t.initiator, t.at, self._submitter(t))
             self.out.first_submit = min(self.out.first_submit, t.at)
-        self.sim.call_at(gossip_s, self._gossip)
 
     # ----------------------------------------------------------------- building
 
-    def _factory(
-        self, node: NodeId, address: Address, now: float, rng: random.Random
-    ) -> Sequence[Route]:
-        core = Contract(
+    def _factory(self, node: NodeId, address: Address, now: float, rng: random.Random) -> ModelNode:
+        membership = ModelMembership(self.view, node)
+        contract = Contract(
             node=node,
             config=self.config,
             rng=rng,
-            peers=self.view,
+            peers=membership,
             capabilities=self.nodes[node].capabilities,
             speed=self.nodes[node].speed,
         )
-        return [(CONTRACT_TAGS, core)]
+        return NodeCore(
+            membership=membership, contract=contract, load_interval_s=self.gossip_s, now=now
+        )
+
+    def contract(self, node: NodeId) -> Contract:
+        """The contract core of a running node."""
+        return self.sim.core(node).contract
 
     def _submitter(self, task: SimTask) -> _Act:
         spec = TaskSpec(
@@ -206,8 +263,8 @@ class AllocationSim:
             est_runtime_s=task.base_s,
         )
 
-        def submit(cores: list[Core], now: float) -> None:
-            _contract(cores).submit(spec, {"task": task.requirements.task}, now)
+        def submit(core: ModelNode, now: float) -> None:
+            core.submit(spec, {"task": task.requirements.task}, now)
 
         return submit
 
@@ -219,14 +276,8 @@ class AllocationSim:
             self._crashed.add(node)
             self._used[node] = {}
 
-        def detected(now: float) -> None:
-            self.view.update(node, state=MemberState.DEAD)
-            for other in self.nodes:
-                if other not in self._crashed:
-                    self.sim.act(other, now, lambda cores, t: _contract(cores).peer_down(node, t))
-
         self.sim.call_at(at, stopped)
-        self.sim.call_at(at + self.detect_s, detected)
+        self.sim.call_at(at + self.detect_s, lambda now: self._declare_dead(node, now))
 
     def stall(self, node: NodeId, at: float, duration: float) -> None:
         """``node`` handles nothing from ``at`` for ``duration`` (a blocked loop, SIGSTOP),
@@ -241,17 +292,19 @@ class AllocationSim:
         if duration <= self.detect_s:
             return
 
-        def detected(now: float) -> None:
-            self.view.update(node, state=MemberState.DEAD)
-            for other in self.nodes:
-                if other != node and other not in self._crashed:
-                    self.sim.act(other, now, lambda cores, t: _contract(cores).peer_down(node, t))
-
         def refuted(now: float) -> None:
             self.view.update(node, state=MemberState.ALIVE)
 
-        self.sim.call_at(at + self.detect_s, detected)
+        self.sim.call_at(at + self.detect_s, lambda now: self._declare_dead(node, now))
         self.sim.call_at(at + duration, refuted)
+
+    def _declare_dead(self, node: NodeId, now: float) -> None:
+        """What membership would do ``detect_s`` after ``node`` went silent: mark it dead
+        in the view and tell every other running node."""
+        self.view.update(node, state=MemberState.DEAD)
+        for other in self.nodes:
+            if other != node and other not in self._crashed:
+                self.sim.act(other, now, lambda core, t: core.membership.declare_dead(node, t))
 
     # ----------------------------------------------------------------- running
 
@@ -266,29 +319,20 @@ class AllocationSim:
         out.messages = self.sim.stats.sent
         return out
 
-    def _gossip(self, now: float) -> None:
-        loads = {
-            node: _contract(self.sim.cores(node)).load()
-            for node in self.nodes
-            if node not in self._crashed and self.sim.is_up(node)
-        }
-        self.view.set_loads(loads)
-        if not self.done():
-            self.sim.call_at(now + self.gossip_s, self._gossip)
-
     def _on_send(self, now: float, src: NodeId, dst: Address, msg: Wire, size: int) -> None:
         kind = type(msg).__name__
         self.out.messages_by_kind[kind] = self.out.messages_by_kind.get(kind, 0) + 1
 
     def _on_step(self, now: float, node: NodeId) -> None:
-        cores = self.sim.cores(node)
-        if not cores:
+        if not self.sim.is_up(node):
             return
-        core = _contract(cores)
-        waiting = core.waiting()
+        core = self.sim.core(node)
+        waiting = core.contract.waiting()
         if waiting > self.out.most_waiting.get(node, 0):
             self.out.most_waiting[node] = waiting
         for ev in core.take_events():
+            if isinstance(ev, MembershipEvent):
+                continue
             if isinstance(ev, Execute):
                 self._execute(node, ev, now)
             elif isinstance(ev, CancelExecution):
@@ -297,7 +341,7 @@ class AllocationSim:
                 self._deliver(ev.task_id, now)
                 self.out.completed += 1
                 self.out.last_completion = max(self.out.last_completion, now)
-                rec = core.record(ev.task_id)
+                rec = core.contract.record(ev.task_id)
                 if rec is not None and rec.rounds:
                     self.out.placements.append(rec.rounds[-1].at - rec.submitted_at)
             else:
@@ -331,23 +375,23 @@ class AllocationSim:
         token = self._run_seq
         self._runs[(node, ev.task_id)] = token
 
-        def finish(cores: list[Core], t: float) -> None:
+        def finish(core: ModelNode, t: float) -> None:
             if self._runs.get((node, ev.task_id)) != token:
                 return
             del self._runs[(node, ev.task_id)]
             self._release(node, need)
-            _contract(cores).task_finished(ev.task_id, True, {"ran_on": node}, t)
+            core.task_finished(ev.task_id, True, {"ran_on": node}, t)
 
         self.sim.act(node, now + task.runtime_on(machine), finish)
 
     def _stop(self, node: NodeId, task_id: TaskId) -> None:
         need = demand(self.tasks[task_id].requirements)
 
-        def stop(cores: list[Core], t: float) -> None:
+        def stop(core: ModelNode, t: float) -> None:
             if self._runs.pop((node, task_id), None) is None:
                 return
             self._release(node, need)
-            _contract(cores).task_finished(task_id, False, {"message": "cancelled"}, t)
+            core.task_finished(task_id, False, {"message": "cancelled"}, t)
 
         self.sim.act(node, self.sim.now, stop)
 
@@ -357,14 +401,7 @@ class AllocationSim:
             used[k] = used.get(k, 0.0) - v
 
 
-_Act = Callable[[list[Core], float], None]
-
-
-def _contract(cores: Sequence[Core]) -> Contract:
-    core = cores[0]
-    if not isinstance(core, Contract):
-        raise TypeError("the first core of a simulated node must be its Contract")
-    return core
+_Act = Callable[[ModelNode, float], None]
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
                     [--no-mdns] [--mdns-interface ADDR]... [--slots N]
                     [--resource NAME=AMOUNT]... [--label KEY=VALUE]... [--tasks MODULE]...
                     [--without LIB]... [--preset lan|local|test] [--grace S]
+                    [--ready-file PATH]
     mesh-node peers   [--node URL] [--key KEY] [--json]
     mesh-node submit TASK [ARGS] [--node URL] [--key KEY] [--timeout S] [--json]
     mesh-node status  [--node URL] [--key KEY] [--json]
@@ -13,7 +14,9 @@
 
 ``mesh-node`` alone is ``mesh-node start``. The key comes from ``--key``, else
 ``$MESH_KEY``, else the key file (``start`` creates it on first run). Errors are one line on
-stderr and a non-zero exit status; ``--json`` output is for scripts.
+stderr and a non-zero exit status; ``--json`` output is for scripts. ``start`` prints a banner
+for people once it serves; a program starting a node passes ``--ready-file`` instead and waits
+for that file (``mesh.local.ReadyRecord``), as ``mesh.LocalMesh`` does.
 """
 
 from __future__ import annotations
@@ -128,6 +131,12 @@ def parser() -> argparse.ArgumentParser:
         help="an idle worker process exits after this long (default 60)",
     )
     s.add_argument("--seed", type=int, help="seed the protocol's random choices")
+    s.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help="once serving, write one JSON object to PATH (id, address, pid, host_id, mesh,"
+        " slots), atomically (temp file + rename): for programs that start nodes",
+    )
     s.add_argument("-v", "--verbose", action="store_true")
 
     def client_args(c: argparse.ArgumentParser) -> None:
@@ -177,6 +186,8 @@ def _start(ns: argparse.Namespace) -> int:
     configure_logging(ns.verbose)
     if ns.slots is not None and ns.slots < 1:
         raise MeshError(f"--slots must be at least 1, not {ns.slots}")
+    if ns.ready_file is not None and not os.path.isdir(os.path.dirname(ns.ready_file) or "."):
+        raise MeshError(f"--ready-file: no directory for {ns.ready_file}")
     key = resolve_key(ns.key, create=True)
     config = PRESETS[ns.preset]()
     if ns.worker_idle is not None:
@@ -197,6 +208,7 @@ def _start(ns: argparse.Namespace) -> int:
         config=config,
         grace_s=ns.grace,
         seed=ns.seed,
+        ready_file=ns.ready_file,
     )
 
     def out(line: str) -> None:

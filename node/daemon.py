@@ -1,11 +1,13 @@
 """The node daemon: wires config, discovery, transport, cores, executor, store and API.
 
 One ``Daemon`` is one running ``mesh-node``. It binds the node's single port (peer
-websocket, HTTP API and client sessions share it), builds the membership and contract
-cores and runs them with ``mesh.driver.Driver`` over the websocket transport, feeds seeds
-(``--join``) and mDNS finds into membership, turns contract events into work for the
-executor, keeps large results in the object store, fetches referenced arguments from their
-holders, and gossips its load.
+websocket, HTTP API and client sessions share it), runs the node's protocol core
+(``mesh.node_core.NodeCore``: membership, contract, the load it gossips) with
+``mesh.driver.Driver`` over the websocket transport, gives it seeds (``--join``) and mDNS
+finds, turns its events into work for the executor, keeps large results in the object
+store, and fetches referenced arguments from their holders. Every call into the core goes
+through the driver (``Driver.command``), which supplies ``now``: the daemon reads no
+clock for the core.
 
 Shutdown (SIGTERM/SIGINT, see ``run_node``) is graceful: stop bidding, give back queued
 tasks, let running tasks finish within the grace period, leave the mesh, unregister from
@@ -32,6 +34,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 import aiohttp
@@ -53,13 +56,13 @@ from mesh.contract import (
     TaskSpec,
 )
 from mesh.core import MemberState
-from mesh.driver import CONTRACT_TAGS, MEMBERSHIP_TAGS, Driver, Route
+from mesh.driver import Driver
 from mesh.errors import ErrorInfo, FailureKind, LocalProtocolError, MeshError, ObjectLostError
 from mesh.http import DEFAULT_PORT, fetch_body, fetch_bytes, fetch_object
-from mesh.membership import MemberDown, Membership
+from mesh.local import ReadyRecord
+from mesh.membership import Membership, MembershipEvent
 from mesh.messages import (
     Address,
-    Load,
     NodeId,
     ObjectRef,
     Requirements,
@@ -67,6 +70,7 @@ from mesh.messages import (
     TaskCall,
     TaskId,
 )
+from mesh.node_core import NodeCore
 from mesh.session import Outcome
 from mesh.shm import check_object
 from mesh.shm import host_id as machine_host_id
@@ -123,6 +127,8 @@ class NodeOptions:
     """Overrides ``NodeConfig.shutdown_grace_s``."""
     seed: int | None = None
     """Seeds the cores' random generator (reproducible runs); None: from the OS."""
+    ready_file: str | None = None
+    """Where to write the ``ReadyRecord`` (one JSON object) once the node serves."""
 
 
 @dataclass(slots=True, eq=False)
@@ -203,11 +209,12 @@ class Daemon:
         self.address: Address = Address("")
         self.registry: Registry
         self.store: ObjectStore
+        self.node_core: NodeCore[Membership]
         self.membership: Membership
         self._host_slots: HostSlots
         self.contract: Contract
         self.transport: WsTransport
-        self.driver: Driver
+        self.driver: Driver[NodeCore[Membership]]
         self.executor: Executor
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -239,30 +246,11 @@ class Daemon:
                 max_frame_bytes=self.config.max_frame_bytes,
                 max_skew_s=self.config.max_clock_skew_s,
             )
-            now = time.monotonic()
             # Segments of a node that crashed on this machine are nobody's any more.
             remove_orphan_segments()
             configured_host = self.config.host_id
             self.host_id = machine_host_id() if configured_host is None else configured_host
             self.store = ObjectStore.from_config(self.node_id, self.config)
-            self.membership = Membership(
-                node=self.node_id,
-                address=self.address,
-                config=self.mesh_config.membership,
-                rng=self._rng,
-                now=now,
-                capabilities=capabilities,
-                load=Load(running=0, queued=0, backlog_s=0.0),
-            )
-            self._host_slots = HostSlots(self.membership, self.node_id)
-            self.contract = Contract(
-                node=self.node_id,
-                config=self.mesh_config.contract,
-                rng=self._rng,
-                peers=self.membership,
-                capabilities=capabilities,
-                speed=slot_speed(slots, local_pool()),
-            )
             self.transport = WsTransport(
                 codec=codec, config=self.config, wall_clock=time.time, resolve=self._node_at
             )
@@ -270,13 +258,21 @@ class Daemon:
                 node=self.node_id,
                 transport=self.transport,
                 codec=codec,
-                routes=(
-                    Route(MEMBERSHIP_TAGS, self.membership),
-                    Route(CONTRACT_TAGS, self.contract),
+                core=lambda now: NodeCore.build(
+                    node=self.node_id,
+                    address=self.address,
+                    config=self.mesh_config,
+                    rng=self._rng,
+                    now=now,
+                    capabilities=capabilities,
+                    speed=slot_speed(slots, local_pool()),
                 ),
                 resolve=self._node_at,
                 on_step=self._on_step,
             )
+            self.node_core = self.driver.core
+            self.membership, self.contract = self.node_core.membership, self.node_core.contract
+            self._host_slots = HostSlots(self.membership, self.node_id)
             app = web.Application(client_max_size=self.config.http_submit_body_bytes)
             self.api = Api(self, self._key, exempt=frozenset({WS_PATH}))
             self.transport.add_routes(app)
@@ -308,16 +304,13 @@ class Daemon:
             ):
                 self._tg = tg
                 driving = tg.create_task(self.driver.run())
-                gossiping = tg.create_task(self._gossip_load())
                 sweeping = tg.create_task(self._sweep_orphans())
                 for seed in opts.joins:
-                    self.membership.join(Address(seed), time.monotonic())
-                self.driver.wake()
+                    self.driver.command(partial(self.node_core.join, Address(seed)))
                 await self._start_discovery()
                 self._announce(slots)
                 await stop.wait()
                 await self._shutdown()
-                gossiping.cancel()
                 sweeping.cancel()
                 self.driver.stop()
                 await driving
@@ -348,6 +341,15 @@ class Daemon:
             f"  another machine joins with: mesh-node start --join {self.address} --key KEY"
             "  (or just the same key, found by mDNS)"
         )
+        if self.options.ready_file is not None:
+            ReadyRecord(
+                id=self.node_id,
+                address=self.address,
+                pid=os.getpid(),
+                host_id=self.host_id,
+                mesh=key_fingerprint(self._key),
+                slots=slots,
+            ).write(self.options.ready_file)
 
     async def _start_discovery(self) -> None:
         if not self.options.mdns:
@@ -394,16 +396,14 @@ class Daemon:
         return node if node is not None else self.transport.node_at(address)
 
     def _on_found(self, node: NodeId, address: Address) -> None:
-        if node == self.node_id or not hasattr(self, "membership"):
+        if node == self.node_id or not hasattr(self, "driver"):
             return
-        self.membership.join(address, time.monotonic())
-        self.driver.wake()
+        self.driver.command(partial(self.node_core.join, address))
 
     async def _shutdown(self) -> None:
         """Stop bidding, let running tasks finish (within the grace), leave, unregister."""
         self._accepting = False
-        self.contract.set_accepting(False, time.monotonic())
-        self.driver.wake()
+        self.driver.command(partial(self.node_core.set_accepting, False))
         grace = self.options.grace_s
         if grace is None:
             grace = self.config.shutdown_grace_s
@@ -414,8 +414,7 @@ class Daemon:
                     await self._jobs_idle.wait()
             except TimeoutError:
                 self._out(f"mesh-node {self.node_id}: grace over, handing back the rest")
-        self.membership.leave(time.monotonic())
-        self.driver.wake()
+        self.driver.command(self.node_core.leave)
         await asyncio.gather(self._close_discovery(), self._drain(1.0))
         gone = ErrorInfo(kind=FailureKind.LOST, message="the node it was submitted to shut down")
         for task_id in list(self._pending):
@@ -427,16 +426,6 @@ class Daemon:
                 await self.driver.drain()
         except TimeoutError:
             log.info("leaving without every goodbye sent")
-
-    async def _gossip_load(self) -> None:
-        last: Load | None = None
-        while True:
-            await asyncio.sleep(self.config.load_gossip_interval_s)
-            load = self.contract.load()
-            if load != last:
-                last = load
-                self.membership.set_load(load, time.monotonic())
-                self.driver.wake()
 
     async def _sweep_orphans(self) -> None:
         """Remove shared memory that crashed processes left behind, on a timer: a node
@@ -451,15 +440,11 @@ class Daemon:
     # -- the cores' events ----------------------------------------------------------------
 
     def _on_step(self, now: float) -> None:
-        while True:
-            m_events = self.membership.take_events()
-            for m in m_events:
-                if isinstance(m, MemberDown):
-                    self.contract.peer_down(m.node, now)
-            if m_events:  # nodes on this host came, went or changed: share its cores anew
-                self.executor.set_host_slots(self._host_slots.observe(m.node for m in m_events))
-            c_events = self.contract.take_events()
-            for ev in c_events:
+        while events := self.node_core.take_events():
+            members = [ev.node for ev in events if isinstance(ev, MembershipEvent)]
+            if members:  # nodes on this host came, went or changed: share its cores anew
+                self.executor.set_host_slots(self._host_slots.observe(members))
+            for ev in events:
                 if isinstance(ev, Execute):
                     self._on_execute(ev)
                 elif isinstance(ev, CancelExecution):
@@ -472,8 +457,6 @@ class Daemon:
                 elif isinstance(ev, Failed):
                     self.outcomes[ev.kind] += 1
                     self._on_failed(ev)
-            if not m_events and not c_events:
-                return
 
     def _on_failed(self, ev: Failed) -> None:
         pending = self._pending.get(ev.task_id)
@@ -520,7 +503,6 @@ class Daemon:
             for oid in temp:
                 self.store.release(oid)
             raise
-        self.driver.wake()
         return task_id
 
     def _submit(
@@ -561,7 +543,7 @@ class Daemon:
             timeout_s=options.get("timeout"),
         )
         self._pending[task_id] = _Pending(name=name, deliver=deliver, temp_objects=temp)
-        self.contract.submit(spec, call, time.monotonic())
+        self.driver.command(partial(self.node_core.submit, spec, call))
 
     def _prepare(self, value: Any, temp: list[str], holders: Counter[NodeId]) -> Any:
         """Large arrays become references to this node's store; refs are counted by holder.
@@ -591,8 +573,7 @@ class Daemon:
     def cancel(self, task_id: str) -> bool:
         if TaskId(task_id) not in self._pending:
             return False
-        self.contract.cancel(TaskId(task_id), time.monotonic())
-        self.driver.wake()
+        self.driver.command(partial(self.node_core.cancel, TaskId(task_id)))
         return True
 
     # -- running (participant) --------------------------------------------------------------
@@ -666,10 +647,11 @@ class Daemon:
                 self._jobs_idle.set()
             report = value if error is None else error.encode()
             try:
-                self.contract.task_finished(task_id, error is None, report, time.monotonic())
+                self.driver.command(
+                    partial(self.node_core.task_finished, task_id, error is None, report)
+                )
             except LocalProtocolError as exc:
                 log.debug("finished task %s unknown to the contract core: %s", task_id, exc)
-            self.driver.wake()
 
     async def _shared_arg(self, ref: ObjectRef, shared: list[Segment | OwnedSegment]) -> Any:
         """``_task_arg`` as the worker gets it: a segment it maps is kept in ``shared`` and

@@ -15,17 +15,18 @@ the daemon who announced itself.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import ipaddress
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
 from typing import Any, Final
 
 import ifaddr
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from mesh.background import Background, Ready, until_cancelled
 from mesh.errors import LocalProtocolError
 from mesh.messages import Address, NodeId
 
@@ -86,13 +87,7 @@ class Discovery:
         self._on_lost = on_lost
         self.interfaces = list(interfaces) if interfaces is not None else None
         self._cooperating = cooperating_responders
-        self._zc: AsyncZeroconf | None = None
-        self._browser: AsyncServiceBrowser | None = None
-        self._info: AsyncServiceInfo | None = None
-        self._runner: asyncio.Task[None] | None = None
-        self._tg: asyncio.TaskGroup | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._stop = asyncio.Event()
+        self._background = Background(f"mdns {node}")
         self._peers: dict[str, tuple[NodeId, Address]] = {}  # instance name -> peer
         self._found: set[NodeId] = set()
         self.found_count = 0
@@ -101,59 +96,12 @@ class Discovery:
         """Instances seen but not reported, by reason."""
 
     async def start(self) -> None:
-        """Register this node and start browsing for peers."""
-        if self._runner is not None:
-            raise LocalProtocolError("discovery was already started")
-        interfaces = (
-            self.interfaces if self.interfaces is not None else default_interfaces(self.host)
-        )
-        if not interfaces:
-            raise LocalProtocolError("no IPv4 interface to announce this node on")
-        pinned = self.host not in ("", "0.0.0.0", "::")
-        announced = [self.host] if pinned else interfaces
-        self._zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
-        label = instance_label(self.node)
-        self._info = AsyncServiceInfo(
-            SERVICE_TYPE,
-            f"{label}.{SERVICE_TYPE}",
-            parsed_addresses=announced,
-            port=self.port,
-            properties={"id": self.node, "mesh": self.fingerprint, "v": PROTOCOL_VERSION},
-            server=f"{label}.local.",
-        )
-        started = asyncio.Event()
-        # The runner owns the TaskGroup of the resolution tasks; close() awaits it.
-        self._runner = asyncio.create_task(self._run(started), name=f"mdns {self.node}")
-        await started.wait()
-        # Node ids are unique in a mesh, so conflict probing only delays the announcement.
-        # The call returns once the records are queued; awaiting its result waits until
-        # they have been announced.
-        announcing = await self._zc.async_register_service(
-            self._info, cooperating_responders=self._cooperating
-        )
-        await announcing
-        self._browser = AsyncServiceBrowser(
-            self._zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change]
-        )
-        log.info("mDNS: announced %s on %s, browsing %s", label, announced, SERVICE_TYPE)
+        """Register this node and start browsing for peers; returns once announced."""
+        await self._background.start(self._serve)
 
     async def close(self) -> None:
         """Stop browsing and unregister (goodbye packets: peers see this node leave)."""
-        self._stop.set()
-        try:
-            if self._browser is not None:
-                await self._browser.async_cancel()
-                self._browser = None
-            if self._zc is not None:
-                if self._info is not None:
-                    # Awaiting the returned task waits until the goodbyes have been sent.
-                    await (await self._zc.async_unregister_service(self._info))
-                    self._info = None
-                await self._zc.async_close()
-                self._zc = None
-        finally:
-            if self._runner is not None and not self._runner.done():
-                await asyncio.shield(self._runner)
+        await self._background.stop()
 
     async def __aenter__(self) -> Discovery:
         await self.start()
@@ -162,16 +110,36 @@ class Discovery:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _run(self, started: asyncio.Event) -> None:
-        try:
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                started.set()
-                await self._stop.wait()
-                for task in list(self._tasks):
-                    task.cancel()
-        finally:
-            self._tg = None
+    async def _serve(self, ready: Ready) -> None:
+        interfaces = (
+            self.interfaces if self.interfaces is not None else default_interfaces(self.host)
+        )
+        if not interfaces:
+            raise LocalProtocolError("no IPv4 interface to announce this node on")
+        pinned = self.host not in ("", "0.0.0.0", "::")
+        announced = [self.host] if pinned else interfaces
+        label = instance_label(self.node)
+        info = AsyncServiceInfo(
+            SERVICE_TYPE,
+            f"{label}.{SERVICE_TYPE}",
+            parsed_addresses=announced,
+            port=self.port,
+            properties={"id": self.node, "mesh": self.fingerprint, "v": PROTOCOL_VERSION},
+            server=f"{label}.local.",
+        )
+        async with AsyncExitStack() as stack:
+            zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
+            stack.push_async_callback(zc.async_close)
+            # Node ids are unique in a mesh, so conflict probing only delays the
+            # announcement. The call returns once the records are queued; awaiting its
+            # result waits until they have been announced.
+            await (await zc.async_register_service(info, cooperating_responders=self._cooperating))
+            stack.push_async_callback(_unregister, zc, info)
+            browser = AsyncServiceBrowser(zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
+            stack.push_async_callback(browser.async_cancel)
+            log.info("mDNS: announced %s on %s, browsing %s", label, announced, SERVICE_TYPE)
+            ready()
+            await until_cancelled()
 
     def _on_change(
         self,
@@ -186,17 +154,7 @@ class Discovery:
             if peer is not None and self._on_lost is not None:
                 self._on_lost(peer[0])
             return
-        tg = self._tg
-        if tg is None or self._stop.is_set():
-            return
-        coro = self._resolve(zeroconf, service_type, name)
-        try:
-            task = tg.create_task(coro, name=f"mdns {name}")
-        except RuntimeError:  # the group is shutting down
-            coro.close()
-            return
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background.spawn(self._resolve(zeroconf, service_type, name), f"mdns {name}")
 
     async def _resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
         info = AsyncServiceInfo(service_type, name)
@@ -204,7 +162,7 @@ class Discovery:
             log.debug("mDNS: %s did not resolve", name)
             return
         found = self._peer_of(info)
-        if found is None or self._stop.is_set():
+        if found is None or not self._background.running:
             return
         node, address = found
         if self._peers.get(name) == found:
@@ -242,6 +200,11 @@ class Discovery:
         usable = [a for a in addresses if not ipaddress.IPv4Address(a).is_loopback]
         host = (usable or addresses)[0]
         return NodeId(node), Address(f"{host}:{info.port}")
+
+
+async def _unregister(zc: AsyncZeroconf, info: AsyncServiceInfo) -> None:
+    # Awaiting the returned task waits until the goodbyes have been sent.
+    await (await zc.async_unregister_service(info))
 
 
 def _text(value: object) -> str | None:

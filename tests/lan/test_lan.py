@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from mesh.local import wait_ready
 from tests.lan.harness import Host, Lan
 
 PORT = 7700
@@ -49,6 +50,7 @@ class Mesh:
         self.logdir = logdir
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.logs: dict[int, Path] = {}
+        self.ready_files: dict[int, Path] = {}
 
     def url(self, host: Host) -> str:
         return f"http://{host.address}:{PORT}"
@@ -56,6 +58,7 @@ class Mesh:
     def start(self, i: int, key: str = KEY, *extra: str) -> subprocess.Popen[bytes]:
         host = self.lan.host(i)
         path = self.logdir / f"h{i}-{time.monotonic_ns()}.log"
+        ready = path.with_suffix(".ready")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         with open(path, "wb") as log:
             proc = self.lan.spawn(
@@ -71,6 +74,8 @@ class Mesh:
                     key,
                     "--name",
                     f"h{i}",
+                    "--ready-file",
+                    str(ready),
                     *extra,
                 ],
                 stdout=log,
@@ -80,11 +85,12 @@ class Mesh:
             )
         self.procs[i] = proc
         self.logs[i] = path
+        self.ready_files[i] = ready
         return proc
 
     def serving(self, i: int, timeout: float = 30) -> float:
-        """When node i printed that it listens (monotonic seconds)."""
-        wait_for(lambda: b"listening on" in self.logs[i].read_bytes(), timeout, f"h{i} up", 0.02)
+        """When node i wrote its ready file (monotonic seconds)."""
+        wait_ready(self.ready_files[i], self.procs[i], timeout, log=self.logs[i])
         return time.monotonic()
 
     def watch(

@@ -1,4 +1,4 @@
-"""Real ``mesh-node`` processes on 127.0.0.1 for the node tests.
+"""Real ``mesh-node`` processes on 127.0.0.1 for the node tests, through ``LocalMesh``.
 
 Nodes run with ``--no-mdns``, ``--join`` to the first node, a shared random key and the
 ``test`` preset (or ``local`` where timing slack matters more than detection speed).
@@ -11,22 +11,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from mesh.local import LocalMesh
+from mesh.local import LocalNode as Node
+
 ROOT = Path(__file__).resolve().parents[2]
 NODE = [sys.executable, "-m", "node"]
-_LISTENING = re.compile(r"listening on (\S+:\d+)")
 
 T = TypeVar("T")
 
@@ -51,91 +50,20 @@ def node_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-@dataclass
-class Node:
-    """One running ``mesh-node`` process."""
+class Cluster(LocalMesh):
+    """A ``LocalMesh`` with the node tests' defaults (two slots, ``--grace 20``, logs in
+    ``tmp``) and the CLI against its nodes; ``close()`` ends every process it started."""
 
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    address: str = ""
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@dataclass
-class Cluster:
-    """Nodes of one mesh; ``close()`` ends every process it started, by pid."""
-
-    tmp: Path
-    preset: str = "test"
-    key: str = field(default_factory=lambda: secrets.token_hex(16))
-    nodes: dict[str, Node] = field(default_factory=dict)
-
-    def start(
-        self,
-        name: str,
-        *extra: str,
-        join: bool = True,
-        slots: int = 2,
-        wait: bool = True,
-        mdns: bool = False,
-    ) -> Node:
-        seeds: list[str] = []
-        if join:
-            for other in self.nodes.values():
-                if other.proc.poll() is None:
-                    seeds = ["--join", other.address]
-                    break
-        log = self.tmp / f"{name}-{time.monotonic_ns()}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [
-                    *NODE,
-                    "start",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    "0",
-                    *(["--mdns-interface", "127.0.0.1"] if mdns else ["--no-mdns"]),
-                    "--preset",
-                    self.preset,
-                    "--name",
-                    name,
-                    "--key",
-                    self.key,
-                    "--slots",
-                    str(slots),
-                    "--label",
-                    f"name={name}",
-                    "--grace",
-                    "20",
-                    *seeds,
-                    *extra,
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=node_env(self.tmp),
-                cwd=str(ROOT),
-            )
-        node = Node(name=name, proc=proc, log=log)
-        self.nodes[name] = node
-        if wait:
-
-            def listening() -> str | None:
-                if proc.poll() is not None:
-                    raise AssertionError(f"node {name} exited: {node.output()[-3000:]}")
-                m = _LISTENING.search(node.output())
-                return m.group(1) if m else None
-
-            found = wait_for(listening, 60, f"node {name} to listen")
-            node.address = found or ""
-        return node
+    def __init__(self, tmp: Path, preset: str = "test", key: str | None = None) -> None:
+        super().__init__(
+            preset=preset,
+            key=key or secrets.token_hex(16),
+            slots=2,
+            args=("--grace", "20"),
+            env={"XDG_CONFIG_HOME": str(tmp / "config"), "PYTHONUNBUFFERED": "1"},
+            workdir=tmp,
+            stop_grace_s=15,
+        )
 
     def cli(
         self, node: Node | str, *args: str, key: str | None = None, timeout: float = 60
@@ -146,7 +74,7 @@ class Cluster:
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=node_env(self.tmp),
+            env=node_env(self.directory),
             cwd=str(ROOT),
         )
 
@@ -171,21 +99,7 @@ class Cluster:
         return True
 
     def signal(self, name: str, sig: int) -> None:
-        proc = self.nodes[name].proc
-        if proc.poll() is None:
-            os.kill(proc.pid, sig)
-
-    def close(self) -> None:
-        for node in self.nodes.values():
-            if node.proc.poll() is None:
-                os.kill(node.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for node in self.nodes.values():
-            try:
-                node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.kill(node.proc.pid, signal.SIGKILL)
-                node.proc.wait(timeout=10)
+        self.nodes[name].signal(sig)
 
 
 @pytest.fixture
@@ -209,7 +123,7 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         for name in ("a", "b", "c"):
             c.start(name)
-        wait_for(lambda: c.all_alive(["a", "b", "c"]), 30, "a, b and c alive everywhere")
+        c.wait_alive(30)
         yield c
     finally:
         c.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import stat
 import subprocess
@@ -13,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.node.conftest import NODE, ROOT, Cluster, node_env, wait_for
+from mesh.local import wait_ready
+from tests.node.conftest import NODE, ROOT, Cluster, node_env
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,7 @@ def test_status_peers_and_why_json(solo: Cluster) -> None:
 def test_bare_mesh_node_starts_and_creates_the_key_file(tmp_path: Path) -> None:
     env = node_env(tmp_path)
     log = tmp_path / "bare.log"
+    ready_file = tmp_path / "bare.ready"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [
@@ -97,6 +98,8 @@ def test_bare_mesh_node_starts_and_creates_the_key_file(tmp_path: Path) -> None:
                 "bare",
                 "--without",
                 "torch",
+                "--ready-file",
+                str(ready_file),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -104,11 +107,10 @@ def test_bare_mesh_node_starts_and_creates_the_key_file(tmp_path: Path) -> None:
             cwd=str(ROOT),
         )
     try:
-        found = wait_for(
-            lambda: re.search(r"listening on (\S+)", log.read_text()), 60, "the node to listen"
-        )
-        assert found is not None
-        address = found.group(1)
+        ready = wait_ready(ready_file, proc, 60, log=log)
+        assert (ready.id, ready.pid) == ("bare", proc.pid)
+        address = ready.address
+        assert f"listening on {address}" in log.read_text()
         assert "--join" in log.read_text()
         key_file = tmp_path / "config" / "mesh" / "key"
         assert key_file.exists()
@@ -130,3 +132,19 @@ def test_bare_mesh_node_starts_and_creates_the_key_file(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_a_ready_file_in_no_directory_is_a_one_line_error(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*NODE, "start", "--host", "127.0.0.1", "--port", "0", "--no-mdns", "--key", "k",
+         "--ready-file", str(tmp_path / "missing" / "ready.json")],
+        capture_output=True,
+        text=True,
+        env=node_env(tmp_path),
+        cwd=str(ROOT),
+        timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"mesh-node: --ready-file: no directory for {tmp_path / 'missing' / 'ready.json'}"
+    ]

@@ -25,16 +25,11 @@ from aiohttp import WSMsgType, web
 
 from mesh.codec import FRAME_PREFIX, MAGIC, UNADDRESSED, VERSION, Buffer, Codec
 from mesh.config import NodeConfig
+from mesh.framing import KIND_BATCH, KIND_BYE, KIND_CHUNK, KIND_HELLO
 from mesh.messages import Address, Load, NodeId, PeerHello
-from node.transport_ws import (
-    KIND_BATCH,
-    KIND_BYE,
-    KIND_CHUNK,
-    KIND_HELLO,
-    WS_PATH,
-    WsTransport,
-)
+from node.transport_ws import WS_PATH, WsTransport
 from tests.transport_suite import CHECKS, Check
+from tests.unit.test_framing import batch
 
 KEY = b"mesh-test-key-0123456789abcdef"
 OTHER_KEY = b"another-mesh-key-0123456789abc"
@@ -248,7 +243,7 @@ async def test_small_frame_overtakes_a_big_one(make_node: MakeNode) -> None:
     big = sign(os.urandom(32 * 1024 * 1024))
     await a.t.send(b.address, [big])
     # Once b holds part of the big frame, a control frame must not wait for the rest.
-    await eventually(lambda: b.t._reassembly_used > 0, "the big frame to be under way")
+    await eventually(lambda: b.t._budget.used > 0, "the big frame to be under way")
     await a.t.send(b.address, [sign(b"control")])
     assert body_of(await recv(b.t)) == b"control"
     assert bytes(await recv(b.t)) == big
@@ -297,7 +292,7 @@ async def test_send_waits_while_the_peer_does_not_read(make_node: MakeNode) -> N
         # b reads nothing: a's queue towards b fills and the producer is held back.
         def queue_full() -> bool:
             peer = a.t._peers.get(b.address)
-            return peer is not None and len(peer.control) == 4 and b.t.frames_received >= 2
+            return peer is not None and len(peer.outbox.control) == 4 and b.t.frames_received >= 2
 
         await eventually(queue_full, "the send queue to fill")
         assert not producer.done()
@@ -402,14 +397,6 @@ def v1_frame(sender: str, tag: int, fields: list[object], seq: int = 1) -> bytes
     header: bytes = msgpack.packb([sender, 1, seq, time.time(), tag, fields], use_bin_type=True)
     body = struct.pack("<II", len(header), 0) + header
     return bytes((MAGIC, 1)) + hmac.new(KEY, body, hashlib.sha256).digest() + body
-
-
-def batch(*frames: bytes) -> bytes:
-    head = struct.pack(f"<B3xI{len(frames)}I", KIND_BATCH, len(frames), *map(len, frames))
-    out = head + bytes(-len(head) % 16)
-    for f in frames:
-        out += f + bytes(-len(f) % 16)
-    return out
 
 
 async def raw_session(

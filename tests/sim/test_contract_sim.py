@@ -162,7 +162,7 @@ def stalled_run(
     sim = AllocationSim(nodes=nodes, tasks=burst, config=config, seed=seed, detect_s=detect_s)
     sim.stall(victim, 1.2, duration)
     out = sim.run(500.0)
-    core = sim.sim.core(victim)
+    core = sim.contract(victim)
     assert isinstance(core, Contract)
     return out, sim.running_at_stall[victim], core.stats()
 
@@ -258,7 +258,7 @@ def test_a_node_whose_estimate_is_ten_times_too_high_gets_work_and_corrects_it()
     sim = AllocationSim(nodes=nodes, tasks=[*first, *second], config=LAN, seed=3)
     out = sim.run(200.0)
     assert out.completed == 80
-    core = sim.sim.core(NodeId("m1"))
+    core = sim.contract(NodeId("m1"))
     assert isinstance(core, Contract)
     assert core.stats()["executions"] >= 30  # about half of both bursts, not none
 

@@ -1,4 +1,6 @@
-"""Membership at N = 100 in the simulator: convergence, detection, partitions, loss, stalls."""
+"""Membership at N = 100 in the simulator: convergence, detection, partitions, loss, stalls.
+
+Each node is a ``NodeCore`` as ``mesh-node`` runs it (membership and an idle contract)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from dataclasses import dataclass, replace
 import pytest
 
 from mesh.codec import dumps
-from mesh.config import MembershipConfig
-from mesh.core import Core, MemberState
+from mesh.config import MembershipConfig, MeshConfig
+from mesh.core import MemberState
 from mesh.membership import MemberDown, Membership
 from mesh.messages import (
     Ack,
@@ -30,7 +32,8 @@ from mesh.messages import (
     Suspect,
     Wire,
 )
-from mesh.sim import Route, Simulation, WireSizer
+from mesh.node_core import MEMBERSHIP_TAGS, NodeCore
+from mesh.sim import Simulation, WireSizer
 
 CAPS = Capabilities(
     resources={"cpu": 8.0, "gpu": 1.0, "memory": 16e9},
@@ -44,16 +47,14 @@ N = 100
 
 @dataclass
 class Cluster:
-    sim: Simulation
+    sim: Simulation[NodeCore[Membership]]
     ids: list[NodeId]
     config: MembershipConfig
     false_deaths: set[NodeId]
     crashed: set[NodeId]
 
     def core(self, node: NodeId) -> Membership:
-        core = self.sim.core(node)
-        assert isinstance(core, Membership)  # only membership cores are built here
-        return core
+        return self.sim.core(node).membership
 
     def live(self) -> list[NodeId]:
         return [n for n in self.ids if n not in self.crashed]
@@ -82,24 +83,23 @@ def build(
 ) -> Cluster:
     """n nodes that each join node 0 by address, a quarter second apart."""
     cfg = config or MembershipConfig.lan()
-    sim = Simulation(seed=seed, latency=(0.0002, 0.002), loss=loss)
+    mesh_config = replace(MeshConfig.lan(), membership=cfg)
+    sim: Simulation[NodeCore[Membership]] = Simulation(
+        seed=seed, latency=(0.0002, 0.002), loss=loss
+    )
     ids = [NodeId(f"node-{i:03d}") for i in range(n)]
     seed_address = Address("10.0.0.1:7340")
     cluster = Cluster(sim=sim, ids=ids, config=cfg, false_deaths=set(), crashed=set())
 
-    def factory(node: NodeId, address: Address, now: float, rng: random.Random) -> list[Route]:
-        core = Membership(
-            node=node,
-            address=address,
-            config=cfg,
-            rng=rng,
-            now=now,
-            capabilities=CAPS,
-            load=IDLE,
+    def factory(
+        node: NodeId, address: Address, now: float, rng: random.Random
+    ) -> NodeCore[Membership]:
+        core = NodeCore.build(
+            node=node, address=address, config=mesh_config, rng=rng, now=now, capabilities=CAPS
         )
         if address != seed_address:
             core.join(seed_address, now)
-        return [(range(1, 32), core)]
+        return core
 
     def on_step(now: float, node: NodeId) -> None:
         for ev in cluster.core(node).take_events():
@@ -173,7 +173,7 @@ def test_nodes_join_through_one_seed_and_records_converge() -> None:
     changer = c.ids[42]
     busy = Load(running=3, queued=9, backlog_s=12.5)
     t0 = c.sim.now
-    c.sim.act(changer, t0, lambda cores, now: cores[0].set_load(busy, now))  # type: ignore[attr-defined]
+    c.sim.act(changer, t0, lambda core, now: core.membership.set_load(busy, now))
     c.sim.run_for(0.0)
 
     def everyone_has_it() -> bool:
@@ -294,16 +294,41 @@ class _Echo:
         return out
 
 
+@dataclass(eq=False)
+class _Beside:
+    """Membership and an echo core on one node: membership's messages go to membership."""
+
+    membership: Membership
+    echo: _Echo
+
+    def receive(self, src: NodeId, msg: Wire, now: float) -> None:
+        core = self.membership if int(msg.TAG) in MEMBERSHIP_TAGS else self.echo
+        core.receive(src, msg, now)
+
+    def handle_timer(self, now: float) -> None:
+        for core in (self.membership, self.echo):
+            due = core.next_timer()
+            if due is not None and due <= now:
+                core.handle_timer(now)
+
+    def next_timer(self) -> float | None:
+        times = (self.membership.next_timer(), self.echo.next_timer())
+        return min((t for t in times if t is not None), default=None)
+
+    def take_outgoing(self) -> list[tuple[Address, Wire]]:
+        return self.membership.take_outgoing() + self.echo.take_outgoing()
+
+
 def test_extra_cores_are_hosted_and_every_delivery_is_observed() -> None:
-    sim = Simulation(seed=6)
+    sim: Simulation[_Beside] = Simulation(seed=6)
     addresses = [Address(f"h{i}") for i in range(3)]
     echoes: dict[NodeId, _Echo] = {}
     seen: list[tuple[str, int]] = []
 
-    def factory(node: NodeId, address: Address, now: float, rng: random.Random) -> list[Route]:
+    def factory(node: NodeId, address: Address, now: float, rng: random.Random) -> _Beside:
         echo = _Echo([a for a in addresses if a != address])
         echoes[node] = echo
-        core: Core = Membership(
+        membership = Membership(
             node=node,
             address=address,
             config=MembershipConfig.test(),
@@ -312,7 +337,7 @@ def test_extra_cores_are_hosted_and_every_delivery_is_observed() -> None:
             capabilities=CAPS,
             load=IDLE,
         )
-        return [(range(1, 32), core), (range(96, 128), echo)]
+        return _Beside(membership, echo)
 
     sim.on_deliver.append(lambda now, src, dst, msg, size: seen.append((type(msg).__name__, size)))
     for i, a in enumerate(addresses):
@@ -328,7 +353,7 @@ def test_leave_is_seen_by_everyone_at_once(n: int) -> None:
     c = build(n, seed=8)
     run_until(c, 20.0, c.converged)
     leaver = c.ids[n // 2]
-    c.sim.act(leaver, c.sim.now, lambda cores, now: cores[0].leave(now))  # type: ignore[attr-defined]
+    c.sim.act(leaver, c.sim.now, lambda core, now: core.leave(now))
     c.sim.run_for(0.05)
     c.crashed.add(leaver)
     assert all(s is MemberState.LEFT for s in c.states(leaver))

@@ -1,15 +1,17 @@
-"""The driver over the in-memory network: every frame names its receiver.
+"""The driver over the in-memory network: every frame names its receiver; the core lives
+on the driver's clock.
 
-Each node is a ``Driver`` with a recording core on the membership tags and a resolver
-backed by a dict (what membership and the transport know in a daemon). Frames are captured
-off the network with a bare transport and replayed to another node, which must refuse and
-count them without handing anything to its core.
+Each node is a ``Driver`` with a recording core and a resolver backed by a dict (what
+membership and the transport know in a daemon). Frames are captured off the network with a
+bare transport and replayed to another node, which must refuse and count them without
+handing anything to its core. A driver given a fake clock shows that the core sees no other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 from mesh.codec import Buffer, Codec
-from mesh.driver import MEMBERSHIP_TAGS, Driver, Route
+from mesh.driver import Driver
 from mesh.messages import (
     Address,
     Capabilities,
@@ -37,21 +39,28 @@ DEADLINE_S = 10.0
 GOSSIP = Gossip(updates=())
 
 
-@dataclass(eq=False)  # a core is hashed by identity: the driver keys its cores
+@dataclass
 class Recorder:
-    """A core that records what it receives and sends what a test puts in ``out``."""
+    """A core that records what it receives and when, sends what a test puts in ``out``,
+    and asks for a timer at ``due``."""
 
+    born: float
     got: list[tuple[NodeId, Wire]] = field(default_factory=list)
     out: list[tuple[Address, Wire]] = field(default_factory=list)
+    due: float | None = None
+    seen: list[tuple[str, float]] = field(default_factory=list)
+    """(what, now) for every call that came with a ``now``."""
 
     def receive(self, src: NodeId, msg: Wire, now: float) -> None:
         self.got.append((src, msg))
+        self.seen.append(("receive", now))
 
     def handle_timer(self, now: float) -> None:
-        pass
+        self.due = None
+        self.seen.append(("timer", now))
 
     def next_timer(self) -> float | None:
-        return None
+        return self.due
 
     def take_outgoing(self) -> list[tuple[Address, Wire]]:
         out, self.out = self.out, []
@@ -59,8 +68,18 @@ class Recorder:
 
 
 @dataclass
+class FakeClock:
+    """A monotonic clock that moves only when a test sets ``t``."""
+
+    t: float
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
 class Peer:
-    driver: Driver
+    driver: Driver[Recorder]
     core: Recorder
     address: Address
 
@@ -98,21 +117,23 @@ class Mesh:
         self.lookups += 1
         return self.ids.get(address)
 
-    def add(self, name: str, *, known: bool = True) -> Peer:
+    def add(
+        self, name: str, *, known: bool = True, clock: Callable[[], float] = time.monotonic
+    ) -> Peer:
         address = Address(f"{name}:1")
         if known:
             self.ids[address] = NodeId(name)
-        core = Recorder()
         driver = Driver(
             node=NodeId(name),
             transport=self.net.transport(address),
             codec=Codec(KEY, NodeId(name), max_frame_bytes=1 << 20),
-            routes=(Route(MEMBERSHIP_TAGS, core),),
+            core=Recorder,
             resolve=self.resolve,
             authenticated=False,
+            clock=clock,
         )
         self._tg.create_task(driver.run())
-        peer = Peer(driver, core, address)
+        peer = Peer(driver, driver.core, address)
         self.peers.append(peer)
         return peer
 
@@ -210,3 +231,25 @@ async def test_a_version_1_frame_is_refused_and_counted() -> None:
         assert b.driver.rejected == {"version": 1}
         assert b.core.got == []
         await tap.close()
+
+
+async def test_the_core_sees_only_the_drivers_clock() -> None:
+    clock = FakeClock(1000.0)
+    async with mesh() as m:
+        a, b = m.add("a"), m.add("b", clock=clock)
+        assert b.core.born == 1000.0
+        clock.t = 1001.0
+        b.driver.command(lambda now: b.core.seen.append(("command", now)))
+        clock.t = 1002.0
+        a.send(b.address, GOSSIP)
+        await eventually(lambda: bool(b.core.got), "b to receive")
+        # A timer three fake seconds ahead: the driver arms the loop for three real
+        # seconds, but a step taken once the fake clock reaches it runs it at once.
+        b.core.due = 1005.0
+        b.driver.wake()
+        await asyncio.sleep(0)  # the step it asked for
+        assert b.core.seen[-1] == ("receive", 1002.0)
+        clock.t = 1005.0
+        b.driver.wake()
+        await eventually(lambda: b.core.due is None, "b's timer to run")
+        assert b.core.seen == [("command", 1001.0), ("receive", 1002.0), ("timer", 1005.0)]
