@@ -432,11 +432,11 @@ class NodeConfig:
     millisecond; every half minute keeps a dead node's memory from lingering."""
 
     host_id: str | None = None
-    """Identity of this machine's shared memory (``mesh.client.host_id``): peers with the
+    """Identity of this machine's shared memory (``mesh.shm.host_id``): peers with the
     same value map each other's object segments. None: derived from the kernel's boot id
     and ``/dev/shm``. A value of its own makes a node treat every peer as remote."""
 
-    # --- daemon, HTTP API, client (node/daemon.py, node/api.py, mesh/client.py) ---
+    # --- daemon, HTTP API, client (node/daemon.py, node/api.py, mesh/client/) ---
 
     api_auth_skew_s: float = 60.0
     """A signed HTTP request whose timestamp is further than this from the node's clock is

@@ -19,7 +19,6 @@ from typing import Any, Final
 
 from mesh.config import ContractConfig
 from mesh.core import PeerView
-from mesh.errors import MeshError, NoCapablePeerError, TaskError, TaskLostError
 from mesh.messages import Address, NodeId, Requirements, TaskId, Wire
 
 INF: Final = math.inf
@@ -99,23 +98,6 @@ class Failed:
     kind: str
     message: str
     details: dict[str, Any]
-
-    def error(self) -> MeshError:
-        """The exception a submitter should see for this failure."""
-        if self.kind == FAILED_TASK:
-            return TaskError(
-                self.message,
-                task_id=self.task_id,
-                node=self.node or "",
-                exc_type=str(self.details.get("exc_type", "")),
-                remote_traceback=str(self.details.get("traceback", "")),
-            )
-        if self.kind == FAILED_NO_PEER:
-            missing = self.details.get("missing", {})
-            return NoCapablePeerError(
-                str(self.details.get("task", "")), missing if isinstance(missing, dict) else {}
-            )
-        return TaskLostError(f"task {self.task_id}: {self.message}")
 
 
 ContractEvent = Execute | CancelExecution | Completed | Failed

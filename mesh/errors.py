@@ -5,9 +5,18 @@ this process called the library wrong (a bug here), ``RemoteProtocolError`` mean
 something that cannot be accepted (drop the frame, count it, maybe penalise the peer).
 Everything the library raises on purpose derives from ``MeshError``; anything else escaping
 is a bug.
+
+A failed task has one record on its whole way back, ``ErrorInfo``: made by the worker that
+ran it (or the node, for failures of its own), carried by the contract net and the client
+session, and turned into the submitter's exception by ``ErrorInfo.exception``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final
 
 
 class MeshError(Exception):
@@ -87,3 +96,128 @@ class ObjectLostError(TaskLostError):
         super().__init__(f"object {ref} is lost: its holder {holder} is gone")
         self.ref = ref
         self.holder = holder
+
+
+class FailureKind(StrEnum):
+    """How a task failed, as its submitter learns it; the value is its one spelling on every
+    wire (the contract net's ``Failed.kind``, a worker's and a session's error record)."""
+
+    TASK = "task-error"
+    """It ran and raised, or its run failed on the node (worker died, timed out, lost input)."""
+    NO_PEER = "no-capable-peer"
+    """No live peer can ever run it: ``ErrorInfo.missing`` says what every one lacked."""
+    NO_BIDS = "no-bids"
+    """Candidates exist, but none answered."""
+    LOST = "lost"
+    """Every placement failed, or the node or session it was submitted through went away."""
+    BAD_REQUEST = "bad-request"
+    """The node refused the submission itself (malformed, too deep, a full store)."""
+    INTERNAL = "internal"
+    """A bug on the node's side of the submission."""
+
+
+_OPTIONAL: Final = ("exc_type", "traceback", "task")
+"""The text fields of an ``ErrorInfo`` that may be empty (and are then left off the wire)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorInfo:
+    """One failed task: the record a worker, a node and a session carry, and the exception
+    its submitter sees (``exception``).
+
+    ``exc_type`` is the class name of the exception the task raised (or a name the node
+    gives a failure of its own: ``WorkerDied``, ``Timeout``, ``Cancelled``, ...);
+    ``traceback`` is the remote one, starting in the task. ``task`` and ``missing`` name the
+    task and what no peer had, for ``NO_PEER``.
+    """
+
+    kind: FailureKind
+    message: str
+    exc_type: str = ""
+    traceback: str = ""
+    task: str = ""
+    missing: Mapping[str, str] = field(default_factory=dict)
+
+    def encode(self) -> dict[str, Any]:
+        """The record as a map of strings (what sessions and the contract net carry)."""
+        out: dict[str, Any] = {"kind": str(self.kind), "message": self.message}
+        for name in _OPTIONAL:
+            value = getattr(self, name)
+            if value:
+                out[name] = value
+        if self.missing:
+            out["missing"] = dict(self.missing)
+        return out
+
+    @classmethod
+    def decode(cls, raw: Any) -> ErrorInfo:
+        """Undo ``encode``. Raises ``RemoteProtocolError`` (reason ``bad-field``) for
+        anything ``encode`` does not make: no map, an unknown kind, a field of another type."""
+        if not isinstance(raw, dict):
+            raise RemoteProtocolError("an error record must be a map", reason="bad-field")
+        kind = raw.get("kind")
+        if not isinstance(kind, str) or kind not in _KINDS:
+            raise RemoteProtocolError(f"unknown failure kind {kind!r}", reason="bad-field")
+        text = {"message": raw.get("message"), **{name: raw.get(name, "") for name in _OPTIONAL}}
+        for name, value in text.items():
+            if not isinstance(value, str):
+                raise RemoteProtocolError(f"error field {name} is no string", reason="bad-field")
+        missing = raw.get("missing", {})
+        if not (
+            isinstance(missing, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in missing.items())
+        ):
+            raise RemoteProtocolError(
+                "error field missing is no map of strings", reason="bad-field"
+            )
+        return cls(kind=_KINDS[kind], missing=missing, **text)
+
+    @classmethod
+    def of(cls, exc: BaseException, *, traceback: str = "") -> ErrorInfo:
+        """The record of a task's run that ended with ``exc``."""
+        return cls(
+            kind=FailureKind.TASK,
+            message=str(exc),
+            exc_type=type(exc).__name__,
+            traceback=traceback,
+        )
+
+    @classmethod
+    def reported(cls, kind: str, message: str, details: Mapping[str, Any]) -> ErrorInfo:
+        """The record of a failure the contract net reported (``mesh.contract.Failed``):
+        its kind, message and the details a peer sent, kept only where they are what they
+        should be (a peer may send anything)."""
+        missing = details.get("missing")
+        return cls(
+            kind=_KINDS.get(kind, FailureKind.LOST),
+            message=message,
+            exc_type=_text(details.get("exc_type")),
+            traceback=_text(details.get("traceback")),
+            task=_text(details.get("task")),
+            missing=(
+                {str(k): str(v) for k, v in missing.items()} if isinstance(missing, dict) else {}
+            ),
+        )
+
+    def exception(self, task_id: str, node: str) -> MeshError:
+        """The exception the submitter of task ``task_id`` (run on ``node``) sees."""
+        if self.kind is FailureKind.NO_PEER:
+            return NoCapablePeerError(self.task, dict(self.missing))
+        if self.kind in (FailureKind.LOST, FailureKind.NO_BIDS):
+            return TaskLostError(f"task {task_id}: {self.message}")
+        if self.kind is FailureKind.BAD_REQUEST:
+            return LocalProtocolError(self.message)
+        return TaskError(
+            self.message,
+            task_id=task_id,
+            node=node,
+            exc_type=self.exc_type,
+            remote_traceback=self.traceback,
+        )
+
+
+_KINDS: Final[dict[str, FailureKind]] = {str(k): k for k in FailureKind}
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""

@@ -64,7 +64,7 @@ class WireType(IntEnum):
     # --- 80-95: node: peer hello, transfer, API (node/transport_ws.py, node/daemon.py) ---
     PEER_HELLO = 80
     TASK_CALL = 88
-    SHM_ARG = 89
+    SEGMENT = 89
     # --- 96-127: structures shared by several parts ---
     CAPABILITIES = 96
     LOAD = 97
@@ -473,14 +473,15 @@ class TaskCall(Wire):
     timeout_s: float | None
 
 
-@wire(WireType.SHM_ARG)
-class ShmArg(Wire):
-    """A large argument a client on the node's own machine left in shared memory.
+@wire(WireType.SEGMENT)
+class Segment(Wire):
+    """A ``mesh.codec`` body of ``nbytes`` in the shared-memory file ``name`` (under
+    ``mesh.shm.SHM_DIR``): how a body passes between processes of one machine unsent.
 
-    ``name`` is a file under ``/dev/shm`` holding ``nbytes`` of a ``mesh.codec`` body; the
-    node's object store takes the file over as its own segment (a rename, no copy), and
-    workers on the machine map it. It never crosses the network: loopback sockets would copy
-    the bytes several times more.
+    A client on the node's machine uploads a large argument as one (the node's store copies
+    it into a segment of its own); a holder answers a fetch from its own machine with the
+    segment of the object; the executor names the object segments a worker maps. It never
+    crosses the network: loopback sockets would copy the bytes several times more.
     """
 
     name: str

@@ -1,26 +1,78 @@
-"""Opening a shared-memory file that another process named, without trusting the name.
+"""Shared-memory segments: files in ``SHM_DIR`` that processes of one machine map.
 
-Every process that maps a segment or reads an upload by name (the client, the daemon's
-store, a worker) opens it here. The name may point anywhere a local user could put a link,
-or at a FIFO that blocks ``open`` forever, or at a file of another size; so the file is opened
-with ``O_NOFOLLOW | O_NONBLOCK`` and checked on the open descriptor (``fstat``, not the path,
-so it cannot be swapped between check and use): a regular file, owned by this user or by
-root, of exactly the size announced. Error messages name the file asked for and nothing
-learned about others.
+A segment holds one ``mesh.codec`` body and is named on the wire by a
+``mesh.messages.Segment``. Three kinds share the directory, told apart by name:
 
-This module does no mapping and holds no state; it may not import anything beyond the
-standard library and ``mesh.errors``.
+- a store's object segments, ``OBJECT_PREFIX<pid>-<token>-<n>`` (``node.store``), which
+  fetchers and workers on the machine map read-only;
+- a client's uploads, ``UPLOAD_PREFIX<24 hex digits>``, which the node's store copies;
+- an executor's pipe segments, ``mesh-<pid>-<token>-w<n>-...`` (``node.executor``).
+
+A name another process sent is never trusted: ``segment_path`` refuses paths, and
+``open_exact`` opens with ``O_NOFOLLOW | O_NONBLOCK`` and checks the open descriptor
+(``fstat``, not the path, so it cannot be swapped between check and use): a regular file,
+owned by this user or by root, of exactly the size announced. A link may point anywhere a
+local user could put one, a FIFO would block ``open`` forever, and a mapping of a file that
+its owner shrinks kills the reader with SIGBUS. Error messages name the file asked for and
+nothing learned about others.
+
+This module holds no state and imports nothing of Mesh beyond ``mesh.errors``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
+import mmap
 import os
+import re
 import stat
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Final
 
 from mesh.errors import RemoteProtocolError
 
-_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+SHM_DIR: Final = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+"""Where segments live: tmpfs on Linux, so they are memory, never disk."""
+
+OBJECT_PREFIX: Final = "mesh-obj-"
+"""Names of object-store segments: ``mesh-obj-<pid>-<token>-<n>``."""
+UPLOAD_PREFIX: Final = "mesh-up-"
+"""Names of a client's uploads: ``mesh-up-<24 hex digits>``."""
+
+_OBJECT_NAME: Final = re.compile(re.escape(OBJECT_PREFIX) + r"[0-9]{1,10}-[0-9a-f]{8}-[0-9]{1,20}")
+_MAX_NAME: Final = 255
+_BOOT_ID: Final = Path("/proc/sys/kernel/random/boot_id")
+_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_MAP_POPULATE: Final[int] = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def host_id() -> str:
+    """What identifies this machine's shared memory; "" where none can be shared.
+
+    Two processes with the same value see the same files in ``SHM_DIR``: the kernel's boot
+    id (one per running kernel) and the device and inode of the shared-memory directory
+    (a container or mount namespace with a tmpfs of its own differs there).
+    """
+    try:
+        boot = _BOOT_ID.read_text().strip()
+        st = os.stat(SHM_DIR)
+    except OSError:
+        return ""
+    if not boot:
+        return ""
+    return hashlib.sha256(f"{boot}:{st.st_dev}:{st.st_ino}".encode()).hexdigest()[:32]
+
+
+def segment_path(name: str) -> str:
+    """The path of segment ``name``; ``RemoteProtocolError`` (``bad-segment``) for a name
+    that is no plain file name."""
+    if not name or len(name) > _MAX_NAME or "/" in name or name.startswith("."):
+        raise RemoteProtocolError(f"bad segment name {name!r}", reason="bad-segment")
+    return os.path.join(SHM_DIR, name)
 
 
 def open_exact(path: str | os.PathLike[str], nbytes: int, *, what: str) -> int:
@@ -58,3 +110,120 @@ def open_exact(path: str | os.PathLike[str], nbytes: int, *, what: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+# ---------------------------------------------------------------------------------------
+# Object segments: what a holder lends to fetchers and workers on its machine
+# ---------------------------------------------------------------------------------------
+
+
+def is_object_segment(name: str) -> bool:
+    """Whether ``name`` is an object-store segment name (no path, the store's prefix)."""
+    return _OBJECT_NAME.fullmatch(name) is not None
+
+
+def map_object(name: str, nbytes: int) -> mmap.mmap:
+    """Map object-store segment ``name`` read-only; it must hold exactly ``nbytes``.
+
+    Raises ``RemoteProtocolError`` (reason ``bad-segment``) for a name outside the store's
+    prefix or a file of another size, ``FileNotFoundError`` when the segment is gone (its
+    object was released) and ``PermissionError`` when it belongs to another user.
+    """
+    fd = _open_object(name, nbytes)
+    try:
+        # Every page will be read: map them in one call rather than fault them one by one.
+        return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+
+
+def check_object(name: str, nbytes: int) -> None:
+    """Raise what ``map_object`` would, without mapping anything."""
+    os.close(_open_object(name, nbytes))
+
+
+def _open_object(name: str, nbytes: int) -> int:
+    if not is_object_segment(name):
+        raise RemoteProtocolError(f"bad object segment name {name!r}", reason="bad-segment")
+    return open_exact(SHM_DIR / name, nbytes, what=f"object segment {name}")
+
+
+# ---------------------------------------------------------------------------------------
+# Segments a process makes and removes itself
+# ---------------------------------------------------------------------------------------
+
+
+def write_chunks(fd: int, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+    """Write ``chunks`` back to back from the start of the file ``fd``."""
+    offset = 0
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        while view.nbytes:
+            written = os.pwrite(fd, view, offset)
+            offset += written
+            view = view[written:]
+
+
+def write_segment(
+    name: str, chunks: Iterable[bytes | bytearray | memoryview], size: int, *, reuse: bool = False
+) -> None:
+    """Write ``chunks`` back to back into segment ``name``, ``size`` bytes in all.
+
+    ``reuse`` rewrites an existing segment in place (resizing it if needed); otherwise the
+    segment must not exist yet.
+    """
+    path = segment_path(name)
+    flags = os.O_RDWR | os.O_CREAT | (0 if reuse else os.O_EXCL)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+        write_chunks(fd, chunks)
+    except BaseException:
+        os.close(fd)
+        unlink(name)
+        raise
+    os.close(fd)
+
+
+def map_segment(name: str, size: int, *, unlink_now: bool, populate: bool = False) -> mmap.mmap:
+    """Map the first ``size`` bytes of segment ``name`` read-only.
+
+    ``unlink_now`` removes the name at once (the mapping keeps the pages); ``populate`` maps
+    every page up front, far cheaper than a fault per page when the reader will touch them
+    all.
+    """
+    path = segment_path(name)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise RemoteProtocolError(f"segment {name} does not exist", reason="bad-segment") from None
+    try:
+        if size <= 0 or os.fstat(fd).st_size < size:
+            raise RemoteProtocolError(f"segment {name} is short", reason="bad-segment")
+        flags = mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0)
+        return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+        if unlink_now:
+            unlink(name)
+
+
+def unlink(name: str) -> None:
+    """Remove segment ``name`` if it is there (and is a file this process may remove)."""
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(SHM_DIR, name))
+
+
+def remove_segments(prefix: str) -> int:
+    """Unlink every segment whose name starts with ``prefix``; returns how many."""
+    removed = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        if name.startswith(prefix):
+            unlink(name)
+            removed += 1
+    return removed

@@ -12,12 +12,12 @@ Routes (all under the node's one port, next to the peer websocket):
   node's ``host_id`` (a fetcher on the same machine) the answer is instead the JSON
   ``{"segment", "nbytes"}`` of the shared-memory segment that holds the body.
 - ``GET /v1/session``: the client's websocket; batches of submissions in, streamed
-  results out, both msgpack bodies made by ``mesh.codec``.
+  results out (the messages of ``mesh.session``).
 - ``GET /v1/hello``, ``GET /metrics`` (Prometheus text) and ``GET /openapi.json``:
   readable without the key; they hold no task data. ``/v1/hello`` says the node's id,
   version and key fingerprint: what a client signs its requests for.
 
-Every other request must carry the proof of ``mesh.client.sign_request``: an HMAC over
+Every other request must carry the proof of ``mesh.auth.sign_request``: an HMAC over
 method, path, body hash, timestamp, nonce and the id of the node it is for, within
 ``api_auth_skew_s`` and never seen before. The proof is checked on the headers alone,
 before a byte of the body is read; then the body is read (bounded in size per route and
@@ -48,25 +48,28 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from mesh import __version__
-from mesh.client import (
+from mesh.auth import (
     HEADER_BODY,
     HEADER_NONCE,
     HEADER_SIGNATURE,
     HEADER_TIME,
     HEADER_TO,
+    request_mac,
+)
+from mesh.codec import Chunks, dumps, key_fingerprint, loads
+from mesh.config import NodeConfig
+from mesh.errors import ErrorInfo, FailureKind, MeshError, ObjectLostError
+from mesh.http import (
     HELLO_PATH,
     HOST_PARAM,
     OBJECT_CONTENT_TYPE,
     SEGMENT_CONTENT_TYPE,
     SESSION_PATH,
-    request_mac,
 )
-from mesh.codec import Chunks, dumps, key_fingerprint, loads
-from mesh.config import NodeConfig
-from mesh.errors import MeshError, ObjectLostError
-from mesh.messages import NodeId, ObjectRef, ShmArg, TaskId, Wire, field_names
+from mesh.messages import NodeId, ObjectRef, Segment, TaskId, Wire, field_names
+from mesh.session import BadTask, Outcome, Results, SessionError, Submission, Submit
 from node.http_guard import ConnectionGuard
-from node.store import Upload
+from node.store import OwnedSegment
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +88,13 @@ BODY_TOO_LARGE: Final = "http-body-too-large"
 BODY_TIMEOUT: Final = "http-body-timeout"
 
 INTERNAL_ERROR: Final = "InternalError"
-"""``type`` of the error record of a submission that failed by a bug on this node's side."""
+"""``ErrorInfo.exc_type`` of a task or submission that failed by a bug on this node's side."""
 
 _MAX_AMOUNT: Final = 1e18
 """Largest resource amount a submission may ask for (bytes of memory fit, infinity not)."""
 
-Deliver = Callable[[TaskId, bool, Any, str], None]
-"""Called once per submitted task: (task id, ok, value or error record, node that ran it)."""
+Deliver = Callable[[Outcome], None]
+"""Called once per submitted task, with how it ended."""
 
 
 class BadRequest(MeshError):
@@ -128,18 +131,18 @@ class Service(Protocol):
     def cancel(self, task_id: str) -> bool: ...
 
     host_id: str
-    """This machine's ``mesh.client.host_id`` ("" shares nothing)."""
+    """This machine's ``mesh.shm.host_id`` ("" shares nothing)."""
 
     def object_body(self, object_id: str) -> tuple[Chunks, int] | None: ...
 
-    def object_segment(self, object_id: str) -> Awaitable[ShmArg | None]:
+    def object_segment(self, object_id: str) -> Awaitable[Segment | None]:
         """The segment holding a stored object for a process on this machine; None: send
         the bytes instead. Raises ``ObjectLostError`` if the object is not held."""
         ...
 
     def release_object(self, object_id: str) -> bool: ...
 
-    def take_upload(self, upload: ShmArg) -> Awaitable[Upload]:
+    def take_upload(self, upload: Segment) -> Awaitable[OwnedSegment]:
         """A same-machine client's shared-memory upload, copied into the store's own segment
         (``node.store.ObjectStore.take_upload``); raises ``MeshError`` naming the upload."""
         ...
@@ -580,12 +583,11 @@ class Api:
         args = from_json(args, max_depth=depth)
         # Decoded value by value: keywords named "$ref" and "holder" are no reference.
         kwargs = {k: from_json(v, max_depth=depth - 1) for k, v in kwargs.items()}
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[tuple[TaskId, bool, Any, str]] = loop.create_future()
+        done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
 
-        def deliver(task_id: TaskId, ok: bool, value: Any, node: str) -> None:
+        def deliver(outcome: Outcome) -> None:
             if not done.done():
-                done.set_result((task_id, ok, value, node))
+                done.set_result(outcome)
 
         try:
             task_id = self.service.submit(name, args, kwargs, options, deliver)
@@ -595,13 +597,13 @@ class Api:
             return web.json_response({"task_id": task_id, "state": "submitted"}, status=202)
         try:
             async with asyncio.timeout(wait):
-                tid, ok, value, node = await asyncio.shield(done)
+                outcome = await asyncio.shield(done)
         except TimeoutError:
             return web.json_response(
                 {"task_id": task_id, "state": "running", "error": f"no result within {wait:g} s"},
                 status=202,
             )
-        return web.json_response(_result_json(tid, ok, value, node))
+        return web.json_response(result_json(outcome))
 
     async def _task(self, request: web.Request) -> web.Response:
         task_id = request.match_info["id"]
@@ -673,12 +675,12 @@ class Api:
         ws = web.WebSocketResponse(max_msg_size=self.config.api_max_body_bytes, heartbeat=30.0)
         await ws.prepare(request)
         self.sessions += 1
-        out: list[list[Any]] = []
+        out: list[tuple[Any, Outcome]] = []
         ready = asyncio.Event()
 
         def deliver_for(cid: Any) -> Deliver:
-            def deliver(task_id: TaskId, ok: bool, value: Any, node: str) -> None:
-                out.append([cid, task_id, ok, value, node, None if ok else value])
+            def deliver(outcome: Outcome) -> None:
+                out.append((cid, outcome))
                 ready.set()
 
             return deliver
@@ -687,10 +689,10 @@ class Api:
             while True:
                 await ready.wait()
                 ready.clear()
-                batch = out[:]
+                batch = tuple(out)
                 out.clear()
                 if batch:
-                    await ws.send_bytes(dumps({"op": "results", "items": batch}))
+                    await ws.send_bytes(dumps(Results(items=batch).encode()))
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -699,10 +701,12 @@ class Api:
                     if msg.type != WSMsgType.BINARY:
                         continue
                     try:
-                        await self._on_session_message(msg.data, deliver_for)
+                        tasks = Submit.decode(loads(msg.data))
                     except MeshError as exc:
-                        await ws.send_bytes(dumps({"op": "error", "message": str(exc)}))
+                        await ws.send_bytes(dumps(SessionError(message=str(exc)).encode()))
                         break
+                    for task in tasks:
+                        await self._take(task, deliver_for(task.cid))
                 writing.cancel()
         except* ConnectionError:
             pass  # the client went away mid-write
@@ -715,46 +719,35 @@ class Api:
             await ws.close()
         return ws
 
-    async def _on_session_message(self, data: bytes, deliver_for: Callable[[Any], Deliver]) -> None:
-        body = loads(data)
-        op = body.get("op") if isinstance(body, dict) else None
-        if not (isinstance(op, str) and op == "submit"):  # an array compares elementwise
-            raise BadRequest("expected {'op': 'submit', 'tasks': [...]}")
-        tasks = body.get("tasks")
-        if not isinstance(tasks, list):
-            raise BadRequest("tasks must be a list")
-        for item in tasks:
-            if not (isinstance(item, list) and len(item) == 5):
-                raise BadRequest("each task is [id, name, args, kwargs, options]")
-            cid, name, args, kwargs, options = item
-            deliver = deliver_for(cid)
-            if not isinstance(name, str) or not isinstance(args, list):
-                deliver(TaskId(""), False, _bad("task name or args malformed"), "")
-                continue
-            if not isinstance(kwargs, dict):
-                deliver(TaskId(""), False, _bad("kwargs must be a map"), "")
-                continue
-            try:
-                check_nesting((args, kwargs), self.config.api_max_nesting)
-                valid = parse_options(options, self.config)
-                if any(isinstance(v, ShmArg) for v in (*args, *kwargs.values())):
-                    args = [await self._upload(a) for a in args]
-                    kwargs = {k: await self._upload(v) for k, v in kwargs.items()}
-                    # What an upload held is an argument one level down, bounded the same.
-                    uploaded = [u.value for u in (*args, *kwargs.values()) if isinstance(u, Upload)]
-                    check_nesting(uploaded, self.config.api_max_nesting - 1)
-                self.service.submit(name, args, kwargs, valid, deliver)
-            except MeshError as exc:  # BadRequest, a full store, a node shutting down
-                deliver(TaskId(""), False, _bad(str(exc)), "")
-            except Exception as exc:
-                # A bug behind one submission fails that task, not the session or the node.
-                self.internal_errors += 1
-                log.exception("internal error submitting %.100r from a session", name)
-                deliver(TaskId(""), False, _internal(exc), "")
+    async def _take(self, task: Submission | BadTask, deliver: Deliver) -> None:
+        """Submit one task of a session's batch; a task that cannot be gets its failure."""
+        if isinstance(task, BadTask):
+            deliver(_refused(task.reason))
+            return
+        args, kwargs = list(task.args), task.kwargs
+        try:
+            check_nesting((args, kwargs), self.config.api_max_nesting)
+            options = parse_options(task.options, self.config)
+            if any(isinstance(v, Segment) for v in (*args, *kwargs.values())):
+                args = [await self._upload(a) for a in args]
+                kwargs = {k: await self._upload(v) for k, v in kwargs.items()}
+                # What an upload held is an argument one level down, bounded the same.
+                held = [u.value for u in (*args, *kwargs.values()) if isinstance(u, OwnedSegment)]
+                check_nesting(held, self.config.api_max_nesting - 1)
+            self.service.submit(task.name, args, kwargs, options, deliver)
+        except MeshError as exc:  # BadRequest, a full store, a node shutting down
+            deliver(_refused(str(exc)))
+        except Exception as exc:
+            # A bug behind one submission fails that task, not the session or the node.
+            self.internal_errors += 1
+            log.exception("internal error submitting %.100r from a session", task.name)
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            error = ErrorInfo(kind=FailureKind.INTERNAL, message=message, exc_type=INTERNAL_ERROR)
+            deliver(Outcome(task_id="", error=error))
 
     async def _upload(self, value: Any) -> Any:
-        """A same-machine client's shared-memory argument, taken by the store (``Upload``)."""
-        if not isinstance(value, ShmArg):
+        """A same-machine client's shared-memory argument, taken by the store."""
+        if not isinstance(value, Segment):
             return value
         try:
             return await self.service.take_upload(value)
@@ -762,32 +755,20 @@ class Api:
             raise BadRequest(str(exc)) from None
 
 
-def _bad(message: str) -> dict[str, Any]:
-    return {"kind": "bad-request", "message": message}
+def _refused(reason: str) -> Outcome:
+    """The outcome of a session task the node refused."""
+    return Outcome(task_id="", error=ErrorInfo(kind=FailureKind.BAD_REQUEST, message=reason))
 
 
-def _internal(exc: Exception) -> dict[str, Any]:
-    return {
-        "kind": "internal",
-        "type": INTERNAL_ERROR,
-        "message": f"internal error: {type(exc).__name__}: {exc}",
-    }
-
-
-def _result_json(task_id: str, ok: bool, value: Any, node: str) -> dict[str, Any]:
-    if ok:
-        return {"task_id": task_id, "ok": True, "result": jsonable(value), "node": node}
-    error = jsonable(value) if isinstance(value, dict) else {"message": str(value)}
-    return {
-        "task_id": task_id,
-        "ok": False,
-        "node": node,
-        "error": error.get("message", "task failed"),
-        "details": error,
-    }
-
-
-result_json = _result_json
+def result_json(outcome: Outcome) -> dict[str, Any]:
+    """How ``GET /v1/tasks/{id}`` and a waited-for ``POST /v1/tasks`` show a task's end."""
+    doc: dict[str, Any] = {"task_id": outcome.task_id, "ok": outcome.ok, "node": outcome.node}
+    if outcome.error is None:
+        doc["result"] = jsonable(outcome.value)
+    else:
+        doc["error"] = outcome.error.message
+        doc["details"] = jsonable(outcome.error.encode())
+    return doc
 
 
 def _op(summary: str, *, body: bool = False, params: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -33,17 +33,12 @@ from typing import Any, Final
 
 import aiohttp
 
-from mesh.client import (
-    DEFAULT_PORT,
-    event_loop,
-    node_id_at,
-    normalise_url,
-    request_json,
-    resolve_key,
-)
-from mesh.client import key_bytes as derive_key
+from mesh.auth import key_bytes as derive_key
+from mesh.auth import resolve_key
 from mesh.config import MeshConfig
 from mesh.errors import MeshError
+from mesh.http import DEFAULT_PORT, node_id_at, normalise_url, request_json
+from mesh.loop import event_loop
 
 PRESETS: Final = {"lan": MeshConfig.lan, "local": MeshConfig.local, "test": MeshConfig.test}
 PRESET_ENV: Final = "MESH_PRESET"
@@ -348,7 +343,7 @@ def _print_result(reply: dict[str, Any], as_json: bool) -> int:
             print(json.dumps(reply["result"]))
         return 0
     details = reply.get("details", {})
-    kind = details.get("type") or details.get("kind", "")
+    kind = details.get("exc_type") or details.get("kind", "")
     message = reply.get("error", "task failed")
     if as_json:
         print(json.dumps(reply))

@@ -43,20 +43,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from mesh.client import (
-    DEFAULT_PORT,
-    check_object_segment,
-    fetch_body,
-    fetch_bytes,
-    fetch_object,
-    key_bytes,
-)
-from mesh.client import host_id as machine_host_id
+from mesh.args import walk, walk_call, walk_call_async
+from mesh.auth import key_bytes
 from mesh.codec import Buffer, Chunks, Codec, key_fingerprint, loads
 from mesh.config import MeshConfig, NodeConfig
 from mesh.contract import (
-    FAILED_NO_PEER,
-    FAILED_TASK,
     CancelExecution,
     Completed,
     Contract,
@@ -66,7 +57,8 @@ from mesh.contract import (
 )
 from mesh.core import MemberState
 from mesh.driver import Driver
-from mesh.errors import LocalProtocolError, MeshError, ObjectLostError
+from mesh.errors import ErrorInfo, FailureKind, LocalProtocolError, MeshError, ObjectLostError
+from mesh.http import DEFAULT_PORT, fetch_body, fetch_bytes, fetch_object
 from mesh.local import ReadyRecord
 from mesh.membership import Membership, MembershipEvent
 from mesh.messages import (
@@ -74,28 +66,24 @@ from mesh.messages import (
     NodeId,
     ObjectRef,
     Requirements,
-    ShmArg,
+    Segment,
     TaskCall,
     TaskId,
 )
 from mesh.node_core import NodeCore
-from node.api import Api, Deliver, jsonable, result_json
+from mesh.session import Outcome
+from mesh.shm import check_object
+from mesh.shm import host_id as machine_host_id
+from node.api import INTERNAL_ERROR, Api, Deliver, jsonable, result_json
 from node.capabilities import probe
 from node.cores import HostSlots, local_pool, slot_speed
 from node.executor import Executor
 from node.http_guard import GuardedSite
-from node.store import ObjectStore, OwnedSegment, Upload, nbytes_of, remove_orphan_segments
+from node.store import ObjectStore, OwnedSegment, nbytes_of, remove_orphan_segments
 from node.transport_ws import WS_PATH, WsTransport
-from node.worker import SharedArg
 from tasks import Registry
 
 log = logging.getLogger(__name__)
-
-_KIND: Final = {FAILED_TASK: "task", FAILED_NO_PEER: "no-peer"}
-"""Contract failure kinds -> the error kinds clients understand (others are ``lost``)."""
-
-_MAX_ARG_DEPTH: Final = 8
-"""How deep argument containers are searched for references and large arrays."""
 
 BANDWIDTH_SAMPLE_BYTES: Final = 1 << 20
 """Fetched bodies from this size up tell the contract core the rate from their holder."""
@@ -103,8 +91,13 @@ BANDWIDTH_SAMPLE_BYTES: Final = 1 << 20
 SHARED_MEMORY_BYTES_PER_S: Final = 1e11
 """The rate bids count for an object held on this machine: it is mapped, not copied."""
 
-INTERNAL_ERROR: Final = "InternalError"
-"""``exc_type`` of a task that failed through an unexpected error on the node's side."""
+_PREPARED: Final = (OwnedSegment, ObjectRef, np.ndarray)
+"""Arguments a submission treats specially: uploads, references and arrays (``_prepare``)."""
+
+
+def _task_error(exc_type: str, message: str) -> ErrorInfo:
+    """A failure of a task's run that the node names itself."""
+    return ErrorInfo(kind=FailureKind.TASK, message=message, exc_type=exc_type)
 
 
 class StartError(MeshError):
@@ -423,8 +416,9 @@ class Daemon:
                 self._out(f"mesh-node {self.node_id}: grace over, handing back the rest")
         self.driver.command(self.node_core.leave)
         await asyncio.gather(self._close_discovery(), self._drain(1.0))
+        gone = ErrorInfo(kind=FailureKind.LOST, message="the node it was submitted to shut down")
         for task_id in list(self._pending):
-            self._deliver_failure(task_id, "lost", "the node it was submitted to shut down", "")
+            self._deliver(Outcome(task_id=task_id, error=gone))
 
     async def _drain(self, seconds: float) -> None:
         try:
@@ -459,47 +453,32 @@ class Daemon:
                         job.cancel()
                 elif isinstance(ev, Completed):
                     self.outcomes["completed"] += 1
-                    self._deliver(ev.task_id, True, ev.value, ev.node)
+                    self._deliver(Outcome(task_id=ev.task_id, node=ev.node, value=ev.value))
                 elif isinstance(ev, Failed):
                     self.outcomes[ev.kind] += 1
                     self._on_failed(ev)
 
     def _on_failed(self, ev: Failed) -> None:
-        details = dict(ev.details)
         pending = self._pending.get(ev.task_id)
-        info: dict[str, Any] = {
-            "kind": _KIND.get(ev.kind, "lost"),
-            "message": ev.message,
-            "type": str(details.get("exc_type", "")),
-            "traceback": str(details.get("traceback", "")),
-            "task": str(details.get("task", pending.name if pending else "")),
-        }
-        if isinstance(details.get("missing"), dict):
-            info["missing"] = details["missing"]
-        if info["kind"] == "no-peer":
-            missing = info.get("missing") or {}
-            parts = ", ".join(f"{k}={v}" for k, v in sorted(missing.items()))
-            info["message"] = f"no peer can run {info['task']}: missing {parts or 'capabilities'}"
-        self._deliver(ev.task_id, False, info, ev.node or "")
+        details = {"task": pending.name, **ev.details} if pending else ev.details
+        error = ErrorInfo.reported(ev.kind, ev.message, details)
+        self._deliver(Outcome(task_id=ev.task_id, node=ev.node or "", error=error))
 
-    def _deliver_failure(self, task_id: TaskId, kind: str, message: str, node: str) -> None:
-        self._deliver(task_id, False, {"kind": kind, "message": message}, node)
-
-    def _deliver(self, task_id: TaskId, ok: bool, value: Any, node: str) -> None:
-        pending = self._pending.pop(task_id, None)
+    def _deliver(self, outcome: Outcome) -> None:
+        pending = self._pending.pop(TaskId(outcome.task_id), None)
         if pending is None:
             return
         for oid in pending.temp_objects:
             self.store.release(oid)
-        record = result_json(task_id, ok, value, node)
-        record["state"] = "done" if ok else "failed"
+        record = result_json(outcome)
+        record["state"] = "done" if outcome.ok else "failed"
         record["task"] = pending.name
-        self._finished[task_id] = record
+        self._finished[TaskId(outcome.task_id)] = record
         while len(self._finished) > self.config.results_kept:
             self._finished.popitem(last=False)
         if pending.done is not None:
             pending.done.set()
-        pending.deliver(task_id, ok, value, node)
+        pending.deliver(outcome)
 
     # -- submitting (initiator) -------------------------------------------------------------
 
@@ -537,8 +516,11 @@ class Daemon:
         temp: list[str],
     ) -> None:
         holders: Counter[NodeId] = Counter()
-        call_args = tuple(self._prepare(a, temp, holders, 0) for a in args)
-        call_kwargs = {str(k): self._prepare(v, temp, holders, 0) for k, v in kwargs.items()}
+
+        def prepare(value: Any) -> Any:
+            return self._prepare(value, temp, holders)
+
+        call_args, call_kwargs = walk_call(args, kwargs, _PREPARED, prepare)
         req = self.registry.requirements(name)
         if options.get("labels") or options.get("resources"):
             req = Requirements(
@@ -555,41 +537,37 @@ class Daemon:
             est_runtime_s=tdef.est_runtime_s if tdef is not None else None,
         )
         call = TaskCall(
-            name=name, args=call_args, kwargs=call_kwargs, timeout_s=options.get("timeout")
+            name=name,
+            args=tuple(call_args),
+            kwargs=call_kwargs,
+            timeout_s=options.get("timeout"),
         )
         self._pending[task_id] = _Pending(name=name, deliver=deliver, temp_objects=temp)
         self.driver.command(partial(self.node_core.submit, spec, call))
 
-    def _prepare(self, value: Any, temp: list[str], holders: Counter[NodeId], depth: int) -> Any:
+    def _prepare(self, value: Any, temp: list[str], holders: Counter[NodeId]) -> Any:
         """Large arrays become references to this node's store; refs are counted by holder.
 
         A client's shared-memory upload of a large array is adopted as the object's segment
         (no copy); any other upload gives up its file and is prepared as its value.
         """
-        if isinstance(value, Upload):
+        if isinstance(value, OwnedSegment):
             inner = value.value
             if isinstance(inner, np.ndarray) and inner.nbytes > self.config.store_threshold_bytes:
                 ref = self.store.adopt(value)
                 temp.append(ref.id)
                 holders[ref.holder] += ref.nbytes
                 return ref
-            value = value.discard()
+            value.remove()
+            return walk(inner, _PREPARED, lambda v: self._prepare(v, temp, holders))
         if isinstance(value, ObjectRef):
             holders[value.holder] += value.nbytes
             return value
-        if isinstance(value, np.ndarray):
-            if value.nbytes > self.config.store_threshold_bytes:
-                ref = self.store.put(value)
-                temp.append(ref.id)
-                holders[ref.holder] += ref.nbytes
-                return ref
-            return value
-        if depth >= _MAX_ARG_DEPTH:
-            return value
-        if isinstance(value, list | tuple):
-            return [self._prepare(v, temp, holders, depth + 1) for v in value]
-        if isinstance(value, dict):
-            return {k: self._prepare(v, temp, holders, depth + 1) for k, v in value.items()}
+        if value.nbytes > self.config.store_threshold_bytes:  # an array
+            ref = self.store.put(value)
+            temp.append(ref.id)
+            holders[ref.holder] += ref.nbytes
+            return ref
         return value
 
     def cancel(self, task_id: str) -> bool:
@@ -608,79 +586,81 @@ class Daemon:
         self._jobs_idle.clear()
 
     async def _execute(self, task_id: TaskId, call: Any) -> None:
-        ok, outcome = False, "error"
-        value: Any = {}
+        outcome = "error"
+        value: Any = None
+        error: ErrorInfo | None = None
         try:
             if not isinstance(call, TaskCall):
-                value = {"message": "the award carried no task call", "exc_type": "BadPayload"}
+                error = _task_error("BadPayload", "the award carried no task call")
                 return
+            # The segments the worker maps: held until the task is over, so that those
+            # fetched into this node's store stay.
+            shared: list[Segment | OwnedSegment] = []
             try:
-                args = await self._materialise(list(call.args), 0)
-                kwargs = await self._materialise(dict(call.kwargs), 0)
+                args, kwargs = await walk_call_async(
+                    call.args, call.kwargs, ObjectRef, lambda ref: self._shared_arg(ref, shared)
+                )
             except MeshError as exc:
                 outcome = "lost-input"
-                value = {"message": str(exc), "exc_type": type(exc).__name__}
+                error = ErrorInfo.of(exc)
                 return
             try:
-                result = await self.executor.run(
-                    task_id, call.name, args, kwargs, timeout=call.timeout_s
+                done = await self.executor.run(
+                    task_id,
+                    call.name,
+                    args,
+                    kwargs,
+                    shared=[s.name for s in shared],
+                    timeout=call.timeout_s,
                 )
             except MeshError as exc:
                 # A shared input released before the worker mapped it is a lost input too.
                 if isinstance(exc, ObjectLostError):
                     outcome = "lost-input"
-                value = {"message": str(exc), "exc_type": type(exc).__name__}
+                error = ErrorInfo.of(exc)
                 return
-            if not result.ok:
-                value = {
-                    "message": result.message,
-                    "exc_type": result.error_type,
-                    "traceback": result.traceback,
-                }
+            if done.error is not None:
+                error = done.error
                 return
-            ok, value, outcome = True, result.value, "ok"
+            value, outcome = done.value, "ok"
             if nbytes_of(value) > self.config.store_threshold_bytes:
                 try:
                     value = self.store.put(value)
                 except MeshError as exc:
-                    ok, outcome = False, "error"
-                    value = {"message": str(exc), "exc_type": type(exc).__name__}
+                    outcome = "error"
+                    error = ErrorInfo.of(exc)
         except asyncio.CancelledError:
-            ok, outcome = False, "cancelled"
-            value = {"message": "cancelled", "exc_type": "Cancelled"}
+            outcome = "cancelled"
+            error = _task_error("Cancelled", "cancelled")
             raise
         except Exception as exc:
             # A bug on this node's side of one task (or input nothing above caught): that
             # task fails with a named internal error; the node and its other tasks go on.
             log.exception("internal error while running task %s", task_id)
-            ok, outcome = False, "error"
-            value = {
-                "message": f"internal error on {self.node_id}: {type(exc).__name__}: {exc}",
-                "exc_type": INTERNAL_ERROR,
-            }
+            outcome = "error"
+            message = f"internal error on {self.node_id}: {type(exc).__name__}: {exc}"
+            error = _task_error(INTERNAL_ERROR, message)
         finally:
             self.executed[outcome] += 1
             self._jobs.pop(task_id, None)
             if not self._jobs:
                 self._jobs_idle.set()
+            report = value if error is None else error.encode()
             try:
-                self.driver.command(partial(self.node_core.task_finished, task_id, ok, value))
+                self.driver.command(
+                    partial(self.node_core.task_finished, task_id, error is None, report)
+                )
             except LocalProtocolError as exc:
                 log.debug("finished task %s unknown to the contract core: %s", task_id, exc)
 
-    async def _materialise(self, value: Any, depth: int) -> Any:
-        """``value`` with every ``ObjectRef`` replaced by the object (fetched if remote)."""
-        if isinstance(value, ObjectRef):
-            return await self._task_arg(value)
-        if depth >= _MAX_ARG_DEPTH:
-            return value
-        if isinstance(value, list | tuple):
-            if not any(isinstance(v, ObjectRef | list | tuple | dict) for v in value):
-                return list(value)
-            return [await self._materialise(v, depth + 1) for v in value]
-        if isinstance(value, dict):
-            return {k: await self._materialise(v, depth + 1) for k, v in value.items()}
-        return value
+    async def _shared_arg(self, ref: ObjectRef, shared: list[Segment | OwnedSegment]) -> Any:
+        """``_task_arg`` as the worker gets it: a segment it maps is kept in ``shared`` and
+        named by its ``Segment`` in the call. (A stored value is never a bare ``Segment``:
+        the store keeps values over its threshold, and a ``Segment`` is a few bytes.)"""
+        arg = await self._task_arg(ref)
+        if isinstance(arg, Segment | OwnedSegment):
+            shared.append(arg)
+        return arg.segment if isinstance(arg, OwnedSegment) else arg
 
     def _holder(self, ref: ObjectRef) -> tuple[aiohttp.ClientSession, str]:
         """The HTTP session to fetch ``ref`` with, and its holder's address."""
@@ -704,17 +684,15 @@ class Daemon:
     async def _task_arg(self, ref: ObjectRef) -> Any:
         """A referenced argument of a task to run here.
 
-        A large object reaches the worker as a segment it maps (``SharedArg``), never
-        copied on the way: the holder's own segment when the holder is on this machine
-        (this node included), else a segment of this node's store that the body is read
-        into straight from the socket, removed once the task is done. Small objects come
-        as values.
+        A large object reaches the worker as a segment it maps, never copied on the way:
+        the holder's own segment when the holder is on this machine (this node included),
+        a ``Segment``; else an ``OwnedSegment`` of this node's store that the body is read
+        into straight from the socket, removed once it is dropped. Small objects come as
+        values.
         """
         if ref.holder == self.node_id:
             shared = await self.store.share(ref)
-            if shared is None:
-                return self.store.get(ref)
-            return SharedArg(name=shared.name, nbytes=shared.nbytes)
+            return self.store.get(ref) if shared is None else shared
         http, address = self._holder(ref)
         received: list[OwnedSegment] = []
         started = time.monotonic()
@@ -727,9 +705,9 @@ class Daemon:
             return segment.buffer
 
         body = await fetch_body(http, self._key, address, ref, host=self.host_id, allocate=allocate)
-        if isinstance(body, ShmArg):
+        if isinstance(body, Segment):
             try:
-                check_object_segment(body.name, body.nbytes)
+                check_object(body.name, body.nbytes)
             except PermissionError:
                 # Another user's node: its segments are private, so take the bytes instead.
                 body = await fetch_bytes(http, self._key, address, ref, allocate=allocate)
@@ -737,7 +715,7 @@ class Daemon:
                 raise ObjectLostError(ref.id, ref.holder) from None
             else:
                 self.contract.set_bandwidth(ref.holder, SHARED_MEMORY_BYTES_PER_S)
-                return SharedArg(name=body.name, nbytes=body.nbytes)
+                return body
         self.fetched_bytes += ref.nbytes
         if ref.nbytes >= BANDWIDTH_SAMPLE_BYTES:
             # Large bodies only: a small one measures the round trip, not the link.
@@ -748,7 +726,7 @@ class Daemon:
         del body
         segment = received[0]
         segment.seal()
-        return SharedArg(name=segment.name, nbytes=segment.nbytes, keep=segment)
+        return segment
 
     # -- what the API shows -----------------------------------------------------------------
 
@@ -851,13 +829,13 @@ class Daemon:
             return None
         return self.store.encoded(object_id)
 
-    async def object_segment(self, object_id: str) -> ShmArg | None:
+    async def object_segment(self, object_id: str) -> Segment | None:
         return await self.store.share(object_id)
 
     def release_object(self, object_id: str) -> bool:
         return self.store.release(object_id)
 
-    async def take_upload(self, upload: ShmArg) -> Upload:
+    async def take_upload(self, upload: Segment) -> OwnedSegment:
         return await asyncio.to_thread(self.store.take_upload, upload)
 
     def metrics(self) -> bytes:

@@ -3,9 +3,10 @@
 The executor never blocks the event loop: workers are separate processes (started with
 ``python -m node.worker``, not forked, because the daemon runs threads), messages to them are
 written and read by asyncio protocol callbacks, and the one slow step on this side (copying a
-large argument into shared memory) runs in a thread. An argument given as a
-``node.worker.SharedArg`` (an object-store segment on this machine) is not copied at all:
-the worker maps it. See ``node.worker`` for the pipe protocol and the shared-memory segments.
+large argument into shared memory) runs in a thread. An argument that is an object-store
+segment on this machine (a ``Segment`` named in ``run``'s ``shared``) is not copied at all:
+the worker maps it. See ``node.pipe`` for the pipe protocol and ``node.worker`` for the
+shared-memory segments.
 
 Each worker's BLAS and torch threads are the node's usable cores divided among every slot on
 its host (``node.cores``): the daemon tells ``set_host_slots`` when nodes on this host come
@@ -14,11 +15,11 @@ gets a new count just before its next task. An ``OMP_NUM_THREADS`` in the node's
 environment is the operator's choice and fixes the count instead.
 
 Guarantees: never more tasks running than slots; tasks start in the order they were
-submitted; a task that raises comes back as an ``Outcome`` with its exception's type,
-message and remote traceback; a worker that dies fails only the task it was running
-(``WorkerDied``) and is replaced; a timeout or a cancellation kills the task's worker (the
-only way to stop arbitrary code) and a fresh one takes its place. No shared-memory segment
-outlives the executor, even when workers die.
+submitted; a task that raises comes back as a ``Done`` whose ``ErrorInfo`` holds its
+exception's type, message and remote traceback; a worker that dies fails only the task it
+was running (``WorkerDied``) and is replaced; a timeout or a cancellation kills the task's
+worker (the only way to stop arbitrary code) and a fresh one takes its place. No
+shared-memory segment outlives the executor, even when workers die.
 
 This module may not import torch or any task module's heavy dependencies: the daemon stays
 lean and only workers load what tasks need.
@@ -47,18 +48,22 @@ from typing import Any, Final, Self
 
 from mesh.codec import Chunks, encode_body
 from mesh.config import NodeConfig
-from mesh.errors import LocalProtocolError, MeshError
-from mesh.messages import NodeId, ShmArg
+from mesh.errors import ErrorInfo, FailureKind, LocalProtocolError, MeshError
+from mesh.messages import NodeId
+from mesh.shm import remove_segments, unlink, write_segment
 from node.cores import THREAD_VARS, local_pool, threads_per_worker
-from node.worker import (
+from node.pipe import (
     HEADER,
-    INLINE,
-    SharedArg,
-    decode_payload,
-    remove_segments,
+    UNKNOWN_TASK,
+    Call,
+    Done,
+    Run,
+    Stop,
+    Threads,
+    decode_frame,
+    decode_reply,
+    inline_frame,
     segment_frame,
-    unlink_quietly,
-    write_segment,
 )
 from tasks import Registry
 
@@ -67,31 +72,10 @@ log = logging.getLogger(__name__)
 WORKER_DIED: Final = "WorkerDied"
 TIMEOUT: Final = "Timeout"
 CANCELLED: Final = "Cancelled"
-UNKNOWN_TASK: Final = "UnknownTask"
 BAD_TIMEOUT: Final = "BadTimeout"
 
 _KEEP_ARGS_BYTES: Final = 256 * 1024 * 1024
 """A worker's argument segment is kept for reuse up to this size, and freed above it."""
-
-_MAX_ARG_DEPTH: Final = 8
-"""How deep arguments are searched for shared segments (as deep as the daemon puts them)."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Outcome:
-    """How one run of a task ended."""
-
-    ok: bool
-    value: Any
-    """The task's result when ``ok``; None otherwise."""
-    error_type: str = ""
-    """When not ok: the exception's class name, or WorkerDied, Timeout, Cancelled, UnknownTask,
-    BadTimeout."""
-    message: str = ""
-    traceback: str = ""
-    """The traceback as formatted in the worker, starting at the task function."""
-    runtime_s: float = 0.0
-    """Seconds the task ran, measured in the worker (0 when it never ran)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -102,12 +86,10 @@ class _Job:
     """The encoded call; it still refers to the caller's arrays (encoding does not copy)."""
     size: int
     timeout: float | None
-    future: asyncio.Future[Outcome]
+    future: asyncio.Future[Done]
     worker: _Worker | None = None
     timer: asyncio.TimerHandle | None = None
     started: float = 0.0
-    shared: list[SharedArg] = field(default_factory=list)
-    """Segments the worker maps; held until the task ends so owned ones stay."""
 
 
 @dataclass(slots=True, eq=False)
@@ -156,24 +138,6 @@ class _Pipe(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.executor._on_pipe_lost(self.worker)
-
-
-def _send_shared(value: Any, shared: dict[str, SharedArg], depth: int) -> Any:
-    """``value`` with each ``SharedArg`` replaced by the ``ShmArg`` the worker maps."""
-    if isinstance(value, SharedArg):
-        shared[value.name] = value
-        return ShmArg(name=value.name, nbytes=value.nbytes)
-    if depth >= _MAX_ARG_DEPTH:
-        return value
-    if isinstance(value, list | tuple):
-        if not any(isinstance(v, SharedArg | list | tuple | dict) for v in value):
-            return value
-        return [_send_shared(v, shared, depth + 1) for v in value]
-    if isinstance(value, dict):
-        if not any(isinstance(v, SharedArg | list | tuple | dict) for v in value.values()):
-            return value
-        return {k: _send_shared(v, shared, depth + 1) for k, v in value.items()}
-    return value
 
 
 def _child_pythonpath() -> str:
@@ -318,8 +282,7 @@ class Executor:
     @staticmethod
     def _send_stop(worker: _Worker) -> None:
         if worker.transport is not None and not worker.transport.is_closing():
-            chunks, size = encode_body(["stop"])
-            worker.transport.writelines([HEADER.pack(INLINE, size), *chunks])
+            _send(worker.transport, Stop())
 
     # --- public API -------------------------------------------------------------------
 
@@ -379,11 +342,14 @@ class Executor:
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
         *,
+        shared: Sequence[str] = (),
         timeout: float | None = None,  # noqa: ASYNC109 - bounds the run in the worker, not the await
-    ) -> Outcome:
+    ) -> Done:
         """Run task ``name`` once and return how it ended; never raises for the task's sake.
 
-        ``timeout`` bounds the seconds the task runs (time spent queued does not count).
+        ``shared`` names the object-store segments among the arguments (``Segment``s) that
+        the worker maps; the caller keeps them until this returns. ``timeout`` bounds the
+        seconds the task runs (time spent queued does not count).
         Raises ``LocalProtocolError`` if the executor is not open, ``task_id`` is already
         running here, or the arguments cannot be encoded. Cancelling the caller cancels the
         task.
@@ -406,12 +372,17 @@ class Executor:
             if math.isinf(timeout):
                 timeout = None
         seq = next(self._seq)
-        shared: dict[str, SharedArg] = {}
-        call_args = _send_shared(list(args), shared, 0)
-        call_kwargs = _send_shared(dict(kwargs or {}), shared, 0)
+        call = Run(
+            seq=seq,
+            task_id=task_id,
+            name=name,
+            args=list(args),
+            kwargs=dict(kwargs or {}),
+            shared=tuple(shared),
+        )
         # Zero-copy for arrays: a large argument is copied once, into shared memory, when a
         # worker is free to take it; a shared one is not copied at all, the worker maps it.
-        body, size = encode_body(["run", seq, task_id, name, call_args, call_kwargs, [*shared]])
+        body, size = encode_body(call.encode())
         job = _Job(
             task_id=task_id,
             seq=seq,
@@ -419,7 +390,6 @@ class Executor:
             size=size,
             timeout=timeout,
             future=asyncio.get_running_loop().create_future(),
-            shared=list(shared.values()),
         )
         self._jobs[task_id] = job
         self._queue.append(job)
@@ -441,10 +411,9 @@ class Executor:
     # --- internals --------------------------------------------------------------------
 
     @staticmethod
-    def _failed(error_type: str, message: str, runtime_s: float = 0.0) -> Outcome:
-        return Outcome(
-            ok=False, value=None, error_type=error_type, message=message, runtime_s=runtime_s
-        )
+    def _failed(exc_type: str, message: str, runtime_s: float = 0.0) -> Done:
+        error = ErrorInfo(kind=FailureKind.TASK, message=message, exc_type=exc_type)
+        return Done(seq=0, error=error, runtime_s=runtime_s)
 
     def _worker_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -467,17 +436,16 @@ class Executor:
             env["CUDA_VISIBLE_DEVICES"] = str(worker.gpu)
         return env
 
-    def _resolve(self, job: _Job, outcome: Outcome) -> None:
+    def _resolve(self, job: _Job, outcome: Done) -> None:
         if self._jobs.get(job.task_id) is job:
             del self._jobs[job.task_id]
         if job.timer is not None:
             job.timer.cancel()
             job.timer = None
-        job.shared = []
         if not job.future.done():
             job.future.set_result(outcome)
 
-    def _abandon(self, job: _Job, outcome: Outcome) -> None:
+    def _abandon(self, job: _Job, outcome: Done) -> None:
         if job.future.done() and self._jobs.get(job.task_id) is not job:
             return
         worker = job.worker
@@ -512,12 +480,11 @@ class Executor:
         if worker.threads != self._threads:
             # Read by the worker just before the call that follows: no cost per task.
             worker.threads = self._threads
-            chunks, size = encode_body(["threads", self._threads])
-            transport.writelines([HEADER.pack(INLINE, size), *chunks])
+            _send(transport, Threads(threads=self._threads))
         if job.size > self.config.executor_shm_threshold_bytes and self._tg is not None:
             self._tg.create_task(self._start_large(worker, job), name=f"mesh-args-{job.seq}")
             return
-        transport.writelines([HEADER.pack(INLINE, job.size), *job.body])
+        transport.writelines(inline_frame(job.body, job.size))
         self._started(job)
 
     def _started(self, job: _Job) -> None:
@@ -536,7 +503,7 @@ class Executor:
             await asyncio.shield(work)
         except asyncio.CancelledError:
             # The copy runs on; whatever it leaves is removed when it ends.
-            work.add_done_callback(lambda _: unlink_quietly(name))
+            work.add_done_callback(lambda _: unlink(name))
             raise
         except OSError as exc:  # /dev/shm full, most likely
             if worker.job is job:
@@ -690,48 +657,36 @@ class Executor:
 
     def _on_frame(self, worker: _Worker, kind: int, payload: bytes) -> None:
         try:
-            msg = decode_payload(kind, payload)
-            op = msg[0]
-        except (MeshError, IndexError, TypeError) as exc:
+            reply = decode_reply(decode_frame(kind, payload))
+        except MeshError as exc:
             log.error("worker %d sent an unreadable message (%s); replacing it", worker.index, exc)
             self._kill(worker)
             return
-        if op == "done":
-            self._on_done(worker, msg)
-        elif op == "ready":
-            worker.pid = int(msg[1])
-            worker.ready.set()
-            if self._closing:
-                return
-            self._park(worker)
-            self._dispatch()
-        else:
-            log.error("worker %d sent unknown message %r; replacing it", worker.index, op)
-            self._kill(worker)
+        if isinstance(reply, Done):
+            self._on_done(worker, reply)
+            return
+        worker.pid = reply.pid
+        worker.ready.set()
+        if self._closing:
+            return
+        self._park(worker)
+        self._dispatch()
 
-    def _on_done(self, worker: _Worker, msg: list[Any]) -> None:
+    def _on_done(self, worker: _Worker, done: Done) -> None:
         job = worker.job
-        try:
-            _, seq, ok, value, error_type, message, tb, runtime = msg
-            if job is None or seq != job.seq:
-                raise ValueError(f"reply to task {seq} it was not running")
-            outcome = Outcome(
-                ok=bool(ok),
-                value=value,
-                error_type=str(error_type),
-                message=str(message),
-                traceback=str(tb),
-                runtime_s=float(runtime),
+        if job is None or done.seq != job.seq:
+            log.error(
+                "worker %d answered task %d it was not running; replacing it",
+                worker.index,
+                done.seq,
             )
-        except (ValueError, TypeError) as exc:
-            log.error("worker %d sent a bad reply (%s); replacing it", worker.index, exc)
             self._kill(worker)
             return
         worker.job = None
-        self._resolve(job, outcome)
+        self._resolve(job, done)
         if job.size > _KEEP_ARGS_BYTES:
             # Keeping the pages saves the next large call their allocation, but not at any size.
-            unlink_quietly(worker.prefix + "-args")
+            unlink(worker.prefix + "-args")
         if worker.killed or self._closing:
             return
         self._park(worker)
@@ -767,3 +722,8 @@ class Executor:
         # worker is a bug on one side, so make sure that exit happens.
         if worker.proc is not None and worker.proc.returncode is None and not self._closing:
             self._kill(worker)
+
+
+def _send(transport: asyncio.Transport, call: Call) -> None:
+    chunks, size = encode_body(call.encode())
+    transport.writelines(inline_frame(chunks, size))

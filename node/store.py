@@ -28,7 +28,6 @@ when to release; the store touches no socket.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import itertools
 import mmap
@@ -46,7 +45,6 @@ from typing import Any, Final
 import numpy as np
 import psutil
 
-from mesh.client import SEGMENT_PREFIX, SHM_DIR, SHM_PREFIX
 from mesh.codec import Chunks, decode_body, encode_body
 from mesh.config import NodeConfig
 from mesh.errors import (
@@ -56,17 +54,16 @@ from mesh.errors import (
     RemoteProtocolError,
     TaskLostError,
 )
-from mesh.messages import NodeId, ObjectRef, ShmArg, Wire, field_names
-from mesh.shm import open_exact
-from node.worker import write_chunks
+from mesh.messages import NodeId, ObjectRef, Segment, Wire, field_names
+from mesh.shm import OBJECT_PREFIX, SHM_DIR, UPLOAD_PREFIX, open_exact, unlink, write_chunks
 
 _LIMIT_SHARE: Final = 4
 """With no configured limit the store may take 1/_LIMIT_SHARE of the machine's memory."""
 
 _MAP_POPULATE: Final[int] = getattr(mmap, "MAP_POPULATE", 0)
 _OWNER: Final = re.compile(r"mesh-(?:obj-)?([0-9]{1,10})-")
-"""A segment's owner: an object store (``SEGMENT_PREFIX``) or an executor (``mesh-<pid>-``)."""
-_UPLOAD: Final = re.compile(re.escape(SHM_PREFIX) + r"[0-9a-f]{24}")
+"""A segment's owner: an object store (``OBJECT_PREFIX``) or an executor (``mesh-<pid>-``)."""
+_UPLOAD: Final = re.compile(re.escape(UPLOAD_PREFIX) + r"[0-9a-f]{24}")
 _MAX_UPLOAD: Final = 64 * 1024 * 1024 * 1024
 
 
@@ -147,11 +144,6 @@ def _path(name: str) -> str:
     return os.path.join(SHM_DIR, name)
 
 
-def _unlink(name: str) -> None:
-    with contextlib.suppress(OSError):  # gone already, a directory, another user's
-        os.unlink(_path(name))
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -190,7 +182,7 @@ def remove_orphan_segments(*, upload_max_age_s: float = 600.0) -> int:
                 continue
         else:
             continue
-        _unlink(name)
+        unlink(name)
         removed += 1
     return removed
 
@@ -202,7 +194,7 @@ def _create(name: str, size: int) -> mmap.mmap:
         os.ftruncate(fd, size)
         return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
     except BaseException:
-        _unlink(name)
+        unlink(name)
         raise
     finally:
         os.close(fd)
@@ -216,37 +208,10 @@ def _write(name: str, chunks: Chunks, size: int) -> mmap.mmap:
         write_chunks(fd, chunks)
         return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     except BaseException:
-        _unlink(name)
+        unlink(name)
         raise
     finally:
         os.close(fd)
-
-
-class Upload:
-    """A body a client on this machine left in shared memory, copied into a segment of the
-    store and decoded, not yet adopted as an object.
-
-    ``value`` is decoded from the store's own mapping (arrays are views of it). The segment
-    is removed when the upload is dropped without ``ObjectStore.adopt`` keeping it, so an
-    argument that never becomes an object leaves nothing behind.
-    """
-
-    __slots__ = ("__weakref__", "_gone", "mapping", "name", "nbytes", "value")
-
-    def __init__(self, name: str, nbytes: int, mapping: mmap.mmap, value: Any) -> None:
-        self.name = name
-        self.nbytes = nbytes
-        self.mapping = mapping
-        self.value = value
-        self._gone = weakref.finalize(self, _unlink, name)
-
-    def discard(self) -> Any:
-        """Remove the segment's name now and return the value (its pages stay mapped)."""
-        self._gone()
-        return self.value
-
-    def _taken(self) -> None:
-        self._gone.detach()
 
 
 class UploadError(RemoteProtocolError):
@@ -280,19 +245,28 @@ def _copy_exact(src: int, dst: int, nbytes: int) -> int:
 
 
 class OwnedSegment:
-    """A segment the store made for one fetched argument: removed when this is dropped.
+    """A segment this store made, removed when this is dropped unless the store keeps it.
 
-    ``buffer`` is writable until ``seal``; readers map the segment by ``name``.
+    Either a client's upload, taken (``ObjectStore.take_upload``: ``value`` is decoded from
+    the segment, its arrays views of it) until ``ObjectStore.adopt`` makes it an object's;
+    or room for a fetched argument (``ObjectStore.new_segment``: ``buffer`` is writable
+    until ``seal``), which lives as long as the task that maps it. ``segment`` names it to
+    other processes.
     """
 
-    __slots__ = ("__weakref__", "_gone", "_mapping", "buffer", "name", "nbytes")
+    __slots__ = ("__weakref__", "_gone", "_mapping", "buffer", "name", "nbytes", "value")
 
-    def __init__(self, name: str, nbytes: int) -> None:
-        self._mapping = _create(name, nbytes)
+    def __init__(self, name: str, nbytes: int, mapping: mmap.mmap, value: Any = None) -> None:
+        self._mapping = mapping
         self.name = name
         self.nbytes = nbytes
-        self.buffer = memoryview(self._mapping)
-        self._gone = weakref.finalize(self, _unlink, name)
+        self.buffer = memoryview(mapping)
+        self.value = value
+        self._gone = weakref.finalize(self, unlink, name)
+
+    @property
+    def segment(self) -> Segment:
+        return Segment(name=self.name, nbytes=self.nbytes)
 
     def seal(self) -> None:
         """Drop the writable mapping (the file keeps the bytes for whoever maps it next)."""
@@ -303,7 +277,11 @@ class OwnedSegment:
             pass  # a view of it is still alive somewhere: the mapping goes when that does
 
     def remove(self) -> None:
+        """Remove the segment's name now (its pages stay mapped where they are)."""
         self._gone()
+
+    def _kept(self) -> None:
+        self._gone.detach()
 
 
 @dataclass(slots=True, eq=False)
@@ -331,7 +309,7 @@ class ObjectStore:
         self.node_id = node_id
         self.limit_bytes = limit_bytes
         self.segment_min_bytes = segment_min_bytes
-        self.prefix = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
+        self.prefix = f"{OBJECT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
         self._names = itertools.count(1)
         self._objects: dict[str, _Entry] = {}
         self._used = 0
@@ -396,7 +374,7 @@ class ObjectStore:
         ref = ObjectRef(id=oid, holder=self.node_id, nbytes=size, dtype=dtype, shape=shape)
         return self._keep(oid, _Entry(value=value, chunks=chunks, size=size, ref=ref))
 
-    def take_upload(self, upload: ShmArg) -> Upload:
+    def take_upload(self, upload: Segment) -> OwnedSegment:
         """Copy a same-machine client's upload into a new segment of this store and decode it.
 
         Blocking (a copy of the whole body): call it in a thread. The client's file is opened
@@ -420,7 +398,7 @@ class ObjectStore:
         except PermissionError:
             raise UploadError(f"{what} belongs to another user") from None
         except RemoteProtocolError as exc:
-            _unlink(upload.name)
+            unlink(upload.name)
             raise UploadError(str(exc)) from None
         name = f"{self.prefix}{next(self._names)}"
         try:
@@ -434,19 +412,19 @@ class ObjectStore:
             finally:
                 os.close(fd)
         except BaseException:
-            _unlink(name)
+            unlink(name)
             raise
         finally:
             os.close(src)
-            _unlink(upload.name)
-        taken = Upload(name, upload.nbytes, mapping, None)
+            unlink(upload.name)
+        taken = OwnedSegment(name, upload.nbytes, mapping)
         try:
             taken.value = decode_body(memoryview(mapping))
         except MeshError as exc:
             raise UploadError(f"{what}: {exc}") from None
         return taken
 
-    def adopt(self, upload: Upload, *, object_id: str | None = None) -> ObjectRef:
+    def adopt(self, upload: OwnedSegment, *, object_id: str | None = None) -> ObjectRef:
         """Keep an upload (``take_upload``) as an object; its segment becomes the object's.
 
         Raises like ``put``; the upload then still removes its segment when dropped.
@@ -454,14 +432,12 @@ class ObjectStore:
         oid = self._new_id(object_id)
         self._check_room(upload.nbytes)
         name = upload.name
-        upload._taken()
+        upload._kept()
         value = upload.value
         dtype, shape = _summary(value)
         size = upload.nbytes
         ref = ObjectRef(id=oid, holder=self.node_id, nbytes=size, dtype=dtype, shape=shape)
-        entry = _Entry(
-            value=value, chunks=[memoryview(upload.mapping)], size=size, ref=ref, segment=name
-        )
+        entry = _Entry(value=value, chunks=[upload.buffer], size=size, ref=ref, segment=name)
         return self._keep(oid, entry)
 
     def _entry(self, ref_or_id: ObjectRef | str) -> _Entry:
@@ -488,14 +464,14 @@ class ObjectStore:
         entry = self._entry(ref_or_id)
         return list(entry.chunks), entry.size
 
-    def segment(self, ref_or_id: ObjectRef | str) -> ShmArg | None:
+    def segment(self, ref_or_id: ObjectRef | str) -> Segment | None:
         """The object's segment if it has one already (no I/O)."""
         entry = self._entry(ref_or_id)
         if entry.segment is None:
             return None
-        return ShmArg(name=entry.segment, nbytes=entry.size)
+        return Segment(name=entry.segment, nbytes=entry.size)
 
-    async def share(self, ref_or_id: ObjectRef | str) -> ShmArg | None:
+    async def share(self, ref_or_id: ObjectRef | str) -> Segment | None:
         """The segment that holds the object's body, written (in a thread) on first use.
 
         None for objects under ``segment_min_bytes``: a socket copies them for less. Raises
@@ -513,7 +489,7 @@ class ObjectStore:
                 return None  # no room in shared memory: the bytes still go by socket
         if entry.segment is None or self._objects.get(entry.ref.id) is not entry:
             raise ObjectNotFoundError(entry.ref.id, self.node_id)
-        return ShmArg(name=entry.segment, nbytes=entry.size)
+        return Segment(name=entry.segment, nbytes=entry.size)
 
     def _held(self, entry: _Entry) -> bool:
         return not self._closed and self._objects.get(entry.ref.id) is entry
@@ -524,7 +500,7 @@ class ObjectStore:
         def write() -> mmap.mmap:
             mapping = _write(name, entry.chunks, entry.size)
             if not self._held(entry):
-                _unlink(name)  # released or closed while the copy ran
+                unlink(name)  # released or closed while the copy ran
             return mapping
 
         try:
@@ -532,7 +508,7 @@ class ObjectStore:
         finally:
             entry.writing = None
         if not self._held(entry):
-            _unlink(name)
+            unlink(name)
             raise ObjectNotFoundError(entry.ref.id, self.node_id)
         # From now on the segment is the only copy: the value and what is served are views
         # of it, and the memory the object came in can be given back.
@@ -547,7 +523,8 @@ class ObjectStore:
         """
         if self._closed:
             raise LocalProtocolError("the object store is closed")
-        return OwnedSegment(f"{self.prefix}{next(self._names)}", nbytes)
+        name = f"{self.prefix}{next(self._names)}"
+        return OwnedSegment(name, nbytes, _create(name, nbytes))
 
     def release(self, ref_or_id: ObjectRef | str) -> bool:
         """Forget an object; False if it was not held (releasing twice is harmless)."""
@@ -558,7 +535,7 @@ class ObjectStore:
         self._used -= entry.size
         if entry.segment is not None:
             # Cheap while the store still maps it: the pages go when the last mapping does.
-            _unlink(entry.segment)
+            unlink(entry.segment)
             self._dispose(entry)
         return True
 
@@ -589,4 +566,4 @@ class ObjectStore:
             return
         for name in names:
             if name.startswith(self.prefix):
-                _unlink(name)
+                unlink(name)

@@ -52,7 +52,7 @@ from mesh.contract import (
     TaskSpec,
 )
 from mesh.core import MemberState, MemberView
-from mesh.errors import RemoteProtocolError
+from mesh.errors import ErrorInfo, RemoteProtocolError
 from mesh.messages import (
     Accept,
     Address,
@@ -907,7 +907,8 @@ def test_a_deeply_nested_error_is_delivered_flat() -> None:
     assert isinstance(failed, Failed)
     assert (failed.task_id, failed.node, failed.kind) == (B_WON, "b", "task-error")
     assert (failed.message, failed.details) == ("task failed", {})
-    failed.error()  # and the submitter's exception is made of it without recursing
+    # and the submitter's exception is made of it without recursing
+    ErrorInfo.reported(failed.kind, failed.message, failed.details).exception(B_WON, "b")
 
 
 def test_an_error_keeps_only_its_flat_fields() -> None:

@@ -60,27 +60,27 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from mesh.client import (
+from mesh.auth import (
     HEADER_BODY,
     HEADER_NONCE,
     HEADER_SIGNATURE,
     HEADER_TIME,
     HEADER_TO,
-    HELLO_PATH,
-    HOST_PARAM,
-    OBJECT_CONTENT_TYPE,
-    SEGMENT_CONTENT_TYPE,
-    SESSION_PATH,
-    SHM_DIR,
-    SHM_PREFIX,
-    host_id,
     key_bytes,
     sign_request,
 )
 from mesh.codec import ALIGN, EXT_NDARRAY, EXT_STRUCT, EXT_TENSOR, dumps, loads
 from mesh.config import NodeConfig
 from mesh.errors import LocalProtocolError, MeshError
-from mesh.messages import REGISTRY, NodeId, ObjectRef, ShmArg
+from mesh.http import (
+    HELLO_PATH,
+    HOST_PARAM,
+    OBJECT_CONTENT_TYPE,
+    SEGMENT_CONTENT_TYPE,
+    SESSION_PATH,
+)
+from mesh.messages import REGISTRY, NodeId, ObjectRef, Segment
+from mesh.shm import SHM_DIR, UPLOAD_PREFIX, host_id
 from tests.node.conftest import Cluster, Node
 
 from .hostile import (
@@ -389,7 +389,7 @@ def check_task_reply(reply: Reply) -> None:
         details = doc["details"]
         assert isinstance(details, dict), reply
         assert details.get("kind") != "internal", reply
-        assert details.get("type") != "InternalError", reply
+        assert details.get("exc_type") != "InternalError", reply
 
 
 # ---------------------------------------------------------------------------------------
@@ -1276,11 +1276,11 @@ def session_values(known: Known) -> st.SearchStrategy[Any]:
     )
     uploads = st.builds(UploadSpec, upload_bodies, st.sampled_from((0, 0, 0, 1, -1, 2**40)))
     shm = st.builds(
-        ShmArg,
+        Segment,
         name=st.one_of(
             hostile_text(),
-            st.just(SHM_PREFIX + "0" * 24),
-            st.sampled_from(("../../etc/passwd", "/dev/shm/x", SHM_PREFIX)),
+            st.just(UPLOAD_PREFIX + "0" * 24),
+            st.sampled_from(("../../etc/passwd", "/dev/shm/x", UPLOAD_PREFIX)),
         ),
         nbytes=hostile_ints(),
     )
@@ -1380,7 +1380,7 @@ def check_result(item: Any) -> str:
         assert isinstance(error.get("kind"), str), item
         assert isinstance(error.get("message"), str), item
         assert error["kind"] != "internal", item
-        assert error.get("type") != "InternalError", item
+        assert error.get("exc_type") != "InternalError", item
     return task_id
 
 
@@ -1417,15 +1417,15 @@ class Session:
         return [cid, name, args, kwargs, options]
 
     def upload(self, value: Any) -> Any:
-        """An ``UploadSpec`` written to shared memory, as the ``ShmArg`` that names it."""
+        """An ``UploadSpec`` written to shared memory, as the ``Segment`` that names it."""
         if not isinstance(value, UploadSpec):
             return value
-        name = SHM_PREFIX + secrets.token_hex(12)
+        name = UPLOAD_PREFIX + secrets.token_hex(12)
         if SHM_DIR.is_dir():
             path = SHM_DIR / name
             self.target.uploads.append(path)
             path.write_bytes(value.body)
-        return ShmArg(name=name, nbytes=len(value.body) + value.lie)
+        return Segment(name=name, nbytes=len(value.body) + value.lie)
 
     async def results(self, n: int) -> list[Any]:
         """The next n results; nothing else may come."""

@@ -19,8 +19,8 @@ import pytest_asyncio
 from mesh.config import NodeConfig
 from mesh.errors import LocalProtocolError
 from mesh.messages import NodeId
+from mesh.shm import SHM_DIR
 from node.executor import Executor
-from node.worker import SHM_DIR
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -176,20 +176,20 @@ async def test_exception_comes_back_with_remote_traceback(ex: Executor) -> None:
     out = await bounded(ex.run("t-fail", "fail", ["it broke"]))
     assert not out.ok
     assert out.value is None
-    assert out.error_type == "RuntimeError"
-    assert out.message == "it broke"
-    assert "raise RuntimeError(message)" in out.traceback
-    assert "builtin.py" in out.traceback
-    assert "node/worker.py" not in out.traceback
+    assert out.error.exc_type == "RuntimeError"
+    assert out.error.message == "it broke"
+    assert "raise RuntimeError(message)" in out.error.traceback
+    assert "builtin.py" in out.error.traceback
+    assert "node/worker.py" not in out.error.traceback
 
 
 async def test_unknown_task_and_unencodable_result(ex: Executor) -> None:
     unknown = await bounded(ex.run("t-unknown", "no_such_task"))
-    assert (unknown.ok, unknown.error_type) == (False, "UnknownTask")
-    assert "no_such_task" in unknown.message
+    assert (unknown.ok, unknown.error.exc_type) == (False, "UnknownTask")
+    assert "no_such_task" in unknown.error.message
     bad = await bounded(ex.run("t-bad", "unencodable"))
-    assert (bad.ok, bad.error_type) == (False, "TypeError")
-    assert "cannot cross the wire" in bad.message
+    assert (bad.ok, bad.error.exc_type) == (False, "TypeError")
+    assert "cannot cross the wire" in bad.error.message
     after = await bounded(ex.run("t-after-bad", "echo", [1]))
     assert after.value == 1
 
@@ -243,8 +243,8 @@ async def test_worker_death_fails_only_its_task_and_is_replaced(ex: Executor) ->
     before = set(ex.worker_pids())
     slow = asyncio.ensure_future(ex.run("t-slow", "sleep", [0.5]))
     crashed = await bounded(ex.run("t-crash", "crash", [7]))
-    assert (crashed.ok, crashed.error_type) == (False, "WorkerDied")
-    assert "code 7" in crashed.message
+    assert (crashed.ok, crashed.error.exc_type) == (False, "WorkerDied")
+    assert "code 7" in crashed.error.message
     assert (await bounded(slow)).ok
     await wait_for(lambda: len(ex.worker_pids()) == ex.slots, "worker replaced")
     assert set(ex.worker_pids()) != before
@@ -253,8 +253,8 @@ async def test_worker_death_fails_only_its_task_and_is_replaced(ex: Executor) ->
 
 async def test_a_signal_death_names_the_signal(ex: Executor) -> None:
     out = await bounded(ex.run("t-segv", "segfault"))
-    assert (out.ok, out.error_type) == (False, "WorkerDied")
-    assert "SIGSEGV" in out.message
+    assert (out.ok, out.error.exc_type) == (False, "WorkerDied")
+    assert "SIGSEGV" in out.error.message
     await wait_for(lambda: len(ex.worker_pids()) == ex.slots, "worker replaced")
 
 
@@ -265,7 +265,7 @@ async def test_async_task_runs_to_completion(ex: Executor) -> None:
 async def test_worker_death_with_a_large_argument_leaks_no_segment(ex: Executor) -> None:
     big = np.ones(2 * 1024 * 1024)  # 16 MiB: through shared memory
     out = await bounded(ex.run("t-crash-big", "crash_holding", [big]))
-    assert out.error_type == "WorkerDied"
+    assert out.error.exc_type == "WorkerDied"
     await wait_for(lambda: len(ex.worker_pids()) == ex.slots, "worker replaced")
     live = {w.prefix for w in ex._workers}
     leftovers = {n for n in segments(ex._prefix) if not any(n.startswith(p) for p in live)}
@@ -274,7 +274,7 @@ async def test_worker_death_with_a_large_argument_leaks_no_segment(ex: Executor)
 
 async def test_timeout_kills_the_task_and_the_node_goes_on(ex: Executor) -> None:
     out = await bounded(ex.run("t-timeout", "sleep", [60], timeout=0.3))
-    assert (out.ok, out.error_type) == (False, "Timeout")
+    assert (out.ok, out.error.exc_type) == (False, "Timeout")
     assert ex.running == 0
     assert (await bounded(ex.run("t-after-timeout", "echo", [2]))).value == 2
 
@@ -286,9 +286,9 @@ async def test_a_timeout_that_is_not_a_number_fails_the_task_not_the_executor(
     # event loop and ended the daemon.
     for i, bad in enumerate([float("nan"), "3", True]):
         out = await bounded(ex.run(f"t-nan-{i}", "echo", [1], timeout=bad))  # type: ignore[arg-type]
-        assert (out.ok, out.error_type) == (False, "BadTimeout")
+        assert (out.ok, out.error.exc_type) == (False, "BadTimeout")
     out = await bounded(ex.run("t-neg", "echo", [1], timeout=-1.0))
-    assert (out.ok, out.error_type) == (False, "Timeout")
+    assert (out.ok, out.error.exc_type) == (False, "Timeout")
     out = await bounded(ex.run("t-inf", "echo", [3], timeout=float("inf")))
     assert (out.ok, out.value) == (True, 3)
     assert ex.running == 0
@@ -300,10 +300,10 @@ async def test_cancel_running_and_queued_tasks(plugin_dir: Path) -> None:
         queued = asyncio.ensure_future(one.run("t-queued", "echo", [1]))
         await wait_for(lambda: one.running == 1 and one.queued == 1, "one running, one queued")
         assert one.cancel("t-queued")
-        assert (await bounded(queued)).error_type == "Cancelled"
+        assert (await bounded(queued)).error.exc_type == "Cancelled"
         assert one.queued == 0
         assert one.cancel("t-long")
-        assert (await bounded(running)).error_type == "Cancelled"
+        assert (await bounded(running)).error.exc_type == "Cancelled"
         assert not one.cancel("t-long")
         assert not one.cancel("never-seen")
         assert (await bounded(one.run("t-next", "echo", [3]))).value == 3
@@ -334,8 +334,8 @@ async def test_a_kept_argument_is_never_overwritten(plugin_dir: Path) -> None:
 async def test_without_refuses_the_library_in_workers(plugin_dir: Path) -> None:
     async with fresh(1, without=("scikit-learn",)) as one:
         out = await bounded(one.run("t-imp", "imports", ["sklearn"]))
-        assert (out.ok, out.error_type) == (False, "ModuleNotFoundError")
-        assert "without scikit-learn" in out.message
+        assert (out.ok, out.error.exc_type) == (False, "ModuleNotFoundError")
+        assert "without scikit-learn" in out.error.message
         assert (await bounded(one.run("t-imp-np", "imports", ["json"]))).value == "json"
 
 
@@ -365,8 +365,8 @@ async def test_stop_cancels_what_is_still_running(plugin_dir: Path) -> None:
         running = asyncio.ensure_future(executor.run("t-long", "sleep", [60]))
         queued = asyncio.ensure_future(executor.run("t-queued", "noop"))
         await wait_for(lambda: executor.running == 1, "task running")
-    assert (await bounded(running)).error_type == "Cancelled"
-    assert (await bounded(queued)).error_type == "Cancelled"
+    assert (await bounded(running)).error.exc_type == "Cancelled"
+    assert (await bounded(queued)).error.exc_type == "Cancelled"
 
 
 async def test_each_worker_is_pinned_to_one_gpu(plugin_dir: Path) -> None:
@@ -413,7 +413,7 @@ async def test_idle_workers_exit_and_a_new_task_starts_one_again(plugin_dir: Pat
 async def test_a_busy_worker_is_not_retired(plugin_dir: Path) -> None:
     async with fresh(1, config=config(executor_idle_exit_s=0.5)) as ex:
         outcome = await bounded(ex.run("t-1", "sleep", [1.0]))
-        assert outcome.ok, outcome.message
+        assert outcome.ok, outcome.error
         pids = ex.worker_pids()
         assert (await bounded(ex.run("t-2", "echo", [1]))).value == 1
         assert ex.worker_pids() == pids

@@ -22,9 +22,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mesh.client import key_bytes, node_id_at, request_json, sign_request
+from mesh.auth import key_bytes, sign_request
 from mesh.config import NodeConfig
 from mesh.errors import AuthenticationError
+from mesh.http import node_id_at, request_json
 from mesh.messages import TaskId
 from node.api import Api, Deliver, Service
 from node.http_guard import ConnectionGuard, GuardedSite

@@ -23,31 +23,25 @@ import aiohttp
 import numpy as np
 import pytest
 
-from mesh.client import (
-    SEGMENT_PREFIX,
-    SHM_DIR,
-    AsyncClient,
-    _segment_answer,
-    check_object_segment,
-    fetch_body,
-    host_id,
-    key_bytes,
-    map_object_segment,
-)
+from mesh.auth import key_bytes
+from mesh.client import AsyncClient
 from mesh.codec import encode_body, loads
 from mesh.config import MeshConfig
 from mesh.core import MemberState
 from mesh.errors import MeshError, ObjectLostError, RemoteProtocolError
-from mesh.messages import NodeId, ObjectRef, ShmArg
+from mesh.http import _segment_answer, fetch_body
+from mesh.messages import NodeId, ObjectRef, Segment
+from mesh.shm import OBJECT_PREFIX, SHM_DIR, check_object, host_id, map_object
 from node.daemon import Daemon, NodeOptions
 from node.store import (
     ObjectNotFoundError,
     ObjectStore,
+    OwnedSegment,
     UploadError,
     _copy_exact,
     remove_orphan_segments,
 )
-from node.worker import OBJECT_SEGMENT_PREFIX, SharedArg, attach_shared, map_shared
+from node.worker import attach_shared, map_shared
 
 pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="needs /dev/shm")
 
@@ -82,10 +76,6 @@ def store() -> Any:
 # ---------------------------------------------------------------------------------------
 
 
-def test_segment_prefixes_agree() -> None:
-    assert OBJECT_SEGMENT_PREFIX == SEGMENT_PREFIX
-
-
 def test_host_id_is_stable_and_names_no_path() -> None:
     assert host_id() == host_id()
     assert host_id().isalnum()
@@ -97,7 +87,7 @@ def test_an_upload_is_copied_into_the_store_and_the_clients_file_removed(
     arr = np.arange(MIB // 4, dtype=np.float64)
     name, size = _upload(arr)
     inode = os.stat(SHM_DIR / name).st_ino
-    upload = store.take_upload(ShmArg(name=name, nbytes=size))
+    upload = store.take_upload(Segment(name=name, nbytes=size))
     assert not (SHM_DIR / name).exists()
     ref = store.adopt(upload)
     del upload
@@ -108,7 +98,7 @@ def test_an_upload_is_copied_into_the_store_and_the_clients_file_removed(
     assert shared.nbytes == size == ref.nbytes
     assert store.used_bytes == size
     assert (ref.dtype, ref.shape) == ("<f8", arr.shape)
-    np.testing.assert_array_equal(loads(memoryview(map_object_segment(shared.name, size))), arr)
+    np.testing.assert_array_equal(loads(memoryview(map_object(shared.name, size))), arr)
     assert store.release(ref)
     assert not (SHM_DIR / shared.name).exists()
     assert store.used_bytes == 0
@@ -123,7 +113,7 @@ def test_a_client_that_shrinks_its_file_after_the_upload_changes_nothing(
     name, size = _upload(arr)
     fd = os.open(SHM_DIR / name, os.O_RDWR)
     try:
-        ref = store.adopt(store.take_upload(ShmArg(name=name, nbytes=size)))
+        ref = store.adopt(store.take_upload(Segment(name=name, nbytes=size)))
         os.ftruncate(fd, 0)
     finally:
         os.close(fd)
@@ -133,7 +123,7 @@ def test_a_client_that_shrinks_its_file_after_the_upload_changes_nothing(
 
 def test_an_upload_nobody_adopts_leaves_no_file(store: ObjectStore) -> None:
     name, size = _upload(np.ones(MIB // 8))
-    upload = store.take_upload(ShmArg(name=name, nbytes=size))
+    upload = store.take_upload(Segment(name=name, nbytes=size))
     assert not (SHM_DIR / name).exists()
     assert _files(store.prefix) == {upload.name}
     del upload
@@ -143,13 +133,13 @@ def test_an_upload_nobody_adopts_leaves_no_file(store: ObjectStore) -> None:
 def test_bad_uploads_are_refused_by_name_and_leave_nothing(store: ObjectStore) -> None:
     name, size = _upload(np.ones(1000))
     with pytest.raises(UploadError, match=f"{name} holds {size} bytes, not {size + 8}"):
-        store.take_upload(ShmArg(name=name, nbytes=size + 8))
+        store.take_upload(Segment(name=name, nbytes=size + 8))
     assert not (SHM_DIR / name).exists()
     for bad in ("mesh-up-../../etc/passwd", "mesh-obj-1-00000000-1", "x" * 32):
         with pytest.raises(UploadError, match="bad shared-memory upload"):
-            store.take_upload(ShmArg(name=bad, nbytes=8))
+            store.take_upload(Segment(name=bad, nbytes=8))
     with pytest.raises(UploadError, match="not found"):
-        store.take_upload(ShmArg(name=f"mesh-up-{secrets.token_hex(12)}", nbytes=8))
+        store.take_upload(Segment(name=f"mesh-up-{secrets.token_hex(12)}", nbytes=8))
     assert not _files(store.prefix)
 
 
@@ -168,7 +158,7 @@ def test_an_upload_named_for_a_link_reveals_nothing_of_its_target(
             (SHM_DIR / name).symlink_to(target)
             try:
                 with pytest.raises(UploadError) as info:
-                    store.take_upload(ShmArg(name=name, nbytes=size))
+                    store.take_upload(Segment(name=name, nbytes=size))
                 assert str(info.value) == f"shared-memory upload {name} is not a regular file"
             finally:
                 (SHM_DIR / name).unlink(missing_ok=True)
@@ -184,7 +174,7 @@ def test_an_upload_named_for_a_fifo_or_directory_is_refused_at_once(store: Objec
         make(SHM_DIR / name)
         try:
             with pytest.raises(UploadError, match="is not a regular file"):
-                store.take_upload(ShmArg(name=name, nbytes=64))
+                store.take_upload(Segment(name=name, nbytes=64))
         finally:
             path = SHM_DIR / name
             if path.is_dir():
@@ -199,7 +189,7 @@ def test_an_upload_of_another_user_is_refused(store: ObjectStore) -> None:
     os.chown(SHM_DIR / name, 65534, 65534)
     try:
         with pytest.raises(UploadError, match="belongs to another user"):
-            store.take_upload(ShmArg(name=name, nbytes=size))
+            store.take_upload(Segment(name=name, nbytes=size))
     finally:
         (SHM_DIR / name).unlink(missing_ok=True)
 
@@ -277,12 +267,12 @@ def _dead_pid() -> int:
 def test_orphans_of_a_dead_process_are_removed_and_live_ones_kept() -> None:
     pid = _dead_pid()
     orphans = [
-        f"{SEGMENT_PREFIX}{pid}-{secrets.token_hex(4)}-1",  # a store's object
+        f"{OBJECT_PREFIX}{pid}-{secrets.token_hex(4)}-1",  # a store's object
         f"mesh-{pid}-{secrets.token_hex(4)}-w1-args",  # an executor's worker arguments
     ]
     old_upload = f"mesh-up-{secrets.token_hex(12)}"
     kept = [
-        f"{SEGMENT_PREFIX}{os.getppid()}-{secrets.token_hex(4)}-1",
+        f"{OBJECT_PREFIX}{os.getppid()}-{secrets.token_hex(4)}-1",
         f"mesh-{os.getppid()}-{secrets.token_hex(4)}-w1-args",
         f"mesh-up-{secrets.token_hex(12)}",  # a fresh upload: its client is about to submit
     ]
@@ -304,7 +294,7 @@ def test_orphans_of_a_dead_process_are_removed_and_live_ones_kept() -> None:
 async def test_a_running_node_removes_a_dead_nodes_segments_on_a_timer() -> None:
     # Regression: a node killed with SIGKILL left its 64 MiB segment in /dev/shm until some
     # node started again.
-    orphan = f"{SEGMENT_PREFIX}{_dead_pid()}-{secrets.token_hex(4)}-1"
+    orphan = f"{OBJECT_PREFIX}{_dead_pid()}-{secrets.token_hex(4)}-1"
     async with _node("sweeper", secrets.token_hex(16), sweep_s=0.05):
         (SHM_DIR / orphan).write_bytes(b"x" * MIB)
         try:
@@ -327,18 +317,18 @@ async def test_workers_and_fetchers_refuse_bad_segments(store: ObjectStore) -> N
     with pytest.raises(RemoteProtocolError, match="not 8"):
         map_shared(shared.name, 8)
     with pytest.raises(RemoteProtocolError, match="not 8"):
-        check_object_segment(shared.name, 8)
+        check_object(shared.name, 8)
     for foreign in ("mesh-up-0123", "passwd", f"{shared.name}/../x", "../" + shared.name):
         with pytest.raises(RemoteProtocolError):
             map_shared(foreign, shared.nbytes)
         with pytest.raises(RemoteProtocolError):
-            check_object_segment(foreign, shared.nbytes)
+            check_object(foreign, shared.nbytes)
     store.release(ref)
     with pytest.raises(ObjectLostError, match="cannot be read"):
         map_shared(shared.name, shared.nbytes)
     with pytest.raises(FileNotFoundError):
-        check_object_segment(shared.name, shared.nbytes)
-    # Only segments the call names are mapped: any other ShmArg is the task's data.
+        check_object(shared.name, shared.nbytes)
+    # Only segments the call names are mapped: any other Segment is the task's data.
     assert attach_shared([shared], frozenset()) == [shared]
 
 
@@ -347,18 +337,18 @@ def test_a_segment_name_that_is_a_link_or_fifo_is_refused_not_followed(tmp_path:
     # fetching node (ELOOP was not among the errors it expected); a FIFO blocked it.
     target = tmp_path / "target"
     target.write_bytes(b"x" * 4096)
-    link = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-1"
-    fifo = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-2"
+    link = f"{OBJECT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-1"
+    fifo = f"{OBJECT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-2"
     (SHM_DIR / link).symlink_to(target)
     os.mkfifo(SHM_DIR / fifo)
     try:
         for name in (link, fifo):
             with pytest.raises(RemoteProtocolError, match="not a regular file"):
-                check_object_segment(name, 4096)
+                check_object(name, 4096)
             with pytest.raises(RemoteProtocolError, match="not a regular file"):
                 map_shared(name, 4096)
             with pytest.raises(RemoteProtocolError, match="not a regular file"):
-                map_object_segment(name, 4096)
+                map_object(name, 4096)
     finally:
         (SHM_DIR / link).unlink(missing_ok=True)
         (SHM_DIR / fifo).unlink(missing_ok=True)
@@ -366,8 +356,8 @@ def test_a_segment_name_that_is_a_link_or_fifo_is_refused_not_followed(tmp_path:
 
 def test_a_holders_segment_answer_must_match_the_reference() -> None:
     ref = ObjectRef(id="o1", holder=NODE, nbytes=4096, dtype="", shape=())
-    good = f"{SEGMENT_PREFIX}12-0123abcd-7"
-    assert _segment_answer(f'{{"segment": "{good}", "nbytes": 4096}}'.encode(), ref) == ShmArg(
+    good = f"{OBJECT_PREFIX}12-0123abcd-7"
+    assert _segment_answer(f'{{"segment": "{good}", "nbytes": 4096}}'.encode(), ref) == Segment(
         name=good, nbytes=4096
     )
     for body in (
@@ -494,13 +484,13 @@ async def test_another_host_gets_the_bytes_into_a_segment_of_its_own() -> None:
         arr = np.arange(MIB // 2, dtype=np.float64)
         ref = a.store.put(arr)
         arg = await b._task_arg(ref)
-        assert isinstance(arg, SharedArg)
+        assert isinstance(arg, OwnedSegment)
         assert arg.name.startswith(b.store.prefix)
         assert a.api.served_bytes == ref.nbytes
         assert a.api.shared_segments == 0
         assert a.store.segment(ref) is None
         np.testing.assert_array_equal(
-            attach_shared(ShmArg(name=arg.name, nbytes=arg.nbytes), frozenset({arg.name})), arr
+            attach_shared(Segment(name=arg.name, nbytes=arg.nbytes), frozenset({arg.name})), arr
         )
         del arg
         assert not _files(b.store.prefix)
@@ -524,7 +514,7 @@ async def test_a_fetch_with_a_raw_session_gets_the_segment_answer_only_with_the_
             key = key_bytes(a.options.key)
             shared = await fetch_body(http, key, a.address, ref, host=a.host_id)
             body = await fetch_body(http, key, a.address, ref)
-        assert isinstance(shared, ShmArg)
-        assert not isinstance(body, ShmArg)
+        assert isinstance(shared, Segment)
+        assert not isinstance(body, Segment)
         np.testing.assert_array_equal(loads(body), np.ones(MIB))
         assert shared.name in _files(a.store.prefix)

@@ -4,32 +4,33 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from mesh.client import (
-    DEFAULT_URL,
+from mesh.auth import (
     HEADER_BODY,
     HEADER_NONCE,
     HEADER_SIGNATURE,
     HEADER_TIME,
     HEADER_TO,
-    error_from,
     key_bytes,
     key_file,
-    normalise_url,
     resolve_key,
     sign_request,
 )
 from mesh.config import NodeConfig
 from mesh.errors import (
+    ErrorInfo,
+    FailureKind,
     LocalProtocolError,
     MeshError,
     NoCapablePeerError,
     TaskError,
     TaskLostError,
 )
+from mesh.http import DEFAULT_URL, normalise_url
 from mesh.messages import NodeId, ObjectRef
 from node.api import (
     BadRequest,
@@ -270,15 +271,28 @@ def test_options_are_validated() -> None:
             parse_options(bad, CONFIG)
 
 
+def error_from(record: dict[str, Any], task_id: str, node: str) -> MeshError:
+    return ErrorInfo.decode(record).exception(task_id, node)
+
+
 def test_error_records_become_the_right_exceptions() -> None:
     err = error_from(
-        {"kind": "task", "message": "boom", "type": "RuntimeError", "traceback": "tb"}, "t1", "n1"
+        {
+            "kind": FailureKind.TASK,
+            "message": "boom",
+            "exc_type": "RuntimeError",
+            "traceback": "tb",
+        },
+        "t1",
+        "n1",
     )
     assert isinstance(err, TaskError)
     assert err.remote_traceback == "tb"
     assert "RuntimeError: boom" in str(err)
     assert "n1" in str(err)
-    no_peer = error_from({"kind": "no-peer", "task": "x", "missing": {"task": "x"}}, "t", "")
+    no_peer = error_from(
+        {"kind": FailureKind.NO_PEER, "message": "", "task": "x", "missing": {"task": "x"}}, "t", ""
+    )
     assert isinstance(no_peer, NoCapablePeerError)
     assert "no peer can run x" in str(no_peer)
     assert isinstance(error_from({"kind": "lost", "message": "gone"}, "t", ""), TaskLostError)

@@ -31,7 +31,13 @@ from mesh.contract import (
     TaskSpec,
 )
 from mesh.core import MemberState, MemberView
-from mesh.errors import LocalProtocolError, NoCapablePeerError, RemoteProtocolError, TaskError
+from mesh.errors import (
+    ErrorInfo,
+    LocalProtocolError,
+    NoCapablePeerError,
+    RemoteProtocolError,
+    TaskError,
+)
 from mesh.messages import (
     Accept,
     Address,
@@ -944,7 +950,7 @@ def test_nobody_capable_fails_at_once_from_gossip() -> None:
     assert isinstance(ev, Failed)
     assert ev.kind == FAILED_NO_PEER
     assert ev.details["missing"] == {"missing": "gpu", "task": "t"}
-    err = ev.error()
+    err = ErrorInfo.reported(ev.kind, ev.message, ev.details).exception(ev.task_id, "")
     assert isinstance(err, NoCapablePeerError)
     assert "gpu" in str(err)
 
@@ -1028,7 +1034,9 @@ def test_remote_failure_is_delivered_as_task_error() -> None:
     assert isinstance(failed, Failed)
     assert failed.kind == FAILED_TASK
     assert failed.node == "a"
-    err = failed.error()
+    err = ErrorInfo.reported(failed.kind, failed.message, failed.details).exception(
+        failed.task_id, failed.node or ""
+    )
     assert isinstance(err, TaskError)
     assert err.exc_type == "ValueError"
     assert "boom" in str(err)
