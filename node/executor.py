@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import gc
 import itertools
 import logging
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
 
+from mesh.background import Background, Ready, until_cancelled
 from mesh.codec import Chunks, encode_body
 from mesh.config import NodeConfig
 from mesh.errors import ErrorInfo, FailureKind, LocalProtocolError, MeshError
@@ -228,7 +230,7 @@ class Executor:
         self._jobs: dict[str, _Job] = {}
         self._workers: set[_Worker] = set()
         self._idle: list[_Worker] = []
-        self._tg: asyncio.TaskGroup | None = None
+        self._background = Background(f"executor {node_id}")
         self._closing = False
         self._no_workers = asyncio.Event()
         self._no_workers.set()
@@ -240,14 +242,16 @@ class Executor:
     # --- lifecycle ------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        if self._tg is not None:
-            raise LocalProtocolError("executor already started")
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
+        await self._background.start(self._serve)
+        return self
+
+    async def _serve(self, ready: Ready) -> None:
+        """The executor's main task: the first workers, then hold the service open."""
         if self.config.executor_prestart:
             for _ in range(self._slots):
                 self._spawn()
-        return self
+        ready()
+        await until_cancelled()
 
     async def __aexit__(
         self,
@@ -255,8 +259,7 @@ class Executor:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        tg = self._tg
-        if tg is None:
+        if not self._background.running:
             return None
         self._closing = True
         while self._queue:
@@ -269,14 +272,17 @@ class Executor:
         except TimeoutError:
             for w in self._workers:
                 self._kill(w)
+            # Killed: their supervisors reap them and clean up after them.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.executor_stop_grace_s):
+                    await self._no_workers.wait()
         finally:
             try:
-                await tg.__aexit__(exc_type, exc, tb)
+                await self._background.stop()
             finally:
                 for job in list(self._jobs.values()):
                     self._resolve(job, self._failed(CANCELLED, "executor stopped"))
                 remove_segments(self._prefix)
-                self._tg = None
         return None
 
     @staticmethod
@@ -354,7 +360,7 @@ class Executor:
         running here, or the arguments cannot be encoded. Cancelling the caller cancels the
         task.
         """
-        if self._tg is None or self._closing:
+        if not self._background.running or self._closing:
             raise LocalProtocolError("executor is not running")
         if task_id in self._jobs:
             raise LocalProtocolError(f"task {task_id} is already running here")
@@ -481,8 +487,9 @@ class Executor:
             # Read by the worker just before the call that follows: no cost per task.
             worker.threads = self._threads
             _send(transport, Threads(threads=self._threads))
-        if job.size > self.config.executor_shm_threshold_bytes and self._tg is not None:
-            self._tg.create_task(self._start_large(worker, job), name=f"mesh-args-{job.seq}")
+        if job.size > self.config.executor_shm_threshold_bytes and self._background.spawn(
+            self._start_large(worker, job), f"mesh-args-{job.seq}"
+        ):
             return
         transport.writelines(inline_frame(job.body, job.size))
         self._started(job)
@@ -496,8 +503,8 @@ class Executor:
     async def _start_large(self, worker: _Worker, job: _Job) -> None:
         """Copy a large call into the worker's argument segment (in a thread), then send it."""
         name = worker.prefix + "-args"
-        work = asyncio.ensure_future(
-            asyncio.to_thread(write_segment, name, job.body, job.size, reuse=True)
+        work = asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(write_segment, name, job.body, job.size, reuse=True)
         )
         try:
             await asyncio.shield(work)
@@ -546,13 +553,14 @@ class Executor:
                 os.kill(proc.pid, signal.SIGKILL)
 
     def _spawn(self) -> None:
-        if self._tg is None or self._closing:
+        if self._closing:
             return
         index = next(self._worker_index)
         worker = _Worker(index=index, prefix=f"{self._prefix}-w{index}")
+        if not self._background.spawn(self._supervise(worker), f"mesh-worker-{index}"):
+            return
         self._workers.add(worker)
         self._no_workers.clear()
-        self._tg.create_task(self._supervise(worker), name=f"mesh-worker-{index}")
 
     async def _supervise(self, worker: _Worker) -> None:
         """Start one worker, watch it until it exits, then clean up after it."""

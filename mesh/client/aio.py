@@ -25,6 +25,7 @@ import numpy as np
 
 from mesh.args import find_in_call, walk_call_async
 from mesh.auth import key_bytes, resolve_key, sign_request
+from mesh.background import Background, Ready
 from mesh.codec import dumps, encode_body, loads
 from mesh.errors import AuthenticationError, MeshError, ObjectLostError
 from mesh.http import (
@@ -143,8 +144,7 @@ class AsyncClient:
         self._closed = False
         self._failure: MeshError | None = None
         self._addresses: dict[str, str] = {}
-        self._main: asyncio.Task[None] | None = None
-        self._tg: asyncio.TaskGroup | None = None
+        self._background = Background(f"session {url}")
         self._same_host = _is_loopback(url)
         """The node runs on this machine: large arrays go to it through shared memory."""
 
@@ -179,8 +179,9 @@ class AsyncClient:
             await session.close()
             raise
         client = cls(url=base, key=kb, session=session, ws=ws, node_id=node_id)
-        # The one background task: it owns the reader and writer, and close() awaits it.
-        client._main = asyncio.create_task(client._run())
+        # The session's tasks (reader, writer, submissions waiting for their arguments)
+        # are owned by one Background, which close() stops.
+        await client._background.start(client._run)
         return client
 
     async def __aenter__(self) -> Self:
@@ -195,22 +196,15 @@ class AsyncClient:
             return
         self._closed = True
         await self._ws.close()
-        if self._main is not None:
-            self._main.cancel()
-            try:
-                await self._main
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+        await self._background.stop()
         self._fail_all(MeshError("the client was closed"))
         await self._session.close()
 
-    async def _run(self) -> None:
+    async def _run(self, ready: Ready) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
-                self._tg = tg
                 tg.create_task(self._writer())
+                ready()
                 await self._reader()
                 raise MeshError(f"the node at {self.url} closed the session")
         except* MeshError as group:
@@ -218,7 +212,6 @@ class AsyncClient:
         except* (aiohttp.ClientError, ConnectionError) as group:
             self._failure = MeshError(f"lost the node at {self.url}: {group.exceptions[0]}")
         finally:
-            self._tg = None
             self._fail_all(self._failure or MeshError("the client was closed"))
 
     def _fail_all(self, exc: MeshError) -> None:
@@ -263,10 +256,10 @@ class AsyncClient:
             return future
         # Arguments still running: send the task once they are known. Their values
         # (references included) travel, not the futures.
-        if self._tg is None:
+        if self._failure is not None or not self._background.spawn(
+            self._submit_later(future, name, args, kwargs, options), "mesh-submit"
+        ):
             future._fail(self._failure or MeshError("the client is closed"))
-        else:
-            self._tg.create_task(self._submit_later(future, name, args, kwargs, options))
         return future
 
     async def _submit_later(
