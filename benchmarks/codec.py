@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from mesh.codec import FRAME_PREFIX, Codec, decode_body
-from mesh.messages import Capabilities, Load, NodeId, Result, TaskId, Wire
+from mesh.protocol.codec import FRAME_PREFIX, Codec, decode_body
+from mesh.protocol.messages import Capabilities, Load, NodeId, Result, TaskId, Wire
 
 KEY = b"benchmark-key-32-bytes-long-1234"
 NOW = 1_700_000_000.0

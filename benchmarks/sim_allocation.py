@@ -24,8 +24,8 @@ import random
 from typing import Any
 
 from mesh.config import ContractConfig
-from mesh.messages import NodeId, Requirements, TaskId
-from mesh.sim_contract import AllocationSim, Outcome, SimTask, greedy_makespan, workload
+from mesh.protocol.messages import NodeId, Requirements, TaskId
+from mesh.runtime.sim_contract import AllocationSim, Outcome, SimTask, greedy_makespan, workload
 
 CRASH_FRACTION = 0.1
 

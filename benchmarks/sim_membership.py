@@ -1,6 +1,6 @@
 """Membership at N = 10, 100 and 1000 in the simulator: convergence, detection, chaos.
 
-Every figure comes from ``mesh.sim`` with a fixed seed, the LAN preset and 5% message
+Every figure comes from ``mesh.runtime.sim`` with a fixed seed, the LAN preset and 5% message
 loss; bytes are real encoded message sizes. For each N:
 
 * convergence: every node publishes a new load at the rate its record budget allows;
@@ -30,10 +30,10 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh.config import MembershipConfig
-from mesh.core import MemberState
-from mesh.membership import MemberChanged, MemberDown, Membership, MemberUp
-from mesh.messages import Address, Capabilities, Load, NodeId, NodeRecord, Wire
-from mesh.sim import Simulation
+from mesh.protocol.core import MemberState
+from mesh.protocol.membership import MemberChanged, MemberDown, Membership, MemberUp
+from mesh.protocol.messages import Address, Capabilities, Load, NodeId, NodeRecord, Wire
+from mesh.runtime.sim import Simulation
 
 LOSS = 0.05
 LATENCY = (0.0002, 0.002)

@@ -38,7 +38,7 @@ from rich.table import Table
 
 from mesh import LocalMesh, MeshError
 from mesh.client import DEFAULT_URL, Client, connect, key_bytes, resolve_key
-from mesh.codec import key_fingerprint
+from mesh.protocol.codec import key_fingerprint
 from tasks.pipeline import STAGES, Run, node_name, run_pipeline, traffic, usage, write_timeline
 from tasks.vision import PipelineSize
 

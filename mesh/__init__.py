@@ -1,12 +1,18 @@
 """Mesh: a peer-to-peer compute mesh for the local network.
 
-The protocol library. It holds the wire format, the two sans-I/O protocol cores
-(membership and contract net), the transports they run over, an asyncio driver, a
-discrete-event simulator and the public client API. It runs no daemon itself: the ``node``
-package is the daemon, and ``LocalMesh`` (``mesh/local.py``) starts it as ``mesh-node``
-processes on this machine for tests, benchmarks and examples.
+The protocol library, in three layers:
+
+- ``mesh.protocol``: the wire format and the sans-I/O protocol cores (membership and
+  contract net); pure code that never touches the world.
+- ``mesh.runtime``: what drives the cores and touches the world: the asyncio driver, the
+  transports, a discrete-event simulator, shared memory, HTTP and request signing.
+- ``mesh.client``: the public client API, and ``LocalMesh`` (``mesh.client.local``).
+
+It runs no daemon itself: the ``node`` package is the daemon, and ``LocalMesh`` starts it as
+``mesh-node`` processes on this machine for tests, benchmarks and examples.
 """
 
+from mesh.client.local import LocalMesh
 from mesh.errors import (
     LocalProtocolError,
     MeshError,
@@ -14,7 +20,6 @@ from mesh.errors import (
     RemoteProtocolError,
     TaskError,
 )
-from mesh.local import LocalMesh
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ from typing import Self
 
 @dataclass(frozen=True, kw_only=True)
 class MembershipConfig:
-    """Membership, failure detection and state gossip (``mesh/membership.py``).
+    """Membership, failure detection and state gossip (``mesh/protocol/membership.py``).
 
     SWIM probing with Lifeguard-style suspicion, infection-style dissemination of updates
     and a periodic digest-then-delta exchange. ``n`` below is the number of live members
@@ -150,7 +150,7 @@ class MembershipConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ContractConfig:
-    """Contract-net task allocation (``mesh/contract.py``)."""
+    """Contract-net task allocation (``mesh/protocol/contract.py``)."""
 
     candidates: int = 3
     """d, the candidates one call for proposals goes to (2..4). Two choices already cut the
@@ -432,7 +432,7 @@ class NodeConfig:
     millisecond; every half minute keeps a dead node's memory from lingering."""
 
     host_id: str | None = None
-    """Identity of this machine's shared memory (``mesh.shm.host_id``): peers with the
+    """Identity of this machine's shared memory (``mesh.runtime.shm.host_id``): peers with the
     same value map each other's object segments. None: derived from the kernel's boot id
     and ``/dev/shm``. A value of its own makes a node treat every peer as remote."""
 

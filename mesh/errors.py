@@ -184,7 +184,7 @@ class ErrorInfo:
 
     @classmethod
     def reported(cls, kind: str, message: str, details: Mapping[str, Any]) -> ErrorInfo:
-        """The record of a failure the contract net reported (``mesh.contract.Failed``):
+        """The record of a failure the contract net reported (``mesh.protocol.contract.Failed``):
         its kind, message and the details a peer sent, kept only where they are what they
         should be (a peer may send anything)."""
         missing = details.get("missing")

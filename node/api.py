@@ -7,17 +7,17 @@ Routes (all under the node's one port, next to the peer websocket):
   with ``wait`` (seconds) the reply carries its result.
 - ``GET /v1/tasks/{id}`` (``?wait=S`` to long-poll), ``DELETE /v1/tasks/{id}`` (cancel),
   ``GET /v1/tasks/{id}/why``: the auction record.
-- ``GET /v1/objects/{id}``: a stored object, encoded by ``mesh.codec`` (peers fetch
+- ``GET /v1/objects/{id}``: a stored object, encoded by ``mesh.protocol.codec`` (peers fetch
   referenced arguments here); ``DELETE`` releases it. With ``?host=`` equal to this
   node's ``host_id`` (a fetcher on the same machine) the answer is instead the JSON
   ``{"segment", "nbytes"}`` of the shared-memory segment that holds the body.
 - ``GET /v1/session``: the client's websocket; batches of submissions in, streamed
-  results out (the messages of ``mesh.session``).
+  results out (the messages of ``mesh.protocol.session``).
 - ``GET /v1/hello``, ``GET /metrics`` (Prometheus text) and ``GET /openapi.json``:
   readable without the key; they hold no task data. ``/v1/hello`` says the node's id,
   version and key fingerprint: what a client signs its requests for.
 
-Every other request must carry the proof of ``mesh.auth.sign_request``: an HMAC over
+Every other request must carry the proof of ``mesh.runtime.auth.sign_request``: an HMAC over
 method, path, body hash, timestamp, nonce and the id of the node it is for, within
 ``api_auth_skew_s`` and never seen before. The proof is checked on the headers alone,
 before a byte of the body is read; then the body is read (bounded in size per route and
@@ -48,7 +48,12 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from mesh import __version__
-from mesh.auth import (
+from mesh.config import NodeConfig
+from mesh.errors import ErrorInfo, FailureKind, MeshError, ObjectLostError
+from mesh.protocol.codec import Chunks, dumps, key_fingerprint, loads
+from mesh.protocol.messages import NodeId, ObjectRef, Segment, TaskId, Wire, field_names
+from mesh.protocol.session import BadTask, Outcome, Results, SessionError, Submission, Submit
+from mesh.runtime.auth import (
     HEADER_BODY,
     HEADER_NONCE,
     HEADER_SIGNATURE,
@@ -56,18 +61,13 @@ from mesh.auth import (
     HEADER_TO,
     request_mac,
 )
-from mesh.codec import Chunks, dumps, key_fingerprint, loads
-from mesh.config import NodeConfig
-from mesh.errors import ErrorInfo, FailureKind, MeshError, ObjectLostError
-from mesh.http import (
+from mesh.runtime.http import (
     HELLO_PATH,
     HOST_PARAM,
     OBJECT_CONTENT_TYPE,
     SEGMENT_CONTENT_TYPE,
     SESSION_PATH,
 )
-from mesh.messages import NodeId, ObjectRef, Segment, TaskId, Wire, field_names
-from mesh.session import BadTask, Outcome, Results, SessionError, Submission, Submit
 from node.http_guard import ConnectionGuard
 from node.store import OwnedSegment
 
@@ -131,7 +131,7 @@ class Service(Protocol):
     def cancel(self, task_id: str) -> bool: ...
 
     host_id: str
-    """This machine's ``mesh.shm.host_id`` ("" shares nothing)."""
+    """This machine's ``mesh.runtime.shm.host_id`` ("" shares nothing)."""
 
     def object_body(self, object_id: str) -> tuple[Chunks, int] | None: ...
 

@@ -32,7 +32,7 @@ from typing import Final
 
 import psutil
 
-from mesh.messages import Capabilities
+from mesh.protocol.messages import Capabilities
 from node.cores import POOL_LABEL, local_pool
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@
 ``$MESH_KEY``, else the key file (``start`` creates it on first run). Errors are one line on
 stderr and a non-zero exit status; ``--json`` output is for scripts. ``start`` prints a banner
 for people once it serves; a program starting a node passes ``--ready-file`` instead and waits
-for that file (``mesh.local.ReadyRecord``), as ``mesh.LocalMesh`` does.
+for that file (``mesh.client.local.ReadyRecord``), as ``mesh.LocalMesh`` does.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from typing import Any, Final
 
 import aiohttp
 
-from mesh.auth import key_bytes as derive_key
-from mesh.auth import resolve_key
 from mesh.config import MeshConfig
 from mesh.errors import MeshError
-from mesh.http import DEFAULT_PORT, node_id_at, normalise_url, request_json
-from mesh.loop import event_loop
+from mesh.runtime.auth import key_bytes as derive_key
+from mesh.runtime.auth import resolve_key
+from mesh.runtime.http import DEFAULT_PORT, node_id_at, normalise_url, request_json
+from mesh.runtime.loop import event_loop
 
 PRESETS: Final = {"lan": MeshConfig.lan, "local": MeshConfig.local, "test": MeshConfig.test}
 PRESET_ENV: Final = "MESH_PRESET"

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from mesh.core import MemberState, MemberView, PeerView
-from mesh.messages import NodeId
+from mesh.protocol.core import MemberState, MemberView, PeerView
+from mesh.protocol.messages import NodeId
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 One ``Daemon`` is one running ``mesh-node``. It binds the node's single port (peer
 websocket, HTTP API and client sessions share it), runs the node's protocol core
-(``mesh.node_core.NodeCore``: membership, contract, the load it gossips) with
-``mesh.driver.Driver`` over the websocket transport, gives it seeds (``--join``) and mDNS
+(``mesh.protocol.node_core.NodeCore``: membership, contract, the load it gossips) with
+``mesh.runtime.driver.Driver`` over the websocket transport, gives it seeds (``--join``) and mDNS
 finds, turns its events into work for the executor, keeps large results in the object
 store, and fetches referenced arguments from their holders. Every call into the core goes
 through the driver (``Driver.command``), which supplies ``now``: the daemon reads no
@@ -43,11 +43,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from mesh.args import walk, walk_call, walk_call_async
-from mesh.auth import key_bytes
-from mesh.codec import Buffer, Chunks, Codec, key_fingerprint, loads
+from mesh.client.local import ReadyRecord
 from mesh.config import MeshConfig, NodeConfig
-from mesh.contract import (
+from mesh.errors import ErrorInfo, FailureKind, LocalProtocolError, MeshError, ObjectLostError
+from mesh.protocol.args import walk, walk_call, walk_call_async
+from mesh.protocol.codec import Buffer, Chunks, Codec, key_fingerprint, loads
+from mesh.protocol.contract import (
     CancelExecution,
     Completed,
     Contract,
@@ -55,13 +56,9 @@ from mesh.contract import (
     Failed,
     TaskSpec,
 )
-from mesh.core import MemberState
-from mesh.driver import Driver
-from mesh.errors import ErrorInfo, FailureKind, LocalProtocolError, MeshError, ObjectLostError
-from mesh.http import DEFAULT_PORT, fetch_body, fetch_bytes, fetch_object
-from mesh.local import ReadyRecord
-from mesh.membership import Membership, MembershipEvent
-from mesh.messages import (
+from mesh.protocol.core import MemberState
+from mesh.protocol.membership import Membership, MembershipEvent
+from mesh.protocol.messages import (
     Address,
     NodeId,
     ObjectRef,
@@ -70,10 +67,13 @@ from mesh.messages import (
     TaskCall,
     TaskId,
 )
-from mesh.node_core import NodeCore
-from mesh.session import Outcome
-from mesh.shm import check_object
-from mesh.shm import host_id as machine_host_id
+from mesh.protocol.node_core import NodeCore
+from mesh.protocol.session import Outcome
+from mesh.runtime.auth import key_bytes
+from mesh.runtime.driver import Driver
+from mesh.runtime.http import DEFAULT_PORT, fetch_body, fetch_bytes, fetch_object
+from mesh.runtime.shm import check_object
+from mesh.runtime.shm import host_id as machine_host_id
 from node.api import INTERNAL_ERROR, Api, Deliver, jsonable, result_json
 from node.capabilities import probe
 from node.cores import HostSlots, local_pool, slot_speed

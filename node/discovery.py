@@ -1,7 +1,7 @@
 """mDNS discovery of mesh peers with python-zeroconf: a finder, never a liveness signal.
 
 Each node registers one instance of ``_mesh-node._tcp.local.`` whose TXT record carries
-``id`` (node id), ``mesh`` (``mesh.codec.key_fingerprint`` of the mesh key, so that two
+``id`` (node id), ``mesh`` (``mesh.protocol.codec.key_fingerprint`` of the mesh key, so that two
 meshes on one LAN ignore each other without revealing a key) and ``v`` (protocol version),
 and browses the same type. Each peer of the same mesh is reported once through
 ``on_found(node, "host:port")``, and again if its address changes. A clean shutdown sends
@@ -26,9 +26,9 @@ import ifaddr
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from mesh.background import Background, Ready, until_cancelled
 from mesh.errors import LocalProtocolError
-from mesh.messages import Address, NodeId
+from mesh.protocol.messages import Address, NodeId
+from mesh.runtime.background import Background, Ready, until_cancelled
 
 log = logging.getLogger(__name__)
 

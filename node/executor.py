@@ -47,12 +47,12 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
 
-from mesh.background import Background, Ready, until_cancelled
-from mesh.codec import Chunks, encode_body
 from mesh.config import NodeConfig
 from mesh.errors import ErrorInfo, FailureKind, LocalProtocolError, MeshError
-from mesh.messages import NodeId
-from mesh.shm import remove_segments, unlink, write_segment
+from mesh.protocol.codec import Chunks, encode_body
+from mesh.protocol.messages import NodeId
+from mesh.runtime.background import Background, Ready, until_cancelled
+from mesh.runtime.shm import remove_segments, unlink, write_segment
 from node.cores import THREAD_VARS, local_pool, threads_per_worker
 from node.pipe import (
     HEADER,

@@ -1,12 +1,12 @@
 """The pipe between the executor and a worker: its frames and its messages.
 
-Each worker has one Unix socket pair with the executor. Messages are ``mesh.codec`` bodies
+Each worker has one Unix socket pair with the executor. Messages are ``mesh.protocol.codec`` bodies
 (msgpack, never pickle), each in a frame::
 
     u8 kind | u64 length | payload
 
 ``INLINE`` frames carry the body itself. A body larger than the executor's threshold goes
-through a shared-memory segment (``mesh.shm``) and the frame carries ``u64 size | name``
+through a shared-memory segment (``mesh.runtime.shm``) and the frame carries ``u64 size | name``
 (``SEGMENT``); the reader maps the segment and decodes arrays as views of the mapping, with
 no copy.
 
@@ -26,9 +26,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
-from mesh.codec import Buffer, Chunks, decode_body
 from mesh.errors import ErrorInfo, RemoteProtocolError
-from mesh.shm import map_segment
+from mesh.protocol.codec import Buffer, Chunks, decode_body
+from mesh.runtime.shm import map_segment
 
 HEADER: Final = struct.Struct("<BQ")
 _SIZE: Final = struct.Struct("<Q")

@@ -4,8 +4,8 @@ A result larger than ``NodeConfig.store_threshold_bytes`` is put here and its su
 an ``ObjectRef`` naming this node as holder; a task whose arguments are references fetches
 them from the holder, so work can move to the data instead of the data to the submitter.
 
-Each object is encoded once, when it is put (``mesh.codec.encode_body``, which does not copy
-arrays), and the same chunks serve every fetch. The store holds at most ``limit_bytes``; a
+Each object is encoded once, when it is put (``mesh.protocol.codec.encode_body``, which does
+not copy arrays), and the same chunks serve every fetch. The store holds at most ``limit_bytes``; a
 put beyond that fails with ``ObjectStoreFullError``. Nothing is ever evicted behind a
 reference's back: an object leaves only when ``release`` is called for it.
 
@@ -45,7 +45,6 @@ from typing import Any, Final
 import numpy as np
 import psutil
 
-from mesh.codec import Chunks, decode_body, encode_body
 from mesh.config import NodeConfig
 from mesh.errors import (
     LocalProtocolError,
@@ -54,8 +53,9 @@ from mesh.errors import (
     RemoteProtocolError,
     TaskLostError,
 )
-from mesh.messages import NodeId, ObjectRef, Segment, Wire, field_names
-from mesh.shm import OBJECT_PREFIX, SHM_DIR, UPLOAD_PREFIX, open_exact, unlink, write_chunks
+from mesh.protocol.codec import Chunks, decode_body, encode_body
+from mesh.protocol.messages import NodeId, ObjectRef, Segment, Wire, field_names
+from mesh.runtime.shm import OBJECT_PREFIX, SHM_DIR, UPLOAD_PREFIX, open_exact, unlink, write_chunks
 
 _LIMIT_SHARE: Final = 4
 """With no configured limit the store may take 1/_LIMIT_SHARE of the machine's memory."""
@@ -378,7 +378,7 @@ class ObjectStore:
         """Copy a same-machine client's upload into a new segment of this store and decode it.
 
         Blocking (a copy of the whole body): call it in a thread. The client's file is opened
-        by ``mesh.shm.open_exact`` (no link, no FIFO, this user's, the announced size) and
+        by ``mesh.runtime.shm.open_exact`` (no link, no FIFO, this user's, the announced size) and
         copied in the kernel, never mapped: the client keeps its descriptor and could shrink
         the file at any time, and a mapping of a shrunk file kills the reader with SIGBUS.
         The copy is this store's own file, which only the node changes. The client's file is
@@ -456,9 +456,11 @@ class ObjectStore:
         return self._entry(object_id).ref
 
     def encoded(self, ref_or_id: ObjectRef | str) -> tuple[Chunks, int]:
-        """The object's body (``mesh.codec`` format) as chunks to write in order, and its size.
+        """The object's body (``mesh.protocol.codec`` format) as chunks to write in order, and
+        its size.
 
-        Made once at ``put``; ``mesh.codec.loads`` of the joined chunks gives the value back.
+        Made once at ``put``; ``mesh.protocol.codec.loads`` of the joined chunks gives the value
+        back.
         The chunks are read-only views: write them, never modify them.
         """
         entry = self._entry(ref_or_id)

@@ -1,7 +1,7 @@
 """The peer transport: one persistent aiohttp websocket per pair of nodes.
 
-``WsTransport`` implements ``mesh.transport.Transport``. It moves frames that the codec
-already encoded, over websocket messages whose format and checks live in ``mesh.framing``
+``WsTransport`` implements ``mesh.runtime.transport.Transport``. It moves frames that the codec
+already encoded, over websocket messages whose format and checks live in ``mesh.protocol.framing``
 (hellos, batches of small frames, pieces of big ones, byes): this module only drives those
 objects over aiohttp. It never decodes a frame beyond the hello and ``Codec.authenticate``
 (size, magic, MAC), which every received frame passes before ``recv`` can return it, so a
@@ -37,11 +37,10 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.http import WebSocketWriter
 
-from mesh.background import Background, Ready, until_cancelled
-from mesh.codec import Buffer, Chunks, Codec
 from mesh.config import NodeConfig
 from mesh.errors import LocalProtocolError, RemoteProtocolError
-from mesh.framing import (
+from mesh.protocol.codec import Buffer, Chunks, Codec
+from mesh.protocol.framing import (
     Blocked,
     Budget,
     Hello,
@@ -52,7 +51,8 @@ from mesh.framing import (
     max_message_bytes,
     read_hello,
 )
-from mesh.messages import Address, NodeId
+from mesh.protocol.messages import Address, NodeId
+from mesh.runtime.background import Background, Ready, until_cancelled
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ inherits one end of a Unix socket pair, loads the task registry, says ``Ready`` 
 runs one task per ``Run``, answering each with a ``Done``. It ends when the executor says
 ``Stop`` or closes the socket. ``node.pipe`` holds the frames and messages both ends speak.
 
-Shared memory (``mesh.shm``) keeps large bodies off the socket:
+Shared memory (``mesh.runtime.shm``) keeps large bodies off the socket:
 
 - Arguments: each worker has one argument segment that the executor rewrites for every large
   call, because writing into pages that already exist is about twice as fast as having the
@@ -51,8 +51,6 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from mesh.args import walk, walk_call
-from mesh.codec import decode_body, encode_body
 from mesh.errors import (
     ErrorInfo,
     FailureKind,
@@ -61,8 +59,10 @@ from mesh.errors import (
     ObjectLostError,
     TaskLostError,
 )
-from mesh.messages import NodeId, Segment
-from mesh.shm import map_object, map_segment, unlink, write_segment
+from mesh.protocol.args import walk, walk_call
+from mesh.protocol.codec import decode_body, encode_body
+from mesh.protocol.messages import NodeId, Segment
+from mesh.runtime.shm import map_object, map_segment, unlink, write_segment
 from node.cores import THREAD_VARS
 from node.pipe import (
     HEADER,

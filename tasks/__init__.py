@@ -26,7 +26,7 @@ from types import MappingProxyType, ModuleType
 from typing import Any, Final, Self, TypeVar, overload
 
 from mesh.errors import LocalProtocolError
-from mesh.messages import NodeId, Requirements
+from mesh.protocol.messages import NodeId, Requirements
 
 log = logging.getLogger(__name__)
 

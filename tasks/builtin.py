@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from mesh.messages import NodeId
+from mesh.protocol.messages import NodeId
 from tasks import context, task
 
 

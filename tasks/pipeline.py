@@ -32,9 +32,9 @@ from typing import Any, Final
 import numpy as np
 
 from mesh.client import Client, TaskFuture
-from mesh.codec import dumps
 from mesh.errors import MeshError
-from mesh.messages import ObjectRef
+from mesh.protocol.codec import dumps
+from mesh.protocol.messages import ObjectRef
 from tasks.vision import PipelineSize
 
 STAGES: Final = (

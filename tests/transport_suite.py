@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from mesh.transport import Transport
+from mesh.runtime.transport import Transport
 
 DEADLINE_S = 10.0
 

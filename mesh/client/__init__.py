@@ -17,14 +17,14 @@
 of its own. A future among a task's arguments is waited for, and its value sent.
 
 Both start no node and keep no global state. The key lookup and request proofs they use
-are ``mesh.auth``'s, the HTTP requests and object transfer ``mesh.http``'s, the session
-messages ``mesh.session``'s.
+are ``mesh.runtime.auth``'s, the HTTP requests and object transfer ``mesh.runtime.http``'s,
+the session messages ``mesh.protocol.session``'s.
 """
 
-from mesh.auth import KEY_ENV, key_bytes, key_file, resolve_key, sign_request
 from mesh.client.aio import AsyncClient, AsyncTaskFuture
 from mesh.client.sync import Client, TaskFuture, connect
-from mesh.http import DEFAULT_PORT, DEFAULT_URL, normalise_url
+from mesh.runtime.auth import KEY_ENV, key_bytes, key_file, resolve_key, sign_request
+from mesh.runtime.http import DEFAULT_PORT, DEFAULT_URL, normalise_url
 
 __all__ = [
     "DEFAULT_PORT",

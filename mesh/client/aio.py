@@ -1,9 +1,9 @@
 """The async client: one session with one node, which auctions every task it submits.
 
 Submissions travel in batches over one websocket to the node, results stream back on it
-(``mesh.session``); there is no HTTP round trip per task. Queries (peers, status, why) are
-signed JSON over HTTP (``mesh.http``). A client on the node's own machine hands large
-arrays over through shared memory (``mesh.shm``) rather than through the socket, and maps
+(``mesh.protocol.session``); there is no HTTP round trip per task. Queries (peers, status, why) are
+signed JSON over HTTP (``mesh.runtime.http``). A client on the node's own machine hands large
+arrays over through shared memory (``mesh.runtime.shm``) rather than through the socket, and maps
 objects held on the machine instead of fetching their bytes.
 """
 
@@ -23,21 +23,21 @@ from urllib.parse import urlsplit
 import aiohttp
 import numpy as np
 
-from mesh.args import find_in_call, walk_call_async
-from mesh.auth import key_bytes, resolve_key, sign_request
-from mesh.background import Background, Ready
-from mesh.codec import dumps, encode_body, loads
 from mesh.errors import AuthenticationError, MeshError, ObjectLostError
-from mesh.http import (
+from mesh.protocol.args import find_in_call, walk_call_async
+from mesh.protocol.codec import dumps, encode_body, loads
+from mesh.protocol.messages import ObjectRef, Segment
+from mesh.protocol.session import Outcome, SessionError, Submission, Submit, decode_reply
+from mesh.runtime.auth import key_bytes, resolve_key, sign_request
+from mesh.runtime.background import Background, Ready
+from mesh.runtime.http import (
     SESSION_PATH,
     fetch_object,
     node_id_at,
     normalise_url,
     request_json,
 )
-from mesh.messages import ObjectRef, Segment
-from mesh.session import Outcome, SessionError, Submission, Submit, decode_reply
-from mesh.shm import UPLOAD_PREFIX, host_id, unlink, write_segment
+from mesh.runtime.shm import UPLOAD_PREFIX, host_id, unlink, write_segment
 
 SHM_THRESHOLD: Final = 1024 * 1024
 """Arrays from this size on go to a node on the same machine through shared memory."""

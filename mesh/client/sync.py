@@ -17,8 +17,8 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from mesh.client.aio import AsyncClient, AsyncTaskFuture
-from mesh.loop import event_loop
-from mesh.messages import ObjectRef
+from mesh.protocol.messages import ObjectRef
+from mesh.runtime.loop import event_loop
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -31,9 +31,9 @@ import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from mesh.codec import Codec
 from mesh.errors import LocalProtocolError, RemoteProtocolError
-from mesh.messages import (
+from mesh.protocol.codec import Codec
+from mesh.protocol.messages import (
     REGISTRY,
     Address,
     NodeId,
@@ -352,7 +352,7 @@ def for_annotation(
     """Hostile values of annotation ``tp`` that the codec still accepts as that type.
 
     Raises TypeError for an annotation it does not know, so that a new kind of field in
-    ``mesh.messages`` fails here loudly instead of going unfuzzed.
+    ``mesh.protocol.messages`` fails here loudly instead of going unfuzzed.
     """
     if tp is Any or tp is object:
         return any_values(pools, depth)

@@ -39,7 +39,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mesh.config import ContractConfig
-from mesh.contract import (
+from mesh.errors import ErrorInfo, RemoteProtocolError
+from mesh.protocol.contract import (
     MAX_CFP_TASKS,
     MAX_ESTIMATE_S,
     MAX_LANES,
@@ -51,9 +52,8 @@ from mesh.contract import (
     Failed,
     TaskSpec,
 )
-from mesh.core import MemberState, MemberView
-from mesh.errors import ErrorInfo, RemoteProtocolError
-from mesh.messages import (
+from mesh.protocol.core import MemberState, MemberView
+from mesh.protocol.messages import (
     Accept,
     Address,
     CallForProposals,
@@ -75,7 +75,7 @@ from mesh.messages import (
     TaskId,
     Wire,
 )
-from mesh.resources import demand, invalid
+from mesh.protocol.resources import demand, invalid
 
 from .hostile import (
     FUZZ,

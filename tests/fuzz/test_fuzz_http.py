@@ -8,7 +8,7 @@ past 64 bits, nesting on both sides of ``api_max_nesting`` and past the JSON par
 limit, wrong types in every field, unknown fields, long strings, unknown tasks, bogus ids,
 object references whose size, dtype and shape lie; and requests without a valid proof
 (none, forged, stale, replayed, for another node, over another body). Client sessions
-(``/v1/session``) get msgpack batches made by ``mesh.codec.dumps`` from hostile values,
+(``/v1/session``) get msgpack batches made by ``mesh.protocol.codec.dumps`` from hostile values,
 bodies whose array headers lie about their buffers, shared-memory uploads that lie about
 their size, raw bytes and text frames.
 
@@ -60,7 +60,11 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from mesh.auth import (
+from mesh.config import NodeConfig
+from mesh.errors import LocalProtocolError, MeshError
+from mesh.protocol.codec import ALIGN, EXT_NDARRAY, EXT_STRUCT, EXT_TENSOR, dumps, loads
+from mesh.protocol.messages import REGISTRY, NodeId, ObjectRef, Segment
+from mesh.runtime.auth import (
     HEADER_BODY,
     HEADER_NONCE,
     HEADER_SIGNATURE,
@@ -69,18 +73,14 @@ from mesh.auth import (
     key_bytes,
     sign_request,
 )
-from mesh.codec import ALIGN, EXT_NDARRAY, EXT_STRUCT, EXT_TENSOR, dumps, loads
-from mesh.config import NodeConfig
-from mesh.errors import LocalProtocolError, MeshError
-from mesh.http import (
+from mesh.runtime.http import (
     HELLO_PATH,
     HOST_PARAM,
     OBJECT_CONTENT_TYPE,
     SEGMENT_CONTENT_TYPE,
     SESSION_PATH,
 )
-from mesh.messages import REGISTRY, NodeId, ObjectRef, Segment
-from mesh.shm import SHM_DIR, UPLOAD_PREFIX, host_id
+from mesh.runtime.shm import SHM_DIR, UPLOAD_PREFIX, host_id
 from tests.node.conftest import Cluster, Node
 
 from .hostile import (
@@ -1194,7 +1194,7 @@ MSGPACK_ODDITIES: Final = (
 
 @st.composite
 def lying_bodies(draw: st.DrawFn) -> bytes:
-    """A ``mesh.codec`` body built by hand: arrays and structs whose headers may lie about
+    """A ``mesh.protocol.codec`` body built by hand: arrays and structs whose headers may lie about
     dtype, shape and buffer, a buffer table that may lie about count, lengths or padding,
     a header length that may lie. Mostly a submission of ``echo`` with them."""
     buffers = draw(st.lists(st.binary(max_size=48), max_size=3))

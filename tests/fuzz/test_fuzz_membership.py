@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 
 from mesh.config import MembershipConfig
 from mesh.errors import RemoteProtocolError
-from mesh.membership import MAX_COUNTER, Membership
-from mesh.messages import (
+from mesh.protocol.membership import MAX_COUNTER, Membership
+from mesh.protocol.messages import (
     Ack,
     Address,
     Capabilities,

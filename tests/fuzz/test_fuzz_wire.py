@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.codec import Codec
 from mesh.errors import LocalProtocolError
-from mesh.messages import NodeId, Wire
+from mesh.protocol.codec import Codec
+from mesh.protocol.messages import NodeId, Wire
 
 from .hostile import FUZZ, KEY, MAX_FRAME, WALL, Pools, frame, only_remote_errors, registered_types
 from .hostile import wire_of as hostile_wire_of

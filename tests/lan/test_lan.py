@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from mesh.local import wait_ready
+from mesh.client.local import wait_ready
 from tests.lan.harness import Host, Lan
 
 PORT = 7700

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from mesh.local import LocalMesh
-from mesh.local import LocalNode as Node
+from mesh.client.local import LocalMesh
+from mesh.client.local import LocalNode as Node
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE = [sys.executable, "-m", "node"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.local import wait_ready
+from mesh.client.local import wait_ready
 from tests.node.conftest import NODE, ROOT, Cluster, node_env
 
 

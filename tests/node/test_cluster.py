@@ -12,7 +12,7 @@ import pytest
 
 from mesh.client import connect
 from mesh.errors import TaskError
-from mesh.messages import ObjectRef
+from mesh.protocol.messages import ObjectRef
 from tests.node.conftest import Cluster, wait_for
 
 

@@ -15,7 +15,7 @@ import pytest
 from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-from mesh.messages import Address, NodeId
+from mesh.protocol.messages import Address, NodeId
 from node.discovery import (
     PROTOCOL_VERSION,
     SERVICE_TYPE,

@@ -18,8 +18,8 @@ import pytest_asyncio
 
 from mesh.config import NodeConfig
 from mesh.errors import LocalProtocolError
-from mesh.messages import NodeId
-from mesh.shm import SHM_DIR
+from mesh.protocol.messages import NodeId
+from mesh.runtime.shm import SHM_DIR
 from node.executor import Executor
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

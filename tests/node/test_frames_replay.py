@@ -18,9 +18,9 @@ import aiohttp
 from aiohttp import web
 
 from mesh.client import key_bytes
-from mesh.codec import Buffer, Codec
 from mesh.config import NodeConfig
-from mesh.messages import Address, Capabilities, Delta, Join, Load, NodeId, NodeRecord
+from mesh.protocol.codec import Buffer, Codec
+from mesh.protocol.messages import Address, Capabilities, Delta, Join, Load, NodeId, NodeRecord
 from node.transport_ws import WsTransport
 from tests.node.conftest import Cluster, wait_for
 

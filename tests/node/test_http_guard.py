@@ -22,11 +22,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mesh.auth import key_bytes, sign_request
 from mesh.config import NodeConfig
 from mesh.errors import AuthenticationError
-from mesh.http import node_id_at, request_json
-from mesh.messages import TaskId
+from mesh.protocol.messages import TaskId
+from mesh.runtime.auth import key_bytes, sign_request
+from mesh.runtime.http import node_id_at, request_json
 from node.api import Api, Deliver, Service
 from node.http_guard import ConnectionGuard, GuardedSite
 

@@ -23,10 +23,10 @@ from types import ModuleType
 import pytest
 
 from mesh.client import connect
-from mesh.codec import dumps
 from mesh.config import MeshConfig
 from mesh.errors import MeshError, NoCapablePeerError
-from mesh.messages import ObjectRef
+from mesh.protocol.codec import dumps
+from mesh.protocol.messages import ObjectRef
 from tasks.vision import PipelineSize
 from tests.node.conftest import ROOT, Cluster, node_env, wait_for
 

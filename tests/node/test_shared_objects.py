@@ -23,15 +23,15 @@ import aiohttp
 import numpy as np
 import pytest
 
-from mesh.auth import key_bytes
 from mesh.client import AsyncClient
-from mesh.codec import encode_body, loads
 from mesh.config import MeshConfig
-from mesh.core import MemberState
 from mesh.errors import MeshError, ObjectLostError, RemoteProtocolError
-from mesh.http import _segment_answer, fetch_body
-from mesh.messages import NodeId, ObjectRef, Segment
-from mesh.shm import OBJECT_PREFIX, SHM_DIR, check_object, host_id, map_object
+from mesh.protocol.codec import encode_body, loads
+from mesh.protocol.core import MemberState
+from mesh.protocol.messages import NodeId, ObjectRef, Segment
+from mesh.runtime.auth import key_bytes
+from mesh.runtime.http import _segment_answer, fetch_body
+from mesh.runtime.shm import OBJECT_PREFIX, SHM_DIR, check_object, host_id, map_object
 from node.daemon import Daemon, NodeOptions
 from node.store import (
     ObjectNotFoundError,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mesh.codec import dumps, loads
 from mesh.config import NodeConfig
 from mesh.errors import LocalProtocolError, MeshError, ObjectLostError
-from mesh.messages import NodeId, ObjectRef
+from mesh.protocol.codec import dumps, loads
+from mesh.protocol.messages import NodeId, ObjectRef
 from node.store import (
     ObjectNotFoundError,
     ObjectStore,

@@ -17,7 +17,7 @@ import pytest
 from mesh.client import connect
 from mesh.config import NodeConfig
 from mesh.errors import LocalProtocolError
-from mesh.messages import NodeId
+from mesh.protocol.messages import NodeId
 from node.cores import THREAD_VARS, local_pool, threads_per_worker
 from node.executor import Executor
 from tests.node.conftest import Cluster, wait_for

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from aiohttp import WSMsgType, web
 
-from mesh.codec import FRAME_PREFIX, MAGIC, UNADDRESSED, VERSION, Buffer, Codec
 from mesh.config import NodeConfig
-from mesh.framing import KIND_BATCH, KIND_BYE, KIND_CHUNK, KIND_HELLO
-from mesh.messages import Address, Load, NodeId, PeerHello
+from mesh.protocol.codec import FRAME_PREFIX, MAGIC, UNADDRESSED, VERSION, Buffer, Codec
+from mesh.protocol.framing import KIND_BATCH, KIND_BYE, KIND_CHUNK, KIND_HELLO
+from mesh.protocol.messages import Address, Load, NodeId, PeerHello
 from node.transport_ws import WS_PATH, WsTransport
 from tests.transport_suite import CHECKS, Check
 from tests.unit.test_framing import batch

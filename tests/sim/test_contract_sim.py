@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 
 from mesh.config import ContractConfig
-from mesh.contract import FAILED_NO_PEER, Contract
-from mesh.messages import Capabilities, NodeId, Requirements, TaskId
-from mesh.resources import check
-from mesh.sim_contract import (
+from mesh.protocol.contract import FAILED_NO_PEER, Contract
+from mesh.protocol.messages import Capabilities, NodeId, Requirements, TaskId
+from mesh.protocol.resources import check
+from mesh.runtime.sim_contract import (
     AllocationSim,
     Outcome,
     SimNode,

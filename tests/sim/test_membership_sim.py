@@ -10,11 +10,11 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from mesh.codec import dumps
 from mesh.config import MembershipConfig, MeshConfig
-from mesh.core import MemberState
-from mesh.membership import MemberDown, Membership
-from mesh.messages import (
+from mesh.protocol.codec import dumps
+from mesh.protocol.core import MemberState
+from mesh.protocol.membership import MemberDown, Membership
+from mesh.protocol.messages import (
     Ack,
     Address,
     Capabilities,
@@ -32,8 +32,8 @@ from mesh.messages import (
     Suspect,
     Wire,
 )
-from mesh.node_core import MEMBERSHIP_TAGS, NodeCore
-from mesh.sim import Simulation, WireSizer
+from mesh.protocol.node_core import MEMBERSHIP_TAGS, NodeCore
+from mesh.runtime.sim import Simulation, WireSizer
 
 CAPS = Capabilities(
     resources={"cpu": 8.0, "gpu": 1.0, "memory": 16e9},

@@ -1,10 +1,10 @@
-"""The one walk over a task's arguments (``mesh.args``)."""
+"""The one walk over a task's arguments (``mesh.protocol.args``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from mesh.args import MAX_ARG_DEPTH, find_in_call, walk, walk_call, walk_call_async
+from mesh.protocol.args import MAX_ARG_DEPTH, find_in_call, walk, walk_call, walk_call_async
 
 
 class Mark:

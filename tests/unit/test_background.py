@@ -12,8 +12,8 @@ import logging
 
 import pytest
 
-from mesh.background import Background, Ready, until_cancelled
 from mesh.errors import LocalProtocolError
+from mesh.runtime.background import Background, Ready, until_cancelled
 
 DEADLINE_S = 5.0
 
@@ -119,7 +119,7 @@ async def test_a_failing_task_ends_the_service_is_logged_and_raised_by_stop(
         failed.set()
         raise ValueError("a bug")
 
-    with caplog.at_level(logging.ERROR, logger="mesh.background"):
+    with caplog.at_level(logging.ERROR, logger="mesh.runtime.background"):
         svc.background.spawn(broken(), "broken")
         async with asyncio.timeout(DEADLINE_S):
             await failed.wait()

@@ -9,17 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mesh.auth import (
-    HEADER_BODY,
-    HEADER_NONCE,
-    HEADER_SIGNATURE,
-    HEADER_TIME,
-    HEADER_TO,
-    key_bytes,
-    key_file,
-    resolve_key,
-    sign_request,
-)
 from mesh.config import NodeConfig
 from mesh.errors import (
     ErrorInfo,
@@ -30,8 +19,19 @@ from mesh.errors import (
     TaskError,
     TaskLostError,
 )
-from mesh.http import DEFAULT_URL, normalise_url
-from mesh.messages import NodeId, ObjectRef
+from mesh.protocol.messages import NodeId, ObjectRef
+from mesh.runtime.auth import (
+    HEADER_BODY,
+    HEADER_NONCE,
+    HEADER_SIGNATURE,
+    HEADER_TIME,
+    HEADER_TO,
+    key_bytes,
+    key_file,
+    resolve_key,
+    sign_request,
+)
+from mesh.runtime.http import DEFAULT_URL, normalise_url
 from node.api import (
     BadRequest,
     Refused,

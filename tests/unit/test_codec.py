@@ -22,8 +22,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh import codec
-from mesh.codec import (
+from mesh.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
+from mesh.protocol import codec
+from mesh.protocol.codec import (
     ALIGN,
     EXT_NDARRAY,
     EXT_STRUCT,
@@ -39,8 +40,7 @@ from mesh.codec import (
     key_fingerprint,
     loads,
 )
-from mesh.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
-from mesh.messages import Load, NodeId, Wire, WireType
+from mesh.protocol.messages import Load, NodeId, Wire, WireType
 from tests.unit.test_messages import (
     SETTINGS,
     Arrays,

@@ -15,9 +15,16 @@ from typing import TypeVar
 
 import pytest
 
-from mesh.codec import dumps, loads
 from mesh.config import ContractConfig
-from mesh.contract import (
+from mesh.errors import (
+    ErrorInfo,
+    LocalProtocolError,
+    NoCapablePeerError,
+    RemoteProtocolError,
+    TaskError,
+)
+from mesh.protocol.codec import dumps, loads
+from mesh.protocol.contract import (
     FAILED_NO_BIDS,
     FAILED_NO_PEER,
     FAILED_TASK,
@@ -30,15 +37,8 @@ from mesh.contract import (
     Failed,
     TaskSpec,
 )
-from mesh.core import MemberState, MemberView
-from mesh.errors import (
-    ErrorInfo,
-    LocalProtocolError,
-    NoCapablePeerError,
-    RemoteProtocolError,
-    TaskError,
-)
-from mesh.messages import (
+from mesh.protocol.core import MemberState, MemberView
+from mesh.protocol.messages import (
     Accept,
     Address,
     CallForProposals,

@@ -15,10 +15,10 @@ from dataclasses import replace
 
 import pytest
 
-from mesh.codec import dumps, loads
-from mesh.contract import Completed, Contract, Execute
-from mesh.core import MemberState
-from mesh.messages import (
+from mesh.protocol.codec import dumps, loads
+from mesh.protocol.contract import Completed, Contract, Execute
+from mesh.protocol.core import MemberState
+from mesh.protocol.messages import (
     Accept,
     CallForProposals,
     Cancel,

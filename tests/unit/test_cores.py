@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.core import MemberState, MemberView
-from mesh.messages import Address, Capabilities, Load, NodeId
+from mesh.protocol.core import MemberState, MemberView
+from mesh.protocol.messages import Address, Capabilities, Load, NodeId
 from node.capabilities import probe
 from node.cores import (
     POOL_LABEL,

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from mesh.codec import Buffer, Codec
-from mesh.driver import Driver
-from mesh.messages import (
+from mesh.protocol.codec import Buffer, Codec
+from mesh.protocol.messages import (
     Address,
     Capabilities,
     Gossip,
@@ -31,7 +30,8 @@ from mesh.messages import (
     Wire,
     WireType,
 )
-from mesh.transport import InMemoryNetwork, InMemoryTransport
+from mesh.runtime.driver import Driver
+from mesh.runtime.transport import InMemoryNetwork, InMemoryTransport
 from tests.unit.test_codec import body, mac
 
 KEY = b"driver-test-key-0123456789abcdef"

@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.config import MembershipConfig
-from mesh.membership import Membership
-from mesh.messages import Address, Capabilities, Dead, Gossip, Load, NodeId, NodeRecord
+from mesh.protocol.membership import Membership
+from mesh.protocol.messages import Address, Capabilities, Dead, Gossip, Load, NodeId, NodeRecord
 from tests.unit.test_messages import SETTINGS
 
 CFG = MembershipConfig.test()

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.codec import BLANK_TO_TAGS, UNADDRESSED, VERSION, Codec
 from mesh.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
-from mesh.messages import (
+from mesh.protocol.codec import BLANK_TO_TAGS, UNADDRESSED, VERSION, Codec
+from mesh.protocol.messages import (
     Capabilities,
     Join,
     Load,

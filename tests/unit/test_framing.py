@@ -17,10 +17,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from mesh.codec import MAGIC, VERSION, Codec
 from mesh.config import NodeConfig
 from mesh.errors import RemoteProtocolError
-from mesh.framing import (
+from mesh.protocol.codec import MAGIC, VERSION, Codec
+from mesh.protocol.framing import (
     BYE,
     KIND_BATCH,
     KIND_CHUNK,
@@ -38,7 +38,7 @@ from mesh.framing import (
     max_message_bytes,
     read_hello,
 )
-from mesh.messages import Address, Load, NodeId, PeerHello
+from mesh.protocol.messages import Address, Load, NodeId, PeerHello
 
 KEY = b"mesh-test-key-0123456789abcdef"
 OTHER_KEY = b"another-mesh-key-0123456789abc"

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from mesh.errors import LocalProtocolError
-from mesh.messages import Address
-from mesh.transport import InMemoryNetwork, InMemoryTransport
+from mesh.protocol.messages import Address
+from mesh.runtime.transport import InMemoryNetwork, InMemoryTransport
 from tests.transport_suite import CHECKS, DEADLINE_S, Check, recv_bytes
 
 A = Address("a:1")

@@ -11,9 +11,9 @@ from dataclasses import replace
 import pytest
 
 from mesh.config import MembershipConfig
-from mesh.core import MemberState
 from mesh.errors import LocalProtocolError, RemoteProtocolError
-from mesh.membership import (
+from mesh.protocol.core import MemberState
+from mesh.protocol.membership import (
     MAX_ID_LEN,
     MemberChanged,
     MemberDown,
@@ -23,7 +23,7 @@ from mesh.membership import (
     MemberSuspect,
     MemberUp,
 )
-from mesh.messages import (
+from mesh.protocol.messages import (
     Ack,
     Address,
     Capabilities,

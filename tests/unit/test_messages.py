@@ -1,7 +1,7 @@
 """Wire types: the registry's invariants, and every registered type round-trips.
 
 Hypothesis strategies are derived from each wire type's annotations, so a message added to
-``mesh.messages`` is covered without touching this file. ``test_codec`` reuses them.
+``mesh.protocol.messages`` is covered without touching this file. ``test_codec`` reuses them.
 
 A few test-local wire types (tags 230+) cover field kinds the real messages do not use yet
 (arrays, tensors, enums, literals, sets, recursion). They are kept out of ``REGISTRY``
@@ -27,9 +27,18 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mesh import codec, messages
-from mesh.codec import Codec, dumps, loads
-from mesh.messages import REGISTRY, Load, NodeId, Wire, WireType, field_names, field_types, wire
+from mesh.protocol import codec, messages
+from mesh.protocol.codec import Codec, dumps, loads
+from mesh.protocol.messages import (
+    REGISTRY,
+    Load,
+    NodeId,
+    Wire,
+    WireType,
+    field_names,
+    field_types,
+    wire,
+)
 
 SETTINGS = settings(
     deadline=None,  # a loaded 2-core machine must not turn slowness into failures
@@ -352,7 +361,7 @@ def test_wire_numbers_are_unique_and_in_range() -> None:
 
 def test_every_protocol_type_is_registered_under_a_wiretype_member() -> None:
     protocol = {tag: cls for tag, cls in REGISTRY.items() if cls not in LOCAL_TYPES}
-    assert protocol, "mesh.messages registers no wire types"
+    assert protocol, "mesh.protocol.messages registers no wire types"
     for tag, cls in protocol.items():
         assert isinstance(cls.TAG, WireType)
         assert int(cls.TAG) == tag

@@ -13,12 +13,12 @@ from collections.abc import Callable
 import pytest
 
 from mesh.config import MeshConfig
-from mesh.contract import Execute, TaskSpec
-from mesh.core import MemberState
 from mesh.errors import RemoteProtocolError
-from mesh.membership import MemberDown, Membership, MemberUp
-from mesh.messages import Address, Capabilities, Load, NodeId, Requirements, TaskId
-from mesh.node_core import NodeCore, NodeEvent
+from mesh.protocol.contract import Execute, TaskSpec
+from mesh.protocol.core import MemberState
+from mesh.protocol.membership import MemberDown, Membership, MemberUp
+from mesh.protocol.messages import Address, Capabilities, Load, NodeId, Requirements, TaskId
+from mesh.protocol.node_core import NodeCore, NodeEvent
 
 CONFIG = MeshConfig.test()
 INTERVAL = CONFIG.node.load_gossip_interval_s

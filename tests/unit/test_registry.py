@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mesh.errors import LocalProtocolError
-from mesh.messages import NodeId, Requirements
+from mesh.protocol.messages import NodeId, Requirements
 from tasks import MARK, Registry, TaskContext, TaskDef, builtin, context, running_as, task
 
 BUILTIN_NAMES = (

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.messages import Capabilities, Requirements
-from mesh.resources import check, demand, invalid, merge_reasons, version_satisfies
+from mesh.protocol.messages import Capabilities, Requirements
+from mesh.protocol.resources import check, demand, invalid, merge_reasons, version_satisfies
 
 
 def caps(

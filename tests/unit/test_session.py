@@ -1,5 +1,5 @@
 """The typed task path's own values: the failure record (``mesh.errors.ErrorInfo``), the
-client session's messages (``mesh.session``) and the worker pipe's (``node.pipe``).
+client session's messages (``mesh.protocol.session``) and the worker pipe's (``node.pipe``).
 
 Each encodes to what crosses its wire and decodes back to an equal value; anything else
 is refused with ``RemoteProtocolError``, never believed and never an unexpected exception.
@@ -12,8 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mesh.codec import decode_body, dumps, encode_body, loads
-from mesh.contract_shared import FAILED_LOST, FAILED_NO_BIDS, FAILED_NO_PEER, FAILED_TASK
 from mesh.errors import (
     ErrorInfo,
     FailureKind,
@@ -23,8 +21,10 @@ from mesh.errors import (
     TaskError,
     TaskLostError,
 )
-from mesh.messages import ObjectRef, Segment
-from mesh.session import (
+from mesh.protocol.codec import decode_body, dumps, encode_body, loads
+from mesh.protocol.contract_shared import FAILED_LOST, FAILED_NO_BIDS, FAILED_NO_PEER, FAILED_TASK
+from mesh.protocol.messages import ObjectRef, Segment
+from mesh.protocol.session import (
     BadTask,
     Outcome,
     Results,
@@ -61,7 +61,7 @@ NO_PEER = ErrorInfo(
 
 
 def wire(value: Any) -> Any:
-    """``value`` as it arrives at the other end (a ``mesh.codec`` body)."""
+    """``value`` as it arrives at the other end (a ``mesh.protocol.codec`` body)."""
     return loads(dumps(value))
 
 

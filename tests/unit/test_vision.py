@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mesh.codec import dumps, loads
 from mesh.errors import MeshError
+from mesh.protocol.codec import dumps, loads
 from tasks import Registry
 from tasks import vision as v
 

@@ -1,7 +1,7 @@
 """The shape every sans-I/O protocol core has, and what a driver may rely on.
 
-A core never opens a socket, never sleeps and never reads a clock. A driver (``driver.py``
-with real time, ``sim.py`` with virtual time) feeds it received messages and timer
+A core never opens a socket, never sleeps and never reads a clock. A driver (``mesh.runtime.driver``
+with real time, ``mesh.runtime.sim`` with virtual time) feeds it received messages and timer
 expiries together with ``now`` (monotonic seconds, a float), then takes what it wants sent
 and re-arms a single timer at ``next_timer()``.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from mesh.messages import Address, Capabilities, Load, NodeId, Wire
+from mesh.protocol.messages import Address, Capabilities, Load, NodeId, Wire
 
 
 class Core(Protocol):

@@ -1,6 +1,6 @@
 """A discrete-event simulator that runs many sans-I/O cores on one virtual clock.
 
-The simulator is a second driver for the cores (``mesh.driver`` is the real-time one): it
+The simulator is a second driver for the cores (``mesh.runtime.driver`` is the real-time one): it
 keeps one heap of events (message deliveries, core timers, scheduled actions), pops them
 in time order, feeds each to the node it is for with ``now`` set to the event's time,
 and turns what the node's core wants sent into future deliveries through an
@@ -8,13 +8,13 @@ and turns what the node's core wants sent into future deliveries through an
 uses). No event loop, no threads, no wall clock: a run is a pure function of its seed, and
 a thousand nodes fit in one process.
 
-Each node runs one core, made by a factory: a ``mesh.node_core.NodeCore`` (membership and
+Each node runs one core, made by a factory: a ``mesh.protocol.node_core.NodeCore`` (membership and
 contract net, joined as in a real node), or a single protocol core when that is what a
 run studies. Nodes can crash (their state is lost), restart (the factory makes a fresh
 core), and stall (they process nothing for a while, then see ``now`` jump, as a node whose
 event loop blocked).
 Every message is measured with its real encoded size (``wire_size``, equal to
-``len(mesh.codec.dumps(msg))``) and can be observed by hooks.
+``len(mesh.protocol.codec.dumps(msg))``) and can be observed by hooks.
 
 It may not touch the network, the clock or any global state.
 """
@@ -29,17 +29,17 @@ from typing import Any, Generic, TypeVar
 
 import msgpack
 
-from mesh.codec import dumps
-from mesh.core import Core
 from mesh.errors import LocalProtocolError, RemoteProtocolError
-from mesh.messages import Address, NodeId, Wire, field_names
-from mesh.transport import InMemoryNetwork
+from mesh.protocol.codec import dumps
+from mesh.protocol.core import Core
+from mesh.protocol.messages import Address, NodeId, Wire, field_names
+from mesh.runtime.transport import InMemoryNetwork
 
 # ---------------------------------------------------------------------------------------
 # Message sizes
 # ---------------------------------------------------------------------------------------
 
-_EXT_STRUCT = 1  # mesh.codec.EXT_STRUCT: a wire type is an ext of [tag, [fields...]]
+_EXT_STRUCT = 1  # mesh.protocol.codec.EXT_STRUCT: a wire type is an ext of [tag, [fields...]]
 _FIXEXT = {1: 2, 2: 2, 4: 2, 8: 2, 16: 2}
 _PLAIN = (str, int, float, bool, bytes, type(None), dict)
 
@@ -56,7 +56,7 @@ def _array_head(n: int) -> int:
 
 
 class WireSizer:
-    """``len(mesh.codec.dumps(msg))`` for wire messages, computed with caching.
+    """``len(mesh.protocol.codec.dumps(msg))`` for wire messages, computed with caching.
 
     A wire value is a msgpack ext whose payload is ``[tag, [fields]]``, so the size of a
     message is the sum of the sizes of its parts plus headers of known length. The packed

@@ -1,6 +1,6 @@
 """Contract-net allocation in the discrete-event simulator, and the baseline it is judged by.
 
-``AllocationSim`` runs one ``NodeCore`` per node in ``mesh.sim.Simulation``, as a real node
+``AllocationSim`` runs one ``NodeCore`` per node in ``mesh.runtime.sim.Simulation``, as a real node
 does, and plays its owner's part: it submits tasks at their arrival times, "executes" what
 the contract says (a task takes its base runtime times the node's slowness), and checks
 what a daemon would see (results delivered once, resources never oversubscribed, tasks
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from mesh.config import ContractConfig
-from mesh.contract import (
+from mesh.errors import RemoteProtocolError
+from mesh.protocol.contract import (
     CancelExecution,
     Completed,
     Contract,
@@ -34,13 +35,12 @@ from mesh.contract import (
     Failed,
     TaskSpec,
 )
-from mesh.core import MemberState, MemberView
-from mesh.errors import RemoteProtocolError
-from mesh.membership import MemberDown, MembershipEvent
-from mesh.messages import Address, Capabilities, Load, NodeId, Requirements, TaskId, Wire
-from mesh.node_core import NodeCore
-from mesh.resources import check, demand
-from mesh.sim import Simulation
+from mesh.protocol.core import MemberState, MemberView
+from mesh.protocol.membership import MemberDown, MembershipEvent
+from mesh.protocol.messages import Address, Capabilities, Load, NodeId, Requirements, TaskId, Wire
+from mesh.protocol.node_core import NodeCore
+from mesh.protocol.resources import check, demand
+from mesh.runtime.sim import Simulation
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,7 +108,7 @@ class Outcome:
 
 
 class SharedView:
-    """The membership view every simulated node shares (a ``mesh.core.PeerView``)."""
+    """The membership view every simulated node shares (a ``mesh.protocol.core.PeerView``)."""
 
     def __init__(self, nodes: Sequence[SimNode]) -> None:
         idle = Load(running=0, queued=0, backlog_s=0.0)
@@ -144,7 +144,7 @@ class SharedView:
 
 
 class ModelMembership:
-    """One node's membership in the model (``mesh.node_core.MembershipCore``): the shared
+    """One node's membership in the model (``mesh.protocol.node_core.MembershipCore``): the shared
     view, its own load written there at once, and the deaths the simulation declares. It
     sends nothing; every node is known from the start, so joining asks nothing."""
 

@@ -1,7 +1,7 @@
 """Shared-memory segments: files in ``SHM_DIR`` that processes of one machine map.
 
-A segment holds one ``mesh.codec`` body and is named on the wire by a
-``mesh.messages.Segment``. Three kinds share the directory, told apart by name:
+A segment holds one ``mesh.protocol.codec`` body and is named on the wire by a
+``mesh.protocol.messages.Segment``. Three kinds share the directory, told apart by name:
 
 - a store's object segments, ``OBJECT_PREFIX<pid>-<token>-<n>`` (``node.store``), which
   fetchers and workers on the machine map read-only;

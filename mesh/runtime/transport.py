@@ -1,6 +1,6 @@
 """How frames move between nodes: the ``Transport`` protocol and an in-memory network.
 
-A transport moves opaque frames (already encoded and authenticated by ``mesh.codec``)
+A transport moves opaque frames (already encoded and authenticated by ``mesh.protocol.codec``)
 between addresses. It does not decode them and does not know about cores. Two
 implementations share one test suite: the in-memory network here (seeded latency, loss
 and partitions, for tests and the simulator) and ``node.transport_ws`` (aiohttp websockets).
@@ -14,9 +14,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from mesh.codec import Buffer, Chunks
 from mesh.errors import LocalProtocolError
-from mesh.messages import Address
+from mesh.protocol.codec import Buffer, Chunks
+from mesh.protocol.messages import Address
 
 
 class Transport(Protocol):

@@ -1,12 +1,12 @@
 """Talking to a node over HTTP: its routes, signed JSON requests, and object transfer.
 
 What a client, the CLI and a node fetching a task's inputs from their holder share. Every
-request is signed for the node it goes to (``mesh.auth.sign_request``), whose id is learnt
+request is signed for the node it goes to (``mesh.runtime.auth.sign_request``), whose id is learnt
 once from its public ``/v1/hello`` (``node_id_at``).
 
 An object is fetched from its holder with ``GET /v1/objects/{id}``. A fetcher on the
-holder's own machine adds its ``mesh.shm.host_id``, and the holder then answers with the
-shared-memory segment that holds the body (a ``mesh.messages.Segment``) instead of sending
+holder's own machine adds its ``mesh.runtime.shm.host_id``, and the holder then answers with the
+shared-memory segment that holds the body (a ``mesh.protocol.messages.Segment``) instead of sending
 it; otherwise the body is read chunk by chunk into one buffer of the announced size.
 
 It keeps no state: the caller owns the ``aiohttp.ClientSession``.
@@ -22,8 +22,6 @@ from typing import Any, Final
 
 import aiohttp
 
-from mesh.auth import sign_request
-from mesh.codec import Buffer, key_fingerprint, loads
 from mesh.errors import (
     AuthenticationError,
     LocalProtocolError,
@@ -31,8 +29,10 @@ from mesh.errors import (
     ObjectLostError,
     RemoteProtocolError,
 )
-from mesh.messages import ObjectRef, Segment
-from mesh.shm import is_object_segment, map_object
+from mesh.protocol.codec import Buffer, key_fingerprint, loads
+from mesh.protocol.messages import ObjectRef, Segment
+from mesh.runtime.auth import sign_request
+from mesh.runtime.shm import is_object_segment, map_object
 
 DEFAULT_PORT: Final = 7470
 """The port ``mesh-node start`` listens on unless told otherwise."""
@@ -40,7 +40,7 @@ DEFAULT_PORT: Final = 7470
 DEFAULT_URL: Final = f"http://127.0.0.1:{DEFAULT_PORT}"
 
 SESSION_PATH: Final = "/v1/session"
-"""The client's websocket (``mesh.session`` messages)."""
+"""The client's websocket (``mesh.protocol.session`` messages)."""
 HELLO_PATH: Final = "/v1/hello"
 """Public: the node's id, version and mesh key fingerprint (what a client signs for)."""
 

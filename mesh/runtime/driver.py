@@ -15,9 +15,9 @@ submitted task, a finished task) is coalesced into one step per loop iteration w
 reason and dropped; nothing a peer sends can stop the driver.
 
 It knows nothing about membership or contracts: the owner gives it a factory for the core
-(``mesh.node_core.NodeCore`` in a node), an ``on_step`` hook in which it drains the core's
+(``mesh.protocol.node_core.NodeCore`` in a node), an ``on_step`` hook in which it drains the core's
 events, and a ``resolve`` function naming the node behind an address, so that every frame
-names its receiver (see ``mesh.codec``). The core sends to addresses; ``resolve`` is called
+names its receiver (see ``mesh.protocol.codec``). The core sends to addresses; ``resolve`` is called
 once per frame and must be a lookup, not a search.
 """
 
@@ -30,11 +30,11 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from mesh.codec import BLANK_TO_TAGS, UNADDRESSED, Buffer, Chunks, Codec
-from mesh.core import Core
 from mesh.errors import MeshError, RemoteProtocolError
-from mesh.messages import Address, NodeId, Wire
-from mesh.transport import Transport
+from mesh.protocol.codec import BLANK_TO_TAGS, UNADDRESSED, Buffer, Chunks, Codec
+from mesh.protocol.core import Core
+from mesh.protocol.messages import Address, NodeId, Wire
+from mesh.runtime.transport import Transport
 
 log = logging.getLogger(__name__)
 

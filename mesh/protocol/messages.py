@@ -33,7 +33,7 @@ Address = NewType("Address", str)
 class WireType(IntEnum):
     """Type tags on the wire. APPEND-ONLY: these numbers are part of the protocol."""
 
-    # --- 1-31: membership and gossip (mesh/membership.py) ---
+    # --- 1-31: membership and gossip (mesh/protocol/membership.py) ---
     NODE_RECORD = 1
     SUSPECT = 2
     DEAD = 3
@@ -45,7 +45,7 @@ class WireType(IntEnum):
     JOIN = 9
     DIGEST = 10
     DELTA = 11
-    # --- 32-63: contract net (mesh/contract.py) ---
+    # --- 32-63: contract net (mesh/protocol/contract.py) ---
     CALL_FOR_PROPOSALS = 32
     PROPOSE = 33
     REFUSE = 34
@@ -198,7 +198,7 @@ class PeerHello(Wire):
 
 
 # ---------------------------------------------------------------------------------------
-# Contract net (32-63, mesh/contract.py)
+# Contract net (32-63, mesh/protocol/contract.py)
 #
 # One auction is one call for proposals: ``cfp`` is its number, unique per initiator, and
 # every answer names it. Task lists are parallel tuples rather than nested structs so that a
@@ -339,7 +339,7 @@ class LeaseReply(Wire):
 
 
 # ---------------------------------------------------------------------------------------
-# Membership and gossip (1-31, mesh/membership.py)
+# Membership and gossip (1-31, mesh/protocol/membership.py)
 # ---------------------------------------------------------------------------------------
 
 
@@ -475,8 +475,8 @@ class TaskCall(Wire):
 
 @wire(WireType.SEGMENT)
 class Segment(Wire):
-    """A ``mesh.codec`` body of ``nbytes`` in the shared-memory file ``name`` (under
-    ``mesh.shm.SHM_DIR``): how a body passes between processes of one machine unsent.
+    """A ``mesh.protocol.codec`` body of ``nbytes`` in the shared-memory file ``name`` (under
+    ``mesh.runtime.shm.SHM_DIR``): how a body passes between processes of one machine unsent.
 
     A client on the node's machine uploads a large argument as one (the node's store copies
     it into a segment of its own); a holder answers a fetch from its own machine with the

@@ -1,10 +1,10 @@
 """One node's protocol state: membership, the contract net, and what joins them.
 
-``NodeCore`` is the one core a driver runs for a node (``mesh.driver`` in real time,
-``mesh.sim`` in virtual time); it has the entry points of every core (``mesh.core.Core``)
-and the commands a node's owner gives (submit, cancel, task finished, join, leave, set
-accepting), each taking ``now``. Inside, it routes each message to membership or to the
-contract by its wire tag, and does what a node does between the two:
+``NodeCore`` is the one core a driver runs for a node (``mesh.runtime.driver`` in real time,
+``mesh.runtime.sim`` in virtual time); it has the entry points of every core
+(``mesh.protocol.core.Core``) and the commands a node's owner gives (submit, cancel, task
+finished, join, leave, set accepting), each taking ``now``. Inside, it routes each message
+to membership or to the contract by its wire tag, and does what a node does between the two:
 
 * membership's view of the mesh is the contract's (``Contract(peers=membership)``);
 * a peer membership declares dead or departed is a peer the contract gives up on
@@ -26,11 +26,11 @@ import random
 from typing import Any, Generic, Protocol, TypeVar
 
 from mesh.config import MeshConfig
-from mesh.contract import Contract, ContractEvent, TaskSpec
-from mesh.core import Core, PeerView
 from mesh.errors import LocalProtocolError, RemoteProtocolError
-from mesh.membership import MemberDown, Membership, MembershipEvent
-from mesh.messages import Address, Capabilities, Load, NodeId, TaskId, Wire
+from mesh.protocol.contract import Contract, ContractEvent, TaskSpec
+from mesh.protocol.core import Core, PeerView
+from mesh.protocol.membership import MemberDown, Membership, MembershipEvent
+from mesh.protocol.messages import Address, Capabilities, Load, NodeId, TaskId, Wire
 
 MEMBERSHIP_TAGS = range(1, 32)
 """Wire tags of membership's messages."""
@@ -42,7 +42,7 @@ NodeEvent = MembershipEvent | ContractEvent
 
 
 class MembershipCore(Core, PeerView, Protocol):
-    """What a node needs of its membership: ``mesh.membership.Membership``, or a model of
+    """What a node needs of its membership: ``mesh.protocol.membership.Membership``, or a model of
     it in a simulation that studies something else."""
 
     def join(self, address: Address, now: float) -> None:
@@ -62,7 +62,7 @@ M = TypeVar("M", bound=MembershipCore)
 
 
 class NodeCore(Generic[M]):
-    """A node's membership and contract cores, run as one core (``mesh.core.Core``).
+    """A node's membership and contract cores, run as one core (``mesh.protocol.core.Core``).
 
     ``NodeCore.build`` makes a node as ``mesh-node`` runs it."""
 

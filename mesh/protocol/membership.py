@@ -1,6 +1,6 @@
 """The membership core: who is in the mesh, what each node offers, and who has failed.
 
-A sans-I/O state machine (``mesh.core.Core``): it never opens a socket, never sleeps and
+A sans-I/O state machine (``mesh.protocol.core.Core``): it never opens a socket, never sleeps and
 never reads a clock. It must not import asyncio, aiohttp, zeroconf, socket or time; a
 driver passes ``now`` (monotonic seconds) into every call and sends what
 ``take_outgoing`` returns.
@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 
 from mesh.config import MembershipConfig
-from mesh.core import MemberState, MemberView
 from mesh.errors import LocalProtocolError, RemoteProtocolError
-from mesh.messages import (
+from mesh.protocol.core import MemberState, MemberView
+from mesh.protocol.messages import (
     Ack,
     Address,
     Capabilities,

@@ -1,10 +1,11 @@
 """What both roles of the contract net share: the values a driver sees, the bounds on
 numbers taken from peers, and the ``Context`` through which both roles of one node send.
 
-The initiator (``mesh/initiator.py``) and the participant (``mesh/participant.py``) never
-touch each other's state: they meet here, in the outbox, the events, the counters and the
-``accepting`` flag of their node, and in what they send each other (to itself, a node's
-messages go round through ``Context.loop``). ``mesh/contract.py`` puts the two together as one core.
+The initiator (``mesh/protocol/initiator.py``) and the participant
+(``mesh/protocol/participant.py``) never touch each other's state: they meet here, in the
+outbox, the events, the counters and the ``accepting`` flag of their node, and in what they
+send each other (to itself, a node's messages go round through ``Context.loop``).
+``mesh/protocol/contract.py`` puts the two together as one core.
 
 This module may not import asyncio, aiohttp, zeroconf, socket or time, and may not read a
 clock: ``now`` is always an argument.
@@ -18,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from mesh.config import ContractConfig
-from mesh.core import PeerView
-from mesh.messages import Address, NodeId, Requirements, TaskId, Wire
+from mesh.protocol.core import PeerView
+from mesh.protocol.messages import Address, NodeId, Requirements, TaskId, Wire
 
 INF: Final = math.inf
 MAX_CFP_TASKS: Final = 4096

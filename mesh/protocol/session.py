@@ -1,6 +1,6 @@
 """The client session: what a client and the node it talks to say over ``/v1/session``.
 
-One websocket per client; each message is a ``mesh.codec`` body (msgpack, arrays out of
+One websocket per client; each message is a ``mesh.protocol.codec`` body (msgpack, arrays out of
 band and never pickled) holding a map with an ``op``:
 
 - client -> node, ``Submit``: ``{"op": "submit", "tasks": [[cid, name, args, kwargs,

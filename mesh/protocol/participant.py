@@ -19,7 +19,7 @@ an estimate) scales submitters' estimates, and this node's own runtime history f
 outweighs that prior while fresh. Transfer is priced at the bandwidth measured per peer.
 
 After a stall it asks before running what may have been placed again elsewhere (see
-``mesh/contract.py``): tasks not yet started wait for a ``LeaseReply``.
+``mesh/protocol/contract.py``): tasks not yet started wait for a ``LeaseReply``.
 
 This module may not import asyncio, aiohttp, zeroconf, socket or time, and may not read a
 clock: ``now`` is always an argument.
@@ -34,7 +34,8 @@ from enum import StrEnum
 from typing import Any, Final
 
 from mesh.config import ContractConfig
-from mesh.contract_shared import (
+from mesh.errors import LocalProtocolError, RemoteProtocolError
+from mesh.protocol.contract_shared import (
     EPS,
     INF,
     MAX_CFP_TASKS,
@@ -46,8 +47,7 @@ from mesh.contract_shared import (
     Execute,
     plausible,
 )
-from mesh.errors import LocalProtocolError, RemoteProtocolError
-from mesh.messages import (
+from mesh.protocol.messages import (
     Accept,
     CallForProposals,
     Cancel,
@@ -67,7 +67,7 @@ from mesh.messages import (
     TaskId,
     Wire,
 )
-from mesh.resources import check, demand, invalid
+from mesh.protocol.resources import check, demand, invalid
 
 # ---------------------------------------------------------------------------------------
 # Held tasks, their states, and the participant's reservations
@@ -232,7 +232,7 @@ def _limiting(need: dict[str, float], have: dict[str, float]) -> tuple[str, int]
 
 
 class Participant:
-    """The participant role of one node (``mesh.contract.Contract`` drives it)."""
+    """The participant role of one node (``mesh.protocol.contract.Contract`` drives it)."""
 
     def __init__(
         self, ctx: Context, capabilities: Capabilities, speed: float, query_base: int

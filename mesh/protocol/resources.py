@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from mesh.messages import Capabilities, Requirements
+from mesh.protocol.messages import Capabilities, Requirements
 
 DEFAULT_CPU = 1.0
 """Slots a task occupies when its requirements do not say: every task runs somewhere."""

@@ -28,7 +28,8 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any, Final
 
-from mesh.contract_shared import (
+from mesh.errors import LocalProtocolError, NoCapablePeerError, RemoteProtocolError
+from mesh.protocol.contract_shared import (
     EPS,
     FAILED_LOST,
     FAILED_NO_BIDS,
@@ -47,9 +48,8 @@ from mesh.contract_shared import (
     TaskSpec,
     plausible,
 )
-from mesh.core import MemberState, MemberView
-from mesh.errors import LocalProtocolError, NoCapablePeerError, RemoteProtocolError
-from mesh.messages import (
+from mesh.protocol.core import MemberState, MemberView
+from mesh.protocol.messages import (
     Accept,
     CallForProposals,
     Cancel,
@@ -68,7 +68,7 @@ from mesh.messages import (
     Result,
     TaskId,
 )
-from mesh.resources import check, invalid, merge_reasons
+from mesh.protocol.resources import check, invalid, merge_reasons
 
 _CANDIDATE_STATES: Final = frozenset({MemberState.ALIVE, MemberState.SUSPECT})
 """Members that may be asked to bid: a suspect is not dead until membership says so."""
@@ -332,7 +332,7 @@ def _req_key(req: Requirements, est: float | None) -> _Key:
 
 
 class Initiator:
-    """The initiator role of one node (``mesh.contract.Contract`` drives it)."""
+    """The initiator role of one node (``mesh.protocol.contract.Contract`` drives it)."""
 
     def __init__(self, ctx: Context, rng: random.Random, cfp_base: int) -> None:
         self._ctx = ctx

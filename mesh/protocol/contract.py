@@ -33,12 +33,13 @@ Throughput comes from batching: tasks with the same requirements queued in one i
 share one call for proposals, a bid offers several slots, an award names several tasks, and
 results and failures to one initiator leave as one message per ``take_outgoing``.
 
-The roles live apart: ``mesh/initiator.py`` places the tasks submitted here,
-``mesh/participant.py`` bids for and runs those awarded here, and ``mesh/contract_shared.py``
-holds what both see (the values a driver gets, bounds on peer numbers, and the ``Context``
-they send through). ``Contract`` is the one core a driver sees: it routes each message to
-its role, runs both roles' timers and notices stalls. Neither role touches the other's
-state; they talk in messages, as they would between two nodes.
+The roles live apart: ``mesh/protocol/initiator.py`` places the tasks submitted here,
+``mesh/protocol/participant.py`` bids for and runs those awarded here, and
+``mesh/protocol/contract_shared.py`` holds what both see (the values a driver gets, bounds
+on peer numbers, and the ``Context`` they send through). ``Contract`` is the one core a
+driver sees: it routes each message to its role, runs both roles' timers and notices stalls.
+Neither role touches the other's state; they talk in messages, as they would between two
+nodes.
 
 Each role's states and their legal transitions are data: ``TRANSITIONS`` for a task in
 its initiator, ``HELD_TRANSITIONS`` for a task awarded to a participant. An illegal
@@ -69,7 +70,8 @@ import random
 from typing import Any
 
 from mesh.config import ContractConfig
-from mesh.contract_shared import (
+from mesh.errors import LocalProtocolError, RemoteProtocolError
+from mesh.protocol.contract_shared import (
     FAILED_LOST,
     FAILED_NO_BIDS,
     FAILED_NO_PEER,
@@ -89,10 +91,9 @@ from mesh.contract_shared import (
     RoundRecord,
     TaskSpec,
 )
-from mesh.core import PeerView
-from mesh.errors import LocalProtocolError, RemoteProtocolError
-from mesh.initiator import LOCALITY_SCAN, POOL, TRANSITIONS, Initiator, TaskState
-from mesh.messages import (
+from mesh.protocol.core import PeerView
+from mesh.protocol.initiator import LOCALITY_SCAN, POOL, TRANSITIONS, Initiator, TaskState
+from mesh.protocol.messages import (
     Accept,
     Address,
     CallForProposals,
@@ -113,7 +114,7 @@ from mesh.messages import (
     TaskId,
     Wire,
 )
-from mesh.participant import HELD_TRANSITIONS, HeldState, Participant
+from mesh.protocol.participant import HELD_TRANSITIONS, HeldState, Participant
 
 __all__ = [
     "FAILED_LOST",
@@ -144,7 +145,7 @@ __all__ = [
 
 
 class Contract:
-    """The contract-net core of one node (``mesh.core.Core``): an ``Initiator`` and a
+    """The contract-net core of one node (``mesh.protocol.core.Core``): an ``Initiator`` and a
     ``Participant`` sharing one ``Context``. It routes each message to its role, runs
     their timers, notices stalls, and delivers what a node sends itself."""
 

@@ -78,7 +78,7 @@ import msgpack
 import numpy as np
 
 from mesh.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
-from mesh.messages import REGISTRY, Join, NodeId, PeerHello, Wire, field_names, field_types
+from mesh.protocol.messages import REGISTRY, Join, NodeId, PeerHello, Wire, field_names, field_types
 
 MAGIC: Final = 0x4D  # "M"
 VERSION: Final = 2

@@ -37,10 +37,10 @@ from typing import Any, Final, TypeAlias
 
 import numpy as np
 
-from mesh.codec import UNADDRESSED, Buffer, Chunks, Codec
 from mesh.config import NodeConfig
 from mesh.errors import RemoteProtocolError
-from mesh.messages import Address, NodeId, PeerHello
+from mesh.protocol.codec import UNADDRESSED, Buffer, Chunks, Codec
+from mesh.protocol.messages import Address, NodeId, PeerHello
 
 KIND_HELLO: Final = 0x01
 KIND_BATCH: Final = 0x02
