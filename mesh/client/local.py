@@ -54,7 +54,7 @@ READY_POLL_S: Final = 0.02
 """How often a wait for a ready file looks again (cheap: one stat)."""
 VIEW_POLL_S: Final = 0.1
 """How often ``wait_alive`` asks every node for its peers again."""
-_SOURCE_ROOT: Final = str(Path(__file__).resolve().parents[1])
+_SOURCE_ROOT: Final = str(Path(__file__).resolve().parents[2])
 """Where ``mesh`` (and beside it ``node``) was imported from: the nodes import the same."""
 
 

@@ -9,8 +9,9 @@ Binding is late. Tasks with the same requirements queue in one ``_Group``; a cal
 proposals recruits bidders into the group's pool of ``_Worker``s, and the pool works
 through the queue: a worker is given a task (an award, ``Accept``) when one of its lanes
 is within ``bind_ahead_s`` of freeing (its bid says when, other initiators' work
-included), and refilled as its results come back. Nothing waits on a node that another
-could start sooner, so several initiators sharing nodes do not queue behind each other.
+included), or at once for a task whose inputs it holds, and refilled as its results come
+back. Nothing else waits on a node that another could start sooner, so several
+initiators sharing nodes do not queue behind each other.
 Each award is a lease that the winner's progress renews; a lapsed or declined one, or a
 winner gone, puts the task back in the queue.
 
@@ -791,14 +792,16 @@ class Initiator:
         for w in room:
             won: list[_Task] = []
             while len(w.inflight) < w.window and queue:
-                due = w.start_at(now) - w.bind_ahead
-                if due > now:
-                    self._flush_at = min(self._flush_at, due)
-                    break
                 i = self._pick(w, group, now)
                 if i is None:
                     break
                 t = queue[i]
+                due = w.start_at(now) - w.bind_ahead
+                if due > now and t.home != w.node:
+                    # Not yet: the lane is busy for a while (other initiators' work, as its
+                    # bid said). A task whose inputs it holds waits there all the same.
+                    self._flush_at = min(self._flush_at, due)
+                    break
                 # Locality first: ``_pick`` gives another worker a task whose inputs ``w``
                 # holds only if that worker finishes it clearly sooner, so ``w`` is not
                 # held back from it here (else neither of them ever takes it).
