@@ -11,9 +11,9 @@ through the queue: a worker is given a task (an award, ``Accept``) when one of i
 is within ``bind_ahead_s`` of freeing (its bid says when, other initiators' work
 included), or at once for a task whose inputs it holds, and refilled as its results come
 back. Nothing else waits on a node that another could start sooner, so several
-initiators sharing nodes do not queue behind each other.
-Each award is a lease that the winner's progress renews; a lapsed or declined one, or a
-winner gone, puts the task back in the queue.
+initiators sharing nodes do not queue behind each other. Each award is a lease that the
+winner's progress renews; a lapsed or declined one, or a winner gone, puts the task back
+in the queue.
 
 This module may not import asyncio, aiohttp, zeroconf, socket or time, and may not read a
 clock: ``now`` is always an argument, and randomness comes from the ``rng`` passed in.
@@ -796,17 +796,18 @@ class Initiator:
                 if i is None:
                     break
                 t = queue[i]
-                due = w.start_at(now) - w.bind_ahead
-                if due > now and t.home != w.node:
-                    # Not yet: the lane is busy for a while (other initiators' work, as its
-                    # bid said). A task whose inputs it holds waits there all the same.
-                    self._flush_at = min(self._flush_at, due)
-                    break
-                # Locality first: ``_pick`` gives another worker a task whose inputs ``w``
-                # holds only if that worker finishes it clearly sooner, so ``w`` is not
-                # held back from it here (else neither of them ever takes it).
-                if t.home != w.node and not self._worth(w, group, now, rate, lanes):
-                    break
+                # A task whose inputs ``w`` holds is its own: it waits there, and ``_pick``
+                # gives it to another worker only if that one finishes it clearly sooner
+                # (else neither would ever take it). Any other task is bound only when a
+                # lane is about to free (the bid says when: other initiators' work too),
+                # and only while the rest of the pool would not finish it first.
+                if t.home != w.node:
+                    due = w.start_at(now) - w.bind_ahead
+                    if due > now:
+                        self._flush_at = min(self._flush_at, due)
+                        break
+                    if not self._worth(w, group, now, rate, lanes):
+                        break
                 del queue[i]
                 t.move("award")
                 t.worker = w
