@@ -500,6 +500,32 @@ class NodeConfig:
     are closed at once (counted). Together with ``http_header_timeout_s`` it bounds the
     sockets a slowloris from many addresses can pin."""
 
+    object_lease_s: float = 60.0
+    """How long a stored result outlives the last renewal of its last lease
+    (``node.refs``): the nodes that refer to an object renew every third of this, so two
+    lost renewals in a row cost nothing, and the objects of a node that died are freed this
+    long after."""
+
+    session_ref_grace_s: float = 30.0
+    """How long the references of a client session that ended are kept: a client that
+    reconnects within it finds its objects."""
+
+    api_ref_ttl_s: float = 600.0
+    """How long a result handed out over JSON (``POST /v1/tasks``, ``GET /v1/tasks/{id}``)
+    is kept when nobody releases it: time for a script or a person to use the reference."""
+
+    lineage_max_objects: int = 100_000
+    """Objects whose recipe (the task that made them) this node keeps, so that it can make
+    them again when their holder dies (``node.lineage``); the oldest are forgotten first. A
+    recipe is the task's call: its inline arguments are at most ``store_threshold_bytes``."""
+
+    lineage_max_rebuilds: int = 3
+    """How often one object is made again before its loss is final."""
+
+    lineage_max_depth: int = 32
+    """How long a chain of lost objects is made again (an object whose recipe's inputs are
+    lost too, and so on)."""
+
     results_kept: int = 100_000
     """Finished tasks remembered for ``GET /v1/tasks/{id}`` and ``why``: a few hundred bytes
     each, so 100k (a busy hour) costs tens of MB at most."""
@@ -534,6 +560,8 @@ class NodeConfig:
             http_body_timeout_s=2.0,
             http_header_timeout_s=2.0,
             http_max_connections_per_address=64,
+            object_lease_s=3.0,
+            session_ref_grace_s=1.0,
         )
 
 

@@ -92,8 +92,8 @@ class TaskLostError(MeshError):
 class ObjectLostError(TaskLostError):
     """A referenced object is no longer held by any live peer."""
 
-    def __init__(self, ref: str, holder: str) -> None:
-        super().__init__(f"object {ref} is lost: its holder {holder} is gone")
+    def __init__(self, ref: str, holder: str, message: str = "") -> None:
+        super().__init__(message or f"object {ref} is lost: its holder {holder} is gone")
         self.ref = ref
         self.holder = holder
 
@@ -116,7 +116,7 @@ class FailureKind(StrEnum):
     """A bug on the node's side of the submission."""
 
 
-_OPTIONAL: Final = ("exc_type", "traceback", "task")
+_OPTIONAL: Final = ("exc_type", "traceback", "task", "object_id")
 """The text fields of an ``ErrorInfo`` that may be empty (and are then left off the wire)."""
 
 
@@ -128,7 +128,8 @@ class ErrorInfo:
     ``exc_type`` is the class name of the exception the task raised (or a name the node
     gives a failure of its own: ``WorkerDied``, ``Timeout``, ``Cancelled``, ...);
     ``traceback`` is the remote one, starting in the task. ``task`` and ``missing`` name the
-    task and what no peer had, for ``NO_PEER``.
+    task and what no peer had, for ``NO_PEER``; ``object_id`` the input whose loss failed
+    the run (an ``ObjectLostError``), which its owner can make again.
     """
 
     kind: FailureKind
@@ -136,6 +137,7 @@ class ErrorInfo:
     exc_type: str = ""
     traceback: str = ""
     task: str = ""
+    object_id: str = ""
     missing: Mapping[str, str] = field(default_factory=dict)
 
     def encode(self) -> dict[str, Any]:
@@ -180,6 +182,7 @@ class ErrorInfo:
             message=str(exc),
             exc_type=type(exc).__name__,
             traceback=traceback,
+            object_id=exc.ref if isinstance(exc, ObjectLostError) else "",
         )
 
     @classmethod
@@ -194,6 +197,7 @@ class ErrorInfo:
             exc_type=_text(details.get("exc_type")),
             traceback=_text(details.get("traceback")),
             task=_text(details.get("task")),
+            object_id=_text(details.get("object_id")),
             missing=(
                 {str(k): str(v) for k, v in missing.items()} if isinstance(missing, dict) else {}
             ),
@@ -207,6 +211,8 @@ class ErrorInfo:
             return TaskLostError(f"task {task_id}: {self.message}")
         if self.kind is FailureKind.BAD_REQUEST:
             return LocalProtocolError(self.message)
+        if self.object_id:
+            return ObjectLostError(self.object_id, node, f"task {task_id}: {self.message}")
         return TaskError(
             self.message,
             task_id=task_id,

@@ -11,6 +11,9 @@ Routes (all under the node's one port, next to the peer websocket):
   referenced arguments here); ``DELETE`` releases it. With ``?host=`` equal to this
   node's ``host_id`` (a fetcher on the same machine) the answer is instead the JSON
   ``{"segment", "nbytes"}`` of the shared-memory segment that holds the body.
+- ``POST /v1/objects/{id}/rebuild``: the reference of a copy of a lost object this node
+  owns, made again from its lineage (``node.lineage``) unless one is; 404 says why it
+  cannot be.
 - ``GET /v1/session``: the client's websocket; batches of submissions in, streamed
   results out (the messages of ``mesh.protocol.session``).
 - ``GET /v1/hello``, ``GET /metrics`` (Prometheus text) and ``GET /openapi.json``:
@@ -36,12 +39,13 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Any, Final, Protocol
 
 import numpy as np
@@ -52,7 +56,15 @@ from mesh.config import NodeConfig
 from mesh.errors import ErrorInfo, FailureKind, MeshError, ObjectLostError
 from mesh.protocol.codec import Chunks, dumps, key_fingerprint, loads
 from mesh.protocol.messages import NodeId, ObjectRef, Segment, TaskId, Wire, field_names
-from mesh.protocol.session import BadTask, Outcome, Results, SessionError, Submission, Submit
+from mesh.protocol.session import (
+    BadTask,
+    Forget,
+    Outcome,
+    Results,
+    SessionError,
+    Submission,
+    decode_request,
+)
 from mesh.runtime.auth import (
     HEADER_BODY,
     HEADER_NONCE,
@@ -70,12 +82,14 @@ from mesh.runtime.http import (
 )
 from node.http_guard import ConnectionGuard
 from node.store import OwnedSegment
+from tasks import MAX_RETRIES_LIMIT
 
 log = logging.getLogger(__name__)
 
 
 PUBLIC_PATHS: Final = frozenset({HELLO_PATH, "/metrics", "/openapi.json"})
 SUBMIT_PATH: Final = "/v1/tasks"
+LEASES_PATH: Final = "/v1/objects/leases"
 BODY: Final = web.RequestKey("mesh.body", bytes)
 """Key of a signed request's body, read and checked by the middleware, in the request."""
 
@@ -141,6 +155,24 @@ class Service(Protocol):
         ...
 
     def release_object(self, object_id: str) -> bool: ...
+
+    def hold(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        """``key`` (a session, a JSON result) holds the references in ``value`` (``node.refs``)."""
+        ...
+
+    def forget(self, key: Hashable, ids: Iterable[str] | None = None) -> None: ...
+
+    def session_ended(self, key: Hashable) -> None: ...
+
+    def lease(self, node: NodeId, renew: Iterable[str], give_up: Iterable[str]) -> int:
+        """Node ``node`` renews its leases on ``renew`` and gives up ``give_up``."""
+        ...
+
+    def rebuild_object(self, object_id: str) -> Awaitable[ObjectRef]:
+        """The copy of an object this node owns whose holder cannot give it any more: made
+        again now unless one is (``node.lineage``). Raises ``ObjectLostError`` saying why
+        it cannot be."""
+        ...
 
     def take_upload(self, upload: Segment) -> Awaitable[OwnedSegment]:
         """A same-machine client's shared-memory upload, copied into the store's own segment
@@ -383,9 +415,13 @@ def _error(status: int, message: str, *, close: bool = False, **extra: Any) -> w
     return resp
 
 
+_OPTION_NAMES: Final = ("timeout", "labels", "resources", "max_retries", "retry_exceptions")
+
+
 def parse_options(raw: Any, config: NodeConfig) -> dict[str, Any]:
-    """Validate submission options (``timeout``, ``labels``, ``resources``): the one check
-    for both the JSON and the session path."""
+    """Validate submission options (``timeout``, ``labels``, ``resources``,
+    ``max_retries``, ``retry_exceptions``): the one check for both the JSON and the session
+    path."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -408,6 +444,21 @@ def parse_options(raw: Any, config: NodeConfig) -> dict[str, Any]:
         ):
             raise BadRequest(f"resources must map names to numbers from 0 to {_MAX_AMOUNT:g}")
         out["resources"] = {k: float(v) for k, v in resources.items()}
+    retries = raw.get("max_retries")
+    if retries is not None:
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise BadRequest("max_retries must be an integer")
+        if not 0 <= retries <= MAX_RETRIES_LIMIT:
+            raise BadRequest(f"max_retries must be from 0 to {MAX_RETRIES_LIMIT}")
+        out["max_retries"] = retries
+    on = raw.get("retry_exceptions")
+    if on is not None:
+        if isinstance(on, bool):
+            out["retry_exceptions"] = on
+        elif isinstance(on, list) and all(isinstance(e, str) and e.isidentifier() for e in on):
+            out["retry_exceptions"] = tuple(on)
+        else:
+            raise BadRequest("retry_exceptions must be true, false or a list of class names")
     return out
 
 
@@ -447,6 +498,7 @@ class Api:
             rejected=self.rejected,
         )
         self.sessions = 0
+        self._session_ids = itertools.count(1)
         self.served_bytes = 0
         """Object bytes sent through ``GET /v1/objects/{id}``."""
         self.shared_segments = 0
@@ -464,6 +516,8 @@ class Api:
         r.add_get("/v1/tasks/{id}/why", self._why)
         r.add_get("/v1/objects/{id}", self._object)
         r.add_delete("/v1/objects/{id}", self._release)
+        r.add_post("/v1/objects/{id}/rebuild", self._rebuild)
+        r.add_post(LEASES_PATH, self._lease)
         r.add_get(SESSION_PATH, self._session)
         r.add_get("/metrics", self._metrics)
         r.add_get("/openapi.json", self._openapi)
@@ -575,9 +629,7 @@ class Api:
             raise BadRequest('"args" must be a JSON array (positional) or object (keywords)')
         if not isinstance(kwargs, dict):
             raise BadRequest('"kwargs" must be a JSON object')
-        options = parse_options(
-            {k: body[k] for k in ("timeout", "labels", "resources") if k in body}, self.config
-        )
+        options = parse_options({k: body[k] for k in _OPTION_NAMES if k in body}, self.config)
         wait = seconds(body.get("wait", 0), '"wait"', maximum=self.config.api_max_wait_s, zero=True)
         depth = self.config.api_max_nesting
         args = from_json(args, max_depth=depth)
@@ -586,6 +638,9 @@ class Api:
         done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
 
         def deliver(outcome: Outcome) -> None:
+            # A reference handed out over JSON is kept for a while, then let go.
+            key = ("json", outcome.task_id)
+            self.service.hold(key, outcome.value, ttl=self.config.api_ref_ttl_s)
             if not done.done():
                 done.set_result(outcome)
 
@@ -669,17 +724,40 @@ class Api:
             return _error(404, f"object {object_id} is not held here")
         return web.json_response({"released": object_id})
 
+    async def _lease(self, request: web.Request) -> web.Response:
+        body = parse_json(request[BODY])
+        if not isinstance(body, dict) or not isinstance(body.get("node"), str):
+            raise BadRequest('a lease message is {"node", "renew": [ids], "drop": [ids]}')
+        lists = [body.get(k, []) for k in ("renew", "drop")]
+        if not all(isinstance(v, list) and all(isinstance(i, str) for i in v) for v in lists):
+            raise BadRequest('"renew" and "drop" must be lists of object ids')
+        kept = self.service.lease(NodeId(body["node"]), lists[0], lists[1])
+        return web.json_response({"kept": kept})
+
+    async def _rebuild(self, request: web.Request) -> web.Response:
+        object_id = request.match_info["id"]
+        try:
+            async with asyncio.timeout(self.config.api_max_wait_s):
+                ref = await self.service.rebuild_object(object_id)
+        except TimeoutError:
+            return _error(504, f"object {object_id} is still being made again")
+        except ObjectLostError as exc:
+            return _error(404, str(exc))
+        return web.json_response(jsonable(ref))
+
     # -- client session ------------------------------------------------------------------
 
     async def _session(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=self.config.api_max_body_bytes, heartbeat=30.0)
         await ws.prepare(request)
         self.sessions += 1
+        key = ("session", next(self._session_ids))
         out: list[tuple[Any, Outcome]] = []
         ready = asyncio.Event()
 
         def deliver_for(cid: Any) -> Deliver:
             def deliver(outcome: Outcome) -> None:
+                self.service.hold(key, outcome.value)
                 out.append((cid, outcome))
                 ready.set()
 
@@ -701,10 +779,13 @@ class Api:
                     if msg.type != WSMsgType.BINARY:
                         continue
                     try:
-                        tasks = Submit.decode(loads(msg.data))
+                        tasks = decode_request(loads(msg.data))
                     except MeshError as exc:
                         await ws.send_bytes(dumps(SessionError(message=str(exc)).encode()))
                         break
+                    if isinstance(tasks, Forget):
+                        self.service.forget(key, tasks.ids)
+                        continue
                     for task in tasks:
                         await self._take(task, deliver_for(task.cid))
                 writing.cancel()
@@ -716,6 +797,7 @@ class Api:
             log.exception("internal error in a client session")
         finally:
             self.sessions -= 1
+            self.service.session_ended(key)
             await ws.close()
         return ws
 
@@ -805,6 +887,13 @@ def _op(summary: str, *, body: bool = False, params: tuple[str, ...] = ()) -> di
                             "wait": {"type": "number", "minimum": 0},
                             "labels": {"type": "object"},
                             "resources": {"type": "object"},
+                            "max_retries": {"type": "integer", "minimum": 0},
+                            "retry_exceptions": {
+                                "oneOf": [
+                                    {"type": "boolean"},
+                                    {"type": "array", "items": {"type": "string"}},
+                                ]
+                            },
                         },
                     }
                 }
@@ -855,6 +944,18 @@ OPENAPI: Final[dict[str, Any]] = {
         "/v1/objects/{id}": {
             "get": _op("A stored object (mesh codec body)", params=("id",)),
             "delete": _op("Release a stored object", params=("id",)),
+        },
+        LEASES_PATH: {
+            "post": _op(
+                'Keep or let go of objects stored here: {"node", "renew": [ids], "drop": [ids]}',
+                body=False,
+            ),
+        },
+        "/v1/objects/{id}/rebuild": {
+            "post": _op(
+                "The copy of a lost object this node owns, made again from its lineage",
+                params=("id",),
+            ),
         },
         SESSION_PATH: {"get": _op("Client websocket: msgpack batches of submissions/results")},
         "/metrics": {"get": {"summary": "Prometheus metrics (no key needed)", "responses": {}}},

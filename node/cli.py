@@ -309,6 +309,10 @@ def _print_why(record: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(record))
         return
     print(f"task {record['task_id']} ({record['task']}): {record['state']}")
+    if record.get("rebuilds"):
+        print(f"  makes again the lost object {record['rebuilds']}")
+    for r in record.get("reruns", []):
+        print(f"  earlier run {r['task_id']}: {r['reason']}")
     for r in record.get("rounds", []):
         print(f"  call for proposals {r['cfp']}: asked {', '.join(r['asked']) or 'nobody'}")
         for node, cost in sorted(r.get("bids", {}).items(), key=lambda kv: kv[1]):

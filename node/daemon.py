@@ -31,9 +31,9 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Final
 
@@ -46,7 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from mesh.client.local import ReadyRecord
 from mesh.config import MeshConfig, NodeConfig
 from mesh.errors import ErrorInfo, FailureKind, LocalProtocolError, MeshError, ObjectLostError
-from mesh.protocol.args import walk, walk_call, walk_call_async
+from mesh.protocol.args import find_in_call, walk, walk_call, walk_call_async
 from mesh.protocol.codec import Buffer, Chunks, Codec, key_fingerprint, loads
 from mesh.protocol.contract import (
     CancelExecution,
@@ -71,17 +71,26 @@ from mesh.protocol.node_core import NodeCore
 from mesh.protocol.session import Outcome
 from mesh.runtime.auth import key_bytes
 from mesh.runtime.driver import Driver
-from mesh.runtime.http import DEFAULT_PORT, fetch_body, fetch_bytes, fetch_object
+from mesh.runtime.http import (
+    DEFAULT_PORT,
+    fetch_body,
+    fetch_bytes,
+    fetch_object,
+    normalise_url,
+    request_json,
+)
 from mesh.runtime.shm import check_object
 from mesh.runtime.shm import host_id as machine_host_id
-from node.api import INTERNAL_ERROR, Api, Deliver, jsonable, result_json
+from node.api import INTERNAL_ERROR, LEASES_PATH, Api, Deliver, jsonable, result_json
 from node.capabilities import probe
 from node.cores import HostSlots, local_pool, slot_speed
 from node.executor import Executor
 from node.http_guard import GuardedSite
+from node.lineage import Lineage, Recipe, Retry, Runs
+from node.refs import Holds, Leases, refs_in
 from node.store import ObjectStore, OwnedSegment, nbytes_of, remove_orphan_segments
 from node.transport_ws import WS_PATH, WsTransport
-from tasks import Registry
+from tasks import DEFAULT_MAX_RETRIES, Registry
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +102,10 @@ SHARED_MEMORY_BYTES_PER_S: Final = 1e11
 
 _PREPARED: Final = (OwnedSegment, ObjectRef, np.ndarray)
 """Arguments a submission treats specially: uploads, references and arrays (``_prepare``)."""
+
+
+LEASE_BATCH: Final = 1000
+"""Object ids per lease message: well inside ``http_small_body_bytes``."""
 
 
 def _task_error(exc_type: str, message: str) -> ErrorInfo:
@@ -133,11 +146,22 @@ class NodeOptions:
 
 @dataclass(slots=True, eq=False)
 class _Pending:
-    """A task this node initiated and has not delivered yet."""
+    """A task this node initiated and has not delivered yet (see ``node.lineage``)."""
 
+    task_id: TaskId
+    """Its id as its submitter knows it; each run has an id of its own (``runs.current``)."""
     name: str
     deliver: Deliver
     temp_objects: list[str]
+    call: TaskCall
+    spec: TaskSpec
+    retry: Retry
+    runs: Runs
+    deterministic: bool = True
+    chain: tuple[str, ...] = ()
+    """The lost objects this run makes again, outermost first (a rebuild's own chain)."""
+    placed: bool = False
+    """A run is in the contract net (else it waits for a lost input to be made again)."""
     done: asyncio.Event | None = None
 
 
@@ -186,6 +210,19 @@ class Daemon:
         self._id_prefix = secrets.token_hex(4)
         self._ids = itertools.count(1)
         self._pending: dict[TaskId, _Pending] = {}
+        """By the id its submitter knows."""
+        self._runs: dict[TaskId, TaskId] = {}
+        """The id of a run in the contract net -> the id its submitter knows."""
+        self._history: OrderedDict[TaskId, Runs] = OrderedDict()
+        """Tasks that ran more than once, or made a lost object again: what ``why`` adds."""
+        self._rebuilding: dict[str, list[Callable[[ObjectRef | ErrorInfo], None]]] = {}
+        self.holds = Holds()
+        self.leases = Leases()
+        self._lease_news: defaultdict[NodeId, list[str]] = defaultdict(list)
+        """Objects held or let go of since the last lease round, by holder."""
+        self._giving_up: set[str] = set()
+        """Lost object id -> what waits for its copy."""
+        self.retried = 0
         self._finished: OrderedDict[TaskId, dict[str, Any]] = OrderedDict()
         self._jobs: dict[TaskId, asyncio.Task[None]] = {}
         self._jobs_idle = asyncio.Event()
@@ -209,6 +246,11 @@ class Daemon:
         self.address: Address = Address("")
         self.registry: Registry
         self.store: ObjectStore
+        self.lineage = Lineage(
+            max_objects=self.config.lineage_max_objects,
+            max_rebuilds=self.config.lineage_max_rebuilds,
+            max_depth=self.config.lineage_max_depth,
+        )
         self.node_core: NodeCore[Membership]
         self.membership: Membership
         self._host_slots: HostSlots
@@ -305,6 +347,7 @@ class Daemon:
                 self._tg = tg
                 driving = tg.create_task(self.driver.run())
                 sweeping = tg.create_task(self._sweep_orphans())
+                leasing = tg.create_task(self._keep_leases())
                 for seed in opts.joins:
                     self.driver.command(partial(self.node_core.join, Address(seed)))
                 await self._start_discovery()
@@ -312,6 +355,7 @@ class Daemon:
                 await stop.wait()
                 await self._shutdown()
                 sweeping.cancel()
+                leasing.cancel()
                 self.driver.stop()
                 await driving
                 for job in list(self._jobs.values()):
@@ -417,8 +461,8 @@ class Daemon:
         self.driver.command(self.node_core.leave)
         await asyncio.gather(self._close_discovery(), self._drain(1.0))
         gone = ErrorInfo(kind=FailureKind.LOST, message="the node it was submitted to shut down")
-        for task_id in list(self._pending):
-            self._deliver(Outcome(task_id=task_id, error=gone))
+        for pending in list(self._pending.values()):
+            self._finish(pending, Outcome(task_id=pending.task_id, error=gone))
 
     async def _drain(self, seconds: float) -> None:
         try:
@@ -453,21 +497,172 @@ class Daemon:
                         job.cancel()
                 elif isinstance(ev, Completed):
                     self.outcomes["completed"] += 1
-                    self._deliver(Outcome(task_id=ev.task_id, node=ev.node, value=ev.value))
+                    self._on_completed(ev)
                 elif isinstance(ev, Failed):
                     self.outcomes[ev.kind] += 1
                     self._on_failed(ev)
 
-    def _on_failed(self, ev: Failed) -> None:
-        pending = self._pending.get(ev.task_id)
-        details = {"task": pending.name, **ev.details} if pending else ev.details
-        error = ErrorInfo.reported(ev.kind, ev.message, details)
-        self._deliver(Outcome(task_id=ev.task_id, node=ev.node or "", error=error))
+    def _run_ended(self, run_id: TaskId) -> _Pending | None:
+        submitted = self._runs.pop(run_id, None)
+        pending = None if submitted is None else self._pending.get(submitted)
+        if pending is not None:
+            pending.placed = False
+        return pending
 
-    def _deliver(self, outcome: Outcome) -> None:
-        pending = self._pending.pop(TaskId(outcome.task_id), None)
+    def _on_completed(self, ev: Completed) -> None:
+        pending = self._run_ended(ev.task_id)
         if pending is None:
             return
+        if isinstance(ev.value, ObjectRef) and not pending.runs.rebuilds:
+            # Made again anywhere it can run: labels given at submission (often one node's
+            # name) are left out, the task's own kept.
+            req = pending.spec.requirements
+            own_labels = self.registry.requirements(pending.name).labels
+            recipe = Recipe(
+                name=pending.name,
+                call=pending.call,
+                requirements=Requirements(
+                    task=req.task,
+                    resources=req.resources,
+                    libraries=req.libraries,
+                    labels=dict(own_labels),
+                ),
+                est_runtime_s=pending.spec.est_runtime_s,
+                deterministic=pending.deterministic,
+                uploads=bool(pending.temp_objects),
+                made_by=pending.task_id,
+            )
+            self.lineage.record(ev.value, recipe)
+        self._finish(pending, Outcome(task_id=pending.task_id, node=ev.node, value=ev.value))
+
+    def _on_failed(self, ev: Failed) -> None:
+        pending = self._run_ended(ev.task_id)
+        if pending is None:
+            return
+        error = ErrorInfo.reported(ev.kind, ev.message, {"task": pending.name, **ev.details})
+        if self._accepting:
+            again = self._recover(ev.task_id, pending, error)
+            if again is None:
+                return
+            error = again
+        self._finish(pending, Outcome(task_id=pending.task_id, node=ev.node or "", error=error))
+
+    def _recover(self, run_id: TaskId, pending: _Pending, error: ErrorInfo) -> ErrorInfo | None:
+        """Run ``pending`` again if its run failed with ``error`` for a cause that allows it
+        (None), or the error to deliver."""
+        lost = error.object_id
+        if lost:
+            refusal = self.lineage.refusal(lost, pending.chain)
+            if refusal is not None:
+                return replace(error, message=f"{error.message}; {refusal}")
+            reason = f"input {lost} was lost"
+            self._rebuild(lost, pending.chain, partial(self._rerun, pending, run_id, reason, lost))
+            return None
+        if not pending.retry.allows(error):
+            return error
+        self.retried += 1
+        limit = pending.retry.max_retries
+        self._rerun(pending, run_id, f"retry {pending.retry.used} of {limit}: {error.message}")
+        return None
+
+    def _rerun(
+        self,
+        pending: _Pending,
+        run_id: TaskId,
+        reason: str,
+        lost: str = "",
+        copy: ObjectRef | ErrorInfo | None = None,
+    ) -> None:
+        """Run ``pending`` again after its run ``run_id`` failed for ``reason`` (once its
+        lost input ``lost`` is made again, as ``copy``, if it was that)."""
+        if self._pending.get(pending.task_id) is not pending:
+            return  # cancelled meanwhile
+        if isinstance(copy, ErrorInfo):
+            error = ErrorInfo(
+                kind=FailureKind.TASK,
+                message=f"{reason}, and making it again failed: {copy.message}",
+                exc_type="ObjectLostError",
+                task=pending.name,
+                object_id=lost,
+            )
+            self._finish(pending, Outcome(task_id=pending.task_id, error=error))
+            return
+        if copy is not None:
+            reason += f"; made again by task {self._made_again_by(copy)} on {copy.holder}"
+        pending.runs.reruns.append({"task_id": run_id, "reason": reason})
+        self._remember(pending)
+        pending.call = self.lineage.rewrite(pending.call)
+        self._place(pending, self._new_task_id())
+
+    def _made_again_by(self, copy: ObjectRef) -> str:
+        recipe = self.lineage.recipe(copy.id)
+        return "" if recipe is None else recipe.made_by
+
+    def _remember(self, pending: _Pending) -> None:
+        self._history[pending.task_id] = pending.runs
+        self._history.move_to_end(pending.task_id)
+        while len(self._history) > self.config.results_kept:
+            self._history.popitem(last=False)
+
+    def _rebuild(
+        self, object_id: str, chain: tuple[str, ...], then: Callable[[ObjectRef | ErrorInfo], None]
+    ) -> None:
+        """Make the lost object ``object_id`` again (``Lineage.refusal`` said it may be),
+        then call ``then`` with its copy or the error that stopped it."""
+        waiting = self._rebuilding.get(object_id)
+        if waiting is not None:
+            waiting.append(then)
+            return
+        self._rebuilding[object_id] = [then]
+        recipe = self.lineage.rebuilding(object_id)
+        run_id = self._new_task_id()
+        tdef = self.registry.get(recipe.name)
+        pending = _Pending(
+            task_id=run_id,
+            name=recipe.name,
+            deliver=partial(self._rebuilt, object_id),
+            temp_objects=[],
+            call=self.lineage.rewrite(recipe.call),
+            spec=TaskSpec(
+                task_id=run_id,
+                requirements=recipe.requirements,
+                est_runtime_s=recipe.est_runtime_s,
+            ),
+            retry=Retry(tdef.max_retries if tdef else DEFAULT_MAX_RETRIES, False),
+            runs=Runs(current=run_id, rebuilds=object_id),
+            chain=(*chain, object_id),
+        )
+        self._remember(pending)
+        self._place(pending, run_id)
+
+    def _rebuilt(self, object_id: str, outcome: Outcome) -> None:
+        result: ObjectRef | ErrorInfo
+        if outcome.error is not None:
+            result = outcome.error
+        else:
+            try:
+                value = outcome.value
+                result = value if isinstance(value, ObjectRef) else self.store.put(value)
+            except MeshError as exc:
+                result = ErrorInfo.of(exc)
+            else:
+                self.lineage.rebuilt_as(object_id, result, outcome.task_id)
+                if object_id in self.holds:
+                    self._hold(("copy", object_id), [result])
+        for then in self._rebuilding.pop(object_id, []):
+            then(result)
+
+    def _deliver(self, outcome: Outcome) -> None:
+        pending = self._pending.get(TaskId(outcome.task_id))
+        if pending is not None:
+            self._finish(pending, outcome)
+
+    def _finish(self, pending: _Pending, outcome: Outcome) -> None:
+        """Deliver ``outcome`` as the one outcome of the task ``pending``."""
+        if self._pending.pop(pending.task_id, None) is not pending:
+            return
+        if pending.placed:
+            self._runs.pop(TaskId(pending.runs.current), None)
         for oid in pending.temp_objects:
             self.store.release(oid)
         record = result_json(outcome)
@@ -479,6 +674,97 @@ class Daemon:
         if pending.done is not None:
             pending.done.set()
         pending.deliver(outcome)
+        # Whoever the outcome went to holds what it refers to now (a client session, the
+        # task that waited for a lost input); what nobody took is let go.
+        self._let_go(self.holds.drop(("task", pending.task_id)))
+        self._let_go([r for r in refs_in(outcome.value) if r.id not in self.holds])
+
+    # -- references (node.refs) ---------------------------------------------------------
+
+    def hold(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        """``key`` (a client session, a JSON result) holds the references in ``value``;
+        with ``ttl``, for that long."""
+        self._hold(key, refs_in(value))
+        if ttl is not None:
+            self.holds.release_at(key, time.monotonic() + ttl)
+
+    def forget(self, key: Hashable, ids: Iterable[str] | None = None) -> None:
+        """``key`` lets go of ``ids`` (None: of everything)."""
+        self._let_go(self.holds.drop(key, ids))
+
+    def session_ended(self, key: Hashable) -> None:
+        self.holds.release_at(key, time.monotonic() + self.config.session_ref_grace_s)
+
+    def _hold(self, key: Hashable, refs: Iterable[ObjectRef]) -> None:
+        for ref in self.holds.hold(key, refs):
+            self._lease_news[ref.holder].append(ref.id)
+
+    def _let_go(self, refs: Iterable[ObjectRef]) -> None:
+        for ref in refs:
+            self._lease_news[ref.holder].append(ref.id)
+            self._giving_up.add(ref.id)
+            # A copy made of a lost object is held while the lost one is.
+            self._let_go(self.holds.drop(("copy", ref.id)))
+
+    def lease(self, node: NodeId, renew: Iterable[str], give_up: Iterable[str]) -> int:
+        """Node ``node`` keeps ``renew`` and lets go of ``give_up`` (objects stored here);
+        how many of ``renew`` are here."""
+        kept = self.leases.renew(node, renew, time.monotonic() + self.config.object_lease_s)
+        for oid in self.leases.give_up(node, give_up):
+            self.store.release(oid)
+        return kept
+
+    async def _keep_leases(self) -> None:
+        """Renew this node's leases, give up those it no longer needs, free what lapsed."""
+        lease_s = self.config.object_lease_s
+        tick = min(1.0, lease_s / 6)
+        renew_at = 0.0
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            self._let_go(self.holds.expire(now))
+            for oid in self.leases.lapsed(now):
+                self.store.release(oid)
+            news, self._lease_news = self._lease_news, defaultdict(list)
+            giving_up, self._giving_up = self._giving_up, set()
+            if now >= renew_at:
+                renew_at = now + lease_s / 3
+                batches = self.holds.by_holder()
+            else:
+                batches = {h: [i for i in ids if i in self.holds] for h, ids in news.items()}
+            dropped: dict[NodeId, list[str]] = defaultdict(list)
+            for holder, ids in news.items():
+                dropped[holder] += [i for i in ids if i in giving_up and i not in self.holds]
+            async with asyncio.TaskGroup() as tg:
+                for holder in set(batches) | set(dropped):
+                    renew, drop = batches.get(holder, []), dropped.get(holder, [])
+                    # In messages that fit a small request body (object ids are short).
+                    for i in range(0, max(len(renew), len(drop)), LEASE_BATCH):
+                        part = renew[i : i + LEASE_BATCH], drop[i : i + LEASE_BATCH]
+                        tg.create_task(self._send_lease(holder, *part))
+
+    async def _send_lease(self, holder: NodeId, renew: list[str], drop: list[str]) -> None:
+        if holder == self.node_id:
+            self.lease(holder, renew, drop)
+            return
+        member = self.membership.member(holder)
+        if member is None or not self._alive(holder) or self._http is None:
+            return
+        payload = {"node": self.node_id, "renew": renew, "drop": drop}
+        try:
+            async with asyncio.timeout(self.config.object_lease_s / 3):
+                await request_json(
+                    self._http,
+                    self._key,
+                    normalise_url(member.address),
+                    "POST",
+                    LEASES_PATH,
+                    payload,
+                    to=holder,
+                )
+        except (MeshError, TimeoutError) as exc:
+            # The next renewal makes it good; a lease nobody renews lapses by itself.
+            log.debug("lease message to %s lost: %s", holder, exc)
 
     # -- submitting (initiator) -------------------------------------------------------------
 
@@ -493,7 +779,7 @@ class Daemon:
         """Auction task ``name``; ``deliver`` gets its outcome once."""
         if not self._accepting:
             raise LocalProtocolError("the node is shutting down")
-        task_id = TaskId(f"{self._id_prefix}-{next(self._ids)}")
+        task_id = self._new_task_id()
         temp: list[str] = []
         try:
             self._submit(task_id, name, args, kwargs, options, deliver, temp)
@@ -515,10 +801,8 @@ class Daemon:
         deliver: Deliver,
         temp: list[str],
     ) -> None:
-        holders: Counter[NodeId] = Counter()
-
         def prepare(value: Any) -> Any:
-            return self._prepare(value, temp, holders)
+            return self._prepare(value, temp)
 
         call_args, call_kwargs = walk_call(args, kwargs, _PREPARED, prepare)
         req = self.registry.requirements(name)
@@ -533,7 +817,6 @@ class Daemon:
         spec = TaskSpec(
             task_id=task_id,
             requirements=req,
-            input_bytes=dict(holders),
             est_runtime_s=tdef.est_runtime_s if tdef is not None else None,
         )
         call = TaskCall(
@@ -542,10 +825,41 @@ class Daemon:
             kwargs=call_kwargs,
             timeout_s=options.get("timeout"),
         )
-        self._pending[task_id] = _Pending(name=name, deliver=deliver, temp_objects=temp)
-        self.driver.command(partial(self.node_core.submit, spec, call))
+        retry = Retry(
+            options.get("max_retries", tdef.max_retries if tdef else DEFAULT_MAX_RETRIES),
+            options.get("retry_exceptions", tdef.retry_exceptions if tdef else False),
+        )
+        pending = _Pending(
+            task_id=task_id,
+            name=name,
+            deliver=deliver,
+            temp_objects=temp,
+            call=call,
+            spec=spec,
+            retry=retry,
+            runs=Runs(current=task_id),
+            deterministic=tdef.deterministic if tdef is not None else True,
+        )
+        self._place(pending, task_id)
 
-    def _prepare(self, value: Any, temp: list[str], holders: Counter[NodeId]) -> Any:
+    def _new_task_id(self) -> TaskId:
+        return TaskId(f"{self._id_prefix}-{next(self._ids)}")
+
+    def _place(self, pending: _Pending, run_id: TaskId) -> None:
+        """Put a run of ``pending``, with the id ``run_id``, into the contract net."""
+        refs: list[ObjectRef] = find_in_call(pending.call.args, pending.call.kwargs, ObjectRef)
+        holders: Counter[NodeId] = Counter()
+        for ref in refs:
+            holders[ref.holder] += ref.nbytes
+        pending.spec = replace(pending.spec, task_id=run_id, input_bytes=dict(holders))
+        self._hold(("task", pending.task_id), refs)
+        pending.runs.current = run_id
+        pending.placed = True
+        self._pending[pending.task_id] = pending
+        self._runs[run_id] = pending.task_id
+        self.driver.command(partial(self.node_core.submit, pending.spec, pending.call))
+
+    def _prepare(self, value: Any, temp: list[str]) -> Any:
         """Large arrays become references to this node's store; refs are counted by holder.
 
         A client's shared-memory upload of a large array is adopted as the object's segment
@@ -556,24 +870,26 @@ class Daemon:
             if isinstance(inner, np.ndarray) and inner.nbytes > self.config.store_threshold_bytes:
                 ref = self.store.adopt(value)
                 temp.append(ref.id)
-                holders[ref.holder] += ref.nbytes
                 return ref
             value.remove()
-            return walk(inner, _PREPARED, lambda v: self._prepare(v, temp, holders))
+            return walk(inner, _PREPARED, lambda v: self._prepare(v, temp))
         if isinstance(value, ObjectRef):
-            holders[value.holder] += value.nbytes
-            return value
+            return self.lineage.current(value)
         if value.nbytes > self.config.store_threshold_bytes:  # an array
             ref = self.store.put(value)
             temp.append(ref.id)
-            holders[ref.holder] += ref.nbytes
             return ref
         return value
 
     def cancel(self, task_id: str) -> bool:
-        if TaskId(task_id) not in self._pending:
+        pending = self._pending.get(TaskId(task_id))
+        if pending is None:
             return False
-        self.driver.command(partial(self.node_core.cancel, TaskId(task_id)))
+        if pending.placed:
+            self.driver.command(partial(self.node_core.cancel, TaskId(pending.runs.current)))
+        else:  # waiting for a lost input to be made again
+            cancelled = _task_error("Cancelled", "cancelled")
+            self._finish(pending, Outcome(task_id=pending.task_id, error=cancelled))
         return True
 
     # -- running (participant) --------------------------------------------------------------
@@ -581,11 +897,11 @@ class Daemon:
     def _on_execute(self, ev: Execute) -> None:
         if self._tg is None:
             return
-        task = self._tg.create_task(self._execute(ev.task_id, ev.payload))
+        task = self._tg.create_task(self._execute(ev.task_id, ev.initiator, ev.payload))
         self._jobs[ev.task_id] = task
         self._jobs_idle.clear()
 
-    async def _execute(self, task_id: TaskId, call: Any) -> None:
+    async def _execute(self, task_id: TaskId, initiator: NodeId, call: Any) -> None:
         outcome = "error"
         value: Any = None
         error: ErrorInfo | None = None
@@ -626,6 +942,9 @@ class Daemon:
             if nbytes_of(value) > self.config.store_threshold_bytes:
                 try:
                     value = self.store.put(value)
+                    # Kept while its submitter's node (or any other) renews a lease on it.
+                    until = time.monotonic() + self.config.object_lease_s
+                    self.leases.start(value.id, initiator, until)
                 except MeshError as exc:
                     outcome = "error"
                     error = ErrorInfo.of(exc)
@@ -665,7 +984,7 @@ class Daemon:
     def _holder(self, ref: ObjectRef) -> tuple[aiohttp.ClientSession, str]:
         """The HTTP session to fetch ``ref`` with, and its holder's address."""
         member = self.membership.member(ref.holder)
-        if member is None or member.state in (MemberState.DEAD, MemberState.LEFT):
+        if member is None or not self._alive(ref.holder):
             raise ObjectLostError(ref.id, ref.holder)
         if self._http is None:
             raise LocalProtocolError("the node is not running")
@@ -745,6 +1064,9 @@ class Daemon:
             "failed": self.executed["error"] + self.executed["lost-input"],
             "submitted_pending": len(self._pending),
             "outcomes": dict(self.outcomes),
+            "retries": self.retried,
+            "rebuilt_objects": self.lineage.rebuilt,
+            "rebuilt_bytes": self.lineage.rebuilt_bytes,
             "slots": self.executor.slots,
             "accepting": self._accepting,
             "mdns": self._discovery is not None,
@@ -781,10 +1103,15 @@ class Daemon:
         return out
 
     def why(self, task_id: str) -> dict[str, Any] | None:
-        record = self.contract.record(TaskId(task_id))
+        """The auction record of ``task_id``'s last run; ``reruns`` lists the runs before it
+        and why each ended, ``rebuilds`` the lost object a run made again."""
+        runs = self._history.get(TaskId(task_id))
+        record = self.contract.record(TaskId(runs.current if runs else task_id))
         if record is None:
             return None
         return {
+            "reruns": list(runs.reruns) if runs else [],
+            "rebuilds": runs.rebuilds if runs else "",
             "task_id": record.task_id,
             "task": record.task,
             "state": record.state,
@@ -833,7 +1160,36 @@ class Daemon:
         return await self.store.share(object_id)
 
     def release_object(self, object_id: str) -> bool:
+        self.leases.forget(object_id)
         return self.store.release(object_id)
+
+    async def rebuild_object(self, object_id: str) -> ObjectRef:
+        copy = self.lineage.copy_of(object_id)
+        if copy is not None and self._alive(copy.holder):
+            return copy
+        lost = copy.id if copy is not None else object_id
+        refusal = self.lineage.refusal(lost, ())
+        if refusal is not None or not self._accepting:
+            why = refusal or "this node is shutting down"
+            raise ObjectLostError(object_id, "", f"object {object_id} cannot be made again: {why}")
+        made: asyncio.Future[ObjectRef | ErrorInfo] = asyncio.get_running_loop().create_future()
+
+        def then(result: ObjectRef | ErrorInfo) -> None:
+            if not made.done():
+                made.set_result(result)
+
+        self._rebuild(lost, (), then)
+        result = await made
+        if isinstance(result, ErrorInfo):
+            message = f"object {object_id} is lost and making it again failed: {result.message}"
+            raise ObjectLostError(object_id, "", message)
+        return result
+
+    def _alive(self, node: NodeId) -> bool:
+        if node == self.node_id:
+            return True
+        member = self.membership.member(node)
+        return member is not None and member.state not in (MemberState.DEAD, MemberState.LEFT)
 
     async def take_upload(self, upload: Segment) -> OwnedSegment:
         return await asyncio.to_thread(self.store.take_upload, upload)
@@ -893,7 +1249,17 @@ class _Collector:
         running.add_metric([], len(d._jobs))
         store = GaugeMetricFamily("mesh_object_store_bytes", "Bytes held in the object store")
         store.add_metric([], d.store.used_bytes)
-        return [peers, tasks, executed, bids, contract, sent, received, rejected, running, store]
+        reruns = CounterMetricFamily(
+            "mesh_task_reruns",
+            "Runs again of tasks this node initiated: retries, and lost objects made again",
+            labels=["cause"],
+        )
+        reruns.add_metric(["retry"], d.retried)
+        reruns.add_metric(["rebuild"], d.lineage.rebuilt)
+        return [
+            *(peers, tasks, executed, bids, contract, sent, received, rejected, running, store),
+            reruns,
+        ]
 
 
 async def run_node(options: NodeOptions, *, out: Callable[[str], None] = print) -> int:

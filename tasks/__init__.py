@@ -39,6 +39,10 @@ _EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+DEFAULT_MAX_RETRIES: Final = 3
+"""Runs after a system failure unless a task or a submission says otherwise (Ray's default)."""
+MAX_RETRIES_LIMIT: Final = 100
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskDef:
@@ -50,6 +54,14 @@ class TaskDef:
     est_runtime_s: float | None
     """The author's guess of a run's seconds, used to bid before any run was measured."""
     module: str
+    deterministic: bool = True
+    """Whether a run on the same arguments gives the same result: only then is a lost result
+    made again by running the task again (``node.lineage``)."""
+    max_retries: int = DEFAULT_MAX_RETRIES
+    """Runs again after a system failure (its worker or node died, every placement failed)."""
+    retry_exceptions: bool | tuple[str, ...] = False
+    """Also run again when the task raises: any exception (True) or those whose class name
+    is listed; bounded by ``max_retries`` too."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,6 +132,9 @@ def task(
     libraries: Mapping[str, str] = _EMPTY,
     labels: Mapping[str, str] = _EMPTY,
     est_runtime_s: float | None = None,
+    deterministic: bool = True,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    retry_exceptions: bool | Sequence[str] = False,
 ) -> Callable[[F], F]: ...
 
 
@@ -133,13 +148,17 @@ def task(
     libraries: Mapping[str, str] = _EMPTY,
     labels: Mapping[str, str] = _EMPTY,
     est_runtime_s: float | None = None,
+    deterministic: bool = True,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    retry_exceptions: bool | Sequence[str] = False,
 ) -> Any:
     """Mark a function as a task named ``name`` (default: the function's name).
 
     ``cpu``, ``gpu`` and ``memory`` (bytes) are what one run holds on its node;
     ``resources`` adds custom amounts, ``libraries`` maps distributions to version
     specifiers (``{"torch": ">=2.2"}``), ``labels`` must match the node's exactly. Usable
-    bare (``@task``) or called (``@task("name", gpu=1)``).
+    bare (``@task``) or called (``@task("name", gpu=1)``). ``deterministic``,
+    ``max_retries`` and ``retry_exceptions``: see ``TaskDef``.
     """
     if callable(name):
         return task()(name)
@@ -150,6 +169,10 @@ def task(
             part.isidentifier() for part in task_name.split(".")
         ):
             raise LocalProtocolError(f"task name {task_name!r} is not a dotted identifier")
+        if isinstance(max_retries, bool) or not 0 <= max_retries <= MAX_RETRIES_LIMIT:
+            raise LocalProtocolError(
+                f"task {task_name}: max_retries must be an integer from 0 to {MAX_RETRIES_LIMIT}"
+            )
         reqs = _requirements(
             task_name,
             cpu=cpu,
@@ -168,6 +191,13 @@ def task(
                 requirements=reqs,
                 est_runtime_s=est_runtime_s,
                 module=fn.__module__,
+                deterministic=deterministic,
+                max_retries=max_retries,
+                retry_exceptions=(
+                    retry_exceptions
+                    if isinstance(retry_exceptions, bool)
+                    else tuple(str(e) for e in retry_exceptions)
+                ),
             ),
         )
         return fn

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ipaddress
 import itertools
 import secrets
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Self
@@ -23,11 +25,19 @@ from urllib.parse import urlsplit
 import aiohttp
 import numpy as np
 
-from mesh.errors import AuthenticationError, MeshError, ObjectLostError
+from mesh.errors import AuthenticationError, MeshError, ObjectLostError, RemoteProtocolError
 from mesh.protocol.args import find_in_call, walk_call_async
 from mesh.protocol.codec import dumps, encode_body, loads
-from mesh.protocol.messages import ObjectRef, Segment
-from mesh.protocol.session import Outcome, SessionError, Submission, Submit, decode_reply
+from mesh.protocol.messages import NodeId, ObjectRef, Segment
+from mesh.protocol.session import (
+    Forget,
+    Outcome,
+    Results,
+    SessionError,
+    Submission,
+    Submit,
+    decode_reply,
+)
 from mesh.runtime.auth import key_bytes, resolve_key, sign_request
 from mesh.runtime.background import Background, Ready
 from mesh.runtime.http import (
@@ -140,6 +150,10 @@ class AsyncClient:
         self._ids = itertools.count(1)
         self._waiting: dict[int, _Pending] = {}
         self._batch: list[Submission] = []
+        self._live: dict[str, int] = {}
+        """Object id -> how many ``ObjectRef``s to it this client's results brought that
+        are not garbage-collected yet."""
+        self._forgotten: list[str] = []
         self._has_batch = asyncio.Event()
         self._closed = False
         self._failure: MeshError | None = None
@@ -223,9 +237,36 @@ class AsyncClient:
         while True:
             await self._has_batch.wait()
             self._has_batch.clear()
-            batch, self._batch = self._batch, []
-            if batch:
-                await self._ws.send_bytes(dumps(Submit(tasks=tuple(batch)).encode()))
+            await self._flush()
+
+    async def _flush(self) -> None:
+        # Its own frame: once sent, nothing here keeps the tasks' arguments alive.
+        batch, self._batch = self._batch, []
+        if batch:
+            await self._ws.send_bytes(dumps(Submit(tasks=tuple(batch)).encode()))
+        forgotten, self._forgotten = self._forgotten, []
+        if forgotten:
+            await self._ws.send_bytes(dumps(Forget(ids=tuple(forgotten)).encode()))
+
+    # -- references ------------------------------------------------------------------------
+
+    def _track(self, value: Any) -> None:
+        """Count the ``ObjectRef``s a result brings; when the last one of an object is
+        garbage-collected, the node is told to let the object go (``node.refs``)."""
+        me = weakref.ref(self)
+        loop = asyncio.get_running_loop()
+        for ref in find_in_call([value], {}, ObjectRef):
+            self._live[ref.id] = self._live.get(ref.id, 0) + 1
+            weakref.finalize(ref, _ref_gone, me, loop, ref.id)
+
+    def _ref_gone(self, object_id: str) -> None:
+        n = self._live.get(object_id, 0) - 1
+        if n > 0:
+            self._live[object_id] = n
+            return
+        if self._live.pop(object_id, None) is not None:
+            self._forgotten.append(object_id)
+            self._has_batch.set()
 
     async def _reader(self) -> None:
         async for msg in self._ws:
@@ -239,10 +280,15 @@ class AsyncClient:
                 raise MeshError(f"the node sent an unreadable message: {exc}") from exc
             if isinstance(reply, SessionError):
                 raise MeshError(reply.message)
-            for cid, outcome in reply.items:
-                pending = self._waiting.pop(cid, None) if type(cid) is int else None
-                if pending is not None:
-                    pending.settle(outcome)
+            self._settle(reply)
+            del reply  # nothing here may keep a result's references alive
+
+    def _settle(self, reply: Results) -> None:
+        for cid, outcome in reply.items:
+            self._track(outcome.value)
+            pending = self._waiting.pop(cid, None) if type(cid) is int else None
+            if pending is not None:
+                pending.settle(outcome)
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -327,10 +373,22 @@ class AsyncClient:
         timeout: float | None = None,
         labels: Mapping[str, str] | None = None,
         resources: Mapping[str, float] | None = None,
+        max_retries: int | None = None,
+        retry_exceptions: bool | Iterable[str] | None = None,
     ) -> AsyncTaskFuture:
-        """``submit`` with options: a run-time ``timeout`` and extra ``labels`` or
-        ``resources`` the node that runs it must have (on top of the task's own)."""
-        return self._submit(name, args, kwargs or {}, _options(timeout, labels, resources))
+        """``submit`` with options: a run-time ``timeout``, extra ``labels`` or
+        ``resources`` the node that runs it must have (on top of the task's own), and
+        ``max_retries`` / ``retry_exceptions`` in place of the task's own (``tasks.task``)."""
+        options = _options(timeout, labels, resources)
+        if max_retries is not None:
+            options["max_retries"] = int(max_retries)
+        if retry_exceptions is not None:
+            options["retry_exceptions"] = (
+                retry_exceptions
+                if isinstance(retry_exceptions, bool)
+                else [str(e) for e in retry_exceptions]
+            )
+        return self._submit(name, args, kwargs or {}, options)
 
     def map(self, name: str, iterable: Iterable[Any]) -> list[AsyncTaskFuture]:
         """One task per item (each item is the single argument); all sent in one batch."""
@@ -394,13 +452,27 @@ class AsyncClient:
         return address
 
     async def fetch(self, ref: ObjectRef) -> Any:
-        """The value behind ``ref``, fetched from the node that holds it."""
+        """The value behind ``ref``, fetched from the node that holds it; if that node
+        cannot give it any more, from the copy this client's node (its owner) makes again."""
+        try:
+            return await self._fetch(ref)
+        except ObjectLostError as lost:
+            try:
+                copy = await self.request("POST", f"/v1/objects/{ref.id}/rebuild")
+            except MeshError as exc:
+                raise ObjectLostError(ref.id, ref.holder, f"{lost}; {exc}") from exc
+            return await self._fetch(_ref_of(copy))
+
+    async def _fetch(self, ref: ObjectRef) -> Any:
         # A holder on this machine lends its segment instead of sending the bytes.
         host = host_id() if self._same_host else ""
         return await fetch_object(self._session, self._key, await self._holder(ref), ref, host=host)
 
     async def release(self, ref: ObjectRef) -> bool:
         """Free ``ref`` on its holder; False if it was not held (any more)."""
+        if self._live.pop(ref.id, None) is not None:
+            self._forgotten.append(ref.id)
+            self._has_batch.set()
         base = normalise_url(await self._holder(ref))
         try:
             await request_json(
@@ -413,6 +485,30 @@ class AsyncClient:
                 return False
             raise
         return True
+
+
+def _ref_of(raw: Any) -> ObjectRef:
+    """An ``ObjectRef`` from its JSON form (the node's ``jsonable``)."""
+    try:
+        return ObjectRef(
+            id=str(raw["$ref"]),
+            holder=NodeId(str(raw["holder"])),
+            nbytes=int(raw["nbytes"]),
+            dtype=str(raw.get("dtype", "")),
+            shape=tuple(int(n) for n in raw.get("shape", ())),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"bad object reference from the node: {exc}") from None
+
+
+def _ref_gone(
+    client: weakref.ReferenceType[AsyncClient], loop: asyncio.AbstractEventLoop, object_id: str
+) -> None:
+    """An ``ObjectRef`` was collected (in whichever thread): count it in the client's loop."""
+    live = client()
+    if live is not None and not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(live._ref_gone, object_id)
 
 
 async def _value_of(future: AsyncTaskFuture | concurrent.futures.Future[Any]) -> Any:

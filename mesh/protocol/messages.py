@@ -86,12 +86,16 @@ REGISTRY: dict[int, type[Wire]] = {}
 
 @dataclass_transform(frozen_default=True, kw_only_default=True)
 def wire(tag: WireType) -> Callable[[type[W]], type[W]]:
-    """Make ``cls`` a frozen, slotted, keyword-only dataclass and register it as ``tag``."""
+    """Make ``cls`` a frozen, slotted, keyword-only, weakly referable dataclass and register
+    it as ``tag``."""
 
     def register(cls: type[W]) -> type[W]:
         if int(tag) in REGISTRY:
             raise TypeError(f"wire tag {tag!r} registered twice")
-        made = dataclasses.dataclass(frozen=True, slots=True, kw_only=True)(cls)
+        # Weak references let a client tell when the last copy of an ``ObjectRef`` is gone.
+        made = dataclasses.dataclass(frozen=True, slots=True, kw_only=True, weakref_slot=True)(
+            cls
+        )
         made.TAG = tag
         REGISTRY[int(tag)] = made
         return made

@@ -8,6 +8,9 @@ band and never pickled) holding a map with an ``op``:
   echoes it), ``options`` a map of ``timeout``, ``labels`` and ``resources`` (or None).
   Arguments may hold ``ObjectRef``s, and large arrays of a client on the node's machine
   come as ``Segment``s it left in shared memory.
+- client -> node, ``Forget``: ``{"op": "forget", "ids": [object id, ...]}``: the client
+  holds no reference to these objects any more (its last ``ObjectRef`` to each was
+  garbage-collected or released); the node lets go of them (``node.refs``).
 - node -> client, ``Results``: ``{"op": "results", "items": [[cid, task_id, ok, value,
   node, error], ...]}``, one item per task of every batch the node took, as each ends:
   ``value`` when ``ok``, else ``error``, an ``ErrorInfo`` record.
@@ -32,6 +35,7 @@ from typing import Any, Final
 from mesh.errors import ErrorInfo, RemoteProtocolError
 
 SUBMIT: Final = "submit"
+FORGET: Final = "forget"
 RESULTS: Final = "results"
 ERROR: Final = "error"
 
@@ -82,6 +86,28 @@ class Submit:
         if not all(isinstance(item, list) and len(item) == 5 for item in tasks):
             raise RemoteProtocolError("each task is [id, name, args, kwargs, options]")
         return tuple(_task(*item) for item in tasks)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Forget:
+    """Client -> node: object ids the client holds no reference to any more."""
+
+    ids: tuple[str, ...]
+
+    def encode(self) -> dict[str, Any]:
+        return {"op": FORGET, "ids": list(self.ids)}
+
+
+def decode_request(body: Any) -> tuple[Submission | BadTask, ...] | Forget:
+    """A message from a client: a ``Submit``'s tasks or a ``Forget``. Raises
+    ``RemoteProtocolError`` for anything else (the session ends)."""
+    op = body.get("op") if isinstance(body, dict) else None
+    if isinstance(op, str) and op == FORGET:
+        ids = body.get("ids")
+        if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+            raise RemoteProtocolError("forget ids must be a list of strings", reason="bad-field")
+        return Forget(ids=tuple(ids))
+    return Submit.decode(body)
 
 
 def _task(cid: Any, name: Any, args: Any, kwargs: Any, options: Any) -> Submission | BadTask:
