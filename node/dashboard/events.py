@@ -14,7 +14,7 @@ clock, seconds), ``node`` (the publisher) and ``kind``:
 - ``start``: it began here (inputs fetched, queued for a slot), for ``initiator``;
 - ``end``: it ended here after ``run_s`` seconds in a worker, ``ok`` or with ``error``;
 - ``done``: its submitter (this node) delivered it: ``ok``, where it ran (``ran_on``),
-  ``attempts`` (more than one: it was announced again), ``error``.
+  ``attempts`` (placements that failed, so it was announced again), ``error``.
 
 Readers ask for the events after a ``seq`` (``since``, or ``wait`` to block until there are
 some); ``epoch`` changes when the process restarts, so a reader knows to start over.
