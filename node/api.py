@@ -846,7 +846,7 @@ def _op(
                             "task": {"type": "string"},
                             "args": {"oneOf": [{"type": "array"}, {"type": "object"}]},
                             "kwargs": {"type": "object"},
-                            "timeout": {"type": "number", "exclusiveMinimum": 0},
+                            "timeout": {"type": "number", "minimum": 0, "exclusiveMinimum": True},
                             "wait": {"type": "number", "minimum": 0},
                             "labels": {"type": "object"},
                             "resources": {"type": "object"},

@@ -44,7 +44,8 @@ TEXT_LIMIT: Final = 8192
 
 def clip(text: str, limit: int = TEXT_LIMIT) -> str:
     """``text`` cut to ``limit`` characters, saying so."""
-    return text if len(text) <= limit else text[: limit - 12] + " [... cut]"
+    cut = " [... cut]"
+    return text if len(text) <= limit else text[: limit - len(cut)] + cut
 
 
 class EventLog:

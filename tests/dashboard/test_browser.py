@@ -55,7 +55,8 @@ def test_without_token_no_data(browser: sync_api.Browser, dash_mesh: LocalMesh) 
     context = browser.new_context()
     pg = context.new_page()
     resp = pg.goto(dash_mesh.nodes["node-1"].url + "/dashboard")
-    assert resp is not None and resp.status == 401
+    assert resp is not None
+    assert resp.status == 401
     sync_api.expect(pg.locator("input[name=token]")).to_be_visible()
     assert pg.locator("#peers").count() == 0
     feed = pg.request.get(dash_mesh.nodes["node-1"].url + "/dashboard/feed")

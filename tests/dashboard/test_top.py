@@ -38,10 +38,12 @@ def test_top_shows_peers_and_quits_on_q(dash_mesh: LocalMesh, tmp_path: Path) ->
     tmux("new-session", "-d", "-s", "top", "-x", "150", "-y", "40", shell)
     try:
         screen = wait_for(
-            lambda: (s := tmux("capture-pane", "-p", "-t", "top"))
-            and all(f"node-{i}" in s for i in (1, 2, 3))
-            and "alive" in s
-            and s,
+            lambda: (
+                (s := tmux("capture-pane", "-p", "-t", "top"))
+                and all(f"node-{i}" in s for i in (1, 2, 3))
+                and "alive" in s
+                and s
+            ),
             30,
             "top to show the three nodes",
             step=0.2,
