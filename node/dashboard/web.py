@@ -117,7 +117,7 @@ class Dashboard:
         self.hub = Hub(
             node_id=lambda: source.node_id,
             local=self._local,
-            peers=source.peers,
+            peers=lambda: source.peers(),  # looked up when watched, not at start
             since=lambda: source.events.since_by_peer,
             key=key,
             clock=time.time,
