@@ -19,6 +19,10 @@ Routes (all under the node's one port, next to the peer websocket):
 - ``GET /v1/hello``, ``GET /metrics`` (Prometheus text) and ``GET /openapi.json``:
   readable without the key; they hold no task data. ``/v1/hello`` says the node's id,
   version and key fingerprint: what a client signs its requests for.
+- The dashboard's routes (``node.dashboard.web``): ``GET /v1/events``, ``POST
+  /v1/dashboard/token`` and ``GET /v1/mesh/feed`` signed like the rest; ``/dashboard`` and
+  below for a browser, admitted by ``node.dashboard.access`` (Host, Origin, session cookie)
+  instead of a signature, answering 403 or 401 otherwise.
 
 Every other request must carry the proof of ``mesh.runtime.auth.sign_request``: an HMAC over
 method, path, body hash, timestamp, nonce and the id of the node it is for, within
@@ -80,6 +84,9 @@ from mesh.runtime.http import (
     SEGMENT_CONTENT_TYPE,
     SESSION_PATH,
 )
+from node.dashboard.access import Denied
+from node.dashboard.events import EventLog
+from node.dashboard.web import Dashboard, is_dashboard
 from node.http_guard import ConnectionGuard
 from node.store import OwnedSegment
 from tasks import MAX_RETRIES_LIMIT
@@ -133,6 +140,13 @@ class Service(Protocol):
 
     def task_info(self, task_id: str) -> dict[str, Any] | None: ...
 
+    events: EventLog
+    """What the dashboards of the mesh read of this node (``node.dashboard.events``)."""
+
+    def node_stats(self) -> dict[str, Any]:
+        """This node's own figures for the dashboards (objects held, bytes fetched)."""
+        ...
+
     def submit(
         self,
         name: str,
@@ -140,7 +154,10 @@ class Service(Protocol):
         kwargs: dict[str, Any],
         options: Mapping[str, Any],
         deliver: Deliver,
-    ) -> TaskId: ...
+        group: str = "",
+    ) -> TaskId:
+        """``group`` names the submissions that came together (one client batch)."""
+        ...
 
     def cancel(self, task_id: str) -> bool: ...
 
@@ -499,6 +516,7 @@ class Api:
         )
         self.sessions = 0
         self._session_ids = itertools.count(1)
+        self.dashboard = Dashboard(service, key, self.rejected)
         self.served_bytes = 0
         """Object bytes sent through ``GET /v1/objects/{id}``."""
         self.shared_segments = 0
@@ -521,17 +539,28 @@ class Api:
         r.add_get(SESSION_PATH, self._session)
         r.add_get("/metrics", self._metrics)
         r.add_get("/openapi.json", self._openapi)
+        self.dashboard.add_routes(app)
+
+    async def close(self) -> None:
+        """End the dashboards' feeds (before the server stops)."""
+        await self.dashboard.close()
 
     @web.middleware
     async def _middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         try:
-            if request.path not in self.exempt:
+            if is_dashboard(request.path):
+                self.dashboard.admit(request)
+            elif request.path not in self.exempt:
                 await self._admit(request)
-            elif (request.content_length or 0) > self.config.http_small_body_bytes:
+            unsigned = request.path in self.exempt or is_dashboard(request.path)
+            if unsigned and (request.content_length or 0) > self.config.http_small_body_bytes:
                 raise Refused(413, BODY_TOO_LARGE, "request body too large")
             return await handler(request)
+        except Denied as exc:
+            self.rejected[exc.reason] += 1
+            return _error(exc.status, str(exc))
         except Refused as exc:
             self.rejected[exc.reason] += 1
             # Closing the connection: the rest of a refused body is never read.
@@ -751,7 +780,9 @@ class Api:
         ws = web.WebSocketResponse(max_msg_size=self.config.api_max_body_bytes, heartbeat=30.0)
         await ws.prepare(request)
         self.sessions += 1
-        key = ("session", next(self._session_ids))
+        session = next(self._session_ids)
+        key = ("session", session)
+        batches = itertools.count(1)
         out: list[tuple[Any, Outcome]] = []
         ready = asyncio.Event()
 
@@ -786,8 +817,9 @@ class Api:
                     if isinstance(tasks, Forget):
                         self.service.forget(key, tasks.ids)
                         continue
+                    group = f"{session}.{next(batches)}"
                     for task in tasks:
-                        await self._take(task, deliver_for(task.cid))
+                        await self._take(task, deliver_for(task.cid), group)
                 writing.cancel()
         except* ConnectionError:
             pass  # the client went away mid-write
@@ -801,7 +833,7 @@ class Api:
             await ws.close()
         return ws
 
-    async def _take(self, task: Submission | BadTask, deliver: Deliver) -> None:
+    async def _take(self, task: Submission | BadTask, deliver: Deliver, group: str) -> None:
         """Submit one task of a session's batch; a task that cannot be gets its failure."""
         if isinstance(task, BadTask):
             deliver(_refused(task.reason))
@@ -816,7 +848,7 @@ class Api:
                 # What an upload held is an argument one level down, bounded the same.
                 held = [u.value for u in (*args, *kwargs.values()) if isinstance(u, OwnedSegment)]
                 check_nesting(held, self.config.api_max_nesting - 1)
-            self.service.submit(task.name, args, kwargs, options, deliver)
+            self.service.submit(task.name, args, kwargs, options, deliver, group)
         except MeshError as exc:  # BadRequest, a full store, a node shutting down
             deliver(_refused(str(exc)))
         except Exception as exc:
@@ -853,52 +885,94 @@ def result_json(outcome: Outcome) -> dict[str, Any]:
     return doc
 
 
-def _op(summary: str, *, body: bool = False, params: tuple[str, ...] = ()) -> dict[str, Any]:
+def _op(
+    summary: str,
+    *,
+    body: dict[str, Any] | None = None,
+    params: tuple[str, ...] = (),
+    query: tuple[tuple[str, str], ...] = (),
+    more: dict[str, str] | None = None,
+    content: str = "application/json",
+) -> dict[str, Any]:
+    """One signed operation: ``body`` its JSON body's schema, ``params`` in the path,
+    ``query`` (name, type), ``more`` statuses besides the ones every signed route may
+    answer."""
     op: dict[str, Any] = {
         "summary": summary,
         "security": [{"meshSignature": []}],
         "responses": {
-            "200": {"description": "OK", "content": {"application/json": {}}},
+            "200": {"description": "OK", "content": {content: {}}},
             "400": {"description": "malformed request or number out of range, with the reason"},
             "401": {"description": "authentication failed (bad proof, body or receiver)"},
             "408": {"description": "the body did not arrive in time"},
             "413": {"description": "the body is too large for this route"},
             "500": {"description": "internal error on the node (logged there)"},
+            **{code: {"description": text} for code, text in (more or {}).items()},
         },
     }
-    if params:
-        op["parameters"] = [
-            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-            for p in params
-        ]
-    if body:
-        op["requestBody"] = {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["task"],
-                        "properties": {
-                            "task": {"type": "string"},
-                            "args": {"oneOf": [{"type": "array"}, {"type": "object"}]},
-                            "kwargs": {"type": "object"},
-                            "timeout": {"type": "number", "exclusiveMinimum": 0},
-                            "wait": {"type": "number", "minimum": 0},
-                            "labels": {"type": "object"},
-                            "resources": {"type": "object"},
-                            "max_retries": {"type": "integer", "minimum": 0},
-                            "retry_exceptions": {
-                                "oneOf": [
-                                    {"type": "boolean"},
-                                    {"type": "array", "items": {"type": "string"}},
-                                ]
-                            },
-                        },
-                    }
-                }
-            },
-        }
+    parameters = [
+        {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params
+    ] + [{"name": q, "in": "query", "schema": {"type": kind}} for q, kind in query]
+    if parameters:
+        op["parameters"] = parameters
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+_UNKNOWN: Final = {"404": "unknown or finished id"}
+_SUBMIT_BODY: Final[dict[str, Any]] = {
+    "type": "object",
+    "required": ["task"],
+    "properties": {
+        "task": {"type": "string"},
+        "args": {"oneOf": [{"type": "array"}, {"type": "object"}]},
+        "kwargs": {"type": "object"},
+        "timeout": {"type": "number", "minimum": 0, "exclusiveMinimum": True},
+        "wait": {"type": "number", "minimum": 0},
+        "labels": {"type": "object"},
+        "resources": {"type": "object"},
+        "max_retries": {"type": "integer", "minimum": 0},
+        "retry_exceptions": {
+            "oneOf": [{"type": "boolean"}, {"type": "array", "items": {"type": "string"}}]
+        },
+    },
+}
+_IDS: Final = {"type": "array", "items": {"type": "string"}}
+_LEASE_BODY: Final[dict[str, Any]] = {
+    "type": "object",
+    "required": ["node"],
+    "properties": {"node": {"type": "string"}, "renew": _IDS, "drop": _IDS},
+}
+_SSE: Final = "text/event-stream"
+
+
+def _page_op(
+    summary: str,
+    *,
+    query: tuple[str, ...] = (),
+    path: tuple[str, ...] = (),
+    content: str = "application/json",
+    more: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One dashboard operation: admitted by its session cookie, Host and Origin."""
+    responses = {
+        "200": {"description": "OK", "content": {content: {}}},
+        "401": {"description": "no dashboard session"},
+        "403": {"description": "wrong Host header, or a cross-site Origin"},
+        "413": {"description": "a body was sent (none is read)"},
+    }
+    responses.update({code: {"description": text} for code, text in (more or {}).items()})
+    parameters = [
+        {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in path
+    ] + [{"name": q, "in": "query", "schema": {"type": "string"}} for q in query]
+    op: dict[str, Any] = {
+        "summary": summary,
+        "security": [{"dashboardSession": []}],
+        "responses": responses,
+    }
+    if parameters:
+        op["parameters"] = parameters
     return op
 
 
@@ -918,7 +992,13 @@ OPENAPI: Final[dict[str, Any]] = {
     },
     "components": {
         "securitySchemes": {
-            "meshSignature": {"type": "apiKey", "in": "header", "name": HEADER_SIGNATURE}
+            "meshSignature": {"type": "apiKey", "in": "header", "name": HEADER_SIGNATURE},
+            "dashboardSession": {
+                "type": "apiKey",
+                "in": "cookie",
+                "name": "mesh-dashboard-NODE",
+                "description": "set by GET /dashboard?token=T; NODE is a hash of the node id",
+            },
         }
     },
     "paths": {
@@ -935,30 +1015,100 @@ OPENAPI: Final[dict[str, Any]] = {
         },
         "/v1/status": {"get": _op("This node: id, peers, running, queued, completed")},
         "/v1/peers": {"get": _op("Known nodes: id, address, state, load, capabilities")},
-        "/v1/tasks": {"post": _op("Submit a task; with wait, answer with its result", body=True)},
-        "/v1/tasks/{id}": {
-            "get": _op("A task's state and result (?wait=S long-polls)", params=("id",)),
-            "delete": _op("Cancel a task", params=("id",)),
+        "/v1/tasks": {
+            "post": _op(
+                "Submit a task; with wait, answer with its result",
+                body=_SUBMIT_BODY,
+                more={"202": "submitted (or still running after wait)"},
+            )
         },
-        "/v1/tasks/{id}/why": {"get": _op("The auction record of a task", params=("id",))},
+        "/v1/tasks/{id}": {
+            "get": _op(
+                "A task's state and result (?wait=S long-polls)",
+                params=("id",),
+                query=(("wait", "number"),),
+                more=_UNKNOWN,
+            ),
+            "delete": _op("Cancel a task", params=("id",), more=_UNKNOWN),
+        },
+        "/v1/tasks/{id}/why": {
+            "get": _op("The auction record of a task", params=("id",), more=_UNKNOWN)
+        },
         "/v1/objects/{id}": {
-            "get": _op("A stored object (mesh codec body)", params=("id",)),
-            "delete": _op("Release a stored object", params=("id",)),
+            "get": _op(
+                "A stored object (mesh codec body)",
+                params=("id",),
+                query=((HOST_PARAM, "string"),),
+                more=_UNKNOWN,
+                content=OBJECT_CONTENT_TYPE,
+            ),
+            "delete": _op("Release a stored object", params=("id",), more=_UNKNOWN),
         },
         LEASES_PATH: {
             "post": _op(
-                'Keep or let go of objects stored here: {"node", "renew": [ids], "drop": [ids]}',
-                body=False,
+                "Node `node` renews its leases on objects stored here and gives up others",
+                body=_LEASE_BODY,
             ),
         },
         "/v1/objects/{id}/rebuild": {
             "post": _op(
                 "The copy of a lost object this node owns, made again from its lineage",
                 params=("id",),
+                more={
+                    "404": "the object cannot be made again (the reason says why)",
+                    "504": "still being made again",
+                },
             ),
         },
         SESSION_PATH: {"get": _op("Client websocket: msgpack batches of submissions/results")},
-        "/metrics": {"get": {"summary": "Prometheus metrics (no key needed)", "responses": {}}},
-        "/openapi.json": {"get": {"summary": "This description (no key needed)", "responses": {}}},
+        "/v1/events": {
+            "get": _op(
+                "This node's recent events and figures, for the dashboards",
+                query=(("after", "integer"), ("epoch", "string"), ("wait", "integer")),
+            )
+        },
+        "/v1/dashboard/token": {"post": _op("A one-time token for the dashboard page")},
+        "/v1/mesh/feed": {
+            "get": _op("The mesh as Server-Sent Events (mesh-node top)", content=_SSE)
+        },
+        "/dashboard": {
+            "get": _page_op(
+                "The dashboard page; with ?token= it sets the session cookie",
+                query=("token",),
+                content="text/html",
+                more={
+                    "303": "token taken: the session cookie is set, see the page",
+                    "401": "no session, or a bad token: a page that asks for a token",
+                },
+            )
+        },
+        "/dashboard/feed": {"get": _page_op("The mesh as Server-Sent Events", content=_SSE)},
+        "/dashboard/why": {
+            "get": _page_op(
+                "A task's auction record, from the node that submitted it",
+                query=("node", "task"),
+                more={"400": "node or task missing", "404": "no such record here"},
+            )
+        },
+        "/dashboard/static/{name}": {
+            "get": _page_op(
+                "The page's script and style",
+                path=("name",),
+                content="text/plain",
+                more={"404": "no such file"},
+            )
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (no key needed)",
+                "responses": {"200": {"description": "text exposition format"}},
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This description (no key needed)",
+                "responses": {"200": {"description": "OpenAPI 3.0 JSON"}},
+            }
+        },
     },
 }

@@ -11,12 +11,17 @@
     mesh-node submit TASK [ARGS] [--node URL] [--key KEY] [--timeout S] [--json]
     mesh-node status  [--node URL] [--key KEY] [--json]
     mesh-node why TASK_ID [--node URL] [--key KEY] [--json]
+    mesh-node dashboard [--node URL] [--key KEY] [--no-browser] [--json]
+    mesh-node top [--node URL] [--key KEY]
 
 ``mesh-node`` alone is ``mesh-node start``. The key comes from ``--key``, else
 ``$MESH_KEY``, else the key file (``start`` creates it on first run). Errors are one line on
 stderr and a non-zero exit status; ``--json`` output is for scripts. ``start`` prints a banner
 for people once it serves; a program starting a node passes ``--ready-file`` instead and waits
 for that file (``mesh.client.local.ReadyRecord``), as ``mesh.LocalMesh`` does.
+
+``dashboard`` asks the node for a one-time token and prints the page's URL with it (and opens
+it on a desktop); ``top`` shows the mesh in the terminal until ``q`` (``node.dashboard``).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from mesh.runtime.loop import event_loop
 
 PRESETS: Final = {"lan": MeshConfig.lan, "local": MeshConfig.local, "test": MeshConfig.test}
 PRESET_ENV: Final = "MESH_PRESET"
-COMMANDS: Final = ("start", "peers", "submit", "status", "why")
+COMMANDS: Final = ("start", "peers", "submit", "status", "why", "dashboard", "top")
 POLL_S: Final = 60.0
 """Longest single wait ``submit`` asks the node for (under ``NodeConfig.api_max_wait_s``)."""
 
@@ -155,6 +160,12 @@ def parser() -> argparse.ArgumentParser:
     w = sub.add_parser("why", help="how a task was placed: asked, bids, refusals, winner")
     w.add_argument("task_id")
     client_args(w)
+    d = sub.add_parser("dashboard", help="print (and open) the live dashboard's URL")
+    d.add_argument("--no-browser", action="store_true", help="print the URL only")
+    client_args(d)
+    t = sub.add_parser("top", help="the mesh in this terminal, live (q quits)")
+    t.add_argument("--node", help=f"node URL (default: http://127.0.0.1:{DEFAULT_PORT})")
+    t.add_argument("--key", help="mesh key (default: $MESH_KEY, then the key file)")
     return p
 
 
@@ -257,6 +268,12 @@ async def _client_command(ns: argparse.Namespace) -> int:
         if ns.command == "why":
             _print_why(await call("GET", f"/v1/tasks/{ns.task_id}/why"), ns.json)
             return 0
+        if ns.command == "dashboard":
+            return _open_dashboard(base, await call("POST", "/v1/dashboard/token"), ns)
+        if ns.command == "top":
+            from node.dashboard.top import run_top
+
+            return await run_top(base, key)
         args, kwargs = _parse_task_args(ns.args)
         # Without --timeout the command waits up to a day, in long polls the node allows.
         patience = ns.timeout if ns.timeout is not None else 86400.0
@@ -276,6 +293,23 @@ async def _client_command(ns: argparse.Namespace) -> int:
         if "ok" not in reply and "error" in reply:
             reply = {**reply, "error": f"no result within {patience:g} s"}
         return _print_result(reply, ns.json)
+
+
+def _open_dashboard(base: str, reply: dict[str, Any], ns: argparse.Namespace) -> int:
+    url = base + str(reply["path"])
+    if ns.json:
+        print(json.dumps({"url": url}))
+        return 0
+    print("The mesh dashboard (the token works once, within 5 minutes):")
+    print(f"    {url}")
+    desktop = sys.platform in ("darwin", "win32") or bool(
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    )
+    if desktop and not ns.no_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+    return 0
 
 
 def _print_peers(peers: list[dict[str, Any]], as_json: bool) -> None:

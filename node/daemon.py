@@ -43,6 +43,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from mesh import __version__
 from mesh.client.local import ReadyRecord
 from mesh.config import MeshConfig, NodeConfig
 from mesh.errors import ErrorInfo, FailureKind, LocalProtocolError, MeshError, ObjectLostError
@@ -57,7 +58,14 @@ from mesh.protocol.contract import (
     TaskSpec,
 )
 from mesh.protocol.core import MemberState
-from mesh.protocol.membership import Membership, MembershipEvent
+from mesh.protocol.membership import (
+    MemberDown,
+    MemberPurged,
+    Membership,
+    MembershipEvent,
+    MemberSuspect,
+    MemberUp,
+)
 from mesh.protocol.messages import (
     Address,
     NodeId,
@@ -84,6 +92,8 @@ from mesh.runtime.shm import host_id as machine_host_id
 from node.api import INTERNAL_ERROR, LEASES_PATH, Api, Deliver, jsonable, result_json
 from node.capabilities import probe
 from node.cores import HostSlots, local_pool, slot_speed
+from node.dashboard.events import EventLog, clip
+from node.dashboard.web import SLOW_READER
 from node.executor import Executor
 from node.http_guard import GuardedSite
 from node.lineage import Lineage, Recipe, Retry, Runs
@@ -106,6 +116,16 @@ _PREPARED: Final = (OwnedSegment, ObjectRef, np.ndarray)
 
 LEASE_BATCH: Final = 1000
 """Object ids per lease message: well inside ``http_small_body_bytes``."""
+
+
+def _error_event(error: ErrorInfo) -> dict[str, str]:
+    """A task's failure as its ``end`` event carries it (long texts cut)."""
+    return {
+        "kind": str(error.kind),
+        "exc_type": error.exc_type,
+        "message": clip(error.message),
+        "traceback": clip(error.traceback),
+    }
 
 
 def _task_error(exc_type: str, message: str) -> ErrorInfo:
@@ -157,6 +177,8 @@ class _Pending:
     spec: TaskSpec
     retry: Retry
     runs: Runs
+    group: str
+    """The submissions that came with it (for the dashboards)."""
     deterministic: bool = True
     chain: tuple[str, ...] = ()
     """The lost objects this run makes again, outermost first (a rebuild's own chain)."""
@@ -232,6 +254,9 @@ class Daemon:
         self.executed: Counter[str] = Counter()
         """Tasks this node ran, by outcome (ok, error, cancelled, lost-input)."""
         self.fetched_bytes = 0
+        self.fetched_from: Counter[str] = Counter()
+        """Object bytes fetched from each holder over the network."""
+        self.events = EventLog()
         self.host_id = ""
         """This machine's shared-memory identity; peers with the same one map our objects."""
         self._started = time.monotonic()
@@ -269,6 +294,7 @@ class Daemon:
         advertised = opts.host if opts.host and opts.host != "0.0.0.0" else primary_address()
         self.address = Address(f"{advertised}:{port}")
         self.node_id = NodeId(opts.name or f"{socket.gethostname()}-{port}")
+        self.events.node = self.node_id
         runner: web.AppRunner | None = None
         try:
             self.registry = await asyncio.to_thread(Registry.load, opts.task_modules)
@@ -367,6 +393,8 @@ class Daemon:
                 await self.transport.close()
             if self._http is not None:
                 await self._http.close()
+            if hasattr(self, "api"):
+                await self.api.close()
             if runner is not None:
                 await runner.cleanup()
             else:
@@ -489,7 +517,9 @@ class Daemon:
             if members:  # nodes on this host came, went or changed: share its cores anew
                 self.executor.set_host_slots(self._host_slots.observe(members))
             for ev in events:
-                if isinstance(ev, Execute):
+                if isinstance(ev, MembershipEvent):
+                    self._publish_member(ev)
+                elif isinstance(ev, Execute):
                     self._on_execute(ev)
                 elif isinstance(ev, CancelExecution):
                     job = self._jobs.get(ev.task_id)
@@ -501,6 +531,19 @@ class Daemon:
                 elif isinstance(ev, Failed):
                     self.outcomes[ev.kind] += 1
                     self._on_failed(ev)
+
+    def _publish_member(self, ev: MembershipEvent) -> None:
+        if isinstance(ev, MemberUp):
+            state = "alive"
+        elif isinstance(ev, MemberSuspect):
+            state = "suspect"
+        elif isinstance(ev, MemberDown):
+            state = str(ev.state)
+        elif isinstance(ev, MemberPurged):
+            state = "purged"
+        else:
+            return  # a changed record (load, capabilities): the hub reads those itself
+        self.events.publish("member", peer=ev.node, state=state)
 
     def _run_ended(self, run_id: TaskId) -> _Pending | None:
         submitted = self._runs.pop(run_id, None)
@@ -630,6 +673,7 @@ class Daemon:
             ),
             retry=Retry(tdef.max_retries if tdef else DEFAULT_MAX_RETRIES, False),
             runs=Runs(current=run_id, rebuilds=object_id),
+            group=run_id,
             chain=(*chain, object_id),
         )
         self._remember(pending)
@@ -673,6 +717,17 @@ class Daemon:
             self._finished.popitem(last=False)
         if pending.done is not None:
             pending.done.set()
+        auction = self.contract.record(TaskId(pending.runs.current))
+        self.events.publish(
+            "done",
+            task_id=outcome.task_id,
+            task=pending.name,
+            group=pending.group,
+            ok=outcome.ok,
+            ran_on=outcome.node or None,
+            attempts=(auction.attempts if auction is not None else 0) + len(pending.runs.reruns),
+            error=None if outcome.error is None else clip(outcome.error.message),
+        )
         pending.deliver(outcome)
         # Whoever the outcome went to holds what it refers to now (a client session, the
         # task that waited for a lost input); what nobody took is let go.
@@ -775,14 +830,16 @@ class Daemon:
         kwargs: dict[str, Any],
         options: Mapping[str, Any],
         deliver: Deliver,
+        group: str = "",
     ) -> TaskId:
-        """Auction task ``name``; ``deliver`` gets its outcome once."""
+        """Auction task ``name``; ``deliver`` gets its outcome once. ``group`` names the
+        submissions that came with it (for the dashboards)."""
         if not self._accepting:
             raise LocalProtocolError("the node is shutting down")
         task_id = self._new_task_id()
         temp: list[str] = []
         try:
-            self._submit(task_id, name, args, kwargs, options, deliver, temp)
+            self._submit(task_id, name, args, kwargs, options, deliver, temp, group)
         except BaseException:
             # A second upload that does not fit must not leave the first one stored.
             self._pending.pop(task_id, None)
@@ -800,6 +857,7 @@ class Daemon:
         options: Mapping[str, Any],
         deliver: Deliver,
         temp: list[str],
+        group: str,
     ) -> None:
         def prepare(value: Any) -> Any:
             return self._prepare(value, temp)
@@ -838,8 +896,10 @@ class Daemon:
             spec=spec,
             retry=retry,
             runs=Runs(current=task_id),
+            group=group or task_id,
             deterministic=tdef.deterministic if tdef is not None else True,
         )
+        self.events.publish("submit", task_id=task_id, task=name, group=pending.group)
         self._place(pending, task_id)
 
     def _new_task_id(self) -> TaskId:
@@ -905,6 +965,9 @@ class Daemon:
         outcome = "error"
         value: Any = None
         error: ErrorInfo | None = None
+        run_s = 0.0
+        name = call.name if isinstance(call, TaskCall) else ""
+        self.events.publish("start", task_id=task_id, task=name, initiator=initiator)
         try:
             if not isinstance(call, TaskCall):
                 error = _task_error("BadPayload", "the award carried no task call")
@@ -935,6 +998,7 @@ class Daemon:
                     outcome = "lost-input"
                 error = ErrorInfo.of(exc)
                 return
+            run_s = done.runtime_s
             if done.error is not None:
                 error = done.error
                 return
@@ -961,6 +1025,16 @@ class Daemon:
             error = _task_error(INTERNAL_ERROR, message)
         finally:
             self.executed[outcome] += 1
+            self.events.publish(
+                "end",
+                task_id=task_id,
+                task=name,
+                initiator=initiator,
+                ok=error is None,
+                outcome=outcome,
+                run_s=round(run_s, 6),
+                error=None if error is None else _error_event(error),
+            )
             self._jobs.pop(task_id, None)
             if not self._jobs:
                 self._jobs_idle.set()
@@ -998,6 +1072,7 @@ class Daemon:
         http, address = self._holder(ref)
         value = await fetch_object(http, self._key, address, ref, host=self.host_id)
         self.fetched_bytes += ref.nbytes
+        self.fetched_from[ref.holder] += ref.nbytes
         return value
 
     async def _task_arg(self, ref: ObjectRef) -> Any:
@@ -1036,6 +1111,7 @@ class Daemon:
                 self.contract.set_bandwidth(ref.holder, SHARED_MEMORY_BYTES_PER_S)
                 return body
         self.fetched_bytes += ref.nbytes
+        self.fetched_from[ref.holder] += ref.nbytes
         if ref.nbytes >= BANDWIDTH_SAMPLE_BYTES:
             # Large bodies only: a small one measures the round trip, not the link.
             elapsed = max(time.monotonic() - started, 1e-6)
@@ -1074,6 +1150,16 @@ class Daemon:
             "objects": len(self.store),
             "object_bytes": self.store.used_bytes,
             "uptime_s": round(time.monotonic() - self._started, 3),
+        }
+
+    def node_stats(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "slots": self.executor.slots,
+            "objects": len(self.store),
+            "object_bytes": self.store.used_bytes,
+            "fetched_from": dict(self.fetched_from),
+            "executed": dict(self.executed),
         }
 
     def peers(self) -> list[dict[str, Any]]:
@@ -1243,6 +1329,8 @@ class _Collector:
         reasons.update(d.driver.rejected)
         reasons.update(d.api.rejected)
         reasons["http-internal-error"] += d.api.internal_errors
+        if d.api.dashboard.hub.dropped:
+            reasons[SLOW_READER] += d.api.dashboard.hub.dropped
         for reason, n in sorted(reasons.items()):
             rejected.add_metric([reason], n)
         running = GaugeMetricFamily("mesh_running_tasks", "Tasks running on this node")
