@@ -17,7 +17,8 @@ Goals: the disturbed run completes, its accuracies within 0.01 of the undisturbe
 in at most 1.5x its wall time. The last line printed is one JSON object: ``runs``, one per
 size, each with ``size``, ``stage`` (when the victim died), ``victim``, ``undisturbed_s``,
 ``disturbed_s``, ``wall_ratio``, ``accuracy_delta`` (the largest difference of the three
-accuracies), ``tasks_rerun`` (runs again on the submitting node: retries and rebuilds),
+accuracies), ``tasks_rerun`` (runs again by the submitting node: tasks placed again after
+their node died or declined, retries and rebuilds),
 ``objects_rebuilt`` and ``bytes_recomputed``.
 """
 
@@ -77,7 +78,7 @@ def measure(name: str, size: PipelineSize, rng: random.Random) -> dict[str, Any]
         "disturbed_s": round(hit.wall_s, 2),
         "wall_ratio": round(hit.wall_s / calm.wall_s, 3),
         "accuracy_delta": round(delta, 4),
-        "tasks_rerun": status["retries"] + status["rebuilt_objects"],
+        "tasks_rerun": status["replaced"] + status["retries"] + status["rebuilt_objects"],
         "objects_rebuilt": status["rebuilt_objects"],
         "bytes_recomputed": status["rebuilt_bytes"],
     }

@@ -1140,6 +1140,7 @@ class Daemon:
             "failed": self.executed["error"] + self.executed["lost-input"],
             "submitted_pending": len(self._pending),
             "outcomes": dict(self.outcomes),
+            "replaced": self.contract.stats().get("reannounces", 0),
             "retries": self.retried,
             "rebuilt_objects": self.lineage.rebuilt,
             "rebuilt_bytes": self.lineage.rebuilt_bytes,
