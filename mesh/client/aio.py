@@ -257,7 +257,7 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         for ref in find_in_call([value], {}, ObjectRef):
             self._live[ref.id] = self._live.get(ref.id, 0) + 1
-            weakref.finalize(ref, _ref_gone, me, loop, ref.id)
+            weakref.finalize(ref, _ref_gone, me, loop, ref.id).atexit = False
 
     def _ref_gone(self, object_id: str) -> None:
         n = self._live.get(object_id, 0) - 1
