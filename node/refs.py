@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Hashable, Iterable
 from typing import Any
 
-from mesh.protocol.args import walk
+from mesh.protocol.args import find_in_call
 from mesh.protocol.messages import NodeId, ObjectRef
 
 
@@ -153,7 +153,6 @@ class Leases:
 
 
 def refs_in(value: Any) -> list[ObjectRef]:
-    """The ``ObjectRef``s inside a result value (``mesh.protocol.args`` walk)."""
-    found: list[ObjectRef] = []
-    walk(value, ObjectRef, found.append)
+    """The ``ObjectRef``s inside a result value (the one walk of ``mesh.protocol.args``)."""
+    found: list[ObjectRef] = find_in_call([value], {}, ObjectRef)
     return found
