@@ -13,7 +13,8 @@ included), or at once for a task whose inputs it holds, and refilled as its resu
 back. Nothing else waits on a node that another could start sooner, so several
 initiators sharing nodes do not queue behind each other. Each award is a lease that the
 winner's progress renews; a lapsed or declined one, or a winner gone, puts the task back
-in the queue.
+in the queue. A worker that declines because another initiator's task took the lane stays
+in the pool and is tried again after about a run there.
 
 This module may not import asyncio, aiohttp, zeroconf, socket or time, and may not read a
 clock: ``now`` is always an argument, and randomness comes from the ``rng`` passed in.
@@ -1000,12 +1001,23 @@ class Initiator:
         else:
             self._flush_at = min(self._flush_at, now)  # room freed: refill
 
-    def _again(self, task: _Task, reason: str, now: float, *, cancel: bool, count: bool) -> None:
-        """Announce ``task`` again (its winner declined, lapsed or died)."""
+    def _again(
+        self,
+        task: _Task,
+        reason: str,
+        now: float,
+        *,
+        cancel: bool,
+        count: bool,
+        dismiss: bool = True,
+    ) -> None:
+        """Announce ``task`` again (its winner declined, lapsed or died); with ``dismiss``
+        its worker leaves the pool."""
         winner = task.winner
         if cancel and winner is not None:
             self._ctx.send(winner, Cancel(tasks=(task.spec.task_id,)))
-        self._unbind(task, now, dismiss=True)
+        if dismiss:
+            self._unbind(task, now, dismiss=True)
         self._ctx.stats["reannounces"] += 1
         if count:
             task.attempts += 1
@@ -1025,6 +1037,7 @@ class Initiator:
         task.widened = 0
         task.why = f"announced again: {reason}"
         self._requeue(task)
+        self._unbind(task, now, dismiss=False)  # after the requeue: the pool has work left
         self._flush_at = now
 
     def _owned(self, src: NodeId, ids: Iterable[TaskId]) -> list[_Task]:
@@ -1060,8 +1073,17 @@ class Initiator:
             t for t in self._owned(src, msg.tasks) if t.state in (TaskState.AWARDED, TaskState.HELD)
         ]
         self._ctx.stats["declines_received"] += len(tasks)
+        # Busy: another initiator's task took the lane this one was bound for. The worker
+        # stays in the pool, its lanes taken for about a run; dismissing it would leave
+        # the initiators that lose such races with ever fewer workers and the longest
+        # queues at the end of a burst, finished on whatever slow nodes they recruit.
+        busy = msg.reason == "busy"
         for t in tasks:
-            self._again(t, f"{src} gave it back ({msg.reason})", now, cancel=False, count=False)
+            w = t.worker
+            reason = f"{src} gave it back ({msg.reason})"
+            self._again(t, reason, now, cancel=False, count=False, dismiss=not busy)
+            if busy and w is not None:
+                w.lane_free = [max(f, now + w.run_s) for f in w.lane_free]
 
     def on_progress(self, src: NodeId, msg: Progress, now: float) -> None:
         lease = now + self._cfg.lease_s
