@@ -432,11 +432,18 @@ def _error(status: int, message: str, *, close: bool = False, **extra: Any) -> w
     return resp
 
 
-_OPTION_NAMES: Final = ("timeout", "labels", "resources", "max_retries", "retry_exceptions")
+_OPTION_NAMES: Final = (
+    "timeout",
+    "labels",
+    "resources",
+    "libraries",
+    "max_retries",
+    "retry_exceptions",
+)
 
 
 def parse_options(raw: Any, config: NodeConfig) -> dict[str, Any]:
-    """Validate submission options (``timeout``, ``labels``, ``resources``,
+    """Validate submission options (``timeout``, ``labels``, ``resources``, ``libraries``,
     ``max_retries``, ``retry_exceptions``): the one check for both the JSON and the session
     path."""
     if raw is None:
@@ -461,6 +468,13 @@ def parse_options(raw: Any, config: NodeConfig) -> dict[str, Any]:
         ):
             raise BadRequest(f"resources must map names to numbers from 0 to {_MAX_AMOUNT:g}")
         out["resources"] = {k: float(v) for k, v in resources.items()}
+    libraries = raw.get("libraries")
+    if libraries is not None:
+        if not isinstance(libraries, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in libraries.items()
+        ):
+            raise BadRequest("libraries must map distribution names to version specifiers")
+        out["libraries"] = dict(libraries)
     retries = raw.get("max_retries")
     if retries is not None:
         if isinstance(retries, bool) or not isinstance(retries, int):
@@ -932,6 +946,7 @@ _SUBMIT_BODY: Final[dict[str, Any]] = {
         "wait": {"type": "number", "minimum": 0},
         "labels": {"type": "object"},
         "resources": {"type": "object"},
+        "libraries": {"type": "object", "additionalProperties": {"type": "string"}},
         "max_retries": {"type": "integer", "minimum": 0},
         "retry_exceptions": {
             "oneOf": [{"type": "boolean"}, {"type": "array", "items": {"type": "string"}}]

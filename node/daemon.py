@@ -864,11 +864,11 @@ class Daemon:
 
         call_args, call_kwargs = walk_call(args, kwargs, _PREPARED, prepare)
         req = self.registry.requirements(name)
-        if options.get("labels") or options.get("resources"):
+        if options.get("labels") or options.get("resources") or options.get("libraries"):
             req = Requirements(
                 task=req.task,
                 resources={**req.resources, **options.get("resources", {})},
-                libraries=dict(req.libraries),
+                libraries={**req.libraries, **options.get("libraries", {})},
                 labels={**req.labels, **options.get("labels", {})},
             )
         tdef = self.registry.get(name)

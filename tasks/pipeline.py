@@ -10,7 +10,9 @@ node that made them as references; only weights and small results travel.
 
 Each stage is pinned to the node holding its input through a label only that node has (a
 ``LocalMesh`` node has ``name=NAME``; give your machines one the same way); on a mesh without
-such labels the auctions place the stages, and bids favour the holders.
+such labels the auctions place the stages, and bids favour the holders. Either way training
+shards are made and preprocessed on nodes with torch (a ``libraries`` requirement), where
+the CNN trains.
 
 The ``Run`` it returns records where and when each task ran as the client saw it; ``placed``,
 ``traffic``, ``usage`` and ``write_timeline`` read it. A node's busy time is reconstructed
@@ -138,13 +140,17 @@ class Pipeline:
         args: tuple[Any, ...],
         kwargs: dict[str, Any] | None = None,
         at: Any = None,
+        libraries: dict[str, str] | None = None,
     ) -> TaskFuture:
-        """Submit ``vision.<stage>``; ``at`` (a node id or a reference) pins it there."""
+        """Submit ``vision.<stage>``; ``at`` (a node id or a reference) pins it there, and
+        ``libraries`` keeps it to nodes that have them."""
         node = at.holder if isinstance(at, ObjectRef) else at
         labels = self.labels.get(node) if self.pin and isinstance(node, str) else None
         step = Step(stage, tuple(_refs([args, kwargs])), _inline([args, kwargs]), self._now())
         self.steps.append(step)
-        fut = self.client.submit_with(f"vision.{stage}", args, kwargs or {}, labels=labels)
+        fut = self.client.submit_with(
+            f"vision.{stage}", args, kwargs or {}, labels=labels, libraries=libraries
+        )
 
         def done(f: TaskFuture) -> None:
             step.end, step.node = self._now(), f.node
@@ -179,8 +185,10 @@ class Pipeline:
             and "torch" in p["capabilities"]["libraries"]
         )
         others = sorted(set(nodes) - set(torch_nodes))
-        # Training shards are made where they can be trained on, held-out shards preferably
-        # on nodes that cannot train: then the CNN trains where its data lies.
+        # Training shards are made and preprocessed where they can be trained on (pinned, or
+        # on any node with torch), held-out shards preferably on nodes that cannot train:
+        # then the CNN trains where its data lies.
+        trainable = {"torch": ""} if torch_nodes else None
         train_at = itertools.cycle(torch_nodes or sorted(nodes))
         test_at = itertools.cycle(others or torch_nodes or sorted(nodes))
         shard = {"seed": seed, "max_angle": size.max_angle}
@@ -189,17 +197,26 @@ class Pipeline:
         self.on_planned("make_shard", len(plan))
         self.on_planned("preprocess", len(plan))
         made = {
-            self._submit("make_shard", (i,), {"size": n, "split": split, **shard}, at=node): (
-                split,
-                i,
-            )
+            self._submit(
+                "make_shard",
+                (i,),
+                {"size": n, "split": split, **shard},
+                at=node,
+                libraries=trainable if split == "train" else None,
+            ): (split, i)
             for split, i, n, node in plan
         }
         pre: dict[tuple[str, int], TaskFuture] = {}
         try:
             for f in self.client.as_completed(made, timeout=self.deadline - time.monotonic()):
                 raw = self._wait("make_shard", [f])[0]
-                pre[made[f]] = self._submit("preprocess", (raw,), at=raw)
+                split = made[f][0]
+                pre[made[f]] = self._submit(
+                    "preprocess",
+                    (raw,),
+                    at=raw,
+                    libraries=trainable if split == "train" else None,
+                )
         except TimeoutError:
             raise MeshError("make_shard: no result before the pipeline's deadline") from None
         train = self._wait("preprocess", [pre["train", i] for i in range(size.train_shards)])

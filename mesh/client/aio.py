@@ -373,13 +373,17 @@ class AsyncClient:
         timeout: float | None = None,
         labels: Mapping[str, str] | None = None,
         resources: Mapping[str, float] | None = None,
+        libraries: Mapping[str, str] | None = None,
         max_retries: int | None = None,
         retry_exceptions: bool | Iterable[str] | None = None,
     ) -> AsyncTaskFuture:
-        """``submit`` with options: a run-time ``timeout``, extra ``labels`` or
-        ``resources`` the node that runs it must have (on top of the task's own), and
-        ``max_retries`` / ``retry_exceptions`` in place of the task's own (``tasks.task``)."""
+        """``submit`` with options: a run-time ``timeout``, extra ``labels``, ``resources``
+        or ``libraries`` (distribution -> version specifier, ``""`` for any) the node that
+        runs it must have (on top of the task's own), and ``max_retries`` /
+        ``retry_exceptions`` in place of the task's own (``tasks.task``)."""
         options = _options(timeout, labels, resources)
+        if libraries:
+            options["libraries"] = {str(k): str(v) for k, v in libraries.items()}
         if max_retries is not None:
             options["max_retries"] = int(max_retries)
         if retry_exceptions is not None:

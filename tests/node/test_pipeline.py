@@ -123,6 +123,11 @@ def test_no_torch_fails_at_once_and_a_lost_shard_is_made_again(mesh: Cluster) ->
         with pytest.raises(NoCapablePeerError, match="torch"):
             client.submit("vision.train_cnn", [shard]).result(timeout=30)
         assert time.monotonic() - started < 10
+        # So does a task asked to run only where torch is: the submitter's requirement
+        # counts as the task's own.
+        with pytest.raises(NoCapablePeerError, match="torch"):
+            client.submit_with("whoami", libraries={"torch": ""}).result(timeout=30)
+        assert client.submit_with("whoami", libraries={"numpy": ">=1"}).result(timeout=30)
 
         # The shard's holder dies: the shard is made again from its lineage, and the next
         # stage runs on the copy, its record naming the lost reference.

@@ -246,11 +246,18 @@ def test_seconds_must_be_finite_and_in_range() -> None:
 def test_options_are_validated() -> None:
     assert parse_options(None, CONFIG) == {}
     assert parse_options(
-        {"timeout": 2, "labels": {"zone": "a"}, "resources": {"gpu": 1}}, CONFIG
+        {
+            "timeout": 2,
+            "labels": {"zone": "a"},
+            "resources": {"gpu": 1},
+            "libraries": {"torch": ">=2.2"},
+        },
+        CONFIG,
     ) == {
         "timeout": 2.0,
         "labels": {"zone": "a"},
         "resources": {"gpu": 1.0},
+        "libraries": {"torch": ">=2.2"},
     }
     bad: object
     for bad in (
@@ -265,6 +272,8 @@ def test_options_are_validated() -> None:
         {"resources": {"gpu": float("inf")}},
         {"resources": {"gpu": -1}},
         {"resources": {"gpu": 10**400}},
+        {"libraries": ["torch"]},
+        {"libraries": {"torch": 2}},
         5,
     ):
         with pytest.raises(BadRequest):
