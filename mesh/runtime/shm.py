@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import mmap
 import os
@@ -125,16 +126,49 @@ def is_object_segment(name: str) -> bool:
 def map_object(name: str, nbytes: int) -> mmap.mmap:
     """Map object-store segment ``name`` read-only; it must hold exactly ``nbytes``.
 
-    Raises ``RemoteProtocolError`` (reason ``bad-segment``) for a name outside the store's
-    prefix or a file of another size, ``FileNotFoundError`` when the segment is gone (its
-    object was released) and ``PermissionError`` when it belongs to another user.
+    The mapping holds a shared ``flock`` on the file for as long as it exists (the lock
+    belongs to the open file, which the mapping keeps): the store writes a segment's pages
+    again for another object only once it can lock the file exclusively, so only once
+    nothing maps it (``lock_shared``). Raises ``RemoteProtocolError`` (reason
+    ``bad-segment``) for a name outside the store's prefix or a file of another size,
+    ``FileNotFoundError`` when the segment is gone (its object was released) and
+    ``PermissionError`` when it belongs to another user.
     """
     fd = _open_object(name, nbytes)
     try:
+        lock_shared(fd, SHM_DIR / name)
         # Every page will be read: map them in one call rather than fault them one by one.
         return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
+
+
+def lock_shared(fd: int, path: str | os.PathLike[str]) -> None:
+    """Mark ``fd``'s file as mapped by this process before mapping it: a shared ``flock``.
+
+    A store recycles a released object's segment (under a new name) once it can lock it
+    exclusively. Between this reader's ``open`` and its lock the segment may have been
+    recycled already: then ``path`` no longer names the open file, and this raises
+    ``FileNotFoundError`` as for a segment that is gone.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        same = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except (BlockingIOError, FileNotFoundError):
+        same = False
+    if not same:
+        raise FileNotFoundError(errno.ENOENT, f"{os.fspath(path)} was released")
+
+
+def unmapped(fd: int) -> bool:
+    """Whether no process maps the file ``fd`` through ``map_object`` or ``lock_shared``
+    (an exclusive ``flock`` can be had); the lock is let go again at once."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
 
 
 def check_object(name: str, nbytes: int) -> None:
