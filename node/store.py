@@ -353,6 +353,8 @@ class SegmentPool:
         self._lock = threading.Lock()
         self.reused = 0
         """Segments handed out again (not made anew)."""
+        self.busy = 0
+        """Times a pooled segment of the right size was still mapped by some reader."""
 
     @property
     def nbytes(self) -> int:
@@ -387,6 +389,7 @@ class SegmentPool:
                 try:
                     if not unmapped(fd):
                         os.close(fd)
+                        self.busy += 1
                         continue  # a reader still maps the old object: try it next time
                     if pooled.size != size:
                         os.ftruncate(fd, size)
@@ -619,13 +622,11 @@ class ObjectStore:
 
     def _load(self, entry: _Entry) -> None:
         """Make sure ``entry`` is in memory: read it back from its spill file if it is not
-        (into a segment, pooled if one fits). Raises ``SpillReadError`` and forgets the
-        object if the file cannot be read; ``ObjectStoreFullError`` if nothing else can
-        spill to make room."""
+        (into a segment, pooled if one fits), then spill others to make room. Raises
+        ``SpillReadError`` and forgets the object if the file cannot be read."""
         entry.used = next(self._ticks)
         if not entry.spilled:
             return
-        self._fit(entry.size, entry)
         path = self._spill_path(entry)
         try:
             value, chunks, segment = self._read_back(path, entry.size)
@@ -640,6 +641,12 @@ class ObjectStore:
         self._spilled -= entry.size
         self._used += entry.size
         self.readbacks += 1
+        # Room is made after the read, so that the object's own file has left the disk
+        # first: with memory and disk both full, a read-back trades places with the least
+        # recently used object. If even that fails the store stays over its target by this
+        # object until the next put: a read never fails for want of room.
+        with contextlib.suppress(ObjectStoreFullError):
+            self._fit(0, entry)
 
     def _read_back(self, path: Path, size: int) -> tuple[Any, Chunks, str | None]:
         src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
