@@ -27,6 +27,7 @@ from mesh.errors import MeshError, ObjectLostError, ObjectStoreFullError, SpillR
 from mesh.protocol.codec import encode_body, loads
 from mesh.protocol.messages import NodeId, ObjectRef
 from mesh.runtime.shm import SHM_DIR, UPLOAD_PREFIX, UploadFiles, map_object, unmapped
+from node.cli import parser
 from node.daemon import Daemon, NodeOptions
 from node.store import SPILL_PREFIX, ObjectStore, remove_orphan_spill
 
@@ -476,3 +477,17 @@ async def test_a_node_whose_spill_is_full_fails_that_task_only(spill_dir: Path) 
             value = await c.fetch(ref)
             assert value.nbytes == MIB // 2
         assert len(node.store) == len(kept)
+
+
+def test_the_store_settings_on_the_command_line() -> None:
+    ns = parser().parse_args(
+        ["start", "--store-memory", "256M", "--spill-dir", "/d", "--spill-limit", "1.5G"]
+    )
+    assert ns.store_memory == 256 * MIB
+    assert ns.spill_dir == "/d"
+    assert ns.spill_limit == 3 * 512 * MIB
+    assert parser().parse_args(["start", "--spill-limit", "0"]).spill_limit == 0
+    assert parser().parse_args(["start", "--store-memory", "4096"]).store_memory == 4096
+    for bad in ("lots", "-1M", "2X"):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["start", "--store-memory", bad])
