@@ -586,8 +586,8 @@ class ObjectStore:
     def _full(self, entry: _Entry, why: str) -> ObjectStoreFullError:
         return ObjectStoreFullError(
             f"object store full: the memory target of {self.target_bytes} bytes is reached"
-            f" and object {entry.ref.id} ({entry.size} bytes) cannot be spilled to"
-            f" {self.spill_dir}: {why}",
+            f" and the spill directory {self.spill_dir} cannot take {entry.size} bytes"
+            f" more: {why}",
             needed=entry.size,
         )
 
