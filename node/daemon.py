@@ -977,6 +977,9 @@ class Daemon:
         run_s = 0.0
         name = call.name if isinstance(call, TaskCall) else ""
         self.events.publish("start", task_id=task_id, task=name, initiator=initiator)
+        # Objects of this store whose segment the worker maps: they stay in memory (do not
+        # spill) until the task is over.
+        pinned: list[str] = []
         try:
             if not isinstance(call, TaskCall):
                 error = _task_error("BadPayload", "the award carried no task call")
@@ -986,7 +989,10 @@ class Daemon:
             shared: list[Segment | OwnedSegment] = []
             try:
                 args, kwargs = await walk_call_async(
-                    call.args, call.kwargs, ObjectRef, lambda ref: self._shared_arg(ref, shared)
+                    call.args,
+                    call.kwargs,
+                    ObjectRef,
+                    lambda ref: self._shared_arg(ref, shared, pinned),
                 )
             except MeshError as exc:
                 outcome = "lost-input"
@@ -1033,6 +1039,8 @@ class Daemon:
             message = f"internal error on {self.node_id}: {type(exc).__name__}: {exc}"
             error = _task_error(INTERNAL_ERROR, message)
         finally:
+            for oid in pinned:
+                self.store.unpin(oid)
             self.executed[outcome] += 1
             self.events.publish(
                 "end",
@@ -1055,13 +1063,19 @@ class Daemon:
             except LocalProtocolError as exc:
                 log.debug("finished task %s unknown to the contract core: %s", task_id, exc)
 
-    async def _shared_arg(self, ref: ObjectRef, shared: list[Segment | OwnedSegment]) -> Any:
+    async def _shared_arg(
+        self, ref: ObjectRef, shared: list[Segment | OwnedSegment], pinned: list[str]
+    ) -> Any:
         """``_task_arg`` as the worker gets it: a segment it maps is kept in ``shared`` and
-        named by its ``Segment`` in the call. (A stored value is never a bare ``Segment``:
-        the store keeps values over its threshold, and a ``Segment`` is a few bytes.)"""
+        named by its ``Segment`` in the call, and one of this store is pinned (``pinned``)
+        so that it does not spill before the worker maps it. (A stored value is never a
+        bare ``Segment``: the store keeps values over its threshold, and a ``Segment`` is a
+        few bytes.)"""
         arg = await self._task_arg(ref)
         if isinstance(arg, Segment | OwnedSegment):
             shared.append(arg)
+            if ref.holder == self.node_id and self.store.pin(ref.id):
+                pinned.append(ref.id)
         return arg.segment if isinstance(arg, OwnedSegment) else arg
 
     def _holder(self, ref: ObjectRef) -> tuple[aiohttp.ClientSession, str]:

@@ -445,6 +445,8 @@ class _Entry:
     """In its spill file, not in memory (``value`` None, ``chunks`` empty)."""
     spill: int = 0
     """Its spill file's number, once it has one."""
+    pins: int = 0
+    """Tasks of this node whose worker maps its segment: it does not spill meanwhile."""
 
 
 class ObjectStore:
@@ -570,7 +572,7 @@ class ObjectStore:
             (
                 e
                 for e in self._objects.values()
-                if not e.spilled and e.writing is None and e is not keep
+                if not e.spilled and e.writing is None and not e.pins and e is not keep
             ),
             key=lambda e: e.used,
         )
@@ -791,6 +793,19 @@ class ObjectStore:
     def ref(self, object_id: str) -> ObjectRef:
         """The reference of a held object."""
         return self._entry(object_id).ref
+
+    def pin(self, object_id: str) -> bool:
+        """Keep a held object in memory until ``unpin``; False if it is not held."""
+        entry = self._objects.get(object_id)
+        if entry is None:
+            return False
+        entry.pins += 1
+        return True
+
+    def unpin(self, object_id: str) -> None:
+        entry = self._objects.get(object_id)
+        if entry is not None and entry.pins > 0:
+            entry.pins -= 1
 
     def is_spilled(self, object_id: str) -> bool:
         return self._entry(object_id).spilled

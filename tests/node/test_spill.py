@@ -138,6 +138,18 @@ def test_the_least_recently_used_object_spills_first(store: ObjectStore) -> None
     np.testing.assert_array_equal(store.get(b), np.full(MIB // 10, 1.0))
 
 
+def test_a_pinned_object_stays_in_memory_until_unpinned(store: ObjectStore) -> None:
+    first = store.put(np.full(MIB // 10, 1.0))  # the least recently used from here on
+    assert store.pin(first.id)
+    others = [store.put(np.full(MIB // 10, 2.0)) for _ in range(5)]
+    assert not store.is_spilled(first.id)
+    assert store.is_spilled(others[0].id)
+    store.unpin(first.id)
+    store.put(np.zeros(MIB // 10))
+    assert store.is_spilled(first.id)
+    assert not store.pin("never-stored")
+
+
 def test_an_object_larger_than_the_target_goes_straight_to_disk(store: ObjectStore) -> None:
     small = store.put(np.ones(1000))
     big = store.put(np.arange(MIB // 2, dtype=np.float64))  # 4 MiB
