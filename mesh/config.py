@@ -415,10 +415,29 @@ class NodeConfig:
     submitter gets an ``ObjectRef``; smaller ones travel with the result message, where a
     reference and a second round trip would cost more than the bytes."""
 
-    store_limit_bytes: int | None = None
-    """Most bytes the object store holds; a put beyond it fails rather than evicting
-    anything still referenced. None: a quarter of this machine's memory, measured at start,
-    which leaves room for the workers that produce the results."""
+    store_memory_target_bytes: int | None = None
+    """Most bytes of objects the store keeps in memory (with the shared-memory segments it
+    pools for reuse). Above it the least recently used objects are written to
+    ``store_spill_dir`` and read back when next asked for; nothing still referenced is
+    evicted. None: a quarter of this machine's memory, measured at start, which leaves room
+    for the workers that produce the results."""
+
+    store_spill_dir: str | None = None
+    """Where objects above the memory target go, one file each, removed with its object
+    and, for a node that died, when a node starts. None: ``$XDG_CACHE_HOME/mesh/spill``
+    (by default ``~/.cache/mesh/spill``). Put it on a disk, not on a tmpfs, or spilling
+    only moves the bytes from one memory to another."""
+
+    store_spill_limit_bytes: int | None = None
+    """Most bytes spilled at once. None: as much as the disk takes; a put fails
+    (``ObjectStoreFullError``) only when the memory target is reached and the spill disk
+    is full too. 0 turns spilling off: the memory target is then a limit."""
+
+    store_pool_idle_s: float = 60.0
+    """Segments of released objects are kept and written again for the next objects of
+    about their size: fresh shared-memory pages cost the kernel a zeroing each, reused
+    ones nothing. Those unused for this long are given back to the system (checked every
+    ``orphan_sweep_interval_s``); the pool also yields to objects at the memory target."""
 
     store_segment_min_bytes: int = 1024 * 1024
     """Stored objects from this size on are handed to processes on the same machine as a
@@ -562,6 +581,7 @@ class NodeConfig:
             http_max_connections_per_address=64,
             object_lease_s=3.0,
             session_ref_grace_s=1.0,
+            store_memory_target_bytes=512 * 1024 * 1024,
         )
 
 

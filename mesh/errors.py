@@ -98,6 +98,29 @@ class ObjectLostError(TaskLostError):
         self.holder = holder
 
 
+class ObjectStoreFullError(MeshError):
+    """An object fits neither in the store's memory target nor in its spill directory.
+
+    The store writes its least recently used objects to disk above its memory target; this
+    is raised only when that fails too (the disk is full, or the spill size cap is reached,
+    or spilling is off). ``needed`` is the object's size; the message names the target and
+    the spill directory. Nothing else stored is lost.
+    """
+
+    def __init__(self, message: str, *, needed: int = 0) -> None:
+        super().__init__(message)
+        self.needed = needed
+
+
+class SpillReadError(ObjectLostError):
+    """A spilled object's file cannot be read back (removed, cut short, unreadable): the
+    object is lost on this node, and may be made again from its lineage."""
+
+    def __init__(self, ref: str, holder: str, path: str, why: str) -> None:
+        super().__init__(ref, holder, f"object {ref} spilled to {path} cannot be read back: {why}")
+        self.path = path
+
+
 class FailureKind(StrEnum):
     """How a task failed, as its submitter learns it; the value is its one spelling on every
     wire (the contract net's ``Failed.kind``, a worker's and a session's error record)."""

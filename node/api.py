@@ -737,15 +737,18 @@ class Api:
         if host and host == self.service.host_id:
             try:
                 shared = await self.service.object_segment(object_id)
-            except ObjectLostError:
-                return _error(404, f"object {object_id} is not held here")
+            except ObjectLostError as exc:
+                return _error(404, f"object {object_id} is not held here: {exc}")
             if shared is not None:
                 self.shared_segments += 1
                 answer = {"segment": shared.name, "nbytes": shared.nbytes}
                 return web.Response(
                     body=json.dumps(answer).encode(), content_type=SEGMENT_CONTENT_TYPE
                 )
-        body = self.service.object_body(object_id)
+        try:
+            body = self.service.object_body(object_id)
+        except ObjectLostError as exc:  # a spill file that cannot be read back
+            return _error(404, f"object {object_id} is not held here: {exc}")
         if body is None:
             return _error(404, f"object {object_id} is not held here")
         chunks, size = body

@@ -77,6 +77,23 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _bytes(text: str) -> int:
+    """A size in bytes, with an optional binary unit: ``512M``, ``2G``."""
+    number, unit = text.strip().upper().removesuffix("IB").removesuffix("B"), ""
+    if number[-1:] in _UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        size = int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}") from None
+    if size < 0:
+        raise argparse.ArgumentTypeError(f"a size must be >= 0: {text}")
+    return size
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -134,6 +151,19 @@ def parser() -> argparse.ArgumentParser:
         type=_seconds,
         metavar="SECONDS",
         help="an idle worker process exits after this long (default 60)",
+    )
+    s.add_argument(
+        "--store-memory",
+        type=_bytes,
+        metavar="BYTES",
+        help="objects kept in memory (e.g. 2G); beyond it they spill (default: 1/4 of memory)",
+    )
+    s.add_argument("--spill-dir", metavar="DIR", help="where objects spill (~/.cache/mesh/spill)")
+    s.add_argument(
+        "--spill-limit",
+        type=_bytes,
+        metavar="BYTES",
+        help="most bytes spilled (default: until the disk is full; 0: never spill)",
     )
     s.add_argument("--seed", type=int, help="seed the protocol's random choices")
     s.add_argument(
@@ -201,8 +231,16 @@ def _start(ns: argparse.Namespace) -> int:
         raise MeshError(f"--ready-file: no directory for {ns.ready_file}")
     key = resolve_key(ns.key, create=True)
     config = PRESETS[ns.preset]()
+    node = config.node
     if ns.worker_idle is not None:
-        config = replace(config, node=replace(config.node, executor_idle_exit_s=ns.worker_idle))
+        node = replace(node, executor_idle_exit_s=ns.worker_idle)
+    if ns.store_memory is not None:
+        node = replace(node, store_memory_target_bytes=ns.store_memory)
+    if ns.spill_dir is not None:
+        node = replace(node, store_spill_dir=ns.spill_dir)
+    if ns.spill_limit is not None:
+        node = replace(node, store_spill_limit_bytes=ns.spill_limit)
+    config = replace(config, node=node)
     options = NodeOptions(
         key=key,
         host=ns.host,

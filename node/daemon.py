@@ -98,7 +98,13 @@ from node.executor import Executor
 from node.http_guard import GuardedSite
 from node.lineage import Lineage, Recipe, Retry, Runs
 from node.refs import Holds, Leases, refs_in
-from node.store import ObjectStore, OwnedSegment, nbytes_of, remove_orphan_segments
+from node.store import (
+    ObjectStore,
+    OwnedSegment,
+    nbytes_of,
+    remove_orphan_segments,
+    remove_orphan_spill,
+)
 from node.transport_ws import WS_PATH, WsTransport
 from tasks import DEFAULT_MAX_RETRIES, Registry
 
@@ -314,11 +320,12 @@ class Daemon:
                 max_frame_bytes=self.config.max_frame_bytes,
                 max_skew_s=self.config.max_clock_skew_s,
             )
-            # Segments of a node that crashed on this machine are nobody's any more.
+            # Segments and spill files of a node that crashed on this machine are nobody's.
             remove_orphan_segments()
             configured_host = self.config.host_id
             self.host_id = machine_host_id() if configured_host is None else configured_host
             self.store = ObjectStore.from_config(self.node_id, self.config)
+            remove_orphan_spill(self.store.spill_dir)
             self.transport = WsTransport(
                 codec=codec, config=self.config, wall_clock=time.time, resolve=self._node_at
             )
@@ -506,8 +513,10 @@ class Daemon:
         while True:
             await asyncio.sleep(self.config.orphan_sweep_interval_s)
             removed = await asyncio.to_thread(remove_orphan_segments)
+            removed += await asyncio.to_thread(remove_orphan_spill, self.store.spill_dir)
             if removed:
-                log.info("removed %d shared-memory files of processes that died", removed)
+                log.info("removed %d shared-memory and spill files of dead processes", removed)
+            self.store.trim_pool(self.config.store_pool_idle_s)
 
     # -- the cores' events ----------------------------------------------------------------
 
@@ -968,6 +977,9 @@ class Daemon:
         run_s = 0.0
         name = call.name if isinstance(call, TaskCall) else ""
         self.events.publish("start", task_id=task_id, task=name, initiator=initiator)
+        # Objects of this store whose segment the worker maps: they stay in memory (do not
+        # spill) until the task is over.
+        pinned: list[str] = []
         try:
             if not isinstance(call, TaskCall):
                 error = _task_error("BadPayload", "the award carried no task call")
@@ -977,7 +989,10 @@ class Daemon:
             shared: list[Segment | OwnedSegment] = []
             try:
                 args, kwargs = await walk_call_async(
-                    call.args, call.kwargs, ObjectRef, lambda ref: self._shared_arg(ref, shared)
+                    call.args,
+                    call.kwargs,
+                    ObjectRef,
+                    lambda ref: self._shared_arg(ref, shared, pinned),
                 )
             except MeshError as exc:
                 outcome = "lost-input"
@@ -1024,6 +1039,8 @@ class Daemon:
             message = f"internal error on {self.node_id}: {type(exc).__name__}: {exc}"
             error = _task_error(INTERNAL_ERROR, message)
         finally:
+            for oid in pinned:
+                self.store.unpin(oid)
             self.executed[outcome] += 1
             self.events.publish(
                 "end",
@@ -1046,13 +1063,19 @@ class Daemon:
             except LocalProtocolError as exc:
                 log.debug("finished task %s unknown to the contract core: %s", task_id, exc)
 
-    async def _shared_arg(self, ref: ObjectRef, shared: list[Segment | OwnedSegment]) -> Any:
+    async def _shared_arg(
+        self, ref: ObjectRef, shared: list[Segment | OwnedSegment], pinned: list[str]
+    ) -> Any:
         """``_task_arg`` as the worker gets it: a segment it maps is kept in ``shared`` and
-        named by its ``Segment`` in the call. (A stored value is never a bare ``Segment``:
-        the store keeps values over its threshold, and a ``Segment`` is a few bytes.)"""
+        named by its ``Segment`` in the call, and one of this store is pinned (``pinned``)
+        so that it does not spill before the worker maps it. (A stored value is never a
+        bare ``Segment``: the store keeps values over its threshold, and a ``Segment`` is a
+        few bytes.)"""
         arg = await self._task_arg(ref)
         if isinstance(arg, Segment | OwnedSegment):
             shared.append(arg)
+            if ref.holder == self.node_id and self.store.pin(ref.id):
+                pinned.append(ref.id)
         return arg.segment if isinstance(arg, OwnedSegment) else arg
 
     def _holder(self, ref: ObjectRef) -> tuple[aiohttp.ClientSession, str]:
@@ -1150,6 +1173,9 @@ class Daemon:
             "mdns_found": int(getattr(self._discovery, "found_count", 0) or 0),
             "objects": len(self.store),
             "object_bytes": self.store.used_bytes,
+            "spilled_objects": self.store.spilled_objects,
+            "spilled_bytes": self.store.spilled_bytes,
+            "pooled_bytes": self.store.pool.nbytes,
             "uptime_s": round(time.monotonic() - self._started, 3),
         }
 
@@ -1159,6 +1185,7 @@ class Daemon:
             "slots": self.executor.slots,
             "objects": len(self.store),
             "object_bytes": self.store.used_bytes,
+            "spilled_bytes": self.store.spilled_bytes,
             "fetched_from": dict(self.fetched_from),
             "executed": dict(self.executed),
         }
@@ -1336,8 +1363,14 @@ class _Collector:
             rejected.add_metric([reason], n)
         running = GaugeMetricFamily("mesh_running_tasks", "Tasks running on this node")
         running.add_metric([], len(d._jobs))
-        store = GaugeMetricFamily("mesh_object_store_bytes", "Bytes held in the object store")
-        store.add_metric([], d.store.used_bytes)
+        store = GaugeMetricFamily(
+            "mesh_object_store_bytes",
+            "Bytes held in the object store: in memory, spilled to disk, pooled segments",
+            labels=["where"],
+        )
+        store.add_metric(["memory"], d.store.used_bytes)
+        store.add_metric(["spilled"], d.store.spilled_bytes)
+        store.add_metric(["pooled"], d.store.pool.nbytes)
         reruns = CounterMetricFamily(
             "mesh_task_reruns",
             "Runs again of tasks this node initiated: retries, and lost objects made again",

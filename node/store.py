@@ -5,9 +5,15 @@ an ``ObjectRef`` naming this node as holder; a task whose arguments are referenc
 them from the holder, so work can move to the data instead of the data to the submitter.
 
 Each object is encoded once, when it is put (``mesh.protocol.codec.encode_body``, which does
-not copy arrays), and the same chunks serve every fetch. The store holds at most ``limit_bytes``; a
-put beyond that fails with ``ObjectStoreFullError``. Nothing is ever evicted behind a
+not copy arrays), and the same chunks serve every fetch. Nothing is ever evicted behind a
 reference's back: an object leaves only when ``release`` is called for it.
+
+Memory is bounded by a target (``NodeConfig.store_memory_target_bytes``), not a wall: above
+it the store writes its least recently used objects to a spill directory, one file each,
+and reads one back (into shared memory again) the next time it is asked for; a put fails
+with ``ObjectStoreFullError`` only when the spill directory cannot take the bytes either.
+A spill file goes with its object, and those of dead processes go at start
+(``remove_orphan_spill``), like orphan segments.
 
 Processes on the same machine share large objects through shared memory, as a plasma store
 does: an object from ``segment_min_bytes`` on can live in a segment the store owns, a file
@@ -16,10 +22,17 @@ client's upload is copied into such a segment in the kernel (``take_upload``): c
 because the client could still shrink its own file under a mapping of it, which kills the
 reader with SIGBUS; the store's copy is a file only the node writes. Any other object gets
 its segment written once, in a thread, the first time a process on this machine asks for it.
-A segment is removed exactly when its object is released or the store closes; processes that
-mapped it keep its pages until they unmap them. Segments of processes that died (a node
-killed with SIGKILL, its workers) and uploads no node took are removed by
-``remove_orphan_segments``, which the daemon runs at start and then on a timer.
+
+A released object's segment is not removed but kept in a pool (``SegmentPool``) under a new
+name and written again for a later object of about its size: fresh shared-memory pages cost
+the kernel a zeroing per page, reused ones do not. Every mapping of an object segment holds
+a shared ``flock`` on it (``mesh.runtime.shm.map_object``), and a pooled segment is written
+again only once the pool can lock it exclusively, so never under a reader that still maps
+the old object. Pooled segments count against the memory target, are given up first when
+room is needed, and are removed when idle (``trim_pool``) or when the store closes.
+Segments of processes that died (a node killed with SIGKILL, its workers) and uploads no
+node took are removed by ``remove_orphan_segments``, which the daemon runs at start and then
+on a timer.
 
 The daemon serves ``encoded`` chunks or segment names over HTTP and decides what to put and
 when to release; the store touches no socket.
@@ -28,18 +41,22 @@ when to release; the store touches no socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import fcntl
 import itertools
 import mmap
 import os
 import re
 import secrets
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
@@ -50,12 +67,22 @@ from mesh.errors import (
     LocalProtocolError,
     MeshError,
     ObjectLostError,
+    ObjectStoreFullError,
     RemoteProtocolError,
+    SpillReadError,
     TaskLostError,
 )
 from mesh.protocol.codec import Chunks, decode_body, encode_body
 from mesh.protocol.messages import NodeId, ObjectRef, Segment, Wire, field_names
-from mesh.runtime.shm import OBJECT_PREFIX, SHM_DIR, UPLOAD_PREFIX, open_exact, unlink, write_chunks
+from mesh.runtime.shm import (
+    OBJECT_PREFIX,
+    SHM_DIR,
+    UPLOAD_PREFIX,
+    open_exact,
+    unlink,
+    unmapped,
+    write_chunks,
+)
 
 _LIMIT_SHARE: Final = 4
 """With no configured limit the store may take 1/_LIMIT_SHARE of the machine's memory."""
@@ -65,6 +92,11 @@ _OWNER: Final = re.compile(r"mesh-(?:obj-)?([0-9]{1,10})-")
 """A segment's owner: an object store (``OBJECT_PREFIX``) or an executor (``mesh-<pid>-``)."""
 _UPLOAD: Final = re.compile(re.escape(UPLOAD_PREFIX) + r"[0-9a-f]{24}")
 _MAX_UPLOAD: Final = 64 * 1024 * 1024 * 1024
+SPILL_PREFIX: Final = "mesh-spill-"
+"""Names of spill files: ``mesh-spill-<pid>-<token>-<object id>``."""
+_SPILL_OWNER: Final = re.compile(re.escape(SPILL_PREFIX) + r"([0-9]{1,10})-")
+_POOL_SLACK: Final = 4
+"""A pooled segment is reused for an object within 1/_POOL_SLACK of its size."""
 
 
 class ObjectNotFoundError(ObjectLostError):
@@ -76,15 +108,6 @@ class ObjectNotFoundError(ObjectLostError):
         )
         self.ref = object_id
         self.holder = holder
-
-
-class ObjectStoreFullError(MeshError):
-    """Putting an object would take the store over its limit."""
-
-    def __init__(self, over: int, limit: int) -> None:
-        super().__init__(f"object store full: {over} bytes over the limit of {limit}")
-        self.over = over
-        self.limit = limit
 
 
 def nbytes_of(value: Any) -> int:
@@ -200,20 +223,6 @@ def _create(name: str, size: int) -> mmap.mmap:
         os.close(fd)
 
 
-def _write(name: str, chunks: Chunks, size: int) -> mmap.mmap:
-    """A new segment holding ``chunks``, mapped read-only for the store's own use."""
-    fd = os.open(_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, size)
-        write_chunks(fd, chunks)
-        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-    except BaseException:
-        unlink(name)
-        raise
-    finally:
-        os.close(fd)
-
-
 class UploadError(RemoteProtocolError):
     """A client's shared-memory upload that cannot be taken: its message names the upload."""
 
@@ -284,6 +293,144 @@ class OwnedSegment:
         self._gone.detach()
 
 
+def default_spill_dir() -> Path:
+    """Where objects spill when no directory is configured: this user's cache directory
+    (``$XDG_CACHE_HOME/mesh/spill``, by default ``~/.cache/mesh/spill``), on disk."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "mesh" / "spill"
+
+
+def remove_orphan_spill(spill_dir: str | os.PathLike[str]) -> int:
+    """Remove the spill files of processes that are gone from ``spill_dir``; how many.
+
+    A spill file names its store's process (``mesh-spill-<pid>-``): a node killed with
+    SIGKILL leaves its files behind, and nothing can read them any more.
+    """
+    try:
+        names = os.listdir(spill_dir)
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        owner = _SPILL_OWNER.match(name)
+        if owner is None:
+            continue
+        pid = int(owner.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(spill_dir, name))
+        except OSError:
+            continue
+        removed += 1
+    return removed
+
+
+# ---------------------------------------------------------------------------------------
+# Segments written again
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Pooled:
+    name: str
+    size: int
+    since: float
+
+
+class SegmentPool:
+    """Segment files that no object uses any more, kept to be written again.
+
+    ``give`` takes a segment (already renamed away from its object's name), ``take`` hands
+    back one of about the size asked for that nothing maps any more (``shm.unmapped``),
+    opened for writing and cut or grown to the exact size. Thread-safe: segments are given
+    from the store's disposal thread and taken from upload threads.
+    """
+
+    def __init__(self) -> None:
+        self._free: list[_Pooled] = []
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.reused = 0
+        """Segments handed out again (not made anew)."""
+        self.busy = 0
+        """Times a pooled segment of the right size was still mapped by some reader."""
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def names(self) -> set[str]:
+        with self._lock:
+            return {p.name for p in self._free}
+
+    def give(self, name: str, size: int) -> None:
+        with self._lock:
+            self._free.append(_Pooled(name, size, time.monotonic()))
+            self._bytes += size
+
+    def take(self, size: int) -> tuple[str, int] | None:
+        """A pooled segment for ``size`` bytes, as (name, descriptor open for reading and
+        writing, file of exactly ``size`` bytes); None if none fits or all are mapped."""
+        with self._lock:
+            fits = sorted(
+                (p for p in self._free if abs(p.size - size) <= size // _POOL_SLACK),
+                key=lambda p: abs(p.size - size),
+            )
+            for pooled in fits:
+                try:
+                    fd = os.open(_path(pooled.name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError:
+                    self._drop(pooled)  # removed behind the pool's back
+                    continue
+                try:
+                    if not unmapped(fd):
+                        os.close(fd)
+                        self.busy += 1
+                        continue  # a reader still maps the old object: try it next time
+                    if pooled.size != size:
+                        os.ftruncate(fd, size)
+                except OSError:
+                    os.close(fd)
+                    self._drop(pooled)
+                    unlink(pooled.name)
+                    continue
+                self._drop(pooled)
+                self.reused += 1
+                return pooled.name, fd
+        return None
+
+    def _drop(self, pooled: _Pooled) -> None:
+        self._free.remove(pooled)
+        self._bytes -= pooled.size
+
+    def trim(self, *, keep_bytes: int = 0, idle_s: float | None = None) -> int:
+        """Remove pooled segments, oldest first, until at most ``keep_bytes`` are pooled;
+        with ``idle_s``, only those pooled for longer than that. The bytes removed."""
+        removed = 0
+        now = time.monotonic()
+        with self._lock:
+            for pooled in list(self._free):
+                if self._bytes <= keep_bytes:
+                    break
+                if idle_s is not None and now - pooled.since <= idle_s:
+                    continue
+                self._drop(pooled)
+                unlink(pooled.name)
+                removed += pooled.size
+        return removed
+
+
+def _map_read(fd: int, size: int) -> mmap.mmap:
+    """The store's own read-only mapping of segment ``fd``, which holds a shared lock like any
+    reader's (so the segment is not written again while the store's views live)."""
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+
+
 @dataclass(slots=True, eq=False)
 class _Entry:
     value: Any
@@ -292,46 +439,89 @@ class _Entry:
     ref: ObjectRef
     segment: str | None = None
     writing: asyncio.Future[None] | None = field(default=None, repr=False)
+    used: int = 0
+    """When it was last asked for (the store's tick): the least recently used spill first."""
+    spilled: bool = False
+    """In its spill file, not in memory (``value`` None, ``chunks`` empty)."""
+    spill: int = 0
+    """Its spill file's number, once it has one."""
+    pins: int = 0
+    """Tasks of this node whose worker maps its segment: it does not spill meanwhile."""
 
 
 class ObjectStore:
-    """Objects held by node ``node_id``, at most ``limit_bytes`` of them (encoded size).
+    """Objects held by node ``node_id``; about ``target_bytes`` of them (encoded size) in
+    memory, the least recently used beyond that in ``spill_dir``.
 
-    Objects from ``segment_min_bytes`` on are shared with processes on this machine through
-    segments named ``prefix`` + a counter; ``close`` removes them all.
+    ``spill_limit_bytes`` caps the bytes in ``spill_dir`` (None: as much as the disk takes,
+    0: nothing spills and the target is a limit). Objects from ``segment_min_bytes`` on are
+    shared with processes on this machine through segments named ``prefix`` + a counter;
+    ``close`` removes them all, and every spill file.
     """
 
     def __init__(
-        self, node_id: NodeId, limit_bytes: int, *, segment_min_bytes: int = 1024 * 1024
+        self,
+        node_id: NodeId,
+        target_bytes: int,
+        *,
+        segment_min_bytes: int = 1024 * 1024,
+        spill_dir: str | os.PathLike[str] | None = None,
+        spill_limit_bytes: int | None = None,
     ) -> None:
-        if limit_bytes < 0:
-            raise LocalProtocolError(f"store limit must not be negative, got {limit_bytes}")
+        if target_bytes < 0:
+            raise LocalProtocolError(
+                f"store memory target must not be negative, got {target_bytes}"
+            )
         self.node_id = node_id
-        self.limit_bytes = limit_bytes
+        self.target_bytes = target_bytes
         self.segment_min_bytes = segment_min_bytes
-        self.prefix = f"{OBJECT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else default_spill_dir()
+        self.spill_limit_bytes = spill_limit_bytes
+        token = secrets.token_hex(4)
+        self.prefix = f"{OBJECT_PREFIX}{os.getpid()}-{token}-"
+        self.spill_prefix = f"{SPILL_PREFIX}{os.getpid()}-{token}-"
+        self.pool = SegmentPool()
         self._names = itertools.count(1)
+        self._ticks = itertools.count(1)
         self._objects: dict[str, _Entry] = {}
         self._used = 0
+        self._spilled = 0
+        self.spills = 0
+        """Objects written to the spill directory."""
+        self.readbacks = 0
+        """Spilled objects read back into memory."""
         self._closed = False
         self._reaper: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_config(cls, node_id: NodeId, config: NodeConfig) -> ObjectStore:
-        limit = config.store_limit_bytes
+        target = config.store_memory_target_bytes
         return cls(
             node_id,
-            default_limit() if limit is None else limit,
+            default_limit() if target is None else target,
             segment_min_bytes=config.store_segment_min_bytes,
+            spill_dir=config.store_spill_dir,
+            spill_limit_bytes=config.store_spill_limit_bytes,
         )
 
     @property
     def used_bytes(self) -> int:
+        """Bytes of objects in memory (spilled ones not included)."""
         return self._used
 
     @property
+    def spilled_bytes(self) -> int:
+        """Bytes of objects in spill files."""
+        return self._spilled
+
+    @property
+    def spilled_objects(self) -> int:
+        return sum(1 for e in self._objects.values() if e.spilled)
+
+    @property
     def free_bytes(self) -> int:
-        return max(0, self.limit_bytes - self._used)
+        """Room in memory before the next put spills something."""
+        return max(0, self.target_bytes - self._used - self.pool.nbytes)
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -350,40 +540,188 @@ class ObjectStore:
             raise LocalProtocolError(f"object {oid} is already stored")
         return oid
 
-    def _check_room(self, size: int) -> None:
-        over = self._used + size - self.limit_bytes
-        if over > 0:
-            raise ObjectStoreFullError(over, self.limit_bytes)
-
     def _keep(self, oid: str, entry: _Entry) -> ObjectRef:
+        """Hold ``entry``, spilling what it takes to stay within the memory target; if
+        even that fails, hold nothing new and raise ``ObjectStoreFullError``."""
+        entry.used = next(self._ticks)
         self._objects[oid] = entry
         self._used += entry.size
+        try:
+            if entry.size > self.target_bytes:
+                self._spill(entry)  # never fits in memory: straight to disk
+            self._fit(0, entry)
+        except BaseException:
+            self._forget(oid)
+            raise
         return entry.ref
+
+    # -- memory target and spill -----------------------------------------------------------
+
+    def _fit(self, incoming: int, keep: _Entry | None = None) -> None:
+        """Make the objects in memory, the pool and ``incoming`` more bytes fit the target:
+        pooled segments go first, then the least recently used objects spill (never
+        ``keep``). Raises ``ObjectStoreFullError`` if the spill directory cannot take them."""
+        over = self._used + self.pool.nbytes + incoming - self.target_bytes
+        if over <= 0:
+            return
+        self.pool.trim(keep_bytes=max(0, self.pool.nbytes - over))
+        over = self._used + incoming - self.target_bytes
+        if over <= 0:
+            return
+        candidates = sorted(
+            (
+                e
+                for e in self._objects.values()
+                if not e.spilled and e.writing is None and not e.pins and e is not keep
+            ),
+            key=lambda e: e.used,
+        )
+        for entry in candidates:
+            if over <= 0:
+                return
+            self._spill(entry)
+            over -= entry.size
+
+    def _spill_path(self, entry: _Entry) -> Path:
+        return self.spill_dir / f"{self.spill_prefix}{entry.spill}"
+
+    def _full(self, entry: _Entry, why: str) -> ObjectStoreFullError:
+        return ObjectStoreFullError(
+            f"object store full: the memory target of {self.target_bytes} bytes is reached"
+            f" and the spill directory {self.spill_dir} cannot take {entry.size} bytes"
+            f" more: {why}",
+            needed=entry.size,
+        )
+
+    def _spill(self, entry: _Entry) -> None:
+        """Write ``entry`` to its spill file and let go of its memory (blocking I/O)."""
+        limit = self.spill_limit_bytes
+        if limit is not None and self._spilled + entry.size > limit:
+            why = "spilling is off" if limit == 0 else f"the spill cap of {limit} bytes is reached"
+            raise self._full(entry, why)
+        entry.spill = next(self._names)
+        path = self._spill_path(entry)
+        try:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise self._full(entry, exc.strerror or str(exc)) from None
+        try:
+            write_chunks(fd, entry.chunks)
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise self._full(entry, exc.strerror or str(exc)) from None
+        os.close(fd)
+        self._let_go(entry)
+        entry.value = None
+        entry.chunks = []
+        entry.spilled = True
+        self._used -= entry.size
+        self._spilled += entry.size
+        self.spills += 1
+
+    def _load(self, entry: _Entry) -> None:
+        """Make sure ``entry`` is in memory: read it back from its spill file if it is not
+        (into a segment, pooled if one fits), then spill others to make room. Raises
+        ``SpillReadError`` and forgets the object if the file cannot be read."""
+        entry.used = next(self._ticks)
+        if not entry.spilled:
+            return
+        path = self._spill_path(entry)
+        try:
+            value, chunks, segment = self._read_back(path, entry.size)
+        except (OSError, MeshError) as exc:
+            self._forget(entry.ref.id)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise SpillReadError(entry.ref.id, self.node_id, str(path), why) from None
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        entry.value, entry.chunks, entry.segment = value, chunks, segment
+        entry.spilled = False
+        self._spilled -= entry.size
+        self._used += entry.size
+        self.readbacks += 1
+        # Room is made after the read, so that the object's own file has left the disk
+        # first: with memory and disk both full, a read-back trades places with the least
+        # recently used object. If even that fails the store stays over its target by this
+        # object until the next put: a read never fails for want of room.
+        with contextlib.suppress(ObjectStoreFullError):
+            self._fit(0, entry)
+
+    def _read_back(self, path: Path, size: int) -> tuple[Any, Chunks, str | None]:
+        src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if os.fstat(src).st_size != size:
+                raise OSError(
+                    errno.EIO, f"the file holds {os.fstat(src).st_size} bytes, not {size}"
+                )
+            if size < self.segment_min_bytes:
+                data = bytearray(size)
+                if os.preadv(src, [data], 0) != size:
+                    raise OSError(errno.EIO, "the file was cut short")
+                return decode_body(memoryview(data)), [memoryview(data)], None
+            name, fd = self._segment_fd(size)
+            try:
+                if _copy_exact(src, fd, size) != size:
+                    raise OSError(errno.EIO, "the file was cut short")
+                mapping = _map_read(fd, size)
+            except BaseException:
+                unlink(name)
+                raise
+            finally:
+                os.close(fd)
+            try:
+                return decode_body(memoryview(mapping)), [memoryview(mapping)], name
+            except BaseException:
+                unlink(name)
+                raise
+        finally:
+            os.close(src)
+
+    def _segment_fd(self, size: int) -> tuple[str, int]:
+        """A segment for ``size`` bytes to write, pooled if one fits: (name, descriptor)."""
+        taken = self.pool.take(size)
+        if taken is not None:
+            return taken
+        name = f"{self.prefix}{next(self._names)}"
+        fd = os.open(_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            unlink(name)
+            raise
+        return name, fd
+
+    # -- putting ---------------------------------------------------------------------------
 
     def put(self, value: Any, *, object_id: str | None = None) -> ObjectRef:
         """Keep ``value`` and return a reference to it.
 
-        ``object_id`` names the object (a task id, say); by default a fresh random id. Raises
-        ``ObjectStoreFullError`` if it does not fit, ``LocalProtocolError`` if ``value``
-        cannot be encoded or ``object_id`` is already held.
+        ``object_id`` names the object (a task id, say); by default a fresh random id. Above
+        the memory target the least recently used objects spill to disk first; raises
+        ``ObjectStoreFullError`` if they cannot (nothing is lost then),
+        ``LocalProtocolError`` if ``value`` cannot be encoded or ``object_id`` is already
+        held.
         """
         oid = self._new_id(object_id)
         chunks, size = encode_body(value)
-        self._check_room(size)
         dtype, shape = _summary(value)
         ref = ObjectRef(id=oid, holder=self.node_id, nbytes=size, dtype=dtype, shape=shape)
         return self._keep(oid, _Entry(value=value, chunks=chunks, size=size, ref=ref))
 
     def take_upload(self, upload: Segment) -> OwnedSegment:
-        """Copy a same-machine client's upload into a new segment of this store and decode it.
+        """Copy a same-machine client's upload into a segment of this store and decode it.
 
         Blocking (a copy of the whole body): call it in a thread. The client's file is opened
         by ``mesh.runtime.shm.open_exact`` (no link, no FIFO, this user's, the announced size) and
         copied in the kernel, never mapped: the client keeps its descriptor and could shrink
         the file at any time, and a mapping of a shrunk file kills the reader with SIGBUS.
-        The copy is this store's own file, which only the node changes. The client's file is
-        removed once copied or refused. Raises ``UploadError`` naming the upload,
-        ``LocalProtocolError`` if the store is closed.
+        The copy is this store's own file (pooled if one fits), which only the node changes.
+        The client's file is removed once copied or refused. Raises ``UploadError`` naming
+        the upload, ``LocalProtocolError`` if the store is closed.
         """
         if self._closed:
             raise LocalProtocolError("the object store is closed")
@@ -400,20 +738,18 @@ class ObjectStore:
         except RemoteProtocolError as exc:
             unlink(upload.name)
             raise UploadError(str(exc)) from None
-        name = f"{self.prefix}{next(self._names)}"
         try:
-            fd = os.open(_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            name, fd = self._segment_fd(upload.nbytes)
             try:
-                os.ftruncate(fd, upload.nbytes)
                 copied = _copy_exact(src, fd, upload.nbytes)
                 if copied != upload.nbytes:
                     raise UploadError(f"{what} changed size while it was read")
-                mapping = mmap.mmap(fd, upload.nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                mapping = _map_read(fd, upload.nbytes)
+            except BaseException:
+                unlink(name)
+                raise
             finally:
                 os.close(fd)
-        except BaseException:
-            unlink(name)
-            raise
         finally:
             os.close(src)
             unlink(upload.name)
@@ -427,18 +763,18 @@ class ObjectStore:
     def adopt(self, upload: OwnedSegment, *, object_id: str | None = None) -> ObjectRef:
         """Keep an upload (``take_upload``) as an object; its segment becomes the object's.
 
-        Raises like ``put``; the upload then still removes its segment when dropped.
+        Raises like ``put``; the segment is then the store's all the same, and pooled.
         """
         oid = self._new_id(object_id)
-        self._check_room(upload.nbytes)
-        name = upload.name
-        upload._kept()
         value = upload.value
         dtype, shape = _summary(value)
         size = upload.nbytes
         ref = ObjectRef(id=oid, holder=self.node_id, nbytes=size, dtype=dtype, shape=shape)
-        entry = _Entry(value=value, chunks=[upload.buffer], size=size, ref=ref, segment=name)
+        entry = _Entry(value=value, chunks=[upload.buffer], size=size, ref=ref, segment=upload.name)
+        upload._kept()
         return self._keep(oid, entry)
+
+    # -- reading ---------------------------------------------------------------------------
 
     def _entry(self, ref_or_id: ObjectRef | str) -> _Entry:
         oid = ref_or_id.id if isinstance(ref_or_id, ObjectRef) else ref_or_id
@@ -448,22 +784,42 @@ class ObjectStore:
         return entry
 
     def get(self, ref_or_id: ObjectRef | str) -> Any:
-        """The stored value; raises ``ObjectNotFoundError`` if it is not held here."""
-        return self._entry(ref_or_id).value
+        """The stored value (read back if it was spilled); raises ``ObjectNotFoundError`` if
+        it is not held here, ``SpillReadError`` if its spill file cannot be read."""
+        entry = self._entry(ref_or_id)
+        self._load(entry)
+        return entry.value
 
     def ref(self, object_id: str) -> ObjectRef:
         """The reference of a held object."""
         return self._entry(object_id).ref
 
+    def pin(self, object_id: str) -> bool:
+        """Keep a held object in memory until ``unpin``; False if it is not held."""
+        entry = self._objects.get(object_id)
+        if entry is None:
+            return False
+        entry.pins += 1
+        return True
+
+    def unpin(self, object_id: str) -> None:
+        entry = self._objects.get(object_id)
+        if entry is not None and entry.pins > 0:
+            entry.pins -= 1
+
+    def is_spilled(self, object_id: str) -> bool:
+        return self._entry(object_id).spilled
+
     def encoded(self, ref_or_id: ObjectRef | str) -> tuple[Chunks, int]:
         """The object's body (``mesh.protocol.codec`` format) as chunks to write in order, and
-        its size.
+        its size; a spilled object is read back first.
 
         Made once at ``put``; ``mesh.protocol.codec.loads`` of the joined chunks gives the value
         back.
         The chunks are read-only views: write them, never modify them.
         """
         entry = self._entry(ref_or_id)
+        self._load(entry)
         return list(entry.chunks), entry.size
 
     def segment(self, ref_or_id: ObjectRef | str) -> Segment | None:
@@ -474,12 +830,14 @@ class ObjectStore:
         return Segment(name=entry.segment, nbytes=entry.size)
 
     async def share(self, ref_or_id: ObjectRef | str) -> Segment | None:
-        """The segment that holds the object's body, written (in a thread) on first use.
+        """The segment that holds the object's body, written (in a thread) on first use; a
+        spilled object is read back into one.
 
         None for objects under ``segment_min_bytes``: a socket copies them for less. Raises
         ``ObjectNotFoundError`` if the object is not held, or is released meanwhile.
         """
         entry = self._entry(ref_or_id)
+        self._load(entry)
         if entry.segment is None:
             if entry.size < self.segment_min_bytes:
                 return None
@@ -497,16 +855,22 @@ class ObjectStore:
         return not self._closed and self._objects.get(entry.ref.id) is entry
 
     async def _write_segment(self, entry: _Entry) -> None:
-        name = f"{self.prefix}{next(self._names)}"
-
-        def write() -> mmap.mmap:
-            mapping = _write(name, entry.chunks, entry.size)
+        def write() -> tuple[str, mmap.mmap]:
+            name, fd = self._segment_fd(entry.size)
+            try:
+                write_chunks(fd, entry.chunks)
+                mapping = _map_read(fd, entry.size)
+            except BaseException:
+                unlink(name)
+                raise
+            finally:
+                os.close(fd)
             if not self._held(entry):
                 unlink(name)  # released or closed while the copy ran
-            return mapping
+            return name, mapping
 
         try:
-            mapping = await asyncio.to_thread(write)
+            name, mapping = await asyncio.to_thread(write)
         finally:
             entry.writing = None
         if not self._held(entry):
@@ -521,51 +885,100 @@ class ObjectStore:
     def new_segment(self, nbytes: int) -> OwnedSegment:
         """A fresh, writable segment under this store's prefix (for a fetched argument).
 
-        Not counted against the limit: it lives as long as the task that reads it.
+        Not counted against the memory target: it lives as long as the task that reads it.
         """
         if self._closed:
             raise LocalProtocolError("the object store is closed")
         name = f"{self.prefix}{next(self._names)}"
         return OwnedSegment(name, nbytes, _create(name, nbytes))
 
+    # -- letting go ------------------------------------------------------------------------
+
     def release(self, ref_or_id: ObjectRef | str) -> bool:
-        """Forget an object; False if it was not held (releasing twice is harmless)."""
+        """Forget an object, its spill file too; False if it was not held (releasing twice
+        is harmless)."""
         oid = ref_or_id.id if isinstance(ref_or_id, ObjectRef) else ref_or_id
-        entry = self._objects.pop(oid, None)
+        entry = self._objects.get(oid)
         if entry is None:
             return False
-        self._used -= entry.size
-        if entry.segment is not None:
-            # Cheap while the store still maps it: the pages go when the last mapping does.
-            unlink(entry.segment)
-            self._dispose(entry)
+        if entry.spilled:
+            with contextlib.suppress(OSError):
+                os.unlink(self._spill_path(entry))
+        self._forget(oid)
         return True
 
-    def _dispose(self, entry: _Entry) -> None:
-        """Drop the last references to a large object in a thread.
+    def _forget(self, oid: str) -> None:
+        entry = self._objects.pop(oid)
+        if entry.spilled:
+            self._spilled -= entry.size
+        else:
+            self._used -= entry.size
+            self._let_go(entry)
+
+    def _let_go(self, entry: _Entry) -> None:
+        """Drop the store's hold on ``entry``'s memory: its segment leaves its name at once
+        (fetchers find it gone) and goes to the pool; the last references go in a thread."""
+        segment, entry.segment = entry.segment, None
+        if segment is None:
+            return
+        pooled = f"{self.prefix}{next(self._names)}"
+        try:
+            os.rename(_path(segment), _path(pooled))
+        except OSError:
+            unlink(segment)
+            pooled = ""
+        box = [entry.value, entry.chunks]
+        entry.value = None
+        entry.chunks = []
+        self._dispose(box, pooled, entry.size)
+
+    def _dispose(self, box: list[Any], pooled: str, size: int) -> None:
+        """Drop the last references to a large object in a thread, then pool its segment.
 
         Unmapping and freeing tens of MiB of pages takes milliseconds; on the event loop
         they would delay whatever comes next (the result this release makes room for).
         """
+
+        def drop() -> None:
+            box.clear()
+            if not pooled:
+                return
+            if self._closed:
+                unlink(pooled)
+            else:
+                self.pool.give(pooled, size)
+
         if self._closed:
+            drop()
             return
         if self._reaper is None:
             self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-store")
-        box = [entry]
-        del entry
-        self._reaper.submit(box.clear)
+        self._reaper.submit(drop)
+
+    def trim_pool(self, idle_s: float) -> int:
+        """Remove the pooled segments unused for ``idle_s``; the bytes removed."""
+        return self.pool.trim(idle_s=idle_s)
 
     def close(self) -> None:
-        """Release everything and remove every segment this store made."""
+        """Release everything and remove every segment and spill file this store made."""
         for oid in list(self._objects):
             self.release(oid)
         self._closed = True
         if self._reaper is not None:
             self._reaper.shutdown(wait=True)
+        self.pool.trim()
         try:
             names = os.listdir(SHM_DIR)
         except OSError:
-            return
+            names = []
         for name in names:
             if name.startswith(self.prefix):
                 unlink(name)
+        try:
+            spilled = os.listdir(self.spill_dir)
+        except OSError:
+            return
+        for name in spilled:
+            if name.startswith(self.spill_prefix):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.spill_dir / name)

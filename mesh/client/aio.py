@@ -14,7 +14,6 @@ import concurrent.futures
 import contextlib
 import ipaddress
 import itertools
-import secrets
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -47,7 +46,7 @@ from mesh.runtime.http import (
     normalise_url,
     request_json,
 )
-from mesh.runtime.shm import UPLOAD_PREFIX, host_id, unlink, write_segment
+from mesh.runtime.shm import UploadFiles, host_id, unlink
 
 SHM_THRESHOLD: Final = 1024 * 1024
 """Arrays from this size on go to a node on the same machine through shared memory."""
@@ -161,6 +160,7 @@ class AsyncClient:
         self._background = Background(f"session {url}")
         self._same_host = _is_loopback(url)
         """The node runs on this machine: large arrays go to it through shared memory."""
+        self._uploads = UploadFiles()
 
     @classmethod
     async def connect(
@@ -212,6 +212,7 @@ class AsyncClient:
         await self._ws.close()
         await self._background.stop()
         self._fail_all(MeshError("the client was closed"))
+        self._uploads.close()
         await self._session.close()
 
     async def _run(self, ready: Ready) -> None:
@@ -345,16 +346,14 @@ class AsyncClient:
         )
         self._has_batch.set()
 
-    @staticmethod
-    def _to_shm(value: Any, uploads: list[str]) -> Any:
+    def _to_shm(self, value: Any, uploads: list[str]) -> Any:
         """A large array for a node on this machine goes through shared memory: the node
         reads it from there at memory speed instead of through a websocket."""
         if not isinstance(value, np.ndarray) or value.nbytes < SHM_THRESHOLD:
             return value
         chunks, size = encode_body(value)
-        name = f"{UPLOAD_PREFIX}{secrets.token_hex(12)}"
         try:
-            write_segment(name, chunks, size)
+            name = self._uploads.write(chunks, size)
         except OSError:
             return value
         uploads.append(name)

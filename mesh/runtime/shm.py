@@ -5,7 +5,9 @@ A segment holds one ``mesh.protocol.codec`` body and is named on the wire by a
 
 - a store's object segments, ``OBJECT_PREFIX<pid>-<token>-<n>`` (``node.store``), which
   fetchers and workers on the machine map read-only;
-- a client's uploads, ``UPLOAD_PREFIX<24 hex digits>``, which the node's store copies;
+- a client's uploads, ``UPLOAD_PREFIX<24 hex digits>``, which the node's store copies: each a
+  second name (a hard link) of one of the client's own files ``mesh-<pid>-<token>-up<n>``
+  (``UploadFiles``), which the client writes again once the node has removed that name;
 - an executor's pipe segments, ``mesh-<pid>-<token>-w<n>-...`` (``node.executor``).
 
 A name another process sent is never trusted: ``segment_path`` refuses paths, and
@@ -16,17 +18,20 @@ local user could put one, a FIFO would block ``open`` forever, and a mapping of 
 its owner shrinks kills the reader with SIGBUS. Error messages name the file asked for and
 nothing learned about others.
 
-This module holds no state and imports nothing of Mesh beyond ``mesh.errors``.
+This module holds no state beyond a client's ``UploadFiles`` and imports nothing of Mesh
+beyond ``mesh.errors``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import mmap
 import os
 import re
+import secrets
 import stat
 import tempfile
 from collections.abc import Iterable
@@ -125,16 +130,49 @@ def is_object_segment(name: str) -> bool:
 def map_object(name: str, nbytes: int) -> mmap.mmap:
     """Map object-store segment ``name`` read-only; it must hold exactly ``nbytes``.
 
-    Raises ``RemoteProtocolError`` (reason ``bad-segment``) for a name outside the store's
-    prefix or a file of another size, ``FileNotFoundError`` when the segment is gone (its
-    object was released) and ``PermissionError`` when it belongs to another user.
+    The mapping holds a shared ``flock`` on the file for as long as it exists (the lock
+    belongs to the open file, which the mapping keeps): the store writes a segment's pages
+    again for another object only once it can lock the file exclusively, so only once
+    nothing maps it (``lock_shared``). Raises ``RemoteProtocolError`` (reason
+    ``bad-segment``) for a name outside the store's prefix or a file of another size,
+    ``FileNotFoundError`` when the segment is gone (its object was released) and
+    ``PermissionError`` when it belongs to another user.
     """
     fd = _open_object(name, nbytes)
     try:
+        lock_shared(fd, SHM_DIR / name)
         # Every page will be read: map them in one call rather than fault them one by one.
         return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
+
+
+def lock_shared(fd: int, path: str | os.PathLike[str]) -> None:
+    """Mark ``fd``'s file as mapped by this process before mapping it: a shared ``flock``.
+
+    A store recycles a released object's segment (under a new name) once it can lock it
+    exclusively. Between this reader's ``open`` and its lock the segment may have been
+    recycled already: then ``path`` no longer names the open file, and this raises
+    ``FileNotFoundError`` as for a segment that is gone.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        same = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except (BlockingIOError, FileNotFoundError):
+        same = False
+    if not same:
+        raise FileNotFoundError(errno.ENOENT, f"{os.fspath(path)} was released")
+
+
+def unmapped(fd: int) -> bool:
+    """Whether no process maps the file ``fd`` through ``map_object`` or ``lock_shared``
+    (an exclusive ``flock`` can be had); the lock is let go again at once."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
 
 
 def check_object(name: str, nbytes: int) -> None:
@@ -227,3 +265,51 @@ def remove_segments(prefix: str) -> int:
             unlink(name)
             removed += 1
     return removed
+
+
+class UploadFiles:
+    """A client's upload files, written again for later uploads of about the same size.
+
+    Fresh shared-memory pages cost the kernel a zeroing each; a file written again costs
+    only the copy. An upload is a new name, ``UPLOAD_PREFIX`` + 24 hex digits, linked to one
+    of these files; the node copies the file (never maps it) and then removes that name, so
+    a file whose upload name is gone is free to be written again. At most ``keep`` files
+    are kept; ``close`` removes them (and the orphan sweep does, for a client that died).
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._prefix = f"mesh-{os.getpid()}-{secrets.token_hex(4)}-up"
+        self._n = 0
+        self._files: list[tuple[str, int, str]] = []
+        """(own name, size, the name of its last upload), least recently written first."""
+
+    def write(self, chunks: Iterable[bytes | bytearray | memoryview], size: int) -> str:
+        """Write an upload of ``size`` bytes; the name to send. Raises ``OSError``."""
+        own = None
+        for i, (name, nbytes, upload) in enumerate(self._files):
+            if abs(nbytes - size) <= size // 4 and not os.path.lexists(SHM_DIR / upload):
+                own = name
+                del self._files[i]
+                break
+        if own is None:
+            self._n += 1
+            own = f"{self._prefix}{self._n}"
+        write_segment(own, chunks, size, reuse=True)
+        upload = f"{UPLOAD_PREFIX}{secrets.token_hex(12)}"
+        try:
+            os.link(SHM_DIR / own, SHM_DIR / upload)
+        except OSError:
+            unlink(own)
+            raise
+        self._files.append((own, size, upload))
+        while len(self._files) > self.keep:
+            name, _, _ = self._files.pop(0)
+            unlink(name)
+        return upload
+
+    def close(self) -> None:
+        """Remove every file (an upload name the node has not taken yet keeps its bytes)."""
+        files, self._files = self._files, []
+        for name, _, _ in files:
+            unlink(name)

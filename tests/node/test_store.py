@@ -1,4 +1,6 @@
-"""The object store: put/get, references, encoded bodies, the hard limit, release."""
+"""The object store: put/get, references, encoded bodies, the limit with spilling off, release.
+
+Spilling and the segment pool: ``test_spill.py``."""
 
 from __future__ import annotations
 
@@ -63,23 +65,24 @@ def test_encoded_body_decodes_to_the_value() -> None:
     assert store.encoded(ref.id)[1] == size
 
 
-def test_over_the_limit_fails_clearly_and_keeps_everything() -> None:
-    store = ObjectStore(NODE, 100_000)
+def test_over_the_target_with_spilling_off_fails_clearly_and_keeps_everything() -> None:
+    store = ObjectStore(NODE, 100_000, spill_limit_bytes=0)
     kept = store.put(np.zeros(8000))  # 64,000 bytes and a header
     used = store.used_bytes
     with pytest.raises(ObjectStoreFullError) as info:
         store.put(np.zeros(8000))
     err = info.value
     assert isinstance(err, MeshError)
-    assert str(err) == f"object store full: {err.over} bytes over the limit of 100000"
-    assert err.over == used + used - 100_000
+    assert "memory target of 100000 bytes is reached" in str(err)
+    assert "spilling is off" in str(err)
+    assert err.needed == used
     assert store.used_bytes == used
     assert len(store) == 1
     assert store.get(kept) is not None
 
 
 def test_release_frees_and_unknown_ids_raise() -> None:
-    store = ObjectStore(NODE, 100_000)
+    store = ObjectStore(NODE, 100_000, spill_limit_bytes=0)
     ref = store.put(np.zeros(8000))
     assert store.release(ref)
     assert store.used_bytes == 0
@@ -123,8 +126,8 @@ def test_nbytes_of_counts_payloads_as_the_codec_sends_them() -> None:
 
 def test_limit_from_config() -> None:
     cfg = NodeConfig.test()
-    assert ObjectStore.from_config(NODE, cfg).limit_bytes == (
-        default_limit() if cfg.store_limit_bytes is None else cfg.store_limit_bytes
+    assert ObjectStore.from_config(NODE, cfg).target_bytes == (
+        default_limit() if cfg.store_memory_target_bytes is None else cfg.store_memory_target_bytes
     )
     assert default_limit() > 0
     with pytest.raises(LocalProtocolError):
