@@ -8,6 +8,7 @@ with a deadline; nothing sleeps for a fixed time.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 import dataclasses
 import hashlib
 import hmac
@@ -44,6 +45,9 @@ CONFIG = NodeConfig(
     ws_heartbeat_s=10.0,
     ws_close_timeout_s=1.0,
 )
+
+PLAIN = replace(CONFIG, wire_sealed=False)
+"""For hand-made peers that send raw frames: the framing checks are the same either way."""
 
 DEADLINE_S = 20.0
 
@@ -387,8 +391,9 @@ async def test_simultaneous_dials_settle_on_one_connection(make_node: MakeNode) 
 # -- hostile input -------------------------------------------------------------------------
 
 
-def hello(codec: Codec, address: str, to: NodeId = UNADDRESSED) -> bytes:
-    chunks, _ = codec.encode(PeerHello(address=address), time.time(), to=to)
+def hello(codec: Codec, address: str, to: NodeId = UNADDRESSED, share: bytes = b"") -> bytes:
+    msg = PeerHello(address=address, package="0.0.test", share=share)
+    chunks, _ = codec.encode(msg, time.time(), to=to)
     return b"".join([bytes((KIND_HELLO,)), *chunks])
 
 
@@ -421,7 +426,7 @@ async def raw_session(
 
 
 async def test_hostile_connections_are_closed_and_counted(make_node: MakeNode) -> None:
-    a, b = await make_node("a"), await make_node("b")
+    a, b = await make_node("a", config=PLAIN), await make_node("b", config=PLAIN)
     intruder = Codec(KEY, NodeId("intruder"), max_frame_bytes=CONFIG.max_frame_bytes)
     forger = Codec(OTHER_KEY, NodeId("forger"), max_frame_bytes=CONFIG.max_frame_bytes)
     replayed = hello(intruder, "127.0.0.1:9")
@@ -463,7 +468,7 @@ async def test_hostile_connections_are_closed_and_counted(make_node: MakeNode) -
 
 
 async def test_good_frames_before_a_forged_one_are_delivered(make_node: MakeNode) -> None:
-    a = await make_node("a")
+    a = await make_node("a", config=PLAIN)
     intruder = Codec(KEY, NodeId("intruder"), max_frame_bytes=CONFIG.max_frame_bytes)
     code, _ = await raw_session(
         a,
@@ -517,7 +522,7 @@ async def test_a_dial_names_the_node_it_expects(make_node: MakeNode) -> None:
 
 
 async def test_a_hello_captured_on_its_way_to_a_is_refused_by_b(make_node: MakeNode) -> None:
-    a, b = await make_node("a"), await make_node("b")
+    a, b = await make_node("a", config=PLAIN), await make_node("b", config=PLAIN)
     intruder = Codec(KEY, NodeId("intruder"), max_frame_bytes=CONFIG.max_frame_bytes)
     captured = hello(intruder, "127.0.0.1:9", to=NodeId("a"))
     code, replies = await raw_session(b, captured, [])
@@ -536,8 +541,8 @@ async def test_a_hello_captured_on_its_way_to_a_is_refused_by_b(make_node: MakeN
 async def test_a_replayed_seed_hello_cannot_take_over_a_real_connection(
     make_node: MakeNode,
 ) -> None:
-    b = await make_node("b")
-    d = await make_node("d", resolve=lambda address: NodeId("b"))
+    b = await make_node("b", config=PLAIN)
+    d = await make_node("d", config=PLAIN, resolve=lambda address: NodeId("b"))
     await d.t.send(b.address, load_frame(d.codec, 1, b))
     await recv(b.t)
     # A hello d sent unaddressed to some seed, captured and replayed to b: fresh to b's
@@ -572,7 +577,7 @@ async def test_a_version_1_peer_is_refused_at_its_hello_and_logged_once(
 async def test_old_frames_close_the_connection_with_one_log_line(
     make_node: MakeNode, caplog: pytest.LogCaptureFixture
 ) -> None:
-    a = await make_node("a")
+    a = await make_node("a", config=PLAIN)
     intruder = Codec(KEY, NodeId("intruder"), max_frame_bytes=CONFIG.max_frame_bytes)
     old = [sign(b"old %d" % i, version=1) for i in range(20)]
     with caplog.at_level("WARNING", logger="node.transport_ws"):
