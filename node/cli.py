@@ -135,6 +135,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="an idle worker process exits after this long (default 60)",
     )
+    s.add_argument(
+        "--unsealed",
+        action="store_true",
+        help="send peer frames and objects unencrypted (to measure what sealing costs);"
+        " sealed nodes refuse such a node",
+    )
     s.add_argument("--seed", type=int, help="seed the protocol's random choices")
     s.add_argument(
         "--ready-file",
@@ -203,6 +209,8 @@ def _start(ns: argparse.Namespace) -> int:
     config = PRESETS[ns.preset]()
     if ns.worker_idle is not None:
         config = replace(config, node=replace(config.node, executor_idle_exit_s=ns.worker_idle))
+    if ns.unsealed:
+        config = replace(config, node=replace(config.node, wire_sealed=False))
     options = NodeOptions(
         key=key,
         host=ns.host,

@@ -24,6 +24,7 @@ names the body's size in its associated data, so a body cut short or lengthened 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
@@ -121,39 +122,36 @@ class Exchange:
 
 
 def sealed_size(size: int) -> int:
-    """The sealed length of an object body of ``size`` bytes."""
-    pieces = max(1, -(-size // PIECE_BYTES))
-    return size + pieces * TAG_BYTES
+    """The sealed length of an object body of ``size`` (> 0) bytes."""
+    return size + -(-size // PIECE_BYTES) * TAG_BYTES
 
 
 def _piece_aad(size: int, end: int) -> bytes:
     return _LAST.pack(1, size) if end >= size else _MORE
 
 
-def seal_body(sealer: Sealer, body: list[Buffer], size: int) -> list[bytes]:
-    """An object body (``body``'s buffers back to back, ``size`` bytes) as sealed pieces."""
-    views = [memoryview(b).cast("B") for b in body]
-    out: list[bytes] = []
+def seal_body(sealer: Sealer, body: list[Buffer], size: int) -> Iterator[bytes]:
+    """An object body (``body``'s buffers back to back, ``size`` bytes) as sealed pieces,
+    made one at a time as they are asked for."""
     pending: list[memoryview] = []
     room = PIECE_BYTES
     done = 0
-    for view in views:
+    for buffer in body:
+        view = memoryview(buffer).cast("B")
         while view.nbytes:
             take = view[:room]
             view = view[take.nbytes :]
             pending.append(take)
             room -= take.nbytes
+            done += take.nbytes
             if room == 0:
-                done += PIECE_BYTES
                 piece = pending[0] if len(pending) == 1 else b"".join(pending)
-                out.append(sealer.seal(piece, _piece_aad(size, done)))
+                yield sealer.seal(piece, _piece_aad(size, done))
                 pending, room = [], PIECE_BYTES
-    if pending or not out:
-        done += PIECE_BYTES - room
-        out.append(sealer.seal(b"".join(pending), _piece_aad(size, done)))
     if done != size:
         raise ValueError(f"body of {done} bytes, announced {size}")
-    return out
+    if pending:
+        yield sealer.seal(b"".join(pending), _piece_aad(size, done))
 
 
 class BodyOpener:

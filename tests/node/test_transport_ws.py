@@ -8,7 +8,6 @@ with a deadline; nothing sleeps for a fixed time.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 import dataclasses
 import hashlib
 import hmac
@@ -17,6 +16,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import replace
 
 import aiohttp
 import msgpack
