@@ -118,7 +118,8 @@ def read_hello(codec: Codec, message: Buffer, now: float, *, package: str, seale
     """The peer's hello from the first message on a connection; ``RemoteProtocolError`` if
     it is none, fails the codec (key, receiver, replay) or names no usable listen address,
     ``Refused`` if it comes from a node of another protocol (frame) version, or from one
-    that does not seal while this one does (``sealed``). ``package`` is this node's."""
+    that does not seal while this one does (``sealed``), or the other way round: a
+    connection is sealed both ways or not at all. ``package`` is this node's."""
     data = memoryview(message)
     if data.nbytes < 3 or data[0] != KIND_HELLO:
         raise RemoteProtocolError("first message is not a hello", reason="no-hello")
@@ -146,10 +147,14 @@ def read_hello(codec: Codec, message: Buffer, now: float, *, package: str, seale
         raise RemoteProtocolError("package version over 64 characters", reason="bad-field")
     if hello.share and len(hello.share) != PUBLIC_BYTES:
         raise RemoteProtocolError("key share of a bad size", reason="bad-handshake")
-    if sealed and not hello.share:
+    if sealed != bool(hello.share):
         raise Refused(
-            f"peer {frame.sender} at {hello.address} does not seal its connections "
-            f"(mesh-node {hello.package}); this node refuses unsealed peers",
+            f"peer {frame.sender} at {hello.address} (mesh-node {hello.package}) "
+            + (
+                "does not seal its connections; this node refuses unsealed peers"
+                if sealed
+                else "seals its connections and this node does not (wire_sealed is off)"
+            ),
             reason="unsealed",
             node=frame.sender,
             address=hello.address,
