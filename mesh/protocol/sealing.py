@@ -86,6 +86,19 @@ class Opener:
         self._count += 1
         return plain
 
+    def open_into(self, sealed: Buffer, into: memoryview, aad: bytes | None = None) -> None:
+        """``open``, writing the plaintext into ``into`` (of its exact size) instead. After
+        a failure ``into`` holds bytes that must not be used."""
+        nonce = self._count.to_bytes(12, "little")
+        try:
+            self._aead.decrypt_into(nonce, sealed, aad, into)
+        except InvalidTag:
+            raise RemoteProtocolError(
+                "sealed message failed to open (altered, replayed, reordered or not sealed)",
+                reason="sealed",
+            ) from None
+        self._count += 1
+
 
 class Exchange:
     """One side's ephemeral X25519 key pair for one connection or one object fetch."""
@@ -155,39 +168,52 @@ def seal_body(sealer: Sealer, body: list[Buffer], size: int) -> Iterator[bytes]:
 
 
 class BodyOpener:
-    """Opens a sealed object body of ``size`` bytes as its pieces arrive, in any cuts."""
+    """Opens a sealed object body of ``size`` bytes into ``into`` as its pieces arrive, in
+    whatever cuts: each piece is opened straight into its place (a piece split between
+    cuts is gathered first)."""
 
-    __slots__ = ("_buffer", "_opened", "_opener", "size")
+    __slots__ = ("_filled", "_into", "_opened", "_opener", "_piece", "size")
 
-    def __init__(self, opener: Opener, size: int) -> None:
-        if size <= 0:
+    def __init__(self, opener: Opener, size: int, into: memoryview) -> None:
+        if size <= 0 or into.nbytes != size:
             raise RemoteProtocolError(f"sealed body of {size} bytes", reason="bad-size")
         self._opener = opener
-        self._buffer = bytearray()
+        self._into = into
+        self._piece = memoryview(bytearray(min(PIECE_BYTES, size) + TAG_BYTES))
+        self._filled = 0
         self._opened = 0
         self.size = size
 
-    def feed(self, data: Buffer) -> list[bytes]:
-        """The plaintext of every piece ``data`` completes."""
-        self._buffer += data
-        out: list[bytes] = []
-        while True:
-            want = min(PIECE_BYTES, self.size - self._opened) + TAG_BYTES
-            if len(self._buffer) < want or self.finished:
-                break
-            piece = memoryview(self._buffer)[:want]
-            end = self._opened + want - TAG_BYTES
-            try:
-                plain = self._opener.open(piece, _piece_aad(self.size, end))
-            finally:
-                piece.release()
-            del self._buffer[:want]
-            self._opened = end
-            out.append(plain)
-        if self.finished and self._buffer:
-            raise RemoteProtocolError("sealed body longer than announced", reason="sealed")
-        return out
+    @property
+    def opened(self) -> int:
+        """Bytes of the body opened so far."""
+        return self._opened
 
     @property
     def finished(self) -> bool:
         return self._opened >= self.size
+
+    def feed(self, data: Buffer) -> None:
+        """Take the next received bytes; raises ``RemoteProtocolError`` if a piece fails to
+        open or the body runs past its size."""
+        view = memoryview(data).cast("B")
+        while view.nbytes:
+            if self.finished:
+                raise RemoteProtocolError("sealed body longer than announced", reason="sealed")
+            want = min(PIECE_BYTES, self.size - self._opened) + TAG_BYTES
+            if self._filled == 0 and view.nbytes >= want:
+                self._open(view[:want])
+                view = view[want:]
+                continue
+            take = min(want - self._filled, view.nbytes)
+            self._piece[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == want:
+                self._filled = 0
+                self._open(self._piece[:want])
+
+    def _open(self, sealed: memoryview) -> None:
+        end = self._opened + sealed.nbytes - TAG_BYTES
+        self._opener.open_into(sealed, self._into[self._opened : end], _piece_aad(self.size, end))
+        self._opened = end

@@ -35,7 +35,7 @@ from mesh.errors import (
 )
 from mesh.protocol.codec import Buffer, key_fingerprint, loads
 from mesh.protocol.messages import ObjectRef, Segment
-from mesh.protocol.sealing import OBJECT_CONTEXT, BodyOpener, Exchange, sealed_size
+from mesh.protocol.sealing import OBJECT_CONTEXT, BodyOpener, Exchange, Opener, sealed_size
 from mesh.runtime.auth import sign_request
 from mesh.runtime.shm import is_object_segment, map_object
 
@@ -157,11 +157,11 @@ def _segment_answer(data: bytes, ref: ObjectRef) -> Segment:
     return Segment(name=name, nbytes=nbytes)
 
 
-def _body_opener(
+def _sealed_size(
     resp: aiohttp.ClientResponse, ref: ObjectRef, key: bytes, exchange: Exchange
-) -> BodyOpener:
-    """What opens a sealed answer, from its headers; ``RemoteProtocolError`` if they do not
-    describe one."""
+) -> tuple[int, Opener]:
+    """The size of a sealed answer's body and what opens it, from its headers;
+    ``RemoteProtocolError`` if they do not describe one."""
     share, size = resp.headers.get(SEAL_HEADER), resp.headers.get(SIZE_HEADER, "")
     if share is None:
         raise RemoteProtocolError(
@@ -174,18 +174,18 @@ def _body_opener(
     if not size.isdigit() or int(size) <= 0 or resp.content_length != sealed_size(int(size)):
         raise RemoteProtocolError(f"object {ref.id}: bad sealed size", reason="bad-size")
     _, opener = exchange.keys(key, public, initiator=True, context=OBJECT_CONTEXT)
-    return BodyOpener(opener, int(size))
+    return int(size), opener
 
 
 async def _read_into(
     resp: aiohttp.ClientResponse,
     ref: ObjectRef,
     allocate: Callable[[int], Buffer],
-    opener: BodyOpener | None,
+    sealed: tuple[int, Opener] | None,
 ) -> Buffer:
     """The response body, read chunk by chunk (and opened, if sealed) into one buffer of
     the announced size."""
-    size = resp.content_length if opener is None else opener.size
+    size = resp.content_length if sealed is None else sealed[0]
     if size is None or size <= 0 or (ref.nbytes and size != ref.nbytes):
         raise RemoteProtocolError(
             f"object {ref.id}: body of {size} bytes, the reference says {ref.nbytes}",
@@ -196,16 +196,18 @@ async def _read_into(
     if view.nbytes != size:
         raise LocalProtocolError(f"allocated {view.nbytes} bytes for a {size}-byte object")
     pos = 0
+    opener = None if sealed is None else BodyOpener(sealed[1], size, view)
     # iter_chunks hands over each received chunk as it is; readany() would join them first.
     async for chunk, _ in resp.content.iter_chunks():
-        for plain in [chunk] if opener is None else opener.feed(chunk):
-            end = pos + len(plain)
-            if end > size:
-                raise RemoteProtocolError(
-                    f"object {ref.id}: body over {size} bytes", reason="bad-size"
-                )
-            view[pos:end] = plain
-            pos = end
+        if opener is not None:
+            opener.feed(chunk)
+            pos = opener.opened
+            continue
+        end = pos + len(chunk)
+        if end > size:
+            raise RemoteProtocolError(f"object {ref.id}: body over {size} bytes", reason="bad-size")
+        view[pos:end] = chunk
+        pos = end
     if pos != size:
         raise RemoteProtocolError(
             f"object {ref.id}: body cut at {pos} of {size} bytes", reason="truncated"
@@ -253,8 +255,8 @@ async def fetch_body(
                         "segment answer to a remote fetch", reason="bad-segment"
                     )
                 return _segment_answer(await resp.read(), ref)
-            opener = None if exchange is None else _body_opener(resp, ref, key, exchange)
-            return await _read_into(resp, ref, allocate, opener)
+            sealed_as = None if exchange is None else _sealed_size(resp, ref, key, exchange)
+            return await _read_into(resp, ref, allocate, sealed_as)
     except aiohttp.ClientError as exc:
         raise ObjectLostError(ref.id, ref.holder) from exc
 

@@ -147,15 +147,15 @@ def test_bodies_open_whole_whatever_the_cuts(size: int) -> None:
     sealer, opener = body_pair()
     sealed = b"".join(seal_body(sealer, [p for p in parts if p], size))
     assert len(sealed) == sealed_size(size)
-    body = BodyOpener(opener, size)
-    out: list[bytes] = []
+    into = bytearray(size)
+    body = BodyOpener(opener, size, memoryview(into))
     pos = 0
     while pos < len(sealed):
-        step = rng.randint(1, 300_000)
-        out.extend(body.feed(sealed[pos : pos + step]))
+        step = rng.choice([1, 16, 4096, 65536, 300_000, PIECE_BYTES + 16, 3 * PIECE_BYTES])
+        body.feed(sealed[pos : pos + step])
         pos += step
     assert body.finished
-    assert b"".join(out) == data
+    assert into == data
 
 
 def test_a_body_cut_short_lengthened_or_resized_does_not_open() -> None:
@@ -164,19 +164,28 @@ def test_a_body_cut_short_lengthened_or_resized_does_not_open() -> None:
     sealer, opener = body_pair()
     sealed = b"".join(seal_body(sealer, [data], size))
     # Cut after the first piece: that piece opens, the body never finishes.
-    body = BodyOpener(opener, size)
+    body = BodyOpener(opener, size, memoryview(bytearray(size)))
     body.feed(sealed[: PIECE_BYTES + 16])
+    assert body.opened == PIECE_BYTES
     assert not body.finished
     # Announced as one piece long: the first piece is no last piece.
     sealer, opener = body_pair()
     sealed = b"".join(seal_body(sealer, [data], size))
     with pytest.raises(RemoteProtocolError):
-        BodyOpener(opener, PIECE_BYTES).feed(sealed)
+        BodyOpener(opener, PIECE_BYTES, memoryview(bytearray(PIECE_BYTES))).feed(sealed)
+    # A piece altered on the way.
+    sealer, opener = body_pair()
+    altered = bytearray(b"".join(seal_body(sealer, [data], size)))
+    altered[PIECE_BYTES + 50] ^= 1
+    body = BodyOpener(opener, size, memoryview(bytearray(size)))
+    with pytest.raises(RemoteProtocolError):
+        body.feed(altered)
+    assert body.opened == PIECE_BYTES
     # Bytes after the end.
     sealer, opener = body_pair()
     sealed = b"".join(seal_body(sealer, [data], size))
     with pytest.raises(RemoteProtocolError):
-        BodyOpener(opener, size).feed(sealed + b"x")
+        BodyOpener(opener, size, memoryview(bytearray(size))).feed(sealed + b"x")
 
 
 # -- sealed links and hellos ---------------------------------------------------------------
