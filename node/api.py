@@ -744,6 +744,10 @@ class Api:
                 return web.Response(
                     body=json.dumps(answer).encode(), content_type=SEGMENT_CONTENT_TYPE
                 )
+        body = self.service.object_body(object_id)
+        if body is None:
+            return _error(404, f"object {object_id} is not held here")
+        chunks, size = body
         share = request.query.get(SEAL_PARAM)
         public = b""
         if share is not None:
@@ -757,10 +761,6 @@ class Api:
         elif self.config.wire_sealed:
             self.rejected["unsealed"] += 1
             return _error(403, "this node sends objects sealed only (ask with ?seal=)")
-        body = self.service.object_body(object_id)
-        if body is None:
-            return _error(404, f"object {object_id} is not held here")
-        chunks, size = body
         resp = web.StreamResponse(headers={"Content-Type": OBJECT_CONTENT_TYPE})
         pieces: Iterable[Buffer] = chunks
         if public:
