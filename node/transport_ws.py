@@ -266,7 +266,8 @@ class WsTransport:
         self.refused: dict[tuple[str, str], dict[str, Any]] = {}
         """Peers refused at their hello, by (node, reason): address, node, reason
         (``version`` or ``unsealed``), their protocol and package versions, how many
-        connections were refused and the line that was logged (``refusals``)."""
+        connections were refused and the line that was logged (``refusals``). A node
+        whose hello passes later (upgraded) leaves it."""
 
     # -- public API ----------------------------------------------------------------------
 
@@ -336,6 +337,12 @@ class WsTransport:
             "message": str(exc),
         }
         log.warning("refused %s: %s", peer, exc)
+
+    def _accepted(self, hello: Hello) -> None:
+        """A hello passed: a refusal of that node (before it was upgraded) is over."""
+        self._learn(hello.address, hello.node)
+        for reason in ("version", "unsealed"):
+            self.refused.pop((str(hello.node), reason), None)
 
     def add_routes(self, app: web.Application) -> None:
         """Serve the peer websocket on ``app`` (before the app is started)."""
@@ -563,7 +570,7 @@ class WsTransport:
             await ws.close()
             raise
         self._learn(address, hello.node)
-        self._learn(hello.address, hello.node)
+        self._accepted(hello)
         keys = self._keys(exchange, hello, initiator=True)
         return self._conn(
             ws, hello, keys, peer=address, outbound=True, addressed=expected is not None
@@ -669,7 +676,7 @@ class WsTransport:
         except _IO_ERRORS:
             await ws.close()
             return ws
-        self._learn(hello.address, hello.node)
+        self._accepted(hello)
         conn = self._conn(
             ws, hello, keys, peer=hello.address, outbound=False, addressed=hello.addressed
         )

@@ -717,6 +717,11 @@ async def test_an_unsealed_peer_is_refused_once_on_both_sides(
     assert a.t.frames_received == 0
     assert len(refusal_lines(caplog)) == 2
     assert a.t.refusals()[0]["reason"] == "unsealed"
+    # The same node, sealing now (as after an upgrade): talked to, no longer listed.
+    upgraded = await make_node("p")
+    await upgraded.t.send(a.address, load_frame(upgraded.codec, 9, a))
+    assert load_of(a.codec, await recv(a.t)) == 9
+    assert a.t.refusals() == []
 
 
 async def test_downgraded_and_tampered_messages_close_a_sealed_connection(
