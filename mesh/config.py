@@ -379,6 +379,19 @@ class NodeConfig:
     ws_close_timeout_s: float = 2.0
     """Bound on the websocket closing handshake, so shutting down never hangs on a peer."""
 
+    wire_sealed: bool = True
+    """Encrypt and authenticate every peer connection and every object body sent to another
+    machine (AES-GCM under per-connection keys: ``mesh.protocol.sealing``), and refuse peers
+    that do not. Sealing costs under a tenth of the CPU a transfer takes otherwise; False is
+    for measuring that, on a network where every machine is trusted. Such a node talks only
+    to others with sealing off."""
+
+    peer_refused_retry_s: float = 60.0
+    """After a peer's hello was refused (another protocol version, or not sealing when this
+    node seals), frames for it are dropped without dialling it again for this long, so an
+    incompatible node costs one log line and one connection a minute, not a stream of them;
+    a peer upgraded meanwhile is reached once this has passed."""
+
     mdns_cooperating: bool = True
     """Register the mDNS service without probing for name conflicts. Instance names are
     derived from node ids, which are unique, so probing (three queries before announcing:

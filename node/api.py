@@ -10,7 +10,9 @@ Routes (all under the node's one port, next to the peer websocket):
 - ``GET /v1/objects/{id}``: a stored object, encoded by ``mesh.protocol.codec`` (peers fetch
   referenced arguments here); ``DELETE`` releases it. With ``?host=`` equal to this
   node's ``host_id`` (a fetcher on the same machine) the answer is instead the JSON
-  ``{"segment", "nbytes"}`` of the shared-memory segment that holds the body.
+  ``{"segment", "nbytes"}`` of the shared-memory segment that holds the body. With
+  ``?seal=`` (the fetcher's X25519 share) the body comes sealed
+  (``mesh.runtime.http``); a node with ``wire_sealed`` sends bodies no other way (403).
 - ``POST /v1/objects/{id}/rebuild``: the reference of a copy of a lost object this node
   owns, made again from its lineage (``node.lineage``) unless one is; 404 says why it
   cannot be.
@@ -58,8 +60,15 @@ from aiohttp import WSMsgType, web
 from mesh import __version__
 from mesh.config import NodeConfig
 from mesh.errors import ErrorInfo, FailureKind, MeshError, ObjectLostError
-from mesh.protocol.codec import Chunks, dumps, key_fingerprint, loads
+from mesh.protocol.codec import Buffer, Chunks, dumps, key_fingerprint, loads
 from mesh.protocol.messages import NodeId, ObjectRef, Segment, TaskId, Wire, field_names
+from mesh.protocol.sealing import (
+    OBJECT_CONTEXT,
+    PUBLIC_BYTES,
+    Exchange,
+    seal_body,
+    sealed_size,
+)
 from mesh.protocol.session import (
     BadTask,
     Forget,
@@ -81,8 +90,11 @@ from mesh.runtime.http import (
     HELLO_PATH,
     HOST_PARAM,
     OBJECT_CONTENT_TYPE,
+    SEAL_HEADER,
+    SEAL_PARAM,
     SEGMENT_CONTENT_TYPE,
     SESSION_PATH,
+    SIZE_HEADER,
 )
 from node.dashboard.access import Denied
 from node.dashboard.events import EventLog
@@ -513,6 +525,7 @@ class Api:
         """``exempt``: paths that authenticate by other means (the peer websocket)."""
         self.service = service
         self.config = service.config
+        self._key = key
         self.fingerprint = key_fingerprint(key)
         self.auth = RequestAuth(
             key, skew_s=self.config.api_auth_skew_s, max_nonces=self.config.api_nonce_cache
@@ -752,14 +765,36 @@ class Api:
         if body is None:
             return _error(404, f"object {object_id} is not held here")
         chunks, size = body
+        share = request.query.get(SEAL_PARAM)
+        public = b""
+        if share is not None:
+            try:
+                public = bytes.fromhex(share)
+            except ValueError:
+                public = b""
+            if len(public) != PUBLIC_BYTES:
+                self.rejected["bad-handshake"] += 1
+                return _error(400, "seal: not an X25519 share in hex")
+        elif self.config.wire_sealed:
+            self.rejected["unsealed"] += 1
+            return _error(403, "this node sends objects sealed only (ask with ?seal=)")
         resp = web.StreamResponse(headers={"Content-Type": OBJECT_CONTENT_TYPE})
-        resp.content_length = size
+        pieces: Iterable[Buffer] = chunks
+        if public:
+            exchange = Exchange()
+            sealer, _ = exchange.keys(self._key, public, initiator=False, context=OBJECT_CONTEXT)
+            resp.headers[SEAL_HEADER] = exchange.public.hex()
+            resp.headers[SIZE_HEADER] = str(size)
+            pieces = seal_body(sealer, chunks, size)
+            resp.content_length = sealed_size(size)
+        else:
+            resp.content_length = size
         await resp.prepare(request)
         if request.method == "HEAD":  # headers only: a body would be read as the next answer
             await resp.write_eof()
             return resp
-        for chunk in chunks:
-            await resp.write(chunk)
+        for piece in pieces:
+            await resp.write(piece)
         await resp.write_eof()
         self.served_bytes += size
         return resp
@@ -1056,8 +1091,8 @@ OPENAPI: Final[dict[str, Any]] = {
             "get": _op(
                 "A stored object (mesh codec body)",
                 params=("id",),
-                query=((HOST_PARAM, "string"),),
-                more=_UNKNOWN,
+                query=((HOST_PARAM, "string"), (SEAL_PARAM, "string")),
+                more={**_UNKNOWN, "403": "the body would travel unsealed from a sealing node"},
                 content=OBJECT_CONTENT_TYPE,
             ),
             "delete": _op("Release a stored object", params=("id",), more=_UNKNOWN),

@@ -165,6 +165,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="most bytes spilled (default: until the disk is full; 0: never spill)",
     )
+    s.add_argument(
+        "--unsealed",
+        action="store_true",
+        help="send peer frames and objects unencrypted (to measure what sealing costs);"
+        " sealed nodes refuse such a node",
+    )
     s.add_argument("--seed", type=int, help="seed the protocol's random choices")
     s.add_argument(
         "--ready-file",
@@ -240,6 +246,8 @@ def _start(ns: argparse.Namespace) -> int:
         node = replace(node, store_spill_dir=ns.spill_dir)
     if ns.spill_limit is not None:
         node = replace(node, store_spill_limit_bytes=ns.spill_limit)
+    if ns.unsealed:
+        node = replace(node, wire_sealed=False)
     config = replace(config, node=node)
     options = NodeOptions(
         key=key,

@@ -48,6 +48,7 @@ from mesh.client.local import ReadyRecord
 from mesh.config import MeshConfig, NodeConfig
 from mesh.errors import ErrorInfo, FailureKind, LocalProtocolError, MeshError, ObjectLostError
 from mesh.protocol.args import find_in_call, walk, walk_call, walk_call_async
+from mesh.protocol.codec import VERSION as FRAME_VERSION
 from mesh.protocol.codec import Buffer, Chunks, Codec, key_fingerprint, loads
 from mesh.protocol.contract import (
     CancelExecution,
@@ -1093,7 +1094,9 @@ class Daemon:
         if ref.holder == self.node_id:
             return self.store.get(ref)
         http, address = self._holder(ref)
-        value = await fetch_object(http, self._key, address, ref, host=self.host_id)
+        value = await fetch_object(
+            http, self._key, address, ref, host=self.host_id, sealed=self.config.wire_sealed
+        )
         self.fetched_bytes += ref.nbytes
         self.fetched_from[ref.holder] += ref.nbytes
         return value
@@ -1121,13 +1124,18 @@ class Daemon:
             received.append(segment)
             return segment.buffer
 
-        body = await fetch_body(http, self._key, address, ref, host=self.host_id, allocate=allocate)
+        sealed = self.config.wire_sealed
+        body = await fetch_body(
+            http, self._key, address, ref, host=self.host_id, allocate=allocate, sealed=sealed
+        )
         if isinstance(body, Segment):
             try:
                 check_object(body.name, body.nbytes)
             except PermissionError:
                 # Another user's node: its segments are private, so take the bytes instead.
-                body = await fetch_bytes(http, self._key, address, ref, allocate=allocate)
+                body = await fetch_bytes(
+                    http, self._key, address, ref, allocate=allocate, sealed=sealed
+                )
             except OSError:
                 raise ObjectLostError(ref.id, ref.holder) from None
             else:
@@ -1177,6 +1185,10 @@ class Daemon:
             "spilled_bytes": self.store.spilled_bytes,
             "pooled_bytes": self.store.pool.nbytes,
             "uptime_s": round(time.monotonic() - self._started, 3),
+            "protocol": FRAME_VERSION,
+            "package": __version__,
+            "sealed": self.config.wire_sealed,
+            "refused_peers": self.transport.refusals(),
         }
 
     def node_stats(self) -> dict[str, Any]:

@@ -12,8 +12,17 @@ The server side is a route (``WS_PATH``) on the daemon's one ``web.Application``
 side dials a peer on the first frame for it, reuses the connection, and also sends over a
 connection the peer opened, so a pair normally has one connection. When both dial at once,
 both keep the same one (``Link.outranks``), tell each other so (``BYE``) and close the
-other once both have stopped sending on it: nothing in flight is lost. A peer of another
-frame version is refused on its hello, which is logged once for that connection.
+other once both have stopped sending on it: nothing in flight is lost.
+
+Hellos carry each side's protocol (frame) version, package version and an X25519 key
+share; with sealing on (``NodeConfig.wire_sealed``, the default) every later message of
+the connection is sealed under keys derived from both shares and the mesh key
+(``mesh.protocol.sealing``), so what crosses the network is private, and a connection
+that sends anything unsealed is closed (reason ``unsealed``). A peer of another protocol
+version, or one that does not seal while this node does, is refused at its hello: the
+listener answers with its own hello before closing, so both sides know why; each side
+logs one line per such peer (and version), counts it (``rejected``, ``refused``), and the
+dialer sends nothing more to that address for ``peer_refused_retry_s``.
 
 Small frames take priority over big ones (``Outbox``). Queues are bounded both ways:
 ``send`` waits for room (and gives up after ``ws_send_timeout_s``, dropping and counting
@@ -37,21 +46,25 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.http import WebSocketWriter
 
+from mesh import __version__
 from mesh.config import NodeConfig
 from mesh.errors import LocalProtocolError, RemoteProtocolError
 from mesh.protocol.codec import Buffer, Chunks, Codec
 from mesh.protocol.framing import (
+    KIND_SEALED,
     Blocked,
     Budget,
     Hello,
     Link,
     Outbox,
     Received,
+    Refused,
     hello_message,
     max_message_bytes,
     read_hello,
 )
 from mesh.protocol.messages import Address, NodeId
+from mesh.protocol.sealing import PEER_CONTEXT, Exchange, Opener, Sealer
 from mesh.runtime.background import Background, Ready, until_cancelled
 
 log = logging.getLogger(__name__)
@@ -61,6 +74,11 @@ WS_PATH: Final = "/mesh/ws"
 
 _MAX_KNOWN_IDS: Final = 4096
 """Addresses whose node id is remembered from hellos; the oldest are forgotten first."""
+
+_MAX_REFUSED: Final = 256
+"""Refused peers remembered (for the one log line and ``refused``); the oldest go first."""
+
+_SEALED: Final = bytes((KIND_SEALED,))
 
 WebSocket: TypeAlias = "web.WebSocketResponse | aiohttp.ClientWebSocketResponse"
 
@@ -84,17 +102,26 @@ class _UnmaskedWebSocket(aiohttp.ClientWebSocketResponse):
 
 
 class _Conn:
-    """One websocket to a peer after the hellos, and its framing state."""
+    """One websocket to a peer after the hellos, its framing state and its sealer."""
 
-    __slots__ = ("done", "link", "ws")
+    __slots__ = ("done", "link", "sealer", "ws")
 
-    def __init__(self, ws: WebSocket, link: Link) -> None:
+    def __init__(self, ws: WebSocket, link: Link, sealer: Sealer | None) -> None:
         self.ws = ws
         self.link = link
+        self.sealer = sealer
         self.done = asyncio.Event()
 
     def usable(self) -> bool:
         return not self.ws.closed and not self.link.bye_sent
+
+    async def send(self, message: bytes) -> None:
+        # Sealed and handed to the socket with no await between: aiohttp writes an
+        # uncompressed frame at once, so messages leave in the order of their nonces.
+        sealer = self.sealer
+        if sealer is not None:
+            message = _SEALED + sealer.seal(message)
+        await self.ws.send_bytes(message)
 
 
 class _Peer:
@@ -187,7 +214,7 @@ class WsTransport:
     ``codec.authenticate``. It may be called from a worker thread (for big frames), so it
     must not touch state shared with the event loop. ``resolve`` names the node the hello
     of a dial is for (the daemon's view of membership and of this transport); it defaults
-    to ``node_at``.
+    to ``node_at``. ``package`` is the ``mesh-node`` version the hellos announce.
     """
 
     def __init__(
@@ -198,10 +225,14 @@ class WsTransport:
         wall_clock: Callable[[], float],
         authenticate: Callable[[Buffer], None] | None = None,
         resolve: Callable[[Address], NodeId | None] | None = None,
+        package: str = __version__,
     ) -> None:
         if config.ws_reassembly_bytes < 1 or config.ws_chunk_bytes < 1:
             raise LocalProtocolError("transport buffer sizes must be positive")
         self._codec = codec
+        self._package = package
+        self._sealed = config.wire_sealed
+        self._refused_until: dict[Address, float] = {}
         self._authenticate = codec.authenticate if authenticate is None else authenticate
         self._resolve = self.node_at if resolve is None else resolve
         self._ids: dict[Address, NodeId] = {}
@@ -232,6 +263,11 @@ class WsTransport:
         self.bytes_received = 0
         self.connects = 0
         """Connections established (both directions) since start."""
+        self.refused: dict[tuple[str, str], dict[str, Any]] = {}
+        """Peers refused at their hello, by (node, reason): address, node, reason
+        (``version`` or ``unsealed``), their protocol and package versions, how many
+        connections were refused and the line that was logged (``refusals``). A node
+        whose hello passes later (upgraded) leaves it."""
 
     # -- public API ----------------------------------------------------------------------
 
@@ -274,6 +310,39 @@ class WsTransport:
         for reason, n in self.rejected.items():
             out[f"rejected.{reason}"] = n
         return out
+
+    def refusals(self) -> list[dict[str, Any]]:
+        """The peers refused at their hello, oldest first (for ``/v1/status``)."""
+        return [dict(r) for r in self.refused.values()]
+
+    def _refuse(self, exc: Refused, peer: str) -> None:
+        """Count a refused hello; say it once per peer, reason and versions."""
+        self.rejected[exc.reason] += 1
+        key = (str(exc.node), exc.reason)
+        known = self.refused.get(key)
+        versions = (exc.protocol, exc.package)
+        if known is not None and (known["protocol"], known["package"]) == versions:
+            known["connections"] += 1
+            known["address"] = exc.address
+            return
+        if len(self.refused) >= _MAX_REFUSED:
+            del self.refused[next(iter(self.refused))]
+        self.refused[key] = {
+            "node": str(exc.node),
+            "address": exc.address,
+            "reason": exc.reason,
+            "protocol": exc.protocol,
+            "package": exc.package,
+            "connections": 1,
+            "message": str(exc),
+        }
+        log.warning("refused %s: %s", peer, exc)
+
+    def _accepted(self, hello: Hello) -> None:
+        """A hello passed: a refusal of that node (before it was upgraded) is over."""
+        self._learn(hello.address, hello.node)
+        for reason in ("version", "unsealed"):
+            self.refused.pop((str(hello.node), reason), None)
 
     def add_routes(self, app: web.Application) -> None:
         """Serve the peer websocket on ``app`` (before the app is started)."""
@@ -415,7 +484,10 @@ class WsTransport:
                 n = outbox.clear()
                 self.dropped += n
                 peer.space.set()
-                log.warning("peer %s unreachable: %d frames dropped", peer.address, n)
+                if self._refused_now(peer.address):
+                    log.debug("peer %s refused: %d frames dropped", peer.address, n)
+                else:
+                    log.warning("peer %s unreachable: %d frames dropped", peer.address, n)
                 continue
             out = outbox.next_message(conn.link.serial)
             peer.space.set()
@@ -427,7 +499,7 @@ class WsTransport:
 
     async def _write(self, conn: _Conn, message: bytes) -> bool:
         try:
-            await conn.ws.send_bytes(message)
+            await conn.send(message)
         except _IO_ERRORS as exc:
             log.info("write to %s failed: %s", conn.link.peer, exc)
             await self._close_ws(conn, WSCloseCode.ABNORMAL_CLOSURE)
@@ -439,11 +511,17 @@ class WsTransport:
         delay = self._cfg.ws_redial_backoff_s
         for attempt in range(self._cfg.ws_dial_attempts):
             conn = peer.live_conn()
-            if conn is not None:
+            if conn is not None or self._refused_now(peer.address):
                 return conn
             try:
                 async with asyncio.timeout(self._cfg.ws_connect_timeout_s):
                     conn = await self._dial(peer.address)
+            except Refused as exc:
+                self._refuse(exc, f"peer {peer.address}")
+                self._refused_until[peer.address] = (
+                    asyncio.get_running_loop().time() + self._cfg.peer_refused_retry_s
+                )
+                return peer.live_conn()
             except RemoteProtocolError as exc:
                 self.rejected[exc.reason] += 1
                 log.warning("peer %s failed its hello: %s", peer.address, exc)
@@ -464,6 +542,15 @@ class WsTransport:
                 delay *= 2
         return peer.live_conn()
 
+    def _refused_now(self, address: Address) -> bool:
+        until = self._refused_until.get(address)
+        if until is None:
+            return False
+        if asyncio.get_running_loop().time() < until:
+            return True
+        del self._refused_until[address]
+        return False
+
     async def _dial(self, address: Address) -> _Conn:
         if self._session is None:
             raise LocalProtocolError("the transport is not started")
@@ -475,28 +562,57 @@ class WsTransport:
             timeout=aiohttp.ClientWSTimeout(ws_close=self._cfg.ws_close_timeout_s),
         )
         expected = self._resolve(address)
+        exchange = Exchange() if self._sealed else None
         try:
-            await ws.send_bytes(self._hello(expected))
+            await ws.send_bytes(self._hello(expected, exchange))
             hello = self._read_hello(await ws.receive())
         except BaseException:
             await ws.close()
             raise
         self._learn(address, hello.node)
-        self._learn(hello.address, hello.node)
-        return self._conn(ws, hello, peer=address, outbound=True, addressed=expected is not None)
+        self._accepted(hello)
+        keys = self._keys(exchange, hello, initiator=True)
+        return self._conn(
+            ws, hello, keys, peer=address, outbound=True, addressed=expected is not None
+        )
 
-    def _hello(self, to: NodeId | None) -> bytes:
-        return hello_message(self._codec, self.address, self._wall_clock(), to=to)
+    def _hello(self, to: NodeId | None, exchange: Exchange | None) -> bytes:
+        return hello_message(
+            self._codec,
+            self.address,
+            self._wall_clock(),
+            to=to,
+            package=self._package,
+            share=b"" if exchange is None else exchange.public,
+        )
 
     def _read_hello(self, msg: aiohttp.WSMessage) -> Hello:
         if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
             raise ConnectionResetError("peer closed before its hello")
         if msg.type is not WSMsgType.BINARY:
             raise self._bad_message(msg)
-        return read_hello(self._codec, msg.data, self._wall_clock())
+        return read_hello(
+            self._codec, msg.data, self._wall_clock(), package=self._package, sealed=self._sealed
+        )
+
+    def _keys(
+        self, exchange: Exchange | None, hello: Hello, *, initiator: bool
+    ) -> tuple[Sealer, Opener] | None:
+        if exchange is None:
+            return None
+        return exchange.keys(
+            self._codec.mesh_key, hello.share, initiator=initiator, context=PEER_CONTEXT
+        )
 
     def _conn(
-        self, ws: WebSocket, hello: Hello, *, peer: Address, outbound: bool, addressed: bool
+        self,
+        ws: WebSocket,
+        hello: Hello,
+        keys: tuple[Sealer, Opener] | None,
+        *,
+        peer: Address,
+        outbound: bool,
+        addressed: bool,
     ) -> _Conn:
         self._serial += 1
         link = Link(
@@ -509,8 +625,9 @@ class WsTransport:
             authenticate=self._authenticate,
             budget=self._budget,
             max_frame_bytes=self._cfg.max_frame_bytes,
+            opener=None if keys is None else keys[1],
         )
-        return _Conn(ws, link)
+        return _Conn(ws, link, None if keys is None else keys[0])
 
     @staticmethod
     def _bad_message(msg: aiohttp.WSMessage) -> RemoteProtocolError:
@@ -534,10 +651,19 @@ class WsTransport:
             timeout=self._cfg.ws_close_timeout_s,
         )
         await ws.prepare(request)
+        exchange = Exchange() if self._sealed else None
         try:
             async with asyncio.timeout(self._cfg.ws_connect_timeout_s):
-                hello = self._read_hello(await ws.receive())
-                await ws.send_bytes(self._hello(hello.node))
+                try:
+                    hello = self._read_hello(await ws.receive())
+                except Refused as exc:
+                    # Answer first, so the dialer can say why too; then close.
+                    self._refuse(exc, f"connection from {request.remote}")
+                    await ws.send_bytes(self._hello(exc.node, exchange))
+                    await ws.close(code=WSCloseCode.POLICY_VIOLATION)
+                    return ws
+                await ws.send_bytes(self._hello(hello.node, exchange))
+                keys = self._keys(exchange, hello, initiator=False)
         except RemoteProtocolError as exc:
             self.rejected[exc.reason] += 1
             log.warning("connection from %s rejected: %s", request.remote, exc)
@@ -550,8 +676,10 @@ class WsTransport:
         except _IO_ERRORS:
             await ws.close()
             return ws
-        self._learn(hello.address, hello.node)
-        conn = self._conn(ws, hello, peer=hello.address, outbound=False, addressed=hello.addressed)
+        self._accepted(hello)
+        conn = self._conn(
+            ws, hello, keys, peer=hello.address, outbound=False, addressed=hello.addressed
+        )
         try:
             await self._attach(self._peer(hello.address), conn)
             await conn.done.wait()
@@ -590,7 +718,7 @@ class WsTransport:
         bye = conn.link.retire()
         if bye is not None:
             try:
-                await conn.ws.send_bytes(bye)
+                await conn.send(bye)
             except _IO_ERRORS:
                 await self._close_ws(conn, WSCloseCode.ABNORMAL_CLOSURE)
                 return

@@ -81,8 +81,10 @@ from mesh.errors import AuthenticationError, LocalProtocolError, RemoteProtocolE
 from mesh.protocol.messages import REGISTRY, Join, NodeId, PeerHello, Wire, field_names, field_types
 
 MAGIC: Final = 0x4D  # "M"
-VERSION: Final = 2
-"""Frame format version. 2 added the receiver (``to``) and put the prefix under the MAC."""
+VERSION: Final = 3
+"""Frame format version, which is the protocol version peers announce and compare. 2 added
+the receiver (``to``) and put the prefix under the MAC; 3 seals the wire
+(``mesh.protocol.sealing``: the hello carries a key share and the package version)."""
 MAC_LEN: Final = 32
 FRAME_PREFIX: Final = 2 + MAC_LEN
 ALIGN: Final = 64
@@ -799,6 +801,38 @@ class ReplayGuard:
             state[2] = sent_at
 
 
+def _envelope(view: memoryview) -> list[Any]:
+    """A frame's header, its fields checked for type: [sender, boot, seq, sent_at, to,
+    tag, fields]."""
+    header = decode_body(view[FRAME_PREFIX:], offset=FRAME_PREFIX)
+    if type(header) is not list or len(header) != 7:
+        raise RemoteProtocolError("malformed envelope", reason="malformed")
+    sender, boot, seq, sent_at, to, _, _ = header
+    if not (
+        type(sender) is str
+        and 0 < len(sender) <= MAX_SENDER_LEN
+        and type(boot) is int
+        and boot >= 0
+        and type(seq) is int
+        and seq >= 0
+        and type(sent_at) is float
+        and type(to) is str
+    ):
+        raise RemoteProtocolError("malformed envelope", reason="malformed")
+    return header
+
+
+@dataclass(frozen=True, slots=True)
+class ForeignHello:
+    """What a node of another frame version said in its hello: enough to name it."""
+
+    version: int
+    sender: NodeId
+    boot: int
+    address: str
+    package: str
+
+
 class Codec:
     """Encodes and authenticates frames from one node; checks and decodes frames to it.
 
@@ -814,7 +848,10 @@ class Codec:
         max_frame_bytes: int,
         max_skew_s: float = 120.0,
         boot: int | None = None,
+        version: int = VERSION,
     ) -> None:
+        """``version`` is the frame version spoken; only a test playing an older or newer
+        node gives another."""
         if not isinstance(key, bytes | bytearray) or len(key) < 16:
             raise LocalProtocolError("the mesh key must be at least 16 bytes")
         if not isinstance(sender, str) or not 0 < len(sender) <= MAX_SENDER_LEN:
@@ -827,12 +864,19 @@ class Codec:
             raise LocalProtocolError("boot must fit in 64 unsigned bits")
         self.max_frame_bytes = max_frame_bytes
         # The prefix is under the MAC; feeding it here costs nothing per frame.
-        self._mac = hmac.new(key, bytes((MAGIC, VERSION)), digestmod=hashlib.sha256)
+        self.version = version
+        self._key = bytes(key)
+        self._mac = hmac.new(key, bytes((MAGIC, version)), digestmod=hashlib.sha256)
         self._mac_v1 = hmac.new(key, digestmod=hashlib.sha256)  # only to name old peers
-        self._prefix = bytes((MAGIC, VERSION))
+        self._prefix = bytes((MAGIC, version))
         self._seq = 0
         self._packer = _Packer()
         self.replay = ReplayGuard(max_skew_s=max_skew_s)
+
+    @property
+    def mesh_key(self) -> bytes:
+        """The mesh key (what connection keys are derived with)."""
+        return self._key
 
     def encode(self, msg: Wire, now: float, *, to: NodeId) -> tuple[Chunks, int]:
         """Frame ``msg`` for node ``to``; returns the chunks to write back to back and their
@@ -885,7 +929,7 @@ class Codec:
             raise RemoteProtocolError("truncated frame", reason="truncated")
         if view[0] != MAGIC:
             raise RemoteProtocolError("not a mesh frame", reason="malformed")
-        if view[1] != VERSION:
+        if view[1] != self.version:
             self._refuse_version(view)
         mac = self._mac.copy()
         mac.update(view[FRAME_PREFIX:])
@@ -901,11 +945,43 @@ class Codec:
             mac.update(view[FRAME_PREFIX:])
             if not hmac.compare_digest(mac.digest(), view[2:FRAME_PREFIX]):
                 raise AuthenticationError("frame failed authentication")
-        which = "it" if version < VERSION else "this node"
+        which = "it" if version < self.version else "this node"
         raise RemoteProtocolError(
-            f"peer speaks frame version {version}, this node {VERSION}: upgrade {which}",
+            f"peer speaks frame version {version}, this node {self.version}: upgrade {which}",
             reason="version",
         )
+
+    def foreign_hello(self, frame: Buffer, now: float) -> ForeignHello:
+        """The sender, address and package of a ``PeerHello`` in a frame of another version
+        (2 or later: the MAC covers the prefix and the body, the envelope and the hello's
+        first fields keep their place). The MAC, receiver and replay are checked as for any
+        frame. Raises ``RemoteProtocolError`` if the frame is no such hello; a version-1
+        frame is refused with reason ``version`` (its hello names nothing more)."""
+        view = _bytes_view(frame)
+        if not FRAME_PREFIX + _U32x2.size <= view.nbytes <= self.max_frame_bytes:
+            raise RemoteProtocolError("hello of a bad size", reason="malformed")
+        if view[0] != MAGIC:
+            raise RemoteProtocolError("not a mesh frame", reason="malformed")
+        version = view[1]
+        if version < 2:
+            self._refuse_version(view)
+        mac = hmac.new(self._key, bytes((MAGIC, version)), digestmod=hashlib.sha256)
+        mac.update(view[FRAME_PREFIX:])
+        if not hmac.compare_digest(mac.digest(), view[2:FRAME_PREFIX]):
+            raise AuthenticationError("frame failed authentication")
+        sender, boot, seq, sent_at, to, tag, fields = _envelope(view)
+        if tag != int(PeerHello.TAG) or type(fields) is not list or not fields:
+            raise RemoteProtocolError("first frame is not a hello", reason="no-hello")
+        if to not in (self.sender, UNADDRESSED):
+            raise RemoteProtocolError(
+                f"hello from {sender} is for another node", reason="wrong-receiver"
+            )
+        self.replay.check(sender, boot, seq, sent_at, now)
+        address = fields[0]
+        package = fields[1] if len(fields) > 1 else ""
+        if type(address) is not str or type(package) is not str:
+            raise RemoteProtocolError("malformed hello", reason="bad-field")
+        return ForeignHello(version, NodeId(sender), boot, address, package[:64])
 
     def decode(self, frame: Buffer, now: float, *, authenticated: bool = False) -> Frame:
         """Authenticate (unless ``authenticate`` already passed), check the receiver and
@@ -916,21 +992,7 @@ class Codec:
         view = _bytes_view(frame)
         if view.nbytes < FRAME_PREFIX:
             raise RemoteProtocolError("truncated frame", reason="truncated")
-        header = decode_body(view[FRAME_PREFIX:], offset=FRAME_PREFIX)
-        if type(header) is not list or len(header) != 7:
-            raise RemoteProtocolError("malformed envelope", reason="malformed")
-        sender, boot, seq, sent_at, to, tag, fields = header
-        if not (
-            type(sender) is str
-            and 0 < len(sender) <= MAX_SENDER_LEN
-            and type(boot) is int
-            and boot >= 0
-            and type(seq) is int
-            and seq >= 0
-            and type(sent_at) is float
-            and type(to) is str
-        ):
-            raise RemoteProtocolError("malformed envelope", reason="malformed")
+        sender, boot, seq, sent_at, to, tag, fields = _envelope(view)
         if to != self.sender and (to or type(tag) is not int or tag not in BLANK_TO_TAGS):
             raise RemoteProtocolError(
                 f"frame from {sender} is for {to[:64]!r}, not this node"

@@ -11,13 +11,21 @@ Each websocket message starts with one kind byte (the numbers are on the wire: a
 ``HELLO``  the codec frame of a ``PeerHello``: the first message each way on a connection.
            The dialer's names the node it expects (blank if it knows only the address,
            as for a seed); the answer names the dialer. Each side learns the other's node
-           id from the hello's sender.
+           id from the hello's sender, its protocol (frame) version and package version,
+           and its key share. A hello of another protocol version is still read far
+           enough to name its sender (``Refused``), so that both sides can say once why
+           they will not talk.
 ``BATCH``  small frames coalesced: a head (kind, count), ``count`` u32 sizes, padding to
            16 bytes, then each frame padded to 16 bytes, so a frame starts 16-aligned.
 ``CHUNK``  a piece of a big frame: a head (kind, u64 total size, 16 bytes) then the piece;
            the pieces of one frame follow each other on a connection, small frames may come
            between them.
 ``BYE``    the sender will send nothing more on this connection.
+``SEALED`` one of the messages above, sealed (``mesh.protocol.sealing``): on a connection
+           whose hellos both carried a key share, every message after the hellos is one,
+           sealed under that direction's key and its next counter nonce. Anything else
+           there (an unsealed message, one altered, replayed or out of order) is refused
+           (reasons ``unsealed`` and ``sealed``).
 
 What a peer may send is checked here: a message out of place (a second hello, anything
 after a bye, an unknown kind), truncated or inconsistent sizes, a frame over
@@ -41,11 +49,13 @@ from mesh.config import NodeConfig
 from mesh.errors import RemoteProtocolError
 from mesh.protocol.codec import UNADDRESSED, Buffer, Chunks, Codec
 from mesh.protocol.messages import Address, NodeId, PeerHello
+from mesh.protocol.sealing import PUBLIC_BYTES, Opener
 
 KIND_HELLO: Final = 0x01
 KIND_BATCH: Final = 0x02
 KIND_CHUNK: Final = 0x03
 KIND_BYE: Final = 0x04
+KIND_SEALED: Final = 0x05
 
 BATCH_HEAD: Final = struct.Struct("<B3xI")  # kind, frame count; then u32 sizes, padded to 16
 CHUNK_HEAD: Final = struct.Struct("<B7xQ")  # kind, frame size; the piece starts 16-aligned
@@ -67,29 +77,65 @@ def max_message_bytes(config: NodeConfig) -> int:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hello:
-    """What a peer's hello proved: its listen address, process (boot) and node id."""
+    """What a peer's hello proved: its listen address, process (boot) and node id, its
+    package version and its key share (empty from a node that does not seal)."""
 
     address: Address
     boot: int
     node: NodeId
     addressed: bool
     """The hello named this node (a dialer that knew whom it dialled)."""
+    package: str
+    share: bytes
 
 
-def hello_message(codec: Codec, address: Address, now: float, *, to: NodeId | None) -> bytes:
+class Refused(RemoteProtocolError):
+    """A well-formed hello from a node this one will not talk to: another protocol
+    version (reason ``version``), or no key share while this node seals (``unsealed``).
+    Names the peer so that the refusal can be said once, clearly, on both sides."""
+
+    def __init__(
+        self, message: str, *, reason: str, node: NodeId, address: str, protocol: int, package: str
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.node = node
+        self.address = address
+        self.protocol = protocol
+        self.package = package
+
+
+def hello_message(
+    codec: Codec, address: Address, now: float, *, to: NodeId | None, package: str, share: bytes
+) -> bytes:
     """The hello of the node listening at ``address``, for ``to`` (None when only the
     peer's address is known)."""
-    chunks, _ = codec.encode(PeerHello(address=address), now, to=UNADDRESSED if to is None else to)
+    msg = PeerHello(address=address, package=package, share=share)
+    chunks, _ = codec.encode(msg, now, to=UNADDRESSED if to is None else to)
     return b"".join([bytes((KIND_HELLO,)), *chunks])
 
 
-def read_hello(codec: Codec, message: Buffer, now: float) -> Hello:
+def read_hello(codec: Codec, message: Buffer, now: float, *, package: str, sealed: bool) -> Hello:
     """The peer's hello from the first message on a connection; ``RemoteProtocolError`` if
-    it is none, fails the codec (key, frame version, receiver, replay) or names no usable
-    listen address."""
+    it is none, fails the codec (key, receiver, replay) or names no usable listen address,
+    ``Refused`` if it comes from a node of another protocol (frame) version, or from one
+    that does not seal while this one does (``sealed``), or the other way round: a
+    connection is sealed both ways or not at all. ``package`` is this node's."""
     data = memoryview(message)
-    if data.nbytes < 1 or data[0] != KIND_HELLO:
+    if data.nbytes < 3 or data[0] != KIND_HELLO:
         raise RemoteProtocolError("first message is not a hello", reason="no-hello")
+    if data[2] != codec.version:
+        other = codec.foreign_hello(data[1:], now)
+        which = "the peer" if other.version < codec.version else "this node"
+        raise Refused(
+            f"peer {other.sender} at {other.address[:_MAX_ADDRESS_LEN]} speaks protocol "
+            f"{other.version} (mesh-node {other.package or 'unknown'}), this node protocol "
+            f"{codec.version} (mesh-node {package}): incompatible, upgrade {which}",
+            reason="version",
+            node=other.sender,
+            address=other.address[:_MAX_ADDRESS_LEN],
+            protocol=other.version,
+            package=other.package,
+        )
     frame = codec.decode(data[1:], now)
     hello = frame.msg
     if not isinstance(hello, PeerHello):
@@ -97,11 +143,31 @@ def read_hello(codec: Codec, message: Buffer, now: float) -> Hello:
     host, sep, port = hello.address.rpartition(":")
     if not (sep and host and port.isdigit() and len(hello.address) <= _MAX_ADDRESS_LEN):
         raise RemoteProtocolError(f"bad listen address {hello.address!r}", reason="bad-field")
+    if len(hello.package) > 64:
+        raise RemoteProtocolError("package version over 64 characters", reason="bad-field")
+    if hello.share and len(hello.share) != PUBLIC_BYTES:
+        raise RemoteProtocolError("key share of a bad size", reason="bad-handshake")
+    if sealed != bool(hello.share):
+        raise Refused(
+            f"peer {frame.sender} at {hello.address} (mesh-node {hello.package}) "
+            + (
+                "does not seal its connections; this node refuses unsealed peers"
+                if sealed
+                else "seals its connections and this node does not (wire_sealed is off)"
+            ),
+            reason="unsealed",
+            node=frame.sender,
+            address=hello.address,
+            protocol=codec.version,
+            package=hello.package,
+        )
     return Hello(
         address=Address(hello.address),
         boot=frame.boot,
         node=frame.sender,
         addressed=frame.to != UNADDRESSED,
+        package=hello.package,
+        share=hello.share,
     )
 
 
@@ -178,6 +244,7 @@ class Link:
         "_budget",
         "_filled",
         "_max_frame_bytes",
+        "_opener",
         "_partial",
         "addressed",
         "bye_received",
@@ -200,8 +267,10 @@ class Link:
         authenticate: Callable[[Buffer], None],
         budget: Budget,
         max_frame_bytes: int,
+        opener: Opener | None = None,
     ) -> None:
         self.hello = hello
+        self._opener = opener
         self.peer = peer
         self.initiator = local if outbound else hello.address
         self.addressed = addressed
@@ -262,6 +331,15 @@ class Link:
         if self.bye_received:
             raise RemoteProtocolError("message after the peer's bye", reason="malformed")
         kind = data[0]
+        if self._opener is not None:
+            if kind != KIND_SEALED:
+                raise RemoteProtocolError(
+                    "unsealed message on a sealed connection", reason="unsealed"
+                )
+            data = memoryview(self._opener.open(data[1:]))
+            if data.nbytes == 0:
+                raise RemoteProtocolError("empty message", reason="malformed")
+            kind = data[0]
         if kind == KIND_BATCH:
             frames = _unbatch(data)
             authenticate = self._authenticate
@@ -280,6 +358,10 @@ class Link:
             yield _BYE_EVENT
         elif kind == KIND_HELLO:
             raise RemoteProtocolError("second hello on a connection", reason="malformed")
+        elif kind == KIND_SEALED:
+            raise RemoteProtocolError(
+                "sealed message on a connection without keys", reason="malformed"
+            )
         else:
             raise RemoteProtocolError(f"unknown message kind {kind}", reason="malformed")
 

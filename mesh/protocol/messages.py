@@ -93,9 +93,7 @@ def wire(tag: WireType) -> Callable[[type[W]], type[W]]:
         if int(tag) in REGISTRY:
             raise TypeError(f"wire tag {tag!r} registered twice")
         # Weak references let a client tell when the last copy of an ``ObjectRef`` is gone.
-        made = dataclasses.dataclass(frozen=True, slots=True, kw_only=True, weakref_slot=True)(
-            cls
-        )
+        made = dataclasses.dataclass(frozen=True, slots=True, kw_only=True, weakref_slot=True)(cls)
         made.TAG = tag
         REGISTRY[int(tag)] = made
         return made
@@ -195,10 +193,18 @@ class PeerHello(Wire):
 
     ``address`` is the sender's own listen address (``host:port``), the name its peers use
     to send to it; the frame's MAC proves the sender holds the mesh key, so an unkeyed
-    client never gets past the hello.
+    client never gets past the hello. ``package`` is the sender's ``mesh-node`` version (its
+    protocol version is the frame's). ``share`` is its X25519 public key for this connection
+    (``mesh.protocol.sealing``), empty from a node that does not seal.
+
+    These fields come first for good: a node reads the address and package of a hello of
+    any frame version from 2 on, to say clearly why it refuses an incompatible peer, so a
+    later version may append fields here but never change these.
     """
 
     address: str
+    package: str
+    share: bytes
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ An object is fetched from its holder with ``GET /v1/objects/{id}``. A fetcher on
 holder's own machine adds its ``mesh.runtime.shm.host_id``, and the holder then answers with the
 shared-memory segment that holds the body (a ``mesh.protocol.messages.Segment``) instead of sending
 it; otherwise the body is read chunk by chunk into one buffer of the announced size.
+Bodies that travel are sealed (``mesh.protocol.sealing``): the fetcher puts its X25519
+share in the signed path (``SEAL_PARAM``), the holder answers with its own share and size
+in ``SEAL_HEADER`` / ``SIZE_HEADER`` and the body in sealed pieces under keys only the two
+of them hold, so a body crossing the network is private to them.
 
 It keeps no state: the caller owns the ``aiohttp.ClientSession``.
 """
@@ -31,6 +35,7 @@ from mesh.errors import (
 )
 from mesh.protocol.codec import Buffer, key_fingerprint, loads
 from mesh.protocol.messages import ObjectRef, Segment
+from mesh.protocol.sealing import OBJECT_CONTEXT, BodyOpener, Exchange, Opener, sealed_size
 from mesh.runtime.auth import sign_request
 from mesh.runtime.shm import is_object_segment, map_object
 
@@ -49,6 +54,12 @@ SEGMENT_CONTENT_TYPE: Final = "application/x-mesh-segment"
 """A holder's answer to a fetch from its own machine: where the body is, not the body."""
 HOST_PARAM: Final = "host"
 """Query parameter of ``GET /v1/objects/{id}`` naming the fetcher's ``host_id``."""
+SEAL_PARAM: Final = "seal"
+"""Query parameter of ``GET /v1/objects/{id}``: the fetcher's X25519 share, in hex."""
+SEAL_HEADER: Final = "X-Mesh-Seal"
+"""The holder's X25519 share (hex) on a sealed body."""
+SIZE_HEADER: Final = "X-Mesh-Size"
+"""The size of a sealed body before sealing."""
 
 
 def normalise_url(url: str | None) -> str:
@@ -146,11 +157,35 @@ def _segment_answer(data: bytes, ref: ObjectRef) -> Segment:
     return Segment(name=name, nbytes=nbytes)
 
 
+def _sealed_size(
+    resp: aiohttp.ClientResponse, ref: ObjectRef, key: bytes, exchange: Exchange
+) -> tuple[int, Opener]:
+    """The size of a sealed answer's body and what opens it, from its headers;
+    ``RemoteProtocolError`` if they do not describe one."""
+    share, size = resp.headers.get(SEAL_HEADER), resp.headers.get(SIZE_HEADER, "")
+    if share is None:
+        raise RemoteProtocolError(
+            f"object {ref.id}: the holder sent it unsealed", reason="unsealed"
+        )
+    try:
+        public = bytes.fromhex(share)
+    except ValueError:
+        raise RemoteProtocolError("bad key share", reason="bad-handshake") from None
+    if not size.isdigit() or int(size) <= 0 or resp.content_length != sealed_size(int(size)):
+        raise RemoteProtocolError(f"object {ref.id}: bad sealed size", reason="bad-size")
+    _, opener = exchange.keys(key, public, initiator=True, context=OBJECT_CONTEXT)
+    return int(size), opener
+
+
 async def _read_into(
-    resp: aiohttp.ClientResponse, ref: ObjectRef, allocate: Callable[[int], Buffer]
+    resp: aiohttp.ClientResponse,
+    ref: ObjectRef,
+    allocate: Callable[[int], Buffer],
+    sealed: tuple[int, Opener] | None,
 ) -> Buffer:
-    """The response body, read chunk by chunk into one buffer of the announced size."""
-    size = resp.content_length
+    """The response body, read chunk by chunk (and opened, if sealed) into one buffer of
+    the announced size."""
+    size = resp.content_length if sealed is None else sealed[0]
     if size is None or size <= 0 or (ref.nbytes and size != ref.nbytes):
         raise RemoteProtocolError(
             f"object {ref.id}: body of {size} bytes, the reference says {ref.nbytes}",
@@ -161,8 +196,13 @@ async def _read_into(
     if view.nbytes != size:
         raise LocalProtocolError(f"allocated {view.nbytes} bytes for a {size}-byte object")
     pos = 0
+    opener = None if sealed is None else BodyOpener(sealed[1], size, view)
     # iter_chunks hands over each received chunk as it is; readany() would join them first.
     async for chunk, _ in resp.content.iter_chunks():
+        if opener is not None:
+            opener.feed(chunk)
+            pos = opener.opened
+            continue
         end = pos + len(chunk)
         if end > size:
             raise RemoteProtocolError(f"object {ref.id}: body over {size} bytes", reason="bad-size")
@@ -183,6 +223,7 @@ async def fetch_body(
     *,
     host: str = "",
     allocate: Callable[[int], Buffer] = bytearray,
+    sealed: bool = True,
 ) -> Segment | Buffer:
     """The encoded body of ``ref`` from the node at ``address`` (``host:port``), which
     must be its holder: the request is signed for ``ref.holder``.
@@ -192,11 +233,16 @@ async def fetch_body(
     instead of sending it. Otherwise the body is read into ``allocate(size)``, one buffer of
     the announced size, and that buffer is returned. Raises ``ObjectLostError`` if the
     holder does not have it (or cannot be reached), ``RemoteProtocolError`` for an answer
-    that does not match ``ref``.
+    that does not match ``ref``. ``sealed`` (the default) asks for the body sealed and
+    refuses it otherwise (``RemoteProtocolError``, reason ``unsealed``).
     """
     path = f"/v1/objects/{ref.id}"
-    if host:
-        path += f"?{HOST_PARAM}={host}"
+    query = [f"{HOST_PARAM}={host}"] if host else []
+    exchange = Exchange() if sealed else None
+    if exchange is not None:
+        query.append(f"{SEAL_PARAM}={exchange.public.hex()}")
+    if query:
+        path += "?" + "&".join(query)
     headers = sign_request(key, "GET", path, b"", time.time(), to=ref.holder)
     try:
         async with session.get(normalise_url(address) + path, headers=headers) as resp:
@@ -209,7 +255,8 @@ async def fetch_body(
                         "segment answer to a remote fetch", reason="bad-segment"
                     )
                 return _segment_answer(await resp.read(), ref)
-            return await _read_into(resp, ref, allocate)
+            sealed_as = None if exchange is None else _sealed_size(resp, ref, key, exchange)
+            return await _read_into(resp, ref, allocate, sealed_as)
     except aiohttp.ClientError as exc:
         raise ObjectLostError(ref.id, ref.holder) from exc
 
@@ -221,23 +268,30 @@ async def fetch_bytes(
     ref: ObjectRef,
     *,
     allocate: Callable[[int], Buffer] = bytearray,
+    sealed: bool = True,
 ) -> Buffer:
     """``fetch_body`` without a host: always the bytes, read into ``allocate(size)``."""
-    body = await fetch_body(session, key, address, ref, allocate=allocate)
+    body = await fetch_body(session, key, address, ref, allocate=allocate, sealed=sealed)
     if isinstance(body, Segment):  # fetch_body refuses segment answers to remote fetches
         raise RemoteProtocolError("segment answer to a remote fetch", reason="bad-segment")
     return body
 
 
 async def fetch_object(
-    session: aiohttp.ClientSession, key: bytes, address: str, ref: ObjectRef, *, host: str = ""
+    session: aiohttp.ClientSession,
+    key: bytes,
+    address: str,
+    ref: ObjectRef,
+    *,
+    host: str = "",
+    sealed: bool = True,
 ) -> Any:
     """The value behind ``ref``, fetched from the node at ``address`` (``host:port``).
 
     With ``host`` (this machine's ``host_id()``) a holder on the same machine lends its
     segment: the value's arrays are read-only views of it, with no copy at all.
     """
-    body = await fetch_body(session, key, address, ref, host=host)
+    body = await fetch_body(session, key, address, ref, host=host, sealed=sealed)
     if isinstance(body, Segment):
         try:
             mapping = await asyncio.to_thread(map_object, body.name, body.nbytes)
@@ -245,7 +299,7 @@ async def fetch_object(
             raise ObjectLostError(ref.id, ref.holder) from None
         except PermissionError:
             # Another user's node: its segments are private, so take the bytes instead.
-            body = await fetch_bytes(session, key, address, ref)
+            body = await fetch_bytes(session, key, address, ref, sealed=sealed)
         else:
             return loads(memoryview(mapping))
     return loads(body)

@@ -64,6 +64,7 @@ from mesh.config import NodeConfig
 from mesh.errors import LocalProtocolError, MeshError
 from mesh.protocol.codec import ALIGN, EXT_NDARRAY, EXT_STRUCT, EXT_TENSOR, dumps, loads
 from mesh.protocol.messages import REGISTRY, NodeId, ObjectRef, Segment
+from mesh.protocol.sealing import OBJECT_CONTEXT, BodyOpener, Exchange
 from mesh.runtime.auth import (
     HEADER_BODY,
     HEADER_NONCE,
@@ -77,8 +78,11 @@ from mesh.runtime.http import (
     HELLO_PATH,
     HOST_PARAM,
     OBJECT_CONTENT_TYPE,
+    SEAL_HEADER,
+    SEAL_PARAM,
     SEGMENT_CONTENT_TYPE,
     SESSION_PATH,
+    SIZE_HEADER,
 )
 from mesh.runtime.shm import SHM_DIR, UPLOAD_PREFIX, host_id
 from tests.node.conftest import Cluster, Node
@@ -184,6 +188,7 @@ class Reply:
     status: int
     body: bytes
     content_type: str
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -284,7 +289,7 @@ class Target:
             headers = self.sign(method, path, body) if signed else {}
         url = URL(self.base + path, encoded=True)
         async with self.http.request(method, url, data=body, headers=headers) as r:
-            return Reply(r.status, await r.read(), r.content_type)
+            return Reply(r.status, await r.read(), r.content_type, dict(r.headers))
 
     async def submit(self, body: dict[str, Any]) -> dict[str, Any]:
         """Submit and wait for the result, which must be a success."""
@@ -851,6 +856,8 @@ class IdRequest:
     ident: str
     query: tuple[tuple[str, str], ...]
     body: bytes
+    host: str
+    """The node's ``host_id``: with it, a shared object is answered with its segment."""
 
     @property
     def path(self) -> str:
@@ -861,6 +868,8 @@ class IdRequest:
             return frozenset({400})
         if len(self.body) > SMALL_BODY:
             return frozenset({413})
+        if "{" in self.ident or "}" in self.ident:
+            return frozenset({404})  # aiohttp's {id} matches no braces: no route at all
         if self.method not in ID_METHODS[self.route]:
             return frozenset({405})
         first: dict[str, str] = {}
@@ -874,16 +883,27 @@ class IdRequest:
             return frozenset({200 if self.which == "task" else 404})
         if self.route == "why":
             return frozenset({200 if self.which == "task" else 404})
-        if self.which in ("kept", "shared"):
-            return frozenset({200})
+        if self.which not in ("kept", "shared", "victim"):
+            return frozenset({404})
+        if self.method == "DELETE":
+            return frozenset({200, 404} if self.which == "victim" else {200})
+        if self.which == "shared" and first.get(HOST_PARAM) == self.host:
+            return frozenset({200})  # the segment, which never crosses the network
+        share = first.get(SEAL_PARAM)
+        held = 403 if share is None else 200 if share == SHARE_HEX else 400
         if self.which == "victim":
-            return frozenset({200, 404})  # released by an earlier example, or not
-        return frozenset({404})
+            return frozenset({held, 404})  # released by an earlier example, or not
+        return frozenset({held})
 
     def __repr__(self) -> str:
         body = _short(self.body, 40)
         return f"IdRequest({self.method} {_short(self.path, 200)}, {self.which}, {body})"
 
+
+SHARE: Final = Exchange()
+"""The fetcher's key share the examples ask for sealed objects with (any other is refused:
+a fresh one per example would make failing examples irreproducible)."""
+SHARE_HEX: Final = SHARE.public.hex()
 
 BOGUS_IDS: Final = hostile_text().filter(lambda s: s not in ("", ".", ".."))
 BODIES: Final = weighted(
@@ -915,10 +935,12 @@ def id_requests(draw: st.DrawFn, known: Known) -> IdRequest:
     owner = "task" if route in ("task", "why") else "object"
     if (which == "task") != (owner == "task"):
         which = "bogus"  # a task id is no object id, and the other way round
-    names = st.one_of(st.sampled_from(("wait", HOST_PARAM)), hostile_text())
-    values = st.one_of(st.sampled_from(WAIT_TEXTS), st.just(known.host), hostile_text())
+    names = st.one_of(st.sampled_from(("wait", HOST_PARAM, SEAL_PARAM)), hostile_text())
+    values = st.one_of(
+        st.sampled_from(WAIT_TEXTS), st.just(known.host), st.just(SHARE_HEX), hostile_text()
+    )
     query = draw(st.lists(st.tuples(names, values), max_size=3))
-    req = IdRequest(method, route, which, ident, tuple(query), draw(BODIES))
+    req = IdRequest(method, route, which, ident, tuple(query), draw(BODIES), known.host)
     return _no_head_past_max_url(req)
 
 
@@ -933,18 +955,29 @@ def _no_head_past_max_url(req: R) -> R:
     return req
 
 
-def check_id_reply(req: IdRequest, reply: Reply) -> None:
+def check_id_reply(req: IdRequest, reply: Reply, key: bytes) -> None:
     if req.method == "HEAD":
         assert reply.body == b"", reply
         return
     if len(req.path) > MAX_URL:
         return
+    if "{" in req.ident or "}" in req.ident:
+        return  # no route matched: aiohttp's own plain 404
     if reply.status in (400, 404, 413):  # every id matches its route: the API's own 404
         reply.error()
     if reply.status != 200:
         return
     if req.route == "object" and req.method == "GET":
-        if reply.content_type == SEGMENT_CONTENT_TYPE:
+        if SEAL_HEADER in reply.headers:  # sealed for SHARE: opened as the fetcher would
+            size = int(reply.headers[SIZE_HEADER])
+            public = bytes.fromhex(reply.headers[SEAL_HEADER])
+            _, opener = SHARE.keys(key, public, initiator=True, context=OBJECT_CONTEXT)
+            into = bytearray(size)
+            body = BodyOpener(opener, size, memoryview(into))
+            body.feed(reply.body)
+            assert body.finished, reply
+            assert isinstance(loads(into), np.ndarray), reply
+        elif reply.content_type == SEGMENT_CONTENT_TYPE:
             seg = reply.json()
             assert req.which == "shared", reply
             assert isinstance(seg["segment"], str), reply
@@ -1061,7 +1094,7 @@ def forgery_routes(known: Known) -> tuple[tuple[str, str, bytes], ...]:
         ("GET", f"/v1/tasks/{known.task}?wait=0", b""),
         ("DELETE", f"/v1/tasks/{known.task}", b""),
         ("GET", f"/v1/tasks/{known.task}/why", b""),
-        ("GET", f"/v1/objects/{known.kept}", b""),
+        ("GET", f"/v1/objects/{known.kept}?{SEAL_PARAM}={SHARE_HEX}", b""),
         ("DELETE", f"/v1/objects/{known.kept}", b""),
         ("GET", f"/v1/objects/{known.shared}?{HOST_PARAM}={known.host}", b""),
         ("GET", SESSION_PATH, b""),
@@ -1486,7 +1519,7 @@ def test_routes_with_an_id_answer_as_documented(target: Target, data: st.DataObj
     note(repr(reply))
     event(f"{req.method} {req.route} id of {req.which}: {reply.status}")
     assert reply.status in req.expected(), (req, reply)
-    check_id_reply(req, reply)
+    check_id_reply(req, reply, target.key)
     target.healthy()
 
 
@@ -1609,7 +1642,7 @@ def test_requests_without_a_valid_proof_are_refused_and_change_nothing(
             replayed = 1 if forgery.how == "replay" else 0  # its first send was legitimate
             assert await _next_task_number(target) == first + 1 + replayed
         if method == "DELETE" and "objects" in path:
-            kept = await target.request("GET", f"/v1/objects/{known.kept}")
+            kept = await target.request("GET", f"/v1/objects/{known.kept}?{SEAL_PARAM}={SHARE_HEX}")
             assert kept.status == 200, kept
 
     target.run(attempt())
@@ -1692,7 +1725,9 @@ def test_head_of_an_object_sends_no_body(target: Target) -> None:
 
     async def heads() -> None:
         for _ in range(3):  # on one kept-alive connection: a body would be read as an answer
-            reply = await target.request("HEAD", f"/v1/objects/{target.known.kept}")
+            reply = await target.request(
+                "HEAD", f"/v1/objects/{target.known.kept}?{SEAL_PARAM}={SHARE_HEX}"
+            )
             assert reply.status == 200, reply
             assert reply.body == b"", reply
 

@@ -25,8 +25,16 @@ from aiohttp import WSMsgType, web
 
 from mesh.config import NodeConfig
 from mesh.protocol.codec import FRAME_PREFIX, MAGIC, UNADDRESSED, VERSION, Buffer, Codec
-from mesh.protocol.framing import KIND_BATCH, KIND_BYE, KIND_CHUNK, KIND_HELLO
+from mesh.protocol.framing import (
+    KIND_BATCH,
+    KIND_BYE,
+    KIND_CHUNK,
+    KIND_HELLO,
+    KIND_SEALED,
+    read_hello,
+)
 from mesh.protocol.messages import Address, Load, NodeId, PeerHello
+from mesh.protocol.sealing import PEER_CONTEXT, Exchange
 from node.transport_ws import WS_PATH, WsTransport
 from tests.transport_suite import CHECKS, Check
 from tests.unit.test_framing import batch
@@ -44,6 +52,9 @@ CONFIG = NodeConfig(
     ws_heartbeat_s=10.0,
     ws_close_timeout_s=1.0,
 )
+
+PLAIN = dataclasses.replace(CONFIG, wire_sealed=False)
+"""For hand-made peers that send raw frames: the framing checks are the same either way."""
 
 DEADLINE_S = 20.0
 
@@ -110,14 +121,19 @@ async def make_node() -> AsyncIterator[MakeNode]:
             config: NodeConfig = CONFIG,
             authenticate: Callable[[Buffer], None] | None = None,
             resolve: Callable[[Address], NodeId | None] | None = None,
+            protocol: int = VERSION,
+            package: str = "1.0.0",
         ) -> Node:
-            codec = Codec(key, NodeId(name), max_frame_bytes=config.max_frame_bytes)
+            codec = Codec(
+                key, NodeId(name), max_frame_bytes=config.max_frame_bytes, version=protocol
+            )
             transport = WsTransport(
                 codec=codec,
                 config=config,
                 wall_clock=time.time,
                 authenticate=authenticate,
                 resolve=resolve,
+                package=package,
             )
             app = web.Application()
             transport.add_routes(app)
@@ -387,8 +403,9 @@ async def test_simultaneous_dials_settle_on_one_connection(make_node: MakeNode) 
 # -- hostile input -------------------------------------------------------------------------
 
 
-def hello(codec: Codec, address: str, to: NodeId = UNADDRESSED) -> bytes:
-    chunks, _ = codec.encode(PeerHello(address=address), time.time(), to=to)
+def hello(codec: Codec, address: str, to: NodeId = UNADDRESSED, share: bytes = b"") -> bytes:
+    msg = PeerHello(address=address, package="0.0.test", share=share)
+    chunks, _ = codec.encode(msg, time.time(), to=to)
     return b"".join([bytes((KIND_HELLO,)), *chunks])
 
 
@@ -421,7 +438,7 @@ async def raw_session(
 
 
 async def test_hostile_connections_are_closed_and_counted(make_node: MakeNode) -> None:
-    a, b = await make_node("a"), await make_node("b")
+    a, b = await make_node("a", config=PLAIN), await make_node("b", config=PLAIN)
     intruder = Codec(KEY, NodeId("intruder"), max_frame_bytes=CONFIG.max_frame_bytes)
     forger = Codec(OTHER_KEY, NodeId("forger"), max_frame_bytes=CONFIG.max_frame_bytes)
     replayed = hello(intruder, "127.0.0.1:9")
@@ -463,7 +480,7 @@ async def test_hostile_connections_are_closed_and_counted(make_node: MakeNode) -
 
 
 async def test_good_frames_before_a_forged_one_are_delivered(make_node: MakeNode) -> None:
-    a = await make_node("a")
+    a = await make_node("a", config=PLAIN)
     intruder = Codec(KEY, NodeId("intruder"), max_frame_bytes=CONFIG.max_frame_bytes)
     code, _ = await raw_session(
         a,
@@ -517,7 +534,7 @@ async def test_a_dial_names_the_node_it_expects(make_node: MakeNode) -> None:
 
 
 async def test_a_hello_captured_on_its_way_to_a_is_refused_by_b(make_node: MakeNode) -> None:
-    a, b = await make_node("a"), await make_node("b")
+    a, b = await make_node("a", config=PLAIN), await make_node("b", config=PLAIN)
     intruder = Codec(KEY, NodeId("intruder"), max_frame_bytes=CONFIG.max_frame_bytes)
     captured = hello(intruder, "127.0.0.1:9", to=NodeId("a"))
     code, replies = await raw_session(b, captured, [])
@@ -536,8 +553,8 @@ async def test_a_hello_captured_on_its_way_to_a_is_refused_by_b(make_node: MakeN
 async def test_a_replayed_seed_hello_cannot_take_over_a_real_connection(
     make_node: MakeNode,
 ) -> None:
-    b = await make_node("b")
-    d = await make_node("d", resolve=lambda address: NodeId("b"))
+    b = await make_node("b", config=PLAIN)
+    d = await make_node("d", config=PLAIN, resolve=lambda address: NodeId("b"))
     await d.t.send(b.address, load_frame(d.codec, 1, b))
     await recv(b.t)
     # A hello d sent unaddressed to some seed, captured and replayed to b: fresh to b's
@@ -572,7 +589,7 @@ async def test_a_version_1_peer_is_refused_at_its_hello_and_logged_once(
 async def test_old_frames_close_the_connection_with_one_log_line(
     make_node: MakeNode, caplog: pytest.LogCaptureFixture
 ) -> None:
-    a = await make_node("a")
+    a = await make_node("a", config=PLAIN)
     intruder = Codec(KEY, NodeId("intruder"), max_frame_bytes=CONFIG.max_frame_bytes)
     old = [sign(b"old %d" % i, version=1) for i in range(20)]
     with caplog.at_level("WARNING", logger="node.transport_ws"):
@@ -638,3 +655,103 @@ async def test_unstarted_transport_refuses_peers(make_node: MakeNode) -> None:
     finally:
         await idle.close()
         await runner.cleanup()
+
+
+# -- sealing and versions ------------------------------------------------------------------
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused ")]
+
+
+async def test_compatible_packages_interoperate_sealed(make_node: MakeNode) -> None:
+    a = await make_node("a", package="1.0.0")
+    b = await make_node("b", package="1.4.2")
+    await a.t.send(b.address, load_frame(a.codec, 3, b))
+    assert load_of(b.codec, await recv(b.t)) == 3
+    await b.t.send(a.address, load_frame(b.codec, 4, a))
+    assert load_of(a.codec, await recv(a.t)) == 4
+    assert not a.t.rejected
+    assert not b.t.rejected
+    assert a.t.refusals() == []
+
+
+async def test_another_protocol_is_refused_once_on_both_sides(
+    make_node: MakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await make_node("a", package="1.0.0")
+    future = await make_node("f", protocol=VERSION + 1, package="2.0.0")
+    with caplog.at_level("WARNING", logger="node.transport_ws"):
+        for n in range(5):
+            await a.t.send(future.address, load_frame(a.codec, n, future))
+            await eventually(lambda n=n: a.t.dropped == n + 1, "a to drop its frame")
+        await eventually(lambda: future.t.rejected["version"] == 1, "the future node's count")
+    # One connection, refused by both; no redial while the refusal stands.
+    assert a.t.rejected == {"version": 1}
+    assert future.t.rejected == {"version": 1}
+    assert future.t.frames_received == 0
+    lines = refusal_lines(caplog)
+    assert len(lines) == 2, lines
+    ours = next(line for line in lines if "upgrade this node" in line)
+    theirs = next(line for line in lines if "upgrade the peer" in line)
+    assert f"speaks protocol {VERSION + 1} (mesh-node 2.0.0)" in ours
+    assert f"speaks protocol {VERSION} (mesh-node 1.0.0)" in theirs
+    [seen] = a.t.refusals()
+    assert seen["node"] == "f"
+    assert seen["reason"] == "version"
+    assert (seen["protocol"], seen["package"]) == (VERSION + 1, "2.0.0")
+    assert future.t.refusals()[0]["node"] == "a"
+
+
+async def test_an_unsealed_peer_is_refused_once_on_both_sides(
+    make_node: MakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await make_node("a")
+    plain = await make_node("p", config=PLAIN)
+    with caplog.at_level("WARNING", logger="node.transport_ws"):
+        for n in range(3):
+            await plain.t.send(a.address, load_frame(plain.codec, n, a))
+            await eventually(lambda n=n: plain.t.dropped == n + 1, "p to drop its frame")
+    assert a.t.rejected == {"unsealed": 1}
+    assert plain.t.rejected == {"unsealed": 1}
+    assert a.t.frames_received == 0
+    assert len(refusal_lines(caplog)) == 2
+    assert a.t.refusals()[0]["reason"] == "unsealed"
+    # The same node, sealing now (as after an upgrade): talked to, no longer listed.
+    upgraded = await make_node("p")
+    await upgraded.t.send(a.address, load_frame(upgraded.codec, 9, a))
+    assert load_of(a.codec, await recv(a.t)) == 9
+    assert a.t.refusals() == []
+
+
+async def test_downgraded_and_tampered_messages_close_a_sealed_connection(
+    make_node: MakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await make_node("a")
+    intruder = Codec(KEY, NodeId("i"), max_frame_bytes=CONFIG.max_frame_bytes)
+    plain = batch(sign(b"downgrade"))
+    with caplog.at_level("WARNING", logger="node.transport_ws"):
+        exchange = Exchange()
+        opening = hello(intruder, "127.0.0.1:9", to=NodeId("a"), share=exchange.public)
+        code, replies = await raw_session(a, opening, [plain, plain])
+    assert code == aiohttp.WSCloseCode.POLICY_VIOLATION
+    assert len(replies) == 1  # a's hello, then nothing
+    assert a.t.rejected == {"unsealed": 1}
+    assert len([r for r in caplog.records if "unsealed message" in r.getMessage()]) == 1
+    # A sealed message under the right keys, then the same one again.
+    exchange = Exchange()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(f"http://{a.address}{WS_PATH}") as ws,
+    ):
+        await ws.send_bytes(hello(intruder, "127.0.0.1:9", to=NodeId("a"), share=exchange.public))
+        reply = (await ws.receive()).data
+        answer = read_hello(intruder, reply, time.time(), package="x", sealed=True)
+        sealer, _ = exchange.keys(KEY, answer.share, initiator=True, context=PEER_CONTEXT)
+        good = bytes((KIND_SEALED,)) + sealer.seal(batch(sign(b"sealed")))
+        await ws.send_bytes(good)
+        await ws.send_bytes(good)  # replayed
+        async with asyncio.timeout(DEADLINE_S):
+            assert (await ws.receive()).type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
+    assert body_of(await recv(a.t)) == b"sealed"
+    assert a.t.rejected == {"unsealed": 1, "sealed": 1}

@@ -102,7 +102,7 @@ def test_a_blank_receiver_passes_only_on_hello_and_join(tag: WireType) -> None:
 
 def test_blank_hello_and_join_are_accepted_and_say_so() -> None:
     tx, rx = node("tx"), node("rx")
-    for msg in (PeerHello(address="127.0.0.1:7000"), join_of("tx")):
+    for msg in (PeerHello(address="127.0.0.1:7000", package="0.0.test", share=b""), join_of("tx")):
         frame = rx.decode(tx.encode_bytes(msg, NOW, to=UNADDRESSED), NOW)
         assert (frame.to, frame.msg) == (UNADDRESSED, msg)
     assert refused(tx.encode_bytes(LOAD, NOW, to=UNADDRESSED), rx).reason == "wrong-receiver"
@@ -111,7 +111,9 @@ def test_blank_hello_and_join_are_accepted_and_say_so() -> None:
 
 def test_a_hello_for_another_node_is_refused() -> None:
     tx, b = node("tx"), node("b")
-    frame = tx.encode_bytes(PeerHello(address="127.0.0.1:7000"), NOW, to=A)
+    frame = tx.encode_bytes(
+        PeerHello(address="127.0.0.1:7000", package="0.0.test", share=b""), NOW, to=A
+    )
     assert refused(frame, b).reason == "wrong-receiver"
 
 

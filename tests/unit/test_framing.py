@@ -43,6 +43,7 @@ from mesh.protocol.messages import Address, Load, NodeId, PeerHello
 KEY = b"mesh-test-key-0123456789abcdef"
 OTHER_KEY = b"another-mesh-key-0123456789abc"
 NOW = 1_700_000_000.0
+PKG = "0.0.test"
 A, B = Address("10.0.0.1:7000"), Address("10.0.0.2:7000")
 CONFIG = NodeConfig(
     max_frame_bytes=8 * 1024 * 1024,
@@ -88,7 +89,7 @@ def link(
 ) -> Link:
     """B's end of a link to A (B dialled unless ``outbound`` is False)."""
     return Link(
-        hello or Hello(address=A, boot=1, node=NodeId("a"), addressed=True),
+        hello or Hello(address=A, boot=1, node=NodeId("a"), addressed=True, package=PKG, share=b""),
         peer=A,
         local=B,
         outbound=outbound,
@@ -154,13 +155,13 @@ def chunk(total: int, piece: bytes) -> bytes:
 
 def test_hellos_name_the_listen_address_process_and_receiver() -> None:
     a, b = codec("a"), codec("b")
-    dial = hello_message(a, A, NOW, to=None)
+    dial = hello_message(a, A, NOW, to=None, package=PKG, share=b"")
     assert dial[0] == KIND_HELLO
-    assert read_hello(b, dial, NOW) == Hello(
-        address=A, boot=a.boot, node=NodeId("a"), addressed=False
+    assert read_hello(b, dial, NOW, package=PKG, sealed=False) == Hello(
+        address=A, boot=a.boot, node=NodeId("a"), addressed=False, package=PKG, share=b""
     )
-    answer = hello_message(b, B, NOW, to=NodeId("a"))
-    assert read_hello(a, answer, NOW).addressed
+    answer = hello_message(b, B, NOW, to=NodeId("a"), package=PKG, share=b"")
+    assert read_hello(a, answer, NOW, package=PKG, sealed=False).addressed
 
 
 def test_bad_hellos_are_refused_with_their_reason() -> None:
@@ -174,30 +175,32 @@ def test_bad_hellos_are_refused_with_their_reason() -> None:
             batch(sign(b"x")),
             bytes((KIND_HELLO,)) + a.encode_bytes(LOAD, NOW, to=NodeId("b")),
         ],
-        "bad-mac": [hello_message(codec("a", OTHER_KEY), A, NOW, to=None)],
-        "wrong-receiver": [hello_message(a, A, NOW, to=NodeId("c"))],
+        "bad-mac": [hello_message(codec("a", OTHER_KEY), A, NOW, to=None, package=PKG, share=b"")],
+        "wrong-receiver": [hello_message(a, A, NOW, to=NodeId("c"), package=PKG, share=b"")],
         "bad-field": [
-            hello_message(a, Address("no-port"), NOW, to=None),
-            hello_message(a, Address("h:" + "9" * 400), NOW, to=None),
+            hello_message(a, Address("no-port"), NOW, to=None, package=PKG, share=b""),
+            hello_message(a, Address("h:" + "9" * 400), NOW, to=None, package=PKG, share=b""),
         ],
         "version": [bytes((KIND_HELLO,)) + v1_frame],
-        "stale": [hello_message(a, A, NOW - 3600, to=None)],
+        "stale": [hello_message(a, A, NOW - 3600, to=None, package=PKG, share=b"")],
     }
     for reason, messages in cases.items():
         for message in messages:
             with pytest.raises(RemoteProtocolError) as raised:
-                read_hello(b, message, NOW)
+                read_hello(b, message, NOW, package=PKG, sealed=False)
             assert raised.value.reason == reason, (reason, message[:20])
     # The same hello twice is a replay.
-    fresh = hello_message(a, A, NOW, to=None)
-    read_hello(b, fresh, NOW)
+    fresh = hello_message(a, A, NOW, to=None, package=PKG, share=b"")
+    read_hello(b, fresh, NOW, package=PKG, sealed=False)
     with pytest.raises(RemoteProtocolError) as raised:
-        read_hello(b, fresh, NOW)
+        read_hello(b, fresh, NOW, package=PKG, sealed=False)
     assert raised.value.reason == "replay"
 
 
 def test_a_second_hello_on_a_link_is_refused() -> None:
-    err, _ = refused(link(), hello_message(codec("a"), A, NOW, to=NodeId("b")))
+    err, _ = refused(
+        link(), hello_message(codec("a"), A, NOW, to=NodeId("b"), package=PKG, share=b"")
+    )
     assert (err.reason, str(err)) == ("malformed", "second hello on a connection")
 
 
@@ -425,7 +428,7 @@ def test_a_budget_smaller_than_a_frame_still_admits_it_alone() -> None:
 
 
 def test_both_ends_keep_the_same_link() -> None:
-    hello_a = Hello(address=A, boot=1, node=NodeId("a"), addressed=True)
+    hello_a = Hello(address=A, boot=1, node=NodeId("a"), addressed=True, package=PKG, share=b"")
     # B's view: one link B dialled, one A dialled (A's listen address is lower).
     mine = link(hello=hello_a, serial=1, outbound=True)
     theirs = link(hello=hello_a, serial=2, outbound=False)
