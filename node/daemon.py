@@ -96,6 +96,7 @@ from node.dashboard.events import EventLog, clip
 from node.dashboard.web import SLOW_READER
 from node.executor import Executor
 from node.http_guard import GuardedSite
+from node.join import Invites
 from node.lineage import Lineage, Recipe, Retry, Runs
 from node.refs import Holds, Leases, refs_in
 from node.store import ObjectStore, OwnedSegment, nbytes_of, remove_orphan_segments
@@ -342,7 +343,18 @@ class Daemon:
             self.membership, self.contract = self.node_core.membership, self.node_core.contract
             self._host_slots = HostSlots(self.membership, self.node_id)
             app = web.Application(client_max_size=self.config.http_submit_body_bytes)
-            self.api = Api(self, self._key, exempt=frozenset({WS_PATH}))
+            invites = Invites(
+                secret=self.options.key,
+                rng=random.Random(secrets.token_bytes(16)),
+                refused=Counter(),
+            )
+            self.api = Api(
+                self,
+                self._key,
+                exempt=frozenset({WS_PATH}),
+                invites=invites,
+                instance=self._id_prefix,
+            )
             self.transport.add_routes(app)
             self.api.add_routes(app)
             runner = web.AppRunner(
@@ -1148,6 +1160,7 @@ class Daemon:
             "accepting": self._accepting,
             "mdns": self._discovery is not None,
             "mdns_found": int(getattr(self._discovery, "found_count", 0) or 0),
+            "mdns_seen": sorted(getattr(self._discovery, "found", ()))[:256],
             "objects": len(self.store),
             "object_bytes": self.store.used_bytes,
             "uptime_s": round(time.monotonic() - self._started, 3),
