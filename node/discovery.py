@@ -5,9 +5,9 @@ Each node registers one instance of ``_mesh-node._tcp.local.`` whose TXT record 
 meshes on one LAN ignore each other without revealing a key), ``v`` (protocol version) and
 ``pkg`` (the mesh-node package version), and browses the same type. Each peer of the same
 mesh is reported once through ``on_found(node, "host:port")``, and again if its address
-changes. A clean shutdown sends goodbye packets, which peers report through ``on_lost``; a crashed node stays in browsers
-for about 19 minutes (zeroconf raises PTR TTLs to 1125 s), so whether a peer is alive is
-for gossip to decide, never for this module.
+changes. A clean shutdown sends goodbye packets, which peers report through ``on_lost``; a
+crashed node stays in browsers for about 19 minutes (zeroconf raises PTR TTLs to 1125 s), so
+whether a peer is alive is for gossip to decide, never for this module.
 
 ``browse`` is the same search done once, for a program that is no node (``mesh-node doctor``,
 a machine joining with a code): every record it resolves in a time window, of any mesh.
