@@ -718,7 +718,7 @@ class Api:
         now = time.monotonic()
         invites.admit(now, self._join_peer(request))
         nameplate = request.match_info["nameplate"]
-        if not invites.is_open(nameplate, now):
+        if not invites.is_open(nameplate, now, self._join_peer(request)):
             return _error(404, f"no open invite {nameplate[:16]!r} here")
         return web.json_response({"nameplate": nameplate, "open": True})
 
@@ -1278,7 +1278,12 @@ OPENAPI: Final[dict[str, Any]] = {
         JOIN_PREFIX + "{nameplate}": {
             "get": _join_op(
                 "Whether an invite is open here (no key needed; rate-limited)",
-                {"200": "open", "404": "no open invite by that nameplate", "429": "rate limit"},
+                {
+                    "200": "open",
+                    "404": "no invite by that nameplate",
+                    "410": "the invite is used, revoked or expired",
+                    "429": "rate limit",
+                },
                 body=False,
             ),
             "post": _join_op(

@@ -144,8 +144,8 @@ class Invites:
         rng: random.Random,
         refused: Counter[str],
         vocabulary: Sequence[str] | None = None,
-        rate_per_s: float = 0.5,
-        burst: int = 10,
+        rate_per_s: float = 1.0,
+        burst: int = 20,
         max_seen: int = 4096,
     ) -> None:
         """``secret``: the mesh key text the joiner receives. ``rate_per_s`` and ``burst``
@@ -221,11 +221,26 @@ class Invites:
             self._refuse(429, RATE, f"too many join requests; try again in a minute ({peer})")
         self._tokens -= 1.0
 
-    def is_open(self, nameplate: str, now: float) -> bool:
-        """Whether an invite by this nameplate waits for its one attempt."""
+    def is_open(self, nameplate: str, now: float, peer: str) -> bool:
+        """Whether an invite by this nameplate waits for its one attempt: False if this node
+        has none by it; ``JoinRefused`` (410) if it had one that is used, revoked or expired
+        (a second attempt on a used code is refused here, before any exchange)."""
         self._expire(now)
         invite = self._invites.get(nameplate)
-        return invite is not None and invite.state == "open"
+        if invite is None:
+            return False
+        self._check(invite, peer)
+        return True
+
+    def _check(self, invite: Invite, peer: str) -> None:
+        if invite.state == "expired":
+            self._refuse(410, EXPIRED_CODE, f"invite {invite.nameplate} has expired ({peer})")
+        if invite.state != "open":
+            self._refuse(
+                410,
+                USED_CODE,
+                f"invite {invite.nameplate} is {invite.state}: one attempt only ({peer})",
+            )
 
     def answer(self, nameplate: str, message: bytes, now: float, peer: str) -> tuple[bytes, bytes]:
         """The inviter's SPAKE2 message and the sealed mesh key for one attempt on
@@ -238,12 +253,7 @@ class Invites:
         invite = self._invites.get(nameplate)
         if invite is None:
             self._refuse(404, UNKNOWN_CODE, f"no invite {nameplate} here (from {peer})")
-        if invite.state == "expired":
-            self._refuse(410, EXPIRED_CODE, f"invite {nameplate} has expired (from {peer})")
-        if invite.state != "open":
-            self._refuse(
-                410, USED_CODE, f"invite {nameplate} is {invite.state}: one attempt only ({peer})"
-            )
+        self._check(invite, peer)
         invite.state = "used"
         if len(message) != PAKE_MESSAGE_BYTES:
             self._refuse(400, BAD_MESSAGE, f"malformed join message for {nameplate} ({peer})")
