@@ -20,8 +20,8 @@ from node.join import (
     USED_CODE,
     BadCode,
     Invites,
-    JoinRefused,
     Joiner,
+    JoinRefused,
     WrongCode,
     parse_code,
     store_key,
@@ -48,7 +48,8 @@ def test_the_right_code_gives_the_key() -> None:
 def test_codes_are_a_number_and_three_words_typed_loosely() -> None:
     code = invites().issue(0.0).code
     number, *rest = code.split("-")
-    assert len(rest) == 3 and all(w in words() for w in rest)
+    assert len(rest) == 3
+    assert all(w in words() for w in rest)
     assert parse_code("  " + " ".join([number, *rest]).upper()) == (number, code)
     with pytest.raises(BadCode, match="not a code word"):
         parse_code(f"{number}-{rest[0]}-{rest[1]}-qqqq")
@@ -70,7 +71,8 @@ def test_a_wrong_code_fails_once_and_burns_the_invite() -> None:
     right = Joiner(code)
     with pytest.raises(JoinRefused) as refused:
         inv.answer(right.nameplate, right.message, 2.0, "peer")
-    assert refused.value.reason == USED_CODE and refused.value.status == 410
+    assert refused.value.reason == USED_CODE
+    assert refused.value.status == 410
     with pytest.raises(JoinRefused):
         inv.is_open(number, 2.0, "peer")
     assert inv.refused[USED_CODE] == 2
