@@ -537,6 +537,8 @@ class Api:
         and ``join-...`` counted by ``invites``)."""
         self.internal_errors = 0
         """Requests and submissions that failed by an unexpected error on this node."""
+        self._logged: set[str] = set()
+        """Refusal reasons logged once already."""
         self.guard = ConnectionGuard(
             max_per_address=self.config.http_max_connections_per_address,
             max_half_open=self.config.http_max_half_open,
@@ -601,6 +603,17 @@ class Api:
             return _error(exc.status, str(exc), close=True)
         except Refused as exc:
             self.rejected[exc.reason] += 1
+            if exc.reason not in self._logged:
+                # One line the first time for each reason; after that the counter tells.
+                self._logged.add(exc.reason)
+                log.warning(
+                    "refused %s %s from %s: %s (further ones are counted as %s)",
+                    request.method,
+                    request.path[:80],
+                    request.remote,
+                    exc,
+                    exc.reason,
+                )
             # Closing the connection: the rest of a refused body is never read.
             return _error(exc.status, str(exc), close=True)
         except BadRequest as exc:
