@@ -422,8 +422,8 @@ class Daemon:
             f"mesh {key_fingerprint(self._key)}"
         )
         self._out(
-            f"  another machine joins with: mesh-node start --join {self.address} --key KEY"
-            "  (or just the same key, found by mDNS)"
+            "  another machine joins with a code: `mesh-node invite` here, then"
+            " `mesh-node start --code CODE` there (or the same key file)"
         )
         if self.options.ready_file is not None:
             ReadyRecord(

@@ -383,21 +383,15 @@ async def examine(
     obs.interfaces = interface_names(chosen)
     host_port = node_url.split("://", 1)[-1].rstrip("/")
     async with aiohttp.ClientSession() as http:
-        browsing = asyncio.ensure_future(browse(browse_s, interfaces=chosen))
-        try:
+        async with asyncio.TaskGroup() as tg:
+            browsing = tg.create_task(_browse(browse_s, chosen))
             local = await _hello(http, host_port)
             if not local.error:
                 obs.local = local
                 obs.local_address = host_port
                 if kb is not None and local.mesh == obs.fingerprint:
                     await _local_state(http, kb, node_url, local, obs)
-            try:
-                browsed: Browsed = await browsing
-            except OSError as exc:  # no multicast socket at all: nothing is received
-                log.warning("mDNS browse failed: %s", exc)
-                browsed = Browsed(interfaces=tuple(chosen), records=(), bad_records=0)
-        finally:
-            browsing.cancel()
+        browsed = browsing.result()
         obs.records = list(browsed.records)
         addresses = [a for r in browsed.records for a in _addresses(r)]
         addresses += [addr for _, addr, _ in obs.local_peers]
@@ -415,6 +409,14 @@ async def examine(
                 )
             )
     return obs
+
+
+async def _browse(seconds: float, interfaces: list[str]) -> Browsed:
+    try:
+        return await browse(seconds, interfaces=interfaces)
+    except OSError as exc:  # no multicast socket at all: nothing is received
+        log.warning("mDNS browse failed: %s", exc)
+        return Browsed(interfaces=tuple(interfaces), records=(), bad_records=0)
 
 
 async def _local_state(
