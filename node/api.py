@@ -111,6 +111,7 @@ INVITES_PATH: Final = "/v1/invites"
 PROBE_PATH: Final = "/v1/probe"
 JOIN_BODY_BYTES: Final = 1024
 PROBE_TIMEOUT_S: Final = 3.0
+_JOIN_TOO_LARGE: Final = f"a join request is at most {JOIN_BODY_BYTES} bytes"
 SUBMIT_PATH: Final = "/v1/tasks"
 LEASES_PATH: Final = "/v1/objects/leases"
 BODY: Final = web.RequestKey("mesh.body", bytes)
@@ -740,15 +741,17 @@ class Api:
         peer = self._join_peer(request)
         invites.admit(time.monotonic(), peer)
         if (request.content_length or 0) > JOIN_BODY_BYTES:
-            raise Refused(413, BODY_TOO_LARGE, f"a join request is at most {JOIN_BODY_BYTES} bytes")
+            raise Refused(413, BODY_TOO_LARGE, _JOIN_TOO_LARGE)
+        data = bytearray()
         try:
             async with asyncio.timeout(self.config.http_body_timeout_s):
-                data = await request.content.read(JOIN_BODY_BYTES + 1)
+                async for chunk in request.content.iter_any():
+                    data += chunk
+                    if len(data) > JOIN_BODY_BYTES:
+                        raise Refused(413, BODY_TOO_LARGE, _JOIN_TOO_LARGE)
         except TimeoutError:
             raise Refused(408, BODY_TIMEOUT, "join request body not received in time") from None
-        if len(data) > JOIN_BODY_BYTES:
-            raise Refused(413, BODY_TOO_LARGE, f"a join request is at most {JOIN_BODY_BYTES} bytes")
-        body = parse_json(data)
+        body = parse_json(bytes(data))
         text = body.get("pake") if isinstance(body, dict) else None
         try:
             message = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
@@ -1102,7 +1105,7 @@ def _join_op(summary: str, responses: dict[str, str], body: bool) -> dict[str, A
             {"name": "nameplate", "in": "path", "required": True, "schema": {"type": "string"}}
         ],
         "responses": {
-            code: {"description": text, **({"content": {"application/json": {}}})}
+            code: {"description": text, "content": {"application/json": {}}}
             for code, text in responses.items()
         },
     }
