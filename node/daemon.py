@@ -422,8 +422,12 @@ class Daemon:
             f"mesh {key_fingerprint(self._key)}"
         )
         self._out(
-            "  another machine joins with a code: `mesh-node invite` here, then"
-            " `mesh-node start --code CODE` there (or the same key file)"
+            f"  another machine joins with: mesh-node start --join {self.address} --key KEY"
+            "  (or just the same key, found by mDNS)"
+        )
+        self._out(
+            f"  or with no key to copy: mesh-node invite --node {self.address} here,"
+            " then mesh-node start --code CODE there"
         )
         if self.options.ready_file is not None:
             ReadyRecord(
