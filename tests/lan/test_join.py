@@ -185,6 +185,18 @@ def test_doctor_on_a_healthy_host(mesh: JoinMesh) -> None:
     assert [f["name"] for f in findings] == ["all-well"]
 
 
+def test_doctor_names_a_key_file_others_can_read(mesh: JoinMesh) -> None:
+    path = mesh.key_file(4)
+    path.chmod(0o644)
+    try:
+        status, findings = mesh.doctor(4, key=None)
+    finally:
+        path.chmod(0o600)
+    assert status == 1
+    assert set(problems(findings)) == {"key-file-permissions"}, findings
+    assert str(path) in problems(findings)["key-file-permissions"]
+
+
 def test_doctor_names_dropped_multicast(mesh: JoinMesh) -> None:
     host6 = mesh.lan.host(6)
     mesh.lan.block_mdns(host6)
