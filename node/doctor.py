@@ -107,6 +107,13 @@ class Observations:
     views: list[PeerView] = field(default_factory=list)
 
 
+_MULTICAST_FIX: Final = (
+    "allow UDP port 5353 (multicast 224.0.0.251) in this machine's firewall; on Wi-Fi, let "
+    "the access point pass multicast (turn off client isolation, 'multicast enhancement', "
+    "IGMP snooping without a querier); or start with --join HOST:PORT of a member"
+)
+
+
 def _where(interfaces: Sequence[tuple[str, str]]) -> str:
     return ", ".join(f"{name} ({addr})" for name, addr in interfaces) or "no interface"
 
@@ -161,18 +168,27 @@ def diagnose(obs: Observations) -> list[Finding]:
     others = [r for r in obs.records if r.mesh != mine]
     where = _where(obs.interfaces)
 
-    if not obs.records:
+    from_others = [r for r in obs.records if r.node != my_id]
+    alive = [n for n, _, state in obs.local_peers if state == "alive"]
+    if not from_others:
+        if alive:
+            why = (
+                f"though {len(alive)} peer{'s' if len(alive) != 1 else ''} of this mesh "
+                f"({', '.join(alive[:4])}) {'are' if len(alive) != 1 else 'is'} alive"
+            )
+        elif obs.records:
+            why = "only this node's own, so either no other node runs on this LAN or"
+        else:
+            why = "not even this node's own" if local is not None and obs.local_mdns else ""
         add(
             Finding(
                 name="multicast-not-received",
-                severity="problem",
-                message=f"no mDNS announcement arrived on {where} in {obs.browse_s:g} s"
-                + (", not even this node's own" if local is not None and obs.local_mdns else "")
-                + ": multicast is not received here",
-                fix="allow UDP port 5353 (multicast 224.0.0.251) in this machine's firewall; on "
-                "Wi-Fi, let the access point pass multicast (turn off client isolation, "
-                "'multicast enhancement', IGMP snooping without a querier); or start with "
-                "--join HOST:PORT of a member",
+                # A lone node that hears itself may simply be the first one.
+                severity="note" if obs.records and not alive else "problem",
+                message=f"no mDNS announcement from another node arrived on {where} in "
+                f"{obs.browse_s:g} s{', ' + why if why else ''}"
+                f"{' ' if why.endswith('or') else ': '}multicast is not received here",
+                fix=_MULTICAST_FIX,
             )
         )
     deaf = [v for v in obs.views if v.hears_us is False]

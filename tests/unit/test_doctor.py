@@ -147,3 +147,23 @@ def test_announced_but_unreachable_peer() -> None:
     obs = healthy()
     obs.hellos[0] = Hello(address="10.0.0.1:7700", error="timeout")
     assert names(diagnose(obs)) == {"peer-unreachable"}
+
+
+def test_hearing_only_itself_while_peers_are_alive_is_multicast_not_received() -> None:
+    obs = healthy()
+    obs.records = [record("h4", "10.0.0.4")]
+    findings = diagnose(obs)
+    assert names(findings) == {"multicast-not-received"}
+    assert "h1" in findings[0].message
+    assert "eth0 (10.0.0.4)" in findings[0].message
+
+
+def test_a_lone_first_node_gets_a_note_only() -> None:
+    obs = healthy()
+    obs.records = [record("h4", "10.0.0.4")]
+    obs.local_peers = []
+    obs.hellos = obs.hellos[1:]
+    obs.views = []
+    findings = diagnose(obs)
+    assert names(findings) == set()
+    assert names(findings, "note") == {"multicast-not-received"}
