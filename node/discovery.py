@@ -24,11 +24,11 @@ import ipaddress
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import ifaddr
-from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf import DNSQuestionType, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from mesh import __version__
@@ -294,6 +294,7 @@ async def browse(
         return Browsed(interfaces=(), records=(), bad_records=0)
     names: asyncio.Queue[str] = asyncio.Queue()
     found: dict[str, Record] = {}
+    infos: dict[str, AsyncServiceInfo] = {}
     bad = 0
 
     def on_change(
@@ -305,17 +306,34 @@ async def browse(
     async def resolve(zc: Zeroconf, name: str) -> None:
         nonlocal bad
         info = AsyncServiceInfo(SERVICE_TYPE, name)
-        if not await info.async_request(zc, RESOLVE_TIMEOUT_MS):
+        if not await info.async_request(zc, RESOLVE_TIMEOUT_MS, question_type=DNSQuestionType.QM):
             return
         record = record_of(name, info)
         if record is None:
             bad += 1
         else:
             found[name] = record
+            infos[name] = info
+
+    def refresh(zc: Zeroconf) -> None:
+        # A resolve ends with the first complete answer, but two hosts announcing one name
+        # (a copied configuration) both answer, and each answer flushes the other's address
+        # from the cache a second later: every address seen meanwhile is kept.
+        for name, info in infos.items():
+            info.load_from_cache(zc)
+            again = record_of(name, info)
+            if again is not None:
+                known = found[name].addresses
+                more = tuple(a for a in again.addresses if a not in known)
+                found[name] = replace(again, addresses=known + more)
 
     azc = AsyncZeroconf(interfaces=chosen, ip_version=IPVersion.V4Only)
+    # Questions ask for answers by multicast (QM): a node on this machine shares port 5353
+    # with this browser, and a unicast answer reaches only one of the two sockets.
     try:
-        browser = AsyncServiceBrowser(azc.zeroconf, SERVICE_TYPE, handlers=[on_change])
+        browser = AsyncServiceBrowser(
+            azc.zeroconf, SERVICE_TYPE, handlers=[on_change], question_type=DNSQuestionType.QM
+        )
         try:
             async with asyncio.timeout(seconds), asyncio.TaskGroup() as tg:
                 while enough is None or not enough(list(found.values())):
@@ -323,12 +341,14 @@ async def browse(
                         async with asyncio.timeout(0.2):
                             name = await names.get()
                     except TimeoutError:
+                        refresh(azc.zeroconf)
                         continue
                     tg.create_task(resolve(azc.zeroconf, name))
         except TimeoutError:
             pass
         finally:
             await browser.async_cancel()
+        refresh(azc.zeroconf)
     finally:
         await azc.async_close()
     return Browsed(interfaces=tuple(chosen), records=tuple(found.values()), bad_records=bad)

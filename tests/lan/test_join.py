@@ -192,7 +192,7 @@ def test_doctor_names_a_key_file_others_can_read(mesh: JoinMesh) -> None:
         status, findings = mesh.doctor(4, key=None)
     finally:
         path.chmod(0o600)
-    assert status == 1
+    assert status == 1, findings
     assert set(problems(findings)) == {"key-file-permissions"}, findings
     assert str(path) in problems(findings)["key-file-permissions"]
 
@@ -205,7 +205,7 @@ def test_doctor_names_dropped_multicast(mesh: JoinMesh) -> None:
     wait_for(lambda: mesh.states(1).get("h6") == "alive", 30, "h6 alive at h1")
     status, findings = mesh.doctor(6)
     found = problems(findings)
-    assert status == 1
+    assert status == 1, findings
     assert {"multicast-not-received", "multicast-not-sent"} <= set(found), findings
     assert "eth0" in found["multicast-not-received"]
     assert "eth0" in found["multicast-not-sent"]
@@ -243,7 +243,7 @@ def test_doctor_names_a_blocked_port(mesh: JoinMesh) -> None:
     finally:
         _ns(host3.ns, "nft", "delete", "table", "inet", "noport", check=False)
     found = problems(findings)
-    assert status == 1
+    assert status == 1, findings
     assert set(found) == {"port-blocked"}, findings
     assert f"{host3.address}:{PORT}" in found["port-blocked"]
 
@@ -253,7 +253,7 @@ def test_doctor_names_nodes_of_another_mesh(mesh: JoinMesh) -> None:
     mesh.serving(7)
     status, findings = mesh.doctor(7, key=OTHER_KEY)
     found = problems(findings)
-    assert status == 1
+    assert status == 1, findings
     assert "other-mesh" in found, findings
     assert "nodes with a different key" in found["other-mesh"]
     assert key_fingerprint(key_bytes(KEY)) in found["other-mesh"]
@@ -285,7 +285,7 @@ def test_doctor_names_an_old_protocol_version(mesh: JoinMesh) -> None:
         assert old.stdout.readline().strip() == b"announced"
         status, findings = mesh.doctor(1)
         found = problems(findings)
-        assert status == 1
+        assert status == 1, findings
         assert "incompatible-version" in found, findings
         assert "old5" in found["incompatible-version"]
         assert "v0" in found["incompatible-version"]
@@ -295,35 +295,17 @@ def test_doctor_names_an_old_protocol_version(mesh: JoinMesh) -> None:
 
 
 def test_doctor_names_two_nodes_with_one_id(mesh: JoinMesh) -> None:
-    # A copied start script: h5 runs as "h2" too, announced by mDNS like the real one.
-    host5 = mesh.lan.host(5)
-    twin = mesh.lan.spawn(
-        host5,
-        [
-            *NODE,
-            "start",
-            "--host",
-            host5.address,
-            "--port",
-            str(PORT),
-            "--key",
-            KEY,
-            "--name",
-            "h2",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=mesh.env(5),
-        cwd=str(ROOT),
-    )
+    # A copied start script: h5 runs as "h2" too, announced by mDNS like the real one. The
+    # ready file is written once the node is announced.
+    mesh.start(5, KEY, "--name", "h2")
+    mesh.serving(5)
     try:
-        wait_for(lambda: mesh.try_cli(5, "status") is not None, 30, "the twin serving")
         status, findings = mesh.doctor(2)
         found = problems(findings)
-        assert status == 1
+        assert status == 1, findings
         assert "duplicate-id" in found, findings
-        assert f"{host5.address}:{PORT}" in found["duplicate-id"]
+        assert f"{mesh.lan.host(5).address}:{PORT}" in found["duplicate-id"]
         assert f"{mesh.lan.host(2).address}:{PORT}" in found["duplicate-id"]
     finally:
-        twin.send_signal(signal.SIGTERM)
-        twin.wait(timeout=30)
+        mesh.procs[5].send_signal(signal.SIGTERM)
+        mesh.procs[5].wait(timeout=30)
