@@ -8,15 +8,19 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import stat
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from mesh.client import key_bytes, sign_request
+from mesh.client.local import wait_ready
 from node.join import Joiner
-from tests.node.conftest import Cluster
+from tests.node.conftest import NODE, ROOT, Cluster, node_env, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +120,40 @@ async def test_an_invite_asked_with_another_key_is_refused(solo: Cluster) -> Non
     status, listing = await _signed(solo, "GET", "/v1/invites")
     assert isinstance(listing, list)
     assert all(i["state"] != "open" for i in listing)
+
+
+def test_start_with_a_code_stores_the_key_and_joins(solo: Cluster, tmp_path: Path) -> None:
+    code = solo.cli_json("a", "invite")["code"]
+    env = {**node_env(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "fresh")}
+    ready, log = tmp_path / "b.ready", tmp_path / "b.log"
+    argv = [*NODE, "start", "--host", "127.0.0.1", "--port", "0", "--no-mdns", "--preset"]
+    argv += ["test", "--name", "b", "--join", solo.nodes["a"].address, "--ready-file", str(ready)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*argv, "--code", code], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT)
+        )
+    try:
+        wait_ready(ready, proc, 60, log=log)
+        key_file = tmp_path / "fresh" / "mesh" / "key"
+        assert key_file.read_text().strip() == solo.key
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        wait_for(lambda: solo.states("a").get("b") == "alive", 30, "b alive at a")
+        # The same code again, on a machine with no key: refused, and nothing is written.
+        again = tmp_path / "again"
+        out2 = subprocess.run(
+            [*argv[:-1], str(tmp_path / "c.ready"), "--code", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**env, "XDG_CONFIG_HOME": str(again)},
+            cwd=str(ROOT),
+        )
+        assert out2.returncode == 1
+        assert "used" in out2.stderr
+        assert not (again / "mesh" / "key").exists()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 async def test_join_requests_are_rate_limited(solo: Cluster) -> None:
