@@ -292,7 +292,7 @@ async def _join_with_code(
     joiner = Joiner(code)  # a typo fails here, before the one attempt is spent
     started = time.monotonic()
     tried: set[str] = set()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
 
         async def has_invite(address: str) -> bool:
             try:
@@ -338,6 +338,8 @@ async def _join_with_code(
         try:
             async with http.post(f"http://{inviter}/v1/join/{joiner.nameplate}", json=body) as resp:
                 reply = await resp.json()
+                if not isinstance(reply, dict):
+                    raise ValueError("not a JSON object")
                 if resp.status != 200:
                     raise MeshError(f"the inviter refused: {reply.get('error', resp.status)}")
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
