@@ -20,7 +20,16 @@ Routes (all under the node's one port, next to the peer websocket):
   results out (the messages of ``mesh.protocol.session``).
 - ``GET /v1/hello``, ``GET /metrics`` (Prometheus text) and ``GET /openapi.json``:
   readable without the key; they hold no task data. ``/v1/hello`` says the node's id,
-  version and key fingerprint: what a client signs its requests for.
+  version, key fingerprint (what a client signs its requests for) and ``instance``, a
+  random token per process (two processes claiming one id differ in it).
+- ``POST /v1/invites`` ``{"minutes"}`` issues a one-time join code, ``GET /v1/invites``
+  lists the codes issued, ``DELETE /v1/invites/{nameplate}`` revokes one (``node.join``).
+- ``GET /v1/join/{nameplate}`` (is that invite open here?) and ``POST /v1/join/{nameplate}``
+  ``{"pake"}`` (one SPAKE2 exchange: the answer carries the sealed mesh key) are for a
+  machine that has no key yet, so they are unsigned: bounded instead to a shared budget
+  of requests per second, 1 KiB bodies and one attempt per code.
+- ``POST /v1/probe`` ``{"address"}``: whether this node can reach ``address`` (a peer's
+  ``mesh-node doctor`` asking whether a firewall drops its port).
 - The dashboard's routes (``node.dashboard.web``): ``GET /v1/events``, ``POST
   /v1/dashboard/token`` and ``GET /v1/mesh/feed`` signed like the rest; ``/dashboard`` and
   below for a browser, admitted by ``node.dashboard.access`` (Host, Origin, session cookie)
@@ -55,7 +64,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Any, Final, Protocol
 
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, WSMsgType, web
 
 from mesh import __version__
 from mesh.config import NodeConfig
@@ -100,6 +109,7 @@ from node.dashboard.access import Denied
 from node.dashboard.events import EventLog
 from node.dashboard.web import Dashboard, is_dashboard
 from node.http_guard import ConnectionGuard
+from node.join import DEFAULT_TTL_S, MAX_TTL_S, Invites, JoinRefused
 from node.store import OwnedSegment
 from tasks import MAX_RETRIES_LIMIT
 
@@ -107,6 +117,13 @@ log = logging.getLogger(__name__)
 
 
 PUBLIC_PATHS: Final = frozenset({HELLO_PATH, "/metrics", "/openapi.json"})
+JOIN_PREFIX: Final = "/v1/join/"
+"""Unsigned: a joining machine has no key yet (``node.join``)."""
+INVITES_PATH: Final = "/v1/invites"
+PROBE_PATH: Final = "/v1/probe"
+JOIN_BODY_BYTES: Final = 1024
+PROBE_TIMEOUT_S: Final = 3.0
+_JOIN_TOO_LARGE: Final = f"a join request is at most {JOIN_BODY_BYTES} bytes"
 SUBMIT_PATH: Final = "/v1/tasks"
 LEASES_PATH: Final = "/v1/objects/leases"
 BODY: Final = web.RequestKey("mesh.body", bytes)
@@ -521,9 +538,21 @@ class Api:
     """Adds the API routes and the auth middleware to the daemon's application, and makes
     the connection guard its site must use (``node.http_guard.GuardedSite``)."""
 
-    def __init__(self, service: Service, key: bytes, *, exempt: frozenset[str] = frozenset()):
-        """``exempt``: paths that authenticate by other means (the peer websocket)."""
+    def __init__(
+        self,
+        service: Service,
+        key: bytes,
+        *,
+        exempt: frozenset[str] = frozenset(),
+        invites: Invites | None = None,
+        instance: str = "",
+    ):
+        """``exempt``: paths that authenticate by other means (the peer websocket).
+        ``invites``: the join codes this node issues (None: it issues none). ``instance``:
+        this process's token in ``/v1/hello``."""
         self.service = service
+        self.invites = invites
+        self.instance = instance
         self.config = service.config
         self._key = key
         self.fingerprint = key_fingerprint(key)
@@ -531,10 +560,13 @@ class Api:
             key, skew_s=self.config.api_auth_skew_s, max_nonces=self.config.api_nonce_cache
         )
         self.exempt = PUBLIC_PATHS | exempt
-        self.rejected: Counter[str] = Counter()
-        """Requests and connections refused at the HTTP edge, by reason (``http-...``)."""
+        self.rejected: Counter[str] = invites.refused if invites is not None else Counter()
+        """Requests and connections refused at the HTTP edge, by reason (``http-...``,
+        and ``join-...`` counted by ``invites``)."""
         self.internal_errors = 0
         """Requests and submissions that failed by an unexpected error on this node."""
+        self._logged: set[str] = set()
+        """Refusal reasons logged once already."""
         self.guard = ConnectionGuard(
             max_per_address=self.config.http_max_connections_per_address,
             max_half_open=self.config.http_max_half_open,
@@ -566,6 +598,12 @@ class Api:
         r.add_get(SESSION_PATH, self._session)
         r.add_get("/metrics", self._metrics)
         r.add_get("/openapi.json", self._openapi)
+        r.add_post(INVITES_PATH, self._invite)
+        r.add_get(INVITES_PATH, self._invites)
+        r.add_delete(INVITES_PATH + "/{nameplate}", self._revoke)
+        r.add_get(JOIN_PREFIX + "{nameplate}", self._join_open)
+        r.add_post(JOIN_PREFIX + "{nameplate}", self._join)
+        r.add_post(PROBE_PATH, self._probe)
         self.dashboard.add_routes(app)
 
     async def close(self) -> None:
@@ -577,19 +615,33 @@ class Api:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         try:
+            joining = request.path.startswith(JOIN_PREFIX)
             if is_dashboard(request.path):
                 self.dashboard.admit(request)
-            elif request.path not in self.exempt:
+            elif request.path not in self.exempt and not joining:
                 await self._admit(request)
-            unsigned = request.path in self.exempt or is_dashboard(request.path)
+            unsigned = request.path in self.exempt or is_dashboard(request.path) or joining
             if unsigned and (request.content_length or 0) > self.config.http_small_body_bytes:
                 raise Refused(413, BODY_TOO_LARGE, "request body too large")
             return await handler(request)
         except Denied as exc:
             self.rejected[exc.reason] += 1
             return _error(exc.status, str(exc))
+        except JoinRefused as exc:  # counted and logged by ``Invites``
+            return _error(exc.status, str(exc), close=True)
         except Refused as exc:
             self.rejected[exc.reason] += 1
+            if exc.reason not in self._logged:
+                # One line the first time for each reason; after that the counter tells.
+                self._logged.add(exc.reason)
+                log.warning(
+                    "refused %s %s from %s: %s (further ones are counted as %s)",
+                    request.method,
+                    request.path[:80],
+                    request.remote,
+                    exc,
+                    exc.reason,
+                )
             # Closing the connection: the rest of a refused body is never read.
             return _error(exc.status, str(exc), close=True)
         except BadRequest as exc:
@@ -641,7 +693,12 @@ class Api:
 
     async def _hello(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"id": self.service.node_id, "version": __version__, "mesh": self.fingerprint}
+            {
+                "id": self.service.node_id,
+                "version": __version__,
+                "mesh": self.fingerprint,
+                "instance": self.instance,
+            }
         )
 
     # -- queries -------------------------------------------------------------------------
@@ -663,6 +720,99 @@ class Api:
 
     async def _openapi(self, request: web.Request) -> web.Response:
         return web.json_response(OPENAPI)
+
+    # -- joining with a code ----------------------------------------------------------------
+
+    def _need_invites(self) -> Invites:
+        if self.invites is None:
+            raise web.HTTPNotFound(text="this node issues no invites")
+        return self.invites
+
+    async def _invite(self, request: web.Request) -> web.Response:
+        body = parse_json(request[BODY]) or {}
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        minutes = body.get("minutes", DEFAULT_TTL_S / 60)
+        ttl = 60 * seconds(minutes, '"minutes"', maximum=MAX_TTL_S / 60)
+        try:
+            invite = self._need_invites().issue(time.monotonic(), ttl)
+        except MeshError as exc:
+            raise BadRequest(str(exc)) from None
+        return web.json_response(
+            {"code": invite.code, **invite.public(time.monotonic()), "node": self.service.node_id}
+        )
+
+    async def _invites(self, request: web.Request) -> web.Response:
+        return web.json_response(self._need_invites().listing(time.monotonic()))
+
+    async def _revoke(self, request: web.Request) -> web.Response:
+        nameplate = request.match_info["nameplate"]
+        if not self._need_invites().revoke(nameplate, time.monotonic()):
+            return _error(404, f"no open invite {nameplate}")
+        return web.json_response({"nameplate": nameplate, "revoked": True})
+
+    def _join_peer(self, request: web.Request) -> str:
+        return request.remote or "?"
+
+    async def _join_open(self, request: web.Request) -> web.Response:
+        invites = self._need_invites()
+        now = time.monotonic()
+        invites.admit(now, self._join_peer(request))
+        nameplate = request.match_info["nameplate"]
+        if not invites.is_open(nameplate, now, self._join_peer(request)):
+            return _error(404, f"no open invite {nameplate[:16]!r} here")
+        return web.json_response({"nameplate": nameplate, "open": True})
+
+    async def _join(self, request: web.Request) -> web.Response:
+        invites = self._need_invites()
+        peer = self._join_peer(request)
+        invites.admit(time.monotonic(), peer)
+        if (request.content_length or 0) > JOIN_BODY_BYTES:
+            raise Refused(413, BODY_TOO_LARGE, _JOIN_TOO_LARGE)
+        data = bytearray()
+        try:
+            async with asyncio.timeout(self.config.http_body_timeout_s):
+                async for chunk in request.content.iter_any():
+                    data += chunk
+                    if len(data) > JOIN_BODY_BYTES:
+                        raise Refused(413, BODY_TOO_LARGE, _JOIN_TOO_LARGE)
+        except TimeoutError:
+            raise Refused(408, BODY_TIMEOUT, "join request body not received in time") from None
+        body = parse_json(bytes(data))
+        text = body.get("pake") if isinstance(body, dict) else None
+        try:
+            message = base64.b64decode(text, validate=True) if isinstance(text, str) else b""
+        except ValueError:
+            message = b""
+        reply, sealed = invites.answer(
+            request.match_info["nameplate"], message, time.monotonic(), peer
+        )
+        return web.json_response(
+            {
+                "pake": base64.b64encode(reply).decode(),
+                "sealed": base64.b64encode(sealed).decode(),
+                "node": self.service.node_id,
+            }
+        )
+
+    async def _probe(self, request: web.Request) -> web.Response:
+        body = parse_json(request[BODY])
+        address = body.get("address") if isinstance(body, dict) else None
+        host, sep, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
+        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            raise BadRequest('"address" must be HOST:PORT')
+        reply: dict[str, Any] = {"address": address, "reachable": False}
+        try:
+            async with (
+                ClientSession(timeout=ClientTimeout(total=PROBE_TIMEOUT_S)) as http,
+                http.get(f"http://{host}:{port}{HELLO_PATH}") as resp,
+            ):
+                hello = await resp.json()
+            reply["reachable"] = True
+            reply["id"] = hello.get("id") if isinstance(hello, dict) else None
+        except (ClientError, TimeoutError, ValueError) as exc:
+            reply["error"] = str(exc) or type(exc).__name__
+        return web.json_response(reply)
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -1000,6 +1150,34 @@ _LEASE_BODY: Final[dict[str, Any]] = {
 _SSE: Final = "text/event-stream"
 
 
+def _join_op(summary: str, responses: dict[str, str], body: bool) -> dict[str, Any]:
+    """One unsigned join operation (a machine with no key yet)."""
+    op: dict[str, Any] = {
+        "summary": summary,
+        "parameters": [
+            {"name": "nameplate", "in": "path", "required": True, "schema": {"type": "string"}}
+        ],
+        "responses": {
+            code: {"description": text, "content": {"application/json": {}}}
+            for code, text in responses.items()
+        },
+    }
+    if body:
+        op["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["pake"],
+                        "properties": {"pake": {"type": "string", "format": "byte"}},
+                    }
+                }
+            },
+        }
+    return op
+
+
 def _page_op(
     summary: str,
     *,
@@ -1149,6 +1327,58 @@ OPENAPI: Final[dict[str, Any]] = {
                 path=("name",),
                 content="text/plain",
                 more={"404": "no such file"},
+            )
+        },
+        INVITES_PATH: {
+            "post": _op(
+                "Issue a one-time join code (valid for `minutes`, one attempt)",
+                body={
+                    "type": "object",
+                    "properties": {"minutes": {"type": "number", "minimum": 0}},
+                },
+            ),
+            "get": _op("The join codes this node issued: nameplate, state, expiry (no words)"),
+        },
+        INVITES_PATH + "/{nameplate}": {
+            "delete": _op(
+                "Revoke an open join code", params=("nameplate",), more={"404": "no open invite"}
+            )
+        },
+        JOIN_PREFIX + "{nameplate}": {
+            "get": _join_op(
+                "Whether an invite is open here (no key needed; rate-limited)",
+                {
+                    "200": "open",
+                    "404": "no invite by that nameplate",
+                    "410": "the invite is used, revoked or expired",
+                    "429": "rate limit",
+                },
+                body=False,
+            ),
+            "post": _join_op(
+                "One SPAKE2 exchange for an invite: burns it; answers with the sealed mesh key"
+                " (no key needed; rate-limited, 1 KiB)",
+                {
+                    "200": '{"pake", "sealed", "node"}',
+                    "400": "malformed request or SPAKE2 message (the invite is used)",
+                    "404": "no invite by that nameplate",
+                    "408": "the body did not arrive in time",
+                    "409": "a SPAKE2 message sent before (replay)",
+                    "410": "the invite is used, revoked or expired",
+                    "413": "body over 1 KiB",
+                    "429": "rate limit",
+                },
+                body=True,
+            ),
+        },
+        PROBE_PATH: {
+            "post": _op(
+                "Whether this node can reach a node at `address` (for mesh-node doctor)",
+                body={
+                    "type": "object",
+                    "required": ["address"],
+                    "properties": {"address": {"type": "string"}},
+                },
             )
         },
         "/metrics": {

@@ -6,7 +6,9 @@
                     [--no-mdns] [--mdns-interface ADDR]... [--slots N]
                     [--resource NAME=AMOUNT]... [--label KEY=VALUE]... [--tasks MODULE]...
                     [--without LIB]... [--preset lan|local|test] [--grace S]
-                    [--ready-file PATH]
+                    [--ready-file PATH] [--code CODE]
+    mesh-node invite  [--minutes M] [--list] [--revoke NAMEPLATE] [--node URL] [--key KEY] [--json]
+    mesh-node doctor  [--node URL] [--key KEY] [--json]
     mesh-node peers   [--node URL] [--key KEY] [--json]
     mesh-node submit TASK [ARGS] [--node URL] [--key KEY] [--timeout S] [--json]
     mesh-node status  [--node URL] [--key KEY] [--json]
@@ -19,6 +21,12 @@
 stderr and a non-zero exit status; ``--json`` output is for scripts. ``start`` prints a banner
 for people once it serves; a program starting a node passes ``--ready-file`` instead and waits
 for that file (``mesh.client.local.ReadyRecord``), as ``mesh.LocalMesh`` does.
+
+``invite`` asks the node for a one-time code (a number and three words, valid for minutes,
+for one machine); ``start --code CODE`` on a machine without a key finds the inviter (mDNS,
+or ``--join``), runs the exchange of ``node.join``, stores the key in the key file (0600)
+and starts. ``doctor`` says why this machine does not see the mesh (``node.doctor``); its
+exit status is 0 when all is well.
 
 ``dashboard`` asks the node for a one-time token and prints the page's URL with it (and opens
 it on a desktop); ``top`` shows the mesh in the terminal until ``q`` (``node.dashboard``).
@@ -40,14 +48,28 @@ import aiohttp
 
 from mesh.config import MeshConfig
 from mesh.errors import MeshError
+from mesh.runtime.auth import KEY_ENV, key_file, resolve_key
 from mesh.runtime.auth import key_bytes as derive_key
-from mesh.runtime.auth import resolve_key
 from mesh.runtime.http import DEFAULT_PORT, node_id_at, normalise_url, request_json
 from mesh.runtime.loop import event_loop
 
 PRESETS: Final = {"lan": MeshConfig.lan, "local": MeshConfig.local, "test": MeshConfig.test}
 PRESET_ENV: Final = "MESH_PRESET"
-COMMANDS: Final = ("start", "peers", "submit", "status", "why", "dashboard", "top")
+COMMANDS: Final = (
+    "start",
+    "peers",
+    "submit",
+    "status",
+    "why",
+    "dashboard",
+    "top",
+    "invite",
+    "doctor",
+)
+JOIN_SEARCH_S: Final = 20.0
+"""How long ``start --code`` looks for the inviter."""
+JOIN_RETRY_S: Final = 2.0
+"""Between rounds of asking: well under the inviter's budget of join requests."""
 POLL_S: Final = 60.0
 """Longest single wait ``submit`` asks the node for (under ``NodeConfig.api_max_wait_s``)."""
 
@@ -178,6 +200,11 @@ def parser() -> argparse.ArgumentParser:
         help="once serving, write one JSON object to PATH (id, address, pid, host_id, mesh,"
         " slots), atomically (temp file + rename): for programs that start nodes",
     )
+    s.add_argument(
+        "--code",
+        metavar="CODE",
+        help="join the mesh with a one-time code from `mesh-node invite` (no key needed)",
+    )
     s.add_argument("-v", "--verbose", action="store_true")
 
     def client_args(c: argparse.ArgumentParser) -> None:
@@ -199,6 +226,13 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dashboard", help="print (and open) the live dashboard's URL")
     d.add_argument("--no-browser", action="store_true", help="print the URL only")
     client_args(d)
+    inv = sub.add_parser("invite", help="a one-time code another machine joins with")
+    inv.add_argument("--minutes", type=float, default=10.0, help="how long it is valid (10)")
+    inv.add_argument("--list", action="store_true", help="the codes issued: state, expiry")
+    inv.add_argument("--revoke", metavar="NAMEPLATE", help="close an open code (its number)")
+    client_args(inv)
+    doc = sub.add_parser("doctor", help="why this machine does not see the mesh, and the fix")
+    client_args(doc)
     t = sub.add_parser("top", help="the mesh in this terminal, live (q quits)")
     t.add_argument("--node", help=f"node URL (default: http://127.0.0.1:{DEFAULT_PORT})")
     t.add_argument("--key", help="mesh key (default: $MESH_KEY, then the key file)")
@@ -213,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "start":
             return _start(ns)
+        if ns.command == "doctor":
+            with asyncio.Runner(loop_factory=event_loop) as runner:
+                return runner.run(_doctor(ns))
         with asyncio.Runner(loop_factory=event_loop) as runner:
             return runner.run(_client_command(ns))
     except MeshError as exc:
@@ -235,7 +272,17 @@ def _start(ns: argparse.Namespace) -> int:
         raise MeshError(f"--slots must be at least 1, not {ns.slots}")
     if ns.ready_file is not None and not os.path.isdir(os.path.dirname(ns.ready_file) or "."):
         raise MeshError(f"--ready-file: no directory for {ns.ready_file}")
-    key = resolve_key(ns.key, create=True)
+    joins = list(ns.join)
+    if ns.code is not None:
+        if ns.key or os.environ.get(KEY_ENV):
+            raise MeshError("--code brings the key: leave out --key and $MESH_KEY")
+        with asyncio.Runner(loop_factory=event_loop) as runner:
+            key, inviter = runner.run(
+                _join_with_code(ns.code, joins, ns.mdns_interface, mdns=not ns.no_mdns)
+            )
+        joins.append(inviter)
+    else:
+        key = resolve_key(ns.key, create=True)
     config = PRESETS[ns.preset]()
     node = config.node
     if ns.worker_idle is not None:
@@ -254,7 +301,7 @@ def _start(ns: argparse.Namespace) -> int:
         host=ns.host,
         port=ns.port,
         name=ns.name,
-        joins=tuple(ns.join),
+        joins=tuple(joins),
         mdns=not ns.no_mdns,
         mdns_interfaces=tuple(ns.mdns_interface),
         slots=ns.slots,
@@ -273,6 +320,97 @@ def _start(ns: argparse.Namespace) -> int:
 
     with asyncio.Runner(loop_factory=event_loop) as runner:
         return runner.run(run_node(options, out=out))
+
+
+async def _join_with_code(
+    code: str, seeds: Sequence[str], interfaces: Sequence[str], *, mdns: bool
+) -> tuple[str, str]:
+    """Find the node that issued ``code``, run the exchange, store the key: (key, inviter's
+    address). A wrong code fails here, and the code is used."""
+    import base64
+
+    from node.discovery import browse
+    from node.join import Joiner, store_key
+
+    path = key_file()
+    if path.exists():
+        raise MeshError(f"this machine has a key already ({path}); remove it to join another mesh")
+    joiner = Joiner(code)  # a typo fails here, before the one attempt is spent
+    started = time.monotonic()
+    tried: set[str] = set()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+
+        async def has_invite(address: str) -> bool:
+            try:
+                async with http.get(f"http://{address}/v1/join/{joiner.nameplate}") as resp:
+                    if resp.status == 410:
+                        raise MeshError(
+                            f"invite {joiner.nameplate} at {address} is used, revoked or "
+                            "expired: ask for a new code (mesh-node invite)"
+                        )
+                    return resp.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                return False
+
+        inviter = ""
+        while not inviter and time.monotonic() - started < JOIN_SEARCH_S:
+            for address in seeds:
+                if await has_invite(address):
+                    inviter = address
+                    break
+            if inviter:
+                break
+            if not mdns:
+                await asyncio.sleep(JOIN_RETRY_S)
+                continue
+            found = await browse(
+                2.0,
+                interfaces=list(interfaces) or None,
+                enough=lambda records: any(r.address not in tried for r in records),
+            )
+            for record in found.records:
+                if record.address not in tried:
+                    tried.add(record.address)
+                    if await has_invite(record.address):
+                        inviter = record.address
+                        break
+        if not inviter:
+            raise MeshError(
+                f"no node with open invite {joiner.nameplate} found in {JOIN_SEARCH_S:g} s "
+                "(mDNS found nobody, or the code expired): pass --join HOST:PORT of the "
+                "inviter, or run `mesh-node doctor`"
+            )
+        body = {"pake": base64.b64encode(joiner.message).decode()}
+        try:
+            async with http.post(f"http://{inviter}/v1/join/{joiner.nameplate}", json=body) as resp:
+                reply = await resp.json()
+                if not isinstance(reply, dict):
+                    raise ValueError("not a JSON object")
+                if resp.status != 200:
+                    raise MeshError(f"the inviter refused: {reply.get('error', resp.status)}")
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise MeshError(f"the exchange with {inviter} failed: {exc}") from None
+    try:
+        pake = base64.b64decode(str(reply["pake"]), validate=True)
+        sealed = base64.b64decode(str(reply["sealed"]), validate=True)
+    except (KeyError, ValueError):
+        raise MeshError(f"the node at {inviter} sent a malformed answer") from None
+    key = joiner.finish(pake, sealed)
+    store_key(path, key)
+    print(
+        f"joined the mesh of {reply.get('node', inviter)} in "
+        f"{time.monotonic() - started:.1f} s; key stored in {path}",
+        flush=True,
+    )
+    return key, inviter
+
+
+async def _doctor(ns: argparse.Namespace) -> int:
+    from node.doctor import as_json, diagnose, examine, report
+
+    findings = diagnose(await examine(node_url=normalise_url(ns.node), key=ns.key))
+    print(json.dumps(as_json(findings)) if ns.json else report(findings))
+    return 1 if any(f.severity == "problem" for f in findings) else 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,6 +454,8 @@ async def _client_command(ns: argparse.Namespace) -> int:
             return 0
         if ns.command == "dashboard":
             return _open_dashboard(base, await call("POST", "/v1/dashboard/token"), ns)
+        if ns.command == "invite":
+            return await _invite(ns, call)
         if ns.command == "top":
             from node.dashboard.top import run_top
 
@@ -339,6 +479,27 @@ async def _client_command(ns: argparse.Namespace) -> int:
         if "ok" not in reply and "error" in reply:
             reply = {**reply, "error": f"no result within {patience:g} s"}
         return _print_result(reply, ns.json)
+
+
+async def _invite(ns: argparse.Namespace, call: Any) -> int:
+    if ns.list:
+        listing = await call("GET", "/v1/invites")
+        if ns.json:
+            print(json.dumps(listing))
+        for i in [] if ns.json else listing:
+            print(f"{i['nameplate']:>4}  {i['state']:<8} expires in {i['expires_in_s']:.0f} s")
+        return 0
+    if ns.revoke:
+        reply = await call("DELETE", f"/v1/invites/{ns.revoke}")
+        print(json.dumps(reply) if ns.json else f"invite {ns.revoke} revoked")
+        return 0
+    reply = await call("POST", "/v1/invites", {"minutes": ns.minutes})
+    if ns.json:
+        print(json.dumps(reply))
+        return 0
+    print(f"On the new machine, within {ns.minutes:g} minutes (the code works once):")
+    print(f"    mesh-node start --code {reply['code']}")
+    return 0
 
 
 def _open_dashboard(base: str, reply: dict[str, Any], ns: argparse.Namespace) -> int:

@@ -97,6 +97,7 @@ from node.dashboard.events import EventLog, clip
 from node.dashboard.web import SLOW_READER
 from node.executor import Executor
 from node.http_guard import GuardedSite
+from node.join import Invites
 from node.lineage import Lineage, Recipe, Retry, Runs
 from node.refs import Holds, Leases, refs_in
 from node.store import (
@@ -350,7 +351,18 @@ class Daemon:
             self.membership, self.contract = self.node_core.membership, self.node_core.contract
             self._host_slots = HostSlots(self.membership, self.node_id)
             app = web.Application(client_max_size=self.config.http_submit_body_bytes)
-            self.api = Api(self, self._key, exempt=frozenset({WS_PATH}))
+            invites = Invites(
+                secret=self.options.key,
+                rng=random.Random(secrets.token_bytes(16)),
+                refused=Counter(),
+            )
+            self.api = Api(
+                self,
+                self._key,
+                exempt=frozenset({WS_PATH}),
+                invites=invites,
+                instance=self._id_prefix,
+            )
             self.transport.add_routes(app)
             self.api.add_routes(app)
             runner = web.AppRunner(
@@ -420,6 +432,10 @@ class Daemon:
         self._out(
             f"  another machine joins with: mesh-node start --join {self.address} --key KEY"
             "  (or just the same key, found by mDNS)"
+        )
+        self._out(
+            f"  or with no key to copy: mesh-node invite --node {self.address} here,"
+            " then mesh-node start --code CODE there"
         )
         if self.options.ready_file is not None:
             ReadyRecord(
@@ -1179,6 +1195,7 @@ class Daemon:
             "accepting": self._accepting,
             "mdns": self._discovery is not None,
             "mdns_found": int(getattr(self._discovery, "found_count", 0) or 0),
+            "mdns_seen": sorted(getattr(self._discovery, "found", ()))[:256],
             "objects": len(self.store),
             "object_bytes": self.store.used_bytes,
             "spilled_objects": self.store.spilled_objects,

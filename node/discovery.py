@@ -2,12 +2,15 @@
 
 Each node registers one instance of ``_mesh-node._tcp.local.`` whose TXT record carries
 ``id`` (node id), ``mesh`` (``mesh.protocol.codec.key_fingerprint`` of the mesh key, so that two
-meshes on one LAN ignore each other without revealing a key) and ``v`` (protocol version),
-and browses the same type. Each peer of the same mesh is reported once through
-``on_found(node, "host:port")``, and again if its address changes. A clean shutdown sends
-goodbye packets, which peers report through ``on_lost``; a crashed node stays in browsers
-for about 19 minutes (zeroconf raises PTR TTLs to 1125 s), so whether a peer is alive is
-for gossip to decide, never for this module.
+meshes on one LAN ignore each other without revealing a key), ``v`` (protocol version) and
+``pkg`` (the mesh-node package version), and browses the same type. Each peer of the same
+mesh is reported once through ``on_found(node, "host:port")``, and again if its address
+changes. A clean shutdown sends goodbye packets, which peers report through ``on_lost``; a
+crashed node stays in browsers for about 19 minutes (zeroconf raises PTR TTLs to 1125 s), so
+whether a peer is alive is for gossip to decide, never for this module.
+
+``browse`` is the same search done once, for a program that is no node (``mesh-node doctor``,
+a machine joining with a code): every record it resolves in a time window, of any mesh.
 
 This module does not connect to peers, keep a peer table or judge liveness; it only tells
 the daemon who announced itself.
@@ -15,17 +18,20 @@ the daemon who announced itself.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import ifaddr
-from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf import DNSQuestionType, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from mesh import __version__
 from mesh.errors import LocalProtocolError
 from mesh.protocol.messages import Address, NodeId
 from mesh.runtime.background import Background, Ready, until_cancelled
@@ -95,6 +101,11 @@ class Discovery:
         self.ignored: dict[str, int] = {"other-mesh": 0, "other-version": 0, "bad-record": 0}
         """Instances seen but not reported, by reason."""
 
+    @property
+    def found(self) -> frozenset[NodeId]:
+        """The peers found through mDNS since start (``mesh-node doctor``: do they hear us?)."""
+        return frozenset(self._found)
+
     async def start(self) -> None:
         """Register this node and start browsing for peers; returns once announced."""
         await self._background.start(self._serve)
@@ -124,7 +135,12 @@ class Discovery:
             f"{label}.{SERVICE_TYPE}",
             parsed_addresses=announced,
             port=self.port,
-            properties={"id": self.node, "mesh": self.fingerprint, "v": PROTOCOL_VERSION},
+            properties={
+                "id": self.node,
+                "mesh": self.fingerprint,
+                "v": PROTOCOL_VERSION,
+                "pkg": __version__,
+            },
             server=f"{label}.local.",
         )
         async with AsyncExitStack() as stack:
@@ -214,3 +230,125 @@ def _text(value: object) -> str | None:
         return value.decode()
     except UnicodeDecodeError:
         return None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Record:
+    """One resolved instance of the service, whatever mesh it belongs to."""
+
+    instance: str
+    node: str
+    mesh: str
+    version: str
+    package: str
+    """The mesh-node version it runs ("" for a node older than the ``pkg`` record)."""
+    addresses: tuple[str, ...]
+    port: int
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to reach it at: a non-loopback address if it has one."""
+        usable = [a for a in self.addresses if not ipaddress.IPv4Address(a).is_loopback]
+        return f"{(usable or list(self.addresses) or ['?'])[0]}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Browsed:
+    """What one ``browse`` saw."""
+
+    interfaces: tuple[str, ...]
+    """The addresses it listened and asked on."""
+    records: tuple[Record, ...]
+    bad_records: int
+    """Instances that resolved to something that is no mesh record."""
+
+
+def record_of(name: str, info: AsyncServiceInfo) -> Record | None:
+    """The record an instance resolved to, or None for junk."""
+    props: dict[Any, Any] = info.properties or {}
+    node, mesh, version = (_text(props.get(k)) for k in (b"id", b"mesh", b"v"))
+    addresses = tuple(info.parsed_addresses(IPVersion.V4Only))
+    if not node or mesh is None or version is None or not info.port or not addresses:
+        return None
+    return Record(
+        instance=name,
+        node=node,
+        mesh=mesh,
+        version=version,
+        package=_text(props.get(b"pkg")) or "",
+        addresses=addresses,
+        port=int(info.port),
+    )
+
+
+async def browse(
+    seconds: float,
+    *,
+    interfaces: Sequence[str] | None = None,
+    enough: Callable[[Sequence[Record]], bool] | None = None,
+) -> Browsed:
+    """Every mesh record resolved within ``seconds`` on ``interfaces`` (default: all
+    non-loopback IPv4 addresses), returning early once ``enough(records)`` holds."""
+    chosen = list(interfaces) if interfaces is not None else default_interfaces("")
+    if not chosen:
+        return Browsed(interfaces=(), records=(), bad_records=0)
+    names: asyncio.Queue[str] = asyncio.Queue()
+    found: dict[str, Record] = {}
+    infos: dict[str, AsyncServiceInfo] = {}
+    bad = 0
+
+    def on_change(
+        zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
+        if state_change is not ServiceStateChange.Removed:
+            names.put_nowait(name)
+
+    async def resolve(zc: Zeroconf, name: str) -> None:
+        nonlocal bad
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        if not await info.async_request(zc, RESOLVE_TIMEOUT_MS, question_type=DNSQuestionType.QM):
+            return
+        record = record_of(name, info)
+        if record is None:
+            bad += 1
+        else:
+            found[name] = record
+            infos[name] = info
+
+    def refresh(zc: Zeroconf) -> None:
+        # A resolve ends with the first complete answer, but two hosts announcing one name
+        # (a copied configuration) both answer, and each answer flushes the other's address
+        # from the cache a second later: every address seen meanwhile is kept.
+        for name, info in infos.items():
+            info.load_from_cache(zc)
+            again = record_of(name, info)
+            if again is not None:
+                known = found[name].addresses
+                more = tuple(a for a in again.addresses if a not in known)
+                found[name] = replace(again, addresses=known + more)
+
+    azc = AsyncZeroconf(interfaces=chosen, ip_version=IPVersion.V4Only)
+    # Questions ask for answers by multicast (QM): a node on this machine shares port 5353
+    # with this browser, and a unicast answer reaches only one of the two sockets.
+    try:
+        browser = AsyncServiceBrowser(
+            azc.zeroconf, SERVICE_TYPE, handlers=[on_change], question_type=DNSQuestionType.QM
+        )
+        try:
+            async with asyncio.timeout(seconds), asyncio.TaskGroup() as tg:
+                while enough is None or not enough(list(found.values())):
+                    try:
+                        async with asyncio.timeout(0.2):
+                            name = await names.get()
+                    except TimeoutError:
+                        refresh(azc.zeroconf)
+                        continue
+                    tg.create_task(resolve(azc.zeroconf, name))
+        except TimeoutError:
+            pass
+        finally:
+            await browser.async_cancel()
+        refresh(azc.zeroconf)
+    finally:
+        await azc.async_close()
+    return Browsed(interfaces=tuple(chosen), records=tuple(found.values()), bad_records=bad)

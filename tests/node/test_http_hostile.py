@@ -342,7 +342,7 @@ async def test_hello_is_public_and_names_the_node(duo: Cluster) -> None:
         assert r.status == 200
         hello = await r.json()
     assert hello["id"] == "b"
-    assert set(hello) == {"id", "version", "mesh"}
+    assert set(hello) == {"id", "version", "mesh", "instance"}
     status, spec = await _call(duo, "b", "GET", "/openapi.json")
     assert status == 200
     assert isinstance(spec, dict)
