@@ -33,13 +33,16 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from mesh import __version__
 from mesh.errors import LocalProtocolError
+from mesh.protocol.codec import VERSION
 from mesh.protocol.messages import Address, NodeId
 from mesh.runtime.background import Background, Ready, until_cancelled
 
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE: Final = "_mesh-node._tcp.local."
-PROTOCOL_VERSION: Final = "1"
+PROTOCOL_VERSION: Final = str(VERSION)
+"""The peer protocol's version, the one peer hellos compare: a node of another one is not
+dialled, and ``mesh-node doctor`` names it."""
 RESOLVE_TIMEOUT_MS: Final = 3000
 _MAX_LABEL: Final = 63
 
