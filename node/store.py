@@ -41,6 +41,7 @@ when to release; the store touches no socket.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import fcntl
@@ -49,6 +50,7 @@ import mmap
 import os
 import re
 import secrets
+import stat
 import sys
 import threading
 import time
@@ -76,8 +78,10 @@ from mesh.protocol.codec import Chunks, decode_body, encode_body
 from mesh.protocol.messages import NodeId, ObjectRef, Segment, Wire, field_names
 from mesh.runtime.shm import (
     OBJECT_PREFIX,
+    RETURN_PREFIX,
     SHM_DIR,
     UPLOAD_PREFIX,
+    held_by_none_else,
     open_exact,
     unlink,
     unmapped,
@@ -91,10 +95,13 @@ _MAP_POPULATE: Final[int] = getattr(mmap, "MAP_POPULATE", 0)
 _OWNER: Final = re.compile(r"mesh-(?:obj-)?([0-9]{1,10})-")
 """A segment's owner: an object store (``OBJECT_PREFIX``) or an executor (``mesh-<pid>-``)."""
 _UPLOAD: Final = re.compile(re.escape(UPLOAD_PREFIX) + r"[0-9a-f]{24}")
+_RETURN: Final = re.compile(re.escape(RETURN_PREFIX) + r"[0-9a-f]{24}")
 _MAX_UPLOAD: Final = 64 * 1024 * 1024 * 1024
 SPILL_PREFIX: Final = "mesh-spill-"
 """Names of spill files: ``mesh-spill-<pid>-<token>-<object id>``."""
 _SPILL_OWNER: Final = re.compile(re.escape(SPILL_PREFIX) + r"([0-9]{1,10})-")
+_GIVEN_KEPT: Final = 64
+"""Files given back to clients that the store remembers (to remove on close)."""
 _POOL_SLACK: Final = 4
 """A pooled segment is reused for an object within 1/_POOL_SLACK of its size."""
 
@@ -197,7 +204,7 @@ def remove_orphan_segments(*, upload_max_age_s: float = 600.0) -> int:
             pid = int(owner.group(1))
             if pid == os.getpid() or _pid_alive(pid):
                 continue
-        elif _UPLOAD.fullmatch(name):
+        elif _UPLOAD.fullmatch(name) or _RETURN.fullmatch(name):
             try:
                 if now - os.lstat(_path(name)).st_mtime < upload_max_age_s:
                     continue
@@ -251,6 +258,28 @@ def _copy_exact(src: int, dst: int, nbytes: int) -> int:
             break
         done += n
     return done
+
+
+def _adopt_in_place(fd: int, nbytes: int) -> mmap.mmap | None:
+    """The store's mapping of upload ``fd`` as it is, if nothing but ``fd`` holds the file
+    (``held_by_none_else``) and nothing locks it; None if it must be copied instead."""
+    if not held_by_none_else(fd):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return None
+    return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+
+
+def _rename_or_unlink(name: str, new: str) -> bool:
+    """Rename segment ``name`` to ``new``; if that fails, remove it. Whether it was renamed."""
+    try:
+        os.rename(_path(name), _path(new))
+    except OSError:
+        unlink(name)
+        return False
+    return True
 
 
 class OwnedSegment:
@@ -492,6 +521,8 @@ class ObjectStore:
         """Spilled objects read back into memory."""
         self._closed = False
         self._reaper: ThreadPoolExecutor | None = None
+        self._given: collections.deque[str] = collections.deque(maxlen=_GIVEN_KEPT)
+        """Files last given back to clients (``take_upload``), removed on close if not taken."""
 
     @classmethod
     def from_config(cls, node_id: NodeId, config: NodeConfig) -> ObjectStore:
@@ -713,52 +744,98 @@ class ObjectStore:
         return self._keep(oid, _Entry(value=value, chunks=chunks, size=size, ref=ref))
 
     def take_upload(self, upload: Segment) -> OwnedSegment:
-        """Copy a same-machine client's upload into a segment of this store and decode it.
+        """Take a same-machine client's upload over as a segment of this store and decode it.
 
-        Blocking (a copy of the whole body): call it in a thread. The client's file is opened
-        by ``mesh.runtime.shm.open_exact`` (no link, no FIFO, this user's, the announced size) and
-        copied in the kernel, never mapped: the client keeps its descriptor and could shrink
-        the file at any time, and a mapping of a shrunk file kills the reader with SIGBUS.
-        The copy is this store's own file (pooled if one fits), which only the node changes.
-        The client's file is removed once copied or refused. Raises ``UploadError`` naming
-        the upload, ``LocalProtocolError`` if the store is closed.
+        Blocking (a copy of the whole body at worst): call it in a thread. The upload is
+        renamed into this store's names first, so the client can no longer open it by the
+        name it knows, then opened by ``mesh.runtime.shm.open_exact`` (no link, no FIFO,
+        this user's, the announced size). If nothing else holds the file
+        (``mesh.runtime.shm.held_by_none_else``: one name, no other open file, so no
+        descriptor the client kept) it becomes the store's segment as it is, and a pooled
+        segment of about its size, if one is free, is given back to the client
+        (``RETURN_PREFIX`` + the upload's digits) for its next upload. Otherwise it is copied
+        in the kernel, never mapped (a client that still holds it could shrink it under the
+        mapping, which kills the reader with SIGBUS), and the client's file is what is given
+        back. Raises ``UploadError`` naming the upload (whose file is then removed),
+        ``LocalProtocolError`` if the store is closed.
         """
         if self._closed:
             raise LocalProtocolError("the object store is closed")
         what = f"shared-memory upload {upload.name}"
         if not _UPLOAD.fullmatch(upload.name) or not 0 < upload.nbytes <= _MAX_UPLOAD:
             raise UploadError(f"bad shared-memory upload {upload.name!r}")
-        src_path = _path(upload.name)
         try:
-            src = open_exact(src_path, upload.nbytes, what=what)
+            st = os.lstat(_path(upload.name))
+        except FileNotFoundError:
+            raise UploadError(f"{what} not found: is the client on this machine?") from None
+        if not stat.S_ISREG(st.st_mode):
+            unlink(upload.name)
+            raise UploadError(f"{what} is not a regular file")
+        if st.st_uid not in (os.geteuid(), 0):
+            raise UploadError(f"{what} belongs to another user")
+        name = f"{self.prefix}{next(self._names)}"
+        try:
+            os.rename(_path(upload.name), _path(name))
         except FileNotFoundError:
             raise UploadError(f"{what} not found: is the client on this machine?") from None
         except PermissionError:
             raise UploadError(f"{what} belongs to another user") from None
-        except RemoteProtocolError as exc:
-            unlink(upload.name)
-            raise UploadError(str(exc)) from None
+        except OSError as exc:
+            raise UploadError(f"{what} cannot be taken: {exc.strerror}") from None
         try:
-            name, fd = self._segment_fd(upload.nbytes)
-            try:
-                copied = _copy_exact(src, fd, upload.nbytes)
-                if copied != upload.nbytes:
-                    raise UploadError(f"{what} changed size while it was read")
-                mapping = _map_read(fd, upload.nbytes)
-            except BaseException:
-                unlink(name)
-                raise
-            finally:
-                os.close(fd)
+            src = open_exact(_path(name), upload.nbytes, what=what)
+        except FileNotFoundError:
+            raise UploadError(f"{what} not found: is the client on this machine?") from None
+        except (PermissionError, RemoteProtocolError) as exc:
+            unlink(name)
+            raise UploadError(
+                f"{what} belongs to another user" if isinstance(exc, PermissionError) else str(exc)
+            ) from None
+        back = f"{RETURN_PREFIX}{upload.name.removeprefix(UPLOAD_PREFIX)}"
+        try:
+            mapping = _adopt_in_place(src, upload.nbytes)
+            if mapping is not None:
+                self._give_back(back, upload.nbytes)
+            else:
+                copy, mapping = self._copy_upload(src, upload.nbytes, what)
+                if _rename_or_unlink(name, back):  # the client's own file, for its next upload
+                    self._given.append(back)
+                name = copy
+        except BaseException:
+            unlink(name)
+            raise
         finally:
             os.close(src)
-            unlink(upload.name)
         taken = OwnedSegment(name, upload.nbytes, mapping)
         try:
             taken.value = decode_body(memoryview(mapping))
         except MeshError as exc:
             raise UploadError(f"{what}: {exc}") from None
         return taken
+
+    def _copy_upload(self, src: int, nbytes: int, what: str) -> tuple[str, mmap.mmap]:
+        """Copy upload ``src`` into a segment of this store: (its name, the store's mapping)."""
+        name, fd = self._segment_fd(nbytes)
+        try:
+            if _copy_exact(src, fd, nbytes) != nbytes:
+                raise UploadError(f"{what} changed size while it was read")
+            return name, _map_read(fd, nbytes)
+        except BaseException:
+            unlink(name)
+            raise
+        finally:
+            os.close(fd)
+
+    def _give_back(self, back: str, nbytes: int) -> None:
+        """Give a pooled segment of about ``nbytes`` to the client as ``back``, if one is
+        free: the client writes its next upload into it instead of into fresh pages."""
+        taken = self.pool.take(nbytes)
+        if taken is None:
+            return
+        pooled, fd = taken
+        os.close(fd)
+        if _rename_or_unlink(pooled, back):
+            self._given.append(back)
 
     def adopt(self, upload: OwnedSegment, *, object_id: str | None = None) -> ObjectRef:
         """Keep an upload (``take_upload``) as an object; its segment becomes the object's.
@@ -967,6 +1044,8 @@ class ObjectStore:
         if self._reaper is not None:
             self._reaper.shutdown(wait=True)
         self.pool.trim()
+        for name in list(self._given):
+            unlink(name)
         try:
             names = os.listdir(SHM_DIR)
         except OSError:
