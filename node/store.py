@@ -18,9 +18,12 @@ A spill file goes with its object, and those of dead processes go at start
 Processes on the same machine share large objects through shared memory, as a plasma store
 does: an object from ``segment_min_bytes`` on can live in a segment the store owns, a file
 in ``/dev/shm`` named ``<store prefix><n>`` that other nodes' workers map read-only. A
-client's upload is copied into such a segment in the kernel (``take_upload``): copy-on-adopt,
-because the client could still shrink its own file under a mapping of it, which kills the
-reader with SIGBUS; the store's copy is a file only the node writes. Any other object gets
+client's upload is renamed into the store's names and becomes such a segment as it is
+(``take_upload``) when nothing else holds the file (one name, no other open file: a write
+lease can be had); an upload still held is copied in the kernel instead, because the
+client could shrink its file under a mapping of it, which kills the reader with SIGBUS.
+Either way no descriptor the client kept reaches the segment (a process of the same user
+can open any segment by its name, as ever). Any other object gets
 its segment written once, in a thread, the first time a process on this machine asks for it.
 
 A released object's segment is not removed but kept in a pool (``SegmentPool``) under a new
@@ -29,9 +32,10 @@ the kernel a zeroing per page, reused ones do not. Every mapping of an object se
 a shared ``flock`` on it (``mesh.runtime.shm.map_object``), and a pooled segment is written
 again only once the pool can lock it exclusively, so never under a reader that still maps
 the old object. Pooled segments count against the memory target, are given up first when
-room is needed, and are removed when idle (``trim_pool``) or when the store closes.
-Segments of processes that died (a node killed with SIGKILL, its workers) and uploads no
-node took are removed by ``remove_orphan_segments``, which the daemon runs at start and then
+room is needed, and are removed when idle (``trim_pool``) or when the store closes; one may
+instead be given back to a client that uploaded, for its next upload. Segments of processes
+that died (a node killed with SIGKILL, its workers), and uploads and given-back files no one
+took, are removed by ``remove_orphan_segments``, which the daemon runs at start and then
 on a timer.
 
 The daemon serves ``encoded`` chunks or segment names over HTTP and decides what to put and
