@@ -59,9 +59,10 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -527,6 +528,10 @@ class ObjectStore:
         self._reaper: ThreadPoolExecutor | None = None
         self._given: collections.deque[str] = collections.deque(maxlen=_GIVEN_KEPT)
         """Files last given back to clients (``take_upload``), removed on close if not taken."""
+        self._fresh = ""
+        """The last file made to give back (``_give_back``)."""
+        self._making = False
+        self._giving = threading.Lock()
 
     @classmethod
     def from_config(cls, node_id: NodeId, config: NodeConfig) -> ObjectStore:
@@ -831,15 +836,52 @@ class ObjectStore:
             os.close(fd)
 
     def _give_back(self, back: str, nbytes: int) -> None:
-        """Give a pooled segment of about ``nbytes`` to the client as ``back``, if one is
-        free: the client writes its next upload into it instead of into fresh pages."""
+        """Give the client a file of about ``nbytes`` as ``back`` for its next upload, whose
+        pages are then in place already (fresh ones cost the writer as much again as the
+        copy): a pooled segment if one is free; if none is, one made in the background, at
+        most one of those waiting to be taken, and only within the memory target."""
         taken = self.pool.take(nbytes)
-        if taken is None:
+        if taken is not None:
+            pooled, fd = taken
+            os.close(fd)
+            if _rename_or_unlink(pooled, back):
+                self._given.append(back)
             return
-        pooled, fd = taken
-        os.close(fd)
-        if _rename_or_unlink(pooled, back):
+        with self._giving:
+            waiting = self._fresh and os.path.lexists(_path(self._fresh))
+            if self._closed or self._making or waiting or nbytes > self.free_bytes:
+                return
+            self._making = True
+            self._fresh = back
+        self._background(partial(self._make_given, back, nbytes))
+
+    def _make_given(self, back: str, nbytes: int) -> None:
+        """Make ``back`` with its pages in place: a file with no name until it is whole."""
+        try:
+            fd = os.open(SHM_DIR, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+                shm = os.open(SHM_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:  # a directory descriptor makes it linkat, which follows the /proc link
+                    os.link(f"/proc/self/fd/{fd}", back, dst_dir_fd=shm, follow_symlinks=True)
+                finally:
+                    os.close(shm)
+            finally:
+                os.close(fd)
             self._given.append(back)
+        except OSError:
+            pass  # no file to give (O_TMPFILE unsupported, no room): the client makes one
+        finally:
+            with self._giving:
+                self._making = False
+
+    def _background(self, job: Callable[[], None]) -> None:
+        """Run ``job`` in the store's thread (one, so jobs run in order)."""
+        with self._giving:
+            if self._reaper is None:
+                self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-store")
+            reaper = self._reaper
+        reaper.submit(job)
 
     def adopt(self, upload: OwnedSegment, *, object_id: str | None = None) -> ObjectRef:
         """Keep an upload (``take_upload``) as an object; its segment becomes the object's.
@@ -1032,9 +1074,7 @@ class ObjectStore:
         if self._closed:
             drop()
             return
-        if self._reaper is None:
-            self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-store")
-        self._reaper.submit(drop)
+        self._background(drop)
 
     def trim_pool(self, idle_s: float) -> int:
         """Remove the pooled segments unused for ``idle_s``; the bytes removed."""

@@ -105,11 +105,22 @@ def test_an_upload_nothing_else_holds_becomes_the_stores_segment_as_it_is(
     assert store.used_bytes == 0
 
 
-def test_a_pooled_segment_is_given_back_for_an_upload_and_an_upload_still_held_is_copied(
+def _given_back(upload: str) -> Any:
+    path = SHM_DIR / upload.replace("mesh-up-", "mesh-ret-")
+    deadline = time.monotonic() + 10
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return path
+
+
+def test_a_file_is_given_back_for_an_upload_and_an_upload_still_held_is_copied(
     store: ObjectStore,
 ) -> None:
     first, size = _upload(np.ones(MIB // 4))
     ref = store.adopt(store.take_upload(Segment(name=first, nbytes=size)))
+    made = _given_back(first)  # nothing pooled: a file made anew
+    assert os.stat(made).st_size == size
+    made.unlink()  # as the client takes it
     pooled = os.stat(SHM_DIR / store.segment(ref).name).st_ino  # type: ignore[union-attr]
     store.release(ref)
     deadline = time.monotonic() + 10
@@ -131,9 +142,11 @@ def test_a_pooled_segment_is_given_back_for_an_upload_and_an_upload_still_held_i
     assert os.stat(back).st_ino == inode  # and the client's file given back
     third, size = _upload(arr)
     ref = store.adopt(store.take_upload(Segment(name=third, nbytes=size)))
-    assert not (SHM_DIR / third.replace("mesh-up-", "mesh-ret-")).exists()  # pool is empty
+    made = _given_back(third)  # the pool is empty again: made anew
+    assert os.stat(made).st_size == size
     store.close()
     assert not back.exists()
+    assert not made.exists()
 
 
 def test_a_client_that_shrinks_its_file_after_the_upload_changes_nothing(
