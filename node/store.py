@@ -195,7 +195,9 @@ def remove_orphan_segments(*, upload_max_age_s: float = 600.0) -> int:
     Segments carry their owner's process id (a store's ``mesh-obj-<pid>-``, an executor's
     ``mesh-<pid>-``): those of a process that is gone go, a live one's are never touched.
     A client's upload is taken within moments of being written, so one older than
-    ``upload_max_age_s`` belongs to a client that died before submitting it.
+    ``upload_max_age_s`` belongs to a client that died before submitting it; a file given
+    back to a client (``RETURN_PREFIX``) that old goes too (at worst the client then writes
+    its next upload into a new file).
     """
     try:
         names = os.listdir(SHM_DIR)
