@@ -221,7 +221,7 @@ class Service(Protocol):
         ...
 
     def take_upload(self, upload: Segment) -> Awaitable[OwnedSegment]:
-        """A same-machine client's shared-memory upload, copied into the store's own segment
+        """A same-machine client's shared-memory upload, taken over as the store's own segment
         (``node.store.ObjectStore.take_upload``); raises ``MeshError`` naming the upload."""
         ...
 

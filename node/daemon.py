@@ -1419,6 +1419,9 @@ async def run_node(options: NodeOptions, *, out: Callable[[str], None] = print) 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # The store takes a lease on an upload for a moment (``shm.held_by_none_else``); an open
+    # of that file meanwhile would send SIGIO, which ends a process by default.
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
     try:
         await Daemon(options, out=out).run(stop)
     finally:

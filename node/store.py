@@ -18,9 +18,12 @@ A spill file goes with its object, and those of dead processes go at start
 Processes on the same machine share large objects through shared memory, as a plasma store
 does: an object from ``segment_min_bytes`` on can live in a segment the store owns, a file
 in ``/dev/shm`` named ``<store prefix><n>`` that other nodes' workers map read-only. A
-client's upload is copied into such a segment in the kernel (``take_upload``): copy-on-adopt,
-because the client could still shrink its own file under a mapping of it, which kills the
-reader with SIGBUS; the store's copy is a file only the node writes. Any other object gets
+client's upload is renamed into the store's names and becomes such a segment as it is
+(``take_upload``) when nothing else holds the file (one name, no other open file: a write
+lease can be had); an upload still held is copied in the kernel instead, because the
+client could shrink its file under a mapping of it, which kills the reader with SIGBUS.
+Either way no descriptor the client kept reaches the segment (a process of the same user
+can open any segment by its name, as ever). Any other object gets
 its segment written once, in a thread, the first time a process on this machine asks for it.
 
 A released object's segment is not removed but kept in a pool (``SegmentPool``) under a new
@@ -29,9 +32,10 @@ the kernel a zeroing per page, reused ones do not. Every mapping of an object se
 a shared ``flock`` on it (``mesh.runtime.shm.map_object``), and a pooled segment is written
 again only once the pool can lock it exclusively, so never under a reader that still maps
 the old object. Pooled segments count against the memory target, are given up first when
-room is needed, and are removed when idle (``trim_pool``) or when the store closes.
-Segments of processes that died (a node killed with SIGKILL, its workers) and uploads no
-node took are removed by ``remove_orphan_segments``, which the daemon runs at start and then
+room is needed, and are removed when idle (``trim_pool``) or when the store closes; one may
+instead be given back to a client that uploaded, for its next upload. Segments of processes
+that died (a node killed with SIGKILL, its workers), and uploads and given-back files no one
+took, are removed by ``remove_orphan_segments``, which the daemon runs at start and then
 on a timer.
 
 The daemon serves ``encoded`` chunks or segment names over HTTP and decides what to put and
@@ -41,6 +45,7 @@ when to release; the store touches no socket.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import fcntl
@@ -49,13 +54,15 @@ import mmap
 import os
 import re
 import secrets
+import stat
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -76,8 +83,10 @@ from mesh.protocol.codec import Chunks, decode_body, encode_body
 from mesh.protocol.messages import NodeId, ObjectRef, Segment, Wire, field_names
 from mesh.runtime.shm import (
     OBJECT_PREFIX,
+    RETURN_PREFIX,
     SHM_DIR,
     UPLOAD_PREFIX,
+    held_by_none_else,
     open_exact,
     unlink,
     unmapped,
@@ -91,10 +100,13 @@ _MAP_POPULATE: Final[int] = getattr(mmap, "MAP_POPULATE", 0)
 _OWNER: Final = re.compile(r"mesh-(?:obj-)?([0-9]{1,10})-")
 """A segment's owner: an object store (``OBJECT_PREFIX``) or an executor (``mesh-<pid>-``)."""
 _UPLOAD: Final = re.compile(re.escape(UPLOAD_PREFIX) + r"[0-9a-f]{24}")
+_RETURN: Final = re.compile(re.escape(RETURN_PREFIX) + r"[0-9a-f]{24}")
 _MAX_UPLOAD: Final = 64 * 1024 * 1024 * 1024
 SPILL_PREFIX: Final = "mesh-spill-"
 """Names of spill files: ``mesh-spill-<pid>-<token>-<object id>``."""
 _SPILL_OWNER: Final = re.compile(re.escape(SPILL_PREFIX) + r"([0-9]{1,10})-")
+_GIVEN_KEPT: Final = 64
+"""Files given back to clients that the store remembers (to remove on close)."""
 _POOL_SLACK: Final = 4
 """A pooled segment is reused for an object within 1/_POOL_SLACK of its size."""
 
@@ -183,7 +195,9 @@ def remove_orphan_segments(*, upload_max_age_s: float = 600.0) -> int:
     Segments carry their owner's process id (a store's ``mesh-obj-<pid>-``, an executor's
     ``mesh-<pid>-``): those of a process that is gone go, a live one's are never touched.
     A client's upload is taken within moments of being written, so one older than
-    ``upload_max_age_s`` belongs to a client that died before submitting it.
+    ``upload_max_age_s`` belongs to a client that died before submitting it; a file given
+    back to a client (``RETURN_PREFIX``) that old goes too (at worst the client then writes
+    its next upload into a new file).
     """
     try:
         names = os.listdir(SHM_DIR)
@@ -197,7 +211,7 @@ def remove_orphan_segments(*, upload_max_age_s: float = 600.0) -> int:
             pid = int(owner.group(1))
             if pid == os.getpid() or _pid_alive(pid):
                 continue
-        elif _UPLOAD.fullmatch(name):
+        elif _UPLOAD.fullmatch(name) or _RETURN.fullmatch(name):
             try:
                 if now - os.lstat(_path(name)).st_mtime < upload_max_age_s:
                     continue
@@ -251,6 +265,28 @@ def _copy_exact(src: int, dst: int, nbytes: int) -> int:
             break
         done += n
     return done
+
+
+def _adopt_in_place(fd: int, nbytes: int) -> mmap.mmap | None:
+    """The store's mapping of upload ``fd`` as it is, if nothing but ``fd`` holds the file
+    (``held_by_none_else``) and nothing locks it; None if it must be copied instead."""
+    if not held_by_none_else(fd):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return None
+    return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+
+
+def _rename_or_unlink(name: str, new: str) -> bool:
+    """Rename segment ``name`` to ``new``; if that fails, remove it. Whether it was renamed."""
+    try:
+        os.rename(_path(name), _path(new))
+    except OSError:
+        unlink(name)
+        return False
+    return True
 
 
 class OwnedSegment:
@@ -492,6 +528,12 @@ class ObjectStore:
         """Spilled objects read back into memory."""
         self._closed = False
         self._reaper: ThreadPoolExecutor | None = None
+        self._given: collections.deque[str] = collections.deque(maxlen=_GIVEN_KEPT)
+        """Files last given back to clients (``take_upload``), removed on close if not taken."""
+        self._fresh = ""
+        """The last file made to give back (``_give_back``)."""
+        self._making = False
+        self._giving = threading.Lock()
 
     @classmethod
     def from_config(cls, node_id: NodeId, config: NodeConfig) -> ObjectStore:
@@ -713,52 +755,135 @@ class ObjectStore:
         return self._keep(oid, _Entry(value=value, chunks=chunks, size=size, ref=ref))
 
     def take_upload(self, upload: Segment) -> OwnedSegment:
-        """Copy a same-machine client's upload into a segment of this store and decode it.
+        """Take a same-machine client's upload over as a segment of this store and decode it.
 
-        Blocking (a copy of the whole body): call it in a thread. The client's file is opened
-        by ``mesh.runtime.shm.open_exact`` (no link, no FIFO, this user's, the announced size) and
-        copied in the kernel, never mapped: the client keeps its descriptor and could shrink
-        the file at any time, and a mapping of a shrunk file kills the reader with SIGBUS.
-        The copy is this store's own file (pooled if one fits), which only the node changes.
-        The client's file is removed once copied or refused. Raises ``UploadError`` naming
-        the upload, ``LocalProtocolError`` if the store is closed.
+        Blocking (a copy of the whole body at worst): call it in a thread. The upload is
+        renamed into this store's names first, so the client can no longer open it by the
+        name it knows, then opened by ``mesh.runtime.shm.open_exact`` (no link, no FIFO,
+        this user's, the announced size). If nothing else holds the file
+        (``mesh.runtime.shm.held_by_none_else``: one name, no other open file, so no
+        descriptor the client kept) it becomes the store's segment as it is, and a pooled
+        segment of about its size, if one is free, is given back to the client
+        (``RETURN_PREFIX`` + the upload's digits) for its next upload. Otherwise it is copied
+        in the kernel, never mapped (a client that still holds it could shrink it under the
+        mapping, which kills the reader with SIGBUS), and the client's file is what is given
+        back. Raises ``UploadError`` naming the upload (whose file is then removed),
+        ``LocalProtocolError`` if the store is closed.
         """
         if self._closed:
             raise LocalProtocolError("the object store is closed")
         what = f"shared-memory upload {upload.name}"
         if not _UPLOAD.fullmatch(upload.name) or not 0 < upload.nbytes <= _MAX_UPLOAD:
             raise UploadError(f"bad shared-memory upload {upload.name!r}")
-        src_path = _path(upload.name)
         try:
-            src = open_exact(src_path, upload.nbytes, what=what)
+            st = os.lstat(_path(upload.name))
+        except FileNotFoundError:
+            raise UploadError(f"{what} not found: is the client on this machine?") from None
+        if not stat.S_ISREG(st.st_mode):
+            unlink(upload.name)
+            raise UploadError(f"{what} is not a regular file")
+        if st.st_uid not in (os.geteuid(), 0):
+            raise UploadError(f"{what} belongs to another user")
+        name = f"{self.prefix}{next(self._names)}"
+        try:
+            os.rename(_path(upload.name), _path(name))
         except FileNotFoundError:
             raise UploadError(f"{what} not found: is the client on this machine?") from None
         except PermissionError:
             raise UploadError(f"{what} belongs to another user") from None
-        except RemoteProtocolError as exc:
-            unlink(upload.name)
-            raise UploadError(str(exc)) from None
+        except OSError as exc:
+            raise UploadError(f"{what} cannot be taken: {exc.strerror}") from None
         try:
-            name, fd = self._segment_fd(upload.nbytes)
-            try:
-                copied = _copy_exact(src, fd, upload.nbytes)
-                if copied != upload.nbytes:
-                    raise UploadError(f"{what} changed size while it was read")
-                mapping = _map_read(fd, upload.nbytes)
-            except BaseException:
-                unlink(name)
-                raise
-            finally:
-                os.close(fd)
+            src = open_exact(_path(name), upload.nbytes, what=what)
+        except FileNotFoundError:
+            raise UploadError(f"{what} not found: is the client on this machine?") from None
+        except (PermissionError, RemoteProtocolError) as exc:
+            unlink(name)
+            raise UploadError(
+                f"{what} belongs to another user" if isinstance(exc, PermissionError) else str(exc)
+            ) from None
+        back = f"{RETURN_PREFIX}{upload.name.removeprefix(UPLOAD_PREFIX)}"
+        try:
+            mapping = _adopt_in_place(src, upload.nbytes)
+            if mapping is not None:
+                self._give_back(back, upload.nbytes)
+            else:
+                copy, mapping = self._copy_upload(src, upload.nbytes, what)
+                if _rename_or_unlink(name, back):  # the client's own file, for its next upload
+                    self._given.append(back)
+                name = copy
+        except BaseException:
+            unlink(name)
+            raise
         finally:
             os.close(src)
-            unlink(upload.name)
         taken = OwnedSegment(name, upload.nbytes, mapping)
         try:
             taken.value = decode_body(memoryview(mapping))
         except MeshError as exc:
             raise UploadError(f"{what}: {exc}") from None
         return taken
+
+    def _copy_upload(self, src: int, nbytes: int, what: str) -> tuple[str, mmap.mmap]:
+        """Copy upload ``src`` into a segment of this store: (its name, the store's mapping)."""
+        name, fd = self._segment_fd(nbytes)
+        try:
+            if _copy_exact(src, fd, nbytes) != nbytes:
+                raise UploadError(f"{what} changed size while it was read")
+            return name, _map_read(fd, nbytes)
+        except BaseException:
+            unlink(name)
+            raise
+        finally:
+            os.close(fd)
+
+    def _give_back(self, back: str, nbytes: int) -> None:
+        """Give the client a file of about ``nbytes`` as ``back`` for its next upload, whose
+        pages are then in place already (fresh ones cost the writer as much again as the
+        copy): a pooled segment if one is free; if none is, one made in the background, at
+        most one of those waiting to be taken, and only within the memory target."""
+        taken = self.pool.take(nbytes)
+        if taken is not None:
+            pooled, fd = taken
+            os.close(fd)
+            if _rename_or_unlink(pooled, back):
+                self._given.append(back)
+            return
+        with self._giving:
+            waiting = self._fresh and os.path.lexists(_path(self._fresh))
+            if self._closed or self._making or waiting or nbytes > self.free_bytes:
+                return
+            self._making = True
+            self._fresh = back
+        self._background(partial(self._make_given, back, nbytes))
+
+    def _make_given(self, back: str, nbytes: int) -> None:
+        """Make ``back`` with its pages in place: a file with no name until it is whole."""
+        try:
+            fd = os.open(SHM_DIR, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+                shm = os.open(SHM_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:  # a directory descriptor makes it linkat, which follows the /proc link
+                    os.link(f"/proc/self/fd/{fd}", back, dst_dir_fd=shm, follow_symlinks=True)
+                finally:
+                    os.close(shm)
+            finally:
+                os.close(fd)
+            self._given.append(back)
+        except OSError:
+            pass  # no file to give (O_TMPFILE unsupported, no room): the client makes one
+        finally:
+            with self._giving:
+                self._making = False
+
+    def _background(self, job: Callable[[], None]) -> None:
+        """Run ``job`` in the store's thread (one, so jobs run in order)."""
+        with self._giving:
+            if self._reaper is None:
+                self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-store")
+            reaper = self._reaper
+        reaper.submit(job)
 
     def adopt(self, upload: OwnedSegment, *, object_id: str | None = None) -> ObjectRef:
         """Keep an upload (``take_upload``) as an object; its segment becomes the object's.
@@ -951,9 +1076,7 @@ class ObjectStore:
         if self._closed:
             drop()
             return
-        if self._reaper is None:
-            self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-store")
-        self._reaper.submit(drop)
+        self._background(drop)
 
     def trim_pool(self, idle_s: float) -> int:
         """Remove the pooled segments unused for ``idle_s``; the bytes removed."""
@@ -967,6 +1090,8 @@ class ObjectStore:
         if self._reaper is not None:
             self._reaper.shutdown(wait=True)
         self.pool.trim()
+        for name in list(self._given):
+            unlink(name)
         try:
             names = os.listdir(SHM_DIR)
         except OSError:

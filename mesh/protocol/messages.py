@@ -488,8 +488,8 @@ class Segment(Wire):
     """A ``mesh.protocol.codec`` body of ``nbytes`` in the shared-memory file ``name`` (under
     ``mesh.runtime.shm.SHM_DIR``): how a body passes between processes of one machine unsent.
 
-    A client on the node's machine uploads a large argument as one (the node's store copies
-    it into a segment of its own); a holder answers a fetch from its own machine with the
+    A client on the node's machine uploads a large argument as one (the node's store takes
+    it over as a segment of its own); a holder answers a fetch from its own machine with the
     segment of the object; the executor names the object segments a worker maps. It never
     crosses the network: loopback sockets would copy the bytes several times more.
     """

@@ -5,9 +5,9 @@ A segment holds one ``mesh.protocol.codec`` body and is named on the wire by a
 
 - a store's object segments, ``OBJECT_PREFIX<pid>-<token>-<n>`` (``node.store``), which
   fetchers and workers on the machine map read-only;
-- a client's uploads, ``UPLOAD_PREFIX<24 hex digits>``, which the node's store copies: each a
-  second name (a hard link) of one of the client's own files ``mesh-<pid>-<token>-up<n>``
-  (``UploadFiles``), which the client writes again once the node has removed that name;
+- a client's uploads, ``UPLOAD_PREFIX<24 hex digits>``, which the node's store takes over
+  (renames into its own names) and gives files back for, ``RETURN_PREFIX<the same digits>``,
+  which the client takes back and writes its next uploads into (``UploadFiles``);
 - an executor's pipe segments, ``mesh-<pid>-<token>-w<n>-...`` (``node.executor``).
 
 A name another process sent is never trusted: ``segment_path`` refuses paths, and
@@ -47,12 +47,15 @@ OBJECT_PREFIX: Final = "mesh-obj-"
 """Names of object-store segments: ``mesh-obj-<pid>-<token>-<n>``."""
 UPLOAD_PREFIX: Final = "mesh-up-"
 """Names of a client's uploads: ``mesh-up-<24 hex digits>``."""
+RETURN_PREFIX: Final = "mesh-ret-"
+"""Names of files a store gives back for a client's upload: ``mesh-ret-<its 24 digits>``."""
 
 _OBJECT_NAME: Final = re.compile(re.escape(OBJECT_PREFIX) + r"[0-9]{1,10}-[0-9a-f]{8}-[0-9]{1,20}")
 _MAX_NAME: Final = 255
 _BOOT_ID: Final = Path("/proc/sys/kernel/random/boot_id")
 _FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _MAP_POPULATE: Final[int] = getattr(mmap, "MAP_POPULATE", 0)
+_F_SETLEASE: Final[int | None] = getattr(fcntl, "F_SETLEASE", None)
 
 
 def host_id() -> str:
@@ -164,6 +167,24 @@ def lock_shared(fd: int, path: str | os.PathLike[str]) -> None:
         raise FileNotFoundError(errno.ENOENT, f"{os.fspath(path)} was released")
 
 
+def held_by_none_else(fd: int) -> bool:
+    """Whether ``fd``'s file has one name and no open file but ``fd`` (a read-only one):
+    nothing else can write it, shrink it or reach it but through that name.
+
+    A write lease can be had only when no other open file of the inode exists (writers on
+    every kernel, readers too where the kernel counts them): it is taken and let go at once.
+    False where leases are not to be had (another system, leases disabled).
+    """
+    if _F_SETLEASE is None or os.fstat(fd).st_nlink != 1:
+        return False
+    try:
+        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_WRLCK)
+    except OSError:
+        return False
+    fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
+    return True
+
+
 def unmapped(fd: int) -> bool:
     """Whether no process maps the file ``fd`` through ``map_object`` or ``lock_shared``
     (an exclusive ``flock`` can be had); the lock is let go again at once."""
@@ -211,7 +232,7 @@ def write_segment(
     segment must not exist yet.
     """
     path = segment_path(name)
-    flags = os.O_RDWR | os.O_CREAT | (0 if reuse else os.O_EXCL)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if reuse else os.O_EXCL)
     fd = os.open(path, flags, 0o600)
     try:
         if os.fstat(fd).st_size != size:
@@ -268,48 +289,58 @@ def remove_segments(prefix: str) -> int:
 
 
 class UploadFiles:
-    """A client's upload files, written again for later uploads of about the same size.
+    """A client's uploads, written into files the node gave back.
 
     Fresh shared-memory pages cost the kernel a zeroing each; a file written again costs
-    only the copy. An upload is a new name, ``UPLOAD_PREFIX`` + 24 hex digits, linked to one
-    of these files; the node copies the file (never maps it) and then removes that name, so
-    a file whose upload name is gone is free to be written again. At most ``keep`` files
-    are kept; ``close`` removes them (and the orphan sweep does, for a client that died).
+    only the copy. An upload is a file of this client renamed to ``UPLOAD_PREFIX`` + 24 hex
+    digits: one name, no descriptor left open, so the node can take it over as it is. For
+    each upload the node may give a file of about its size back, named ``RETURN_PREFIX`` +
+    the same digits (a segment it no longer uses, or the upload itself if it copied it); a
+    later upload of about that size takes such a file back (a rename: only one taker wins)
+    rather than making a new one. The returns of the last ``keep`` uploads are waited for;
+    ``close`` removes those not taken back (and the orphan sweep does, for a client that
+    died).
     """
 
     def __init__(self, keep: int = 4) -> None:
         self.keep = keep
         self._prefix = f"mesh-{os.getpid()}-{secrets.token_hex(4)}-up"
         self._n = 0
-        self._files: list[tuple[str, int, str]] = []
-        """(own name, size, the name of its last upload), least recently written first."""
+        self._sent: list[tuple[str, int]] = []
+        """(digits, size) of uploads whose file may come back, oldest first."""
+        self.reused = 0
+        """Uploads written into a file given back."""
 
     def write(self, chunks: Iterable[bytes | bytearray | memoryview], size: int) -> str:
         """Write an upload of ``size`` bytes; the name to send. Raises ``OSError``."""
-        own = None
-        for i, (name, nbytes, upload) in enumerate(self._files):
-            if abs(nbytes - size) <= size // 4 and not os.path.lexists(SHM_DIR / upload):
-                own = name
-                del self._files[i]
-                break
-        if own is None:
-            self._n += 1
-            own = f"{self._prefix}{self._n}"
+        self._n += 1
+        own = f"{self._prefix}{self._n}"
+        for i, (digits, nbytes) in enumerate(self._sent):
+            if abs(nbytes - size) > size // 4:
+                continue
+            try:
+                os.rename(SHM_DIR / f"{RETURN_PREFIX}{digits}", SHM_DIR / own)
+            except OSError:
+                continue  # not given back (yet)
+            del self._sent[i]
+            self.reused += 1
+            break
         write_segment(own, chunks, size, reuse=True)
-        upload = f"{UPLOAD_PREFIX}{secrets.token_hex(12)}"
+        digits = secrets.token_hex(12)
+        upload = f"{UPLOAD_PREFIX}{digits}"
         try:
-            os.link(SHM_DIR / own, SHM_DIR / upload)
+            os.rename(SHM_DIR / own, SHM_DIR / upload)
         except OSError:
             unlink(own)
             raise
-        self._files.append((own, size, upload))
-        while len(self._files) > self.keep:
-            name, _, _ = self._files.pop(0)
-            unlink(name)
+        self._sent.append((digits, size))
+        while len(self._sent) > self.keep:
+            unlink(f"{RETURN_PREFIX}{self._sent.pop(0)[0]}")
         return upload
 
     def close(self) -> None:
-        """Remove every file (an upload name the node has not taken yet keeps its bytes)."""
-        files, self._files = self._files, []
-        for name, _, _ in files:
-            unlink(name)
+        """Remove the files given back and not taken (an upload the node has not taken yet
+        keeps its bytes)."""
+        sent, self._sent = self._sent, []
+        for digits, _ in sent:
+            unlink(f"{RETURN_PREFIX}{digits}")

@@ -15,6 +15,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -81,7 +82,7 @@ def test_host_id_is_stable_and_names_no_path() -> None:
     assert host_id().isalnum()
 
 
-def test_an_upload_is_copied_into_the_store_and_the_clients_file_removed(
+def test_an_upload_nothing_else_holds_becomes_the_stores_segment_as_it_is(
     store: ObjectStore,
 ) -> None:
     arr = np.arange(MIB // 4, dtype=np.float64)
@@ -94,7 +95,7 @@ def test_an_upload_is_copied_into_the_store_and_the_clients_file_removed(
     shared = store.segment(ref)
     assert shared is not None
     assert shared.name.startswith(store.prefix)
-    assert os.stat(SHM_DIR / shared.name).st_ino != inode
+    assert os.stat(SHM_DIR / shared.name).st_ino == inode  # no copy
     assert shared.nbytes == size == ref.nbytes
     assert store.used_bytes == size
     assert (ref.dtype, ref.shape) == ("<f8", arr.shape)
@@ -102,6 +103,50 @@ def test_an_upload_is_copied_into_the_store_and_the_clients_file_removed(
     assert store.release(ref)
     assert not (SHM_DIR / shared.name).exists()
     assert store.used_bytes == 0
+
+
+def _given_back(upload: str) -> Any:
+    path = SHM_DIR / upload.replace("mesh-up-", "mesh-ret-")
+    deadline = time.monotonic() + 10
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return path
+
+
+def test_a_file_is_given_back_for_an_upload_and_an_upload_still_held_is_copied(
+    store: ObjectStore,
+) -> None:
+    first, size = _upload(np.ones(MIB // 4))
+    ref = store.adopt(store.take_upload(Segment(name=first, nbytes=size)))
+    made = _given_back(first)  # nothing pooled: a file made anew
+    assert os.stat(made).st_size == size
+    made.unlink()  # as the client takes it
+    pooled = os.stat(SHM_DIR / store.segment(ref).name).st_ino  # type: ignore[union-attr]
+    store.release(ref)
+    deadline = time.monotonic() + 10
+    while not len(store.pool) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(store.pool) == 1
+    arr = np.arange(MIB // 4, dtype=np.float64)
+    second, size = _upload(arr)
+    held = os.open(SHM_DIR / second, os.O_RDWR)  # the client kept a descriptor
+    try:
+        inode = os.fstat(held).st_ino
+        ref = store.adopt(store.take_upload(Segment(name=second, nbytes=size)))
+    finally:
+        os.close(held)
+    shared = store.segment(ref)
+    assert shared is not None
+    assert os.stat(SHM_DIR / shared.name).st_ino == pooled  # copied into the pooled segment
+    back = SHM_DIR / second.replace("mesh-up-", "mesh-ret-")
+    assert os.stat(back).st_ino == inode  # and the client's file given back
+    third, size = _upload(arr)
+    ref = store.adopt(store.take_upload(Segment(name=third, nbytes=size)))
+    made = _given_back(third)  # the pool is empty again: made anew
+    assert os.stat(made).st_size == size
+    store.close()
+    assert not back.exists()
+    assert not made.exists()
 
 
 def test_a_client_that_shrinks_its_file_after_the_upload_changes_nothing(

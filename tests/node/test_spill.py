@@ -26,7 +26,14 @@ from mesh.config import MeshConfig
 from mesh.errors import MeshError, ObjectLostError, ObjectStoreFullError, SpillReadError
 from mesh.protocol.codec import encode_body, loads
 from mesh.protocol.messages import NodeId, ObjectRef
-from mesh.runtime.shm import SHM_DIR, UPLOAD_PREFIX, UploadFiles, map_object, unmapped
+from mesh.runtime.shm import (
+    RETURN_PREFIX,
+    SHM_DIR,
+    UPLOAD_PREFIX,
+    UploadFiles,
+    map_object,
+    unmapped,
+)
 from node.cli import parser
 from node.daemon import Daemon, NodeOptions
 from node.store import SPILL_PREFIX, ObjectStore, remove_orphan_spill
@@ -372,25 +379,31 @@ async def test_the_pool_yields_to_objects_and_idle_segments_go(spill_dir: Path) 
         store.close()
 
 
-def test_a_clients_upload_file_is_written_again_once_the_node_took_it() -> None:
+def test_a_clients_upload_is_written_into_a_file_the_node_gave_back() -> None:
     files = UploadFiles(keep=2)
     try:
         chunks, size = encode_body(np.ones(MIB // 8))
         first = files.write(chunks, size)
         assert first.startswith(UPLOAD_PREFIX)
-        second = files.write(chunks, size)  # the first is not taken yet: another file
-        own = {n for n in os.listdir(SHM_DIR) if n.startswith(files._prefix)}
-        assert len(own) == 2
-        os.unlink(SHM_DIR / first)  # what the node does once it has copied it
+        assert os.stat(SHM_DIR / first).st_nlink == 1  # no name left to the client
+        assert not {n for n in os.listdir(SHM_DIR) if n.startswith(files._prefix)}
+        second = files.write(chunks, size)  # nothing given back yet: a new file
+        assert files.reused == 0
+        back = SHM_DIR / first.replace(UPLOAD_PREFIX, RETURN_PREFIX)
+        os.rename(SHM_DIR / first, back)  # what the node does once it has copied it
+        inode = os.stat(back).st_ino
         third = files.write(encode_body(np.full(MIB // 8, 3.0))[0], size)
-        assert {n for n in os.listdir(SHM_DIR) if n.startswith(files._prefix)} == own
+        assert files.reused == 1
+        assert not back.exists()
+        assert os.stat(SHM_DIR / third).st_ino == inode
         assert loads((SHM_DIR / third).read_bytes())[0] == 3.0
         assert loads((SHM_DIR / second).read_bytes())[0] == 1.0
-        for name in (second, third):
-            os.unlink(SHM_DIR / name)
+        given = [SHM_DIR / n.replace(UPLOAD_PREFIX, RETURN_PREFIX) for n in (second, third)]
+        for name, path in zip((second, third), given, strict=True):
+            os.rename(SHM_DIR / name, path)
     finally:
         files.close()
-    assert not {n for n in os.listdir(SHM_DIR) if n.startswith(files._prefix)}
+    assert not any(path.exists() for path in given)  # close removes what was not taken back
 
 
 # ---------------------------------------------------------------------------------------
