@@ -483,13 +483,14 @@ def parse_options(raw: Any, config: NodeConfig) -> dict[str, Any]:
     timeout = raw.get("timeout")
     if timeout is not None:
         out["timeout"] = seconds(timeout, "timeout", maximum=config.api_max_task_timeout_s)
-    labels = raw.get("labels")
-    if labels is not None:
-        if not isinstance(labels, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
-        ):
-            raise BadRequest("labels must map strings to strings")
-        out["labels"] = dict(labels)
+    for name, what in (("labels", "strings"), ("libraries", "version specifiers")):
+        given = raw.get(name)
+        if given is not None:
+            if not isinstance(given, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in given.items()
+            ):
+                raise BadRequest(f"{name} must map names to {what}")
+            out[name] = dict(given)
     resources = raw.get("resources")
     if resources is not None:
         if not isinstance(resources, dict) or not all(
@@ -497,13 +498,6 @@ def parse_options(raw: Any, config: NodeConfig) -> dict[str, Any]:
         ):
             raise BadRequest(f"resources must map names to numbers from 0 to {_MAX_AMOUNT:g}")
         out["resources"] = {k: float(v) for k, v in resources.items()}
-    libraries = raw.get("libraries")
-    if libraries is not None:
-        if not isinstance(libraries, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in libraries.items()
-        ):
-            raise BadRequest("libraries must map distribution names to version specifiers")
-        out["libraries"] = dict(libraries)
     retries = raw.get("max_retries")
     if retries is not None:
         if isinstance(retries, bool) or not isinstance(retries, int):
