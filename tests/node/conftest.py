@@ -9,13 +9,15 @@ temporary directory, so no test touches the user's key file.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +25,7 @@ import pytest
 
 from mesh.client.local import LocalMesh
 from mesh.client.local import LocalNode as Node
+from node.daemon import Daemon, NodeOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE = [sys.executable, "-m", "node"]
@@ -127,3 +130,23 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
     finally:
         c.close()
+
+
+@asynccontextmanager
+async def serving(options: NodeOptions) -> AsyncIterator[Daemon]:
+    """A node run in this process with ``options``, from when its workers are up until the
+    block ends (then stopped, and its run awaited)."""
+    daemon = Daemon(options, out=lambda _: None)
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(daemon.run(stop))
+    try:
+        async with asyncio.timeout(30):
+            while not (hasattr(daemon, "executor") and daemon.executor.worker_pids()):
+                if running.done():
+                    running.result()
+                await asyncio.sleep(0.02)
+        yield daemon
+    finally:
+        stop.set()
+        async with asyncio.timeout(30):
+            await running

@@ -43,6 +43,7 @@ from node.store import (
     remove_orphan_segments,
 )
 from node.worker import attach_shared, map_shared
+from tests.node.conftest import serving
 
 pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="needs /dev/shm")
 
@@ -453,20 +454,8 @@ async def _node(
         config=config,
         labels={"name": name},
     )
-    daemon = Daemon(options, out=lambda _: None)
-    stop = asyncio.Event()
-    running = asyncio.ensure_future(daemon.run(stop))
-    try:
-        async with asyncio.timeout(30):
-            while not (hasattr(daemon, "executor") and daemon.executor.worker_pids()):
-                if running.done():
-                    running.result()
-                await asyncio.sleep(0.02)
+    async with serving(options) as daemon:
         yield daemon
-    finally:
-        stop.set()
-        async with asyncio.timeout(30):
-            await running
 
 
 async def _alive(a: Daemon, b: Daemon) -> None:

@@ -37,6 +37,7 @@ from mesh.runtime.shm import (
 from node.cli import parser
 from node.daemon import Daemon, NodeOptions
 from node.store import SPILL_PREFIX, ObjectStore, remove_orphan_spill
+from tests.node.conftest import serving
 
 pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir(), reason="needs /dev/shm")
 
@@ -431,20 +432,8 @@ async def _node(
         slots=1,
         config=dataclasses.replace(config, node=node),
     )
-    daemon = Daemon(options, out=lambda _: None)
-    stop = asyncio.Event()
-    running = asyncio.ensure_future(daemon.run(stop))
-    try:
-        async with asyncio.timeout(30):
-            while not (hasattr(daemon, "executor") and daemon.executor.worker_pids()):
-                if running.done():
-                    running.result()
-                await asyncio.sleep(0.02)
+    async with serving(options) as daemon:
         yield daemon
-    finally:
-        stop.set()
-        async with asyncio.timeout(30):
-            await running
 
 
 async def test_a_node_serves_spilled_objects_of_every_dtype_and_frees_their_files(
