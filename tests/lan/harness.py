@@ -183,35 +183,24 @@ class Lan:
     def heal(self) -> None:
         _ns(self.switch, "nft", "delete", "table", "bridge", "part", check=False)
 
+    def drop(self, host: Host, table: str, hook: str, *match: str) -> None:
+        """Drop what ``match`` selects on ``host``'s ``hook`` (input or output), in a table of
+        its own that ``undrop`` removes."""
+        _ns(host.ns, "nft", "add", "table", "inet", table)
+        chain = f"{{ type filter hook {hook} priority 0; policy accept; }}"
+        _ns(host.ns, "nft", f"add chain inet {table} {hook} {chain}")
+        _ns(host.ns, "nft", "add", "rule", "inet", table, hook, *match, "drop")
+
+    def undrop(self, host: Host, table: str) -> None:
+        _ns(host.ns, "nft", "delete", "table", "inet", table, check=False)
+
     def lossy(self, host: Host, percent: int) -> None:
         """Drop ``percent`` % of the packets leaving ``host`` (no netem in this kernel)."""
-        _ns(host.ns, "nft", "add", "table", "inet", "loss")
-        _ns(
-            host.ns,
-            "nft",
-            "add chain inet loss out { type filter hook output priority 0; policy accept; }",
-        )
-        _ns(
-            host.ns,
-            "nft",
-            "add",
-            "rule",
-            "inet",
-            "loss",
-            "out",
-            "oifname",
-            "eth0",
-            "numgen",
-            "random",
-            "mod",
-            "100",
-            "lt",
-            str(percent),
-            "drop",
-        )
+        loss = ("numgen", "random", "mod", "100", "lt", str(percent))
+        self.drop(host, "loss", "output", "oifname", "eth0", *loss)
 
     def clean(self, host: Host) -> None:
-        _ns(host.ns, "nft", "delete", "table", "inet", "loss", check=False)
+        self.undrop(host, "loss")
 
     def block_mdns(self, host: Host) -> None:
         """Drop multicast DNS (UDP 5353) in and out of ``host``."""

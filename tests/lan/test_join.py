@@ -26,7 +26,7 @@ import pytest
 
 from mesh.protocol.codec import key_fingerprint
 from mesh.runtime.auth import key_bytes
-from tests.lan.harness import Host, Lan, _ns
+from tests.lan.harness import Lan
 from tests.lan.test_lan import KEY, NODE, OTHER_KEY, PORT, ROOT, Mesh, wait_for
 
 DOCTOR_TIMEOUT_S = 90
@@ -211,37 +211,13 @@ def test_doctor_names_dropped_multicast(mesh: JoinMesh) -> None:
     assert "eth0" in found["multicast-not-sent"]
 
 
-def _block_port(host: Host) -> None:
-    _ns(host.ns, "nft", "add", "table", "inet", "noport")
-    _ns(
-        host.ns,
-        "nft",
-        "add chain inet noport input { type filter hook input priority 0; policy accept; }",
-    )
-    _ns(
-        host.ns,
-        "nft",
-        "add",
-        "rule",
-        "inet",
-        "noport",
-        "input",
-        "iifname",
-        "eth0",
-        "tcp",
-        "dport",
-        str(PORT),
-        "drop",
-    )
-
-
 def test_doctor_names_a_blocked_port(mesh: JoinMesh) -> None:
     host3 = mesh.lan.host(3)
-    _block_port(host3)
+    mesh.lan.drop(host3, "noport", "input", "iifname", "eth0", "tcp", "dport", str(PORT))
     try:
         status, findings = mesh.doctor(3)
     finally:
-        _ns(host3.ns, "nft", "delete", "table", "inet", "noport", check=False)
+        mesh.lan.undrop(host3, "noport")
     found = problems(findings)
     assert status == 1, findings
     assert set(found) == {"port-blocked"}, findings
