@@ -1,19 +1,21 @@
 """The private wire between two real hosts: what a sniffer on the LAN sees, and what it costs.
 
-Hosts h1 and h2, each node in a mount namespace with a /dev/shm of its own so that the two
-are different machines to each other (no shared-memory shortcut). ``tcpdump`` records
-h2's interface while h1 sends a task whose argument holds a marker to h2:
+Hosts h1 and h2 run two meshes side by side: a sealed one (the default) and a plain one
+(``--unsealed``), each with its own key and port. Each node is in a mount namespace with a
+/dev/shm of its own, so that the two hosts are different machines to each other (no
+shared-memory shortcut). ``tcpdump`` records h2's interface while a client on h1 sends, in
+each mesh, a task whose argument holds a marker to h2:
 
-- sealed (the default), the marker is nowhere in the capture; the capture holds the two
+- in the sealed mesh the marker is nowhere in the capture; the capture holds the two
   hellos (read with the mesh key: their key shares) and sealed messages, none of which
   opens with keys that the mesh key and the recorded shares give;
-- ``--unsealed``, the same marker is in the capture: the check can fail.
+- in the plain mesh the same kind of marker is in the capture: the check can fail.
 
-The same run measures, for both modes, a 64 MiB array made by a task on h2 and fetched
-from there by a client on h1 (MiB/s over the whole call, best of five) and no-op tasks
-run on h2 for a client on h1 (tasks/s); the
-figures go to the LAN figures line (``wire``). The modes take turns (plain, sealed,
-sealed, plain).
+The same run measures what sealing costs, on the two meshes taking turns batch by batch
+(so that drift of the machine hits both alike): no-op tasks run on h2 for the client on
+h1 (tasks/s, and the CPU time the mesh's processes spent per task) and a 64 MiB array
+made by a task on h2 and fetched from there (MiB/s over the whole call). Each figure is
+the median of its batches; they go to the LAN figures line (``wire``).
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ from mesh.protocol.sealing import PEER_CONTEXT, Exchange
 from mesh.runtime.auth import key_bytes
 from tests.lan.harness import Host, Lan
 
-PORT = 7710
-KEY = secrets.token_hex(16)
+PORTS = {False: 7710, True: 7711}  # plain, sealed
+KEYS = {False: secrets.token_hex(16), True: secrets.token_hex(16)}
 ROOT = Path(__file__).resolve().parents[2]
 NODE = [sys.executable, "-m", "node"]
 # A node of its own mount namespace, with a private /dev/shm: another machine to its peers.
@@ -57,8 +59,10 @@ OWN_SHM = [
     'mount -t tmpfs -o size=1g tmpfs /dev/shm && exec "$@"',
     "sh",
 ]
-NOOP_TASKS = 1000
+NOOP_TASKS = 500  # per batch
+NOOP_BATCHES = 12  # per mode
 TRANSFER_MIB = 64
+TRANSFERS = 5  # per mode
 
 pytestmark = pytest.mark.skipif(
     shutil.which("tcpdump") is None or shutil.which("unshare") is None,
@@ -73,23 +77,25 @@ def lan() -> Iterator[Lan]:
 
 
 class Pair:
-    """h1 and h2 running nodes in one mode; ended by ``stop``."""
+    """h1 and h2 running nodes of one mode's mesh; ended by ``stop``."""
 
     def __init__(self, lan: Lan, logdir: Path, *, sealed: bool) -> None:
         self.lan = lan
         self.logdir = logdir
         self.sealed = sealed
+        self.port = PORTS[sealed]
+        self.key = KEYS[sealed]
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def url(self, i: int) -> str:
-        return f"http://{self.lan.host(i).address}:{PORT}"
+        return f"http://{self.lan.host(i).address}:{self.port}"
 
     def start(self) -> None:
         h1 = self.lan.host(1)
         for i, extra in ((1, ["--label", "wire=near"]), (2, ["--label", "wire=far"])):
             host = self.lan.host(i)
             mode = "sealed" if self.sealed else "plain"
-            log = self.logdir / f"h{i}-{mode}-{time.monotonic_ns()}.log"
+            log = self.logdir / f"h{i}-{mode}.log"
             ready = log.with_suffix(".ready")
             argv = [
                 *OWN_SHM,
@@ -98,9 +104,9 @@ class Pair:
                 "--host",
                 host.address,
                 "--port",
-                str(PORT),
+                str(self.port),
                 "--key",
-                KEY,
+                self.key,
                 "--name",
                 f"h{i}",
                 "--no-mdns",
@@ -111,7 +117,7 @@ class Pair:
                 *extra,
             ]
             if i == 2:
-                argv += ["--join", f"{h1.address}:{PORT}"]
+                argv += ["--join", f"{h1.address}:{self.port}"]
             if not self.sealed:
                 argv.append("--unsealed")
             env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -122,16 +128,13 @@ class Pair:
             self.procs.append(proc)
             wait_ready(ready, proc, 60, log=log)
 
-    def client(self, script: str, timeout: float = 180) -> Any:
-        """A Python client on h1 (for h1's node); prints one JSON line at the end."""
-        code = (
-            "import json, time\nfrom mesh.client import connect\n"
-            f"c = connect({self.url(1)!r}, key={KEY!r})\n" + script
-        )
-        out = self.lan.run(self.lan.host(1), [sys.executable, "-c", code], timeout)
-        if out.returncode != 0:
-            raise AssertionError(f"client failed: {out.stderr.strip()[-2000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+    def connect(self) -> str:
+        """Python source binding ``c`` to a client of h1's node."""
+        return f"c = connect({self.url(1)!r}, key={self.key!r})\n"
+
+    def status(self) -> Any:
+        argv = [*NODE, "status", "--node", self.url(1), "--key", self.key, "--json"]
+        return json.loads(self.lan.run(self.lan.host(1), argv).stdout)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -145,8 +148,18 @@ class Pair:
         self.procs.clear()
 
 
+def client(lan: Lan, script: str, timeout: float = 180) -> Any:
+    """A Python client on h1 running ``script``; returns the JSON line it prints last."""
+    code = "import json, os, time\nfrom mesh.client import connect\n" + script
+    out = lan.run(lan.host(1), [sys.executable, "-c", code], timeout)
+    if out.returncode != 0:
+        raise AssertionError(f"client failed: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def capture(lan: Lan, host: Host, path: Path) -> subprocess.Popen[bytes]:
-    """tcpdump on ``host``'s interface, peer port only, whole packets, into ``path``."""
+    """tcpdump on ``host``'s interface, the two meshes' ports only, whole packets, into
+    ``path``."""
     proc = lan.spawn(
         host,
         [
@@ -160,9 +173,7 @@ def capture(lan: Lan, host: Host, path: Path) -> subprocess.Popen[bytes]:
             "-n",
             "-w",
             str(path),
-            "tcp",
-            "port",
-            str(PORT),
+            f"tcp and (port {PORTS[False]} or port {PORTS[True]})",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -242,7 +253,7 @@ def ws_messages(stream: bytes) -> list[bytes]:
     return out
 
 
-def try_to_open(streams: dict[tuple[str, int, str, int], bytes]) -> tuple[int, int]:
+def try_to_open(streams: dict[tuple[str, int, str, int], bytes], key: str) -> tuple[int, int]:
     """What a recorder holding the mesh key gets out of the peer connections: the hellos
     (read, and their key shares with them), and the sealed messages, each tried with keys
     derived from the mesh key and every recorded share. Returns (hellos, sealed messages
@@ -254,7 +265,7 @@ def try_to_open(streams: dict[tuple[str, int, str, int], bytes]) -> tuple[int, i
             if message[:1] == bytes((KIND_HELLO,)):
                 for reader in ("h1", "h2"):  # hellos are read as their receiver reads them
                     codec = Codec(
-                        key_bytes(KEY), NodeId(reader), max_frame_bytes=1 << 20, max_skew_s=3600
+                        key_bytes(key), NodeId(reader), max_frame_bytes=1 << 20, max_skew_s=3600
                     )
                     try:
                         hello = read_hello(codec, message, time.time(), package="", sealed=True)
@@ -267,7 +278,7 @@ def try_to_open(streams: dict[tuple[str, int, str, int], bytes]) -> tuple[int, i
     for share in hellos:
         for initiator in (True, False):
             _, opener = Exchange().keys(
-                key_bytes(KEY), share, initiator=initiator, context=PEER_CONTEXT
+                key_bytes(key), share, initiator=initiator, context=PEER_CONTEXT
             )
             for message in sealed[:50]:
                 with pytest.raises(RemoteProtocolError):
@@ -278,9 +289,9 @@ def try_to_open(streams: dict[tuple[str, int, str, int], bytes]) -> tuple[int, i
 # -- the test ------------------------------------------------------------------------------
 
 
-def marker_script(marker: str) -> str:
+def marker_script(pair: Pair, marker: str) -> str:
     return (
-        "far = {'wire': 'far'}\n"
+        pair.connect() + "far = {'wire': 'far'}\n"
         "for _ in range(100):  # until h1 knows h2\n"
         "    if c.submit_with('whoami', labels=far).result(60) == 'h2':\n"
         "        break\n"
@@ -290,79 +301,129 @@ def marker_script(marker: str) -> str:
     )
 
 
-FIGURES_SCRIPT = f"""
+# Both meshes from one client, taking turns (ABBA...) batch by batch. The CPU time is that
+# of the mesh's processes on both hosts (the nodes and their workers), read from /proc:
+# the namespaces share one pid space.
+FIGURES_SCRIPT = """
+import statistics
 import numpy as np
-far = {{'wire': 'far'}}
-c.gather([c.submit_with('noop', labels=far) for _ in range(50)])  # warm the worker
-t0 = time.perf_counter()
-c.gather([c.submit_with('noop', labels=far) for _ in range({NOOP_TASKS})])
-noop = {NOOP_TASKS} / (time.perf_counter() - t0)
-n = {TRANSFER_MIB} * 1024 * 1024
-best = 0.0
-for _ in range(5):
-    t0 = time.perf_counter()
-    a = c.result(c.submit_with('make_array', [n], labels=far), 120)  # made on h2, fetched
-    best = max(best, {TRANSFER_MIB} / (time.perf_counter() - t0))
-    assert a.nbytes == n
-    del a
-print(json.dumps({{'noop_tasks_per_s': round(noop, 1), 'transfer_mib_per_s': round(best, 1)}}))
+PIDS = {pids!r}
+TICK = os.sysconf("SC_CLK_TCK")
+
+def stat(pid):
+    with open(f"/proc/{{pid}}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+def cpu_s(roots):
+    children = {{}}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                children.setdefault(int(stat(name)[1]), []).append(int(name))
+            except OSError:
+                pass
+    total, todo = 0, list(roots)
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            fields = stat(pid)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+{connect_plain}plain = c
+{connect_sealed}clients = {{"plain": plain, "sealed": c}}
+far = {{"wire": "far"}}
+for c in clients.values():
+    c.gather([c.submit_with("noop", labels=far) for _ in range(100)])  # warm the workers
+order = [("plain", "sealed"), ("sealed", "plain")]
+noop = {{m: [] for m in clients}}
+cpu = {{m: [] for m in clients}}
+for b in range({batches}):
+    for mode in order[b % 2]:
+        c = clients[mode]
+        cpu0 = cpu_s(PIDS[mode])
+        t0 = time.perf_counter()
+        c.gather([c.submit_with("noop", labels=far) for _ in range({tasks})])
+        noop[mode].append({tasks} / (time.perf_counter() - t0))
+        cpu[mode].append((cpu_s(PIDS[mode]) - cpu0) / {tasks} * 1e6)
+n = {mib} * 1024 * 1024
+transfer = {{m: [] for m in clients}}
+for b in range({transfers}):
+    for mode in order[b % 2]:
+        c = clients[mode]
+        t0 = time.perf_counter()
+        a = c.result(c.submit_with("make_array", [n], labels=far), 120)  # made on h2, fetched
+        transfer[mode].append({mib} / (time.perf_counter() - t0))
+        assert a.nbytes == n
+        del a
+print(json.dumps({{
+    m: {{
+        "noop_tasks_per_s": round(statistics.median(noop[m]), 1),
+        "noop_cpu_us_per_task": round(statistics.median(cpu[m]), 1),
+        "transfer_mib_per_s": round(statistics.median(transfer[m]), 1),
+    }}
+    for m in clients
+}}))
 """
-
-
-def run_mode(lan: Lan, logdir: Path, *, sealed: bool) -> tuple[bytes, dict[str, float]]:
-    """One mode: the capture of a marker's trip to h2, and the figures."""
-    marker = "MARKER-" + secrets.token_hex(8)
-    pcap = logdir / f"{'sealed' if sealed else 'plain'}.pcap"
-    pair = Pair(lan, logdir, sealed=sealed)
-    dump = capture(lan, lan.host(2), pcap)
-    try:
-        pair.start()
-        assert pair.client(marker_script(marker)) == {"ok": True}
-        stop_capture(lan, dump)
-        figures = pair.client(FIGURES_SCRIPT, timeout=300)
-        status = json.loads(
-            lan.run(
-                lan.host(1), [*NODE, "status", "--node", pair.url(1), "--key", KEY, "--json"]
-            ).stdout
-        )
-        assert status["sealed"] is sealed
-        assert status["refused_peers"] == []
-    finally:
-        lan.kill(dump, signal.SIGINT)
-        pair.stop()
-    data = pcap.read_bytes()
-    pcap.unlink()
-    return data, {**figures, "marker_seen": marker.encode() in data}
 
 
 def test_a_sniffer_sees_nothing_and_sealing_costs_little(
     lan: Lan, tmp_path: Path, figures: dict[str, Any]
 ) -> None:
-    # The modes take turns in the order ABBA, so that drift of the machine and whatever a
-    # run leaves behind hit both alike; best of each.
-    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
-    captures: dict[bool, bytes] = {}
-    for sealed in (False, True, True, False):
-        captures[sealed], run = run_mode(lan, tmp_path, sealed=sealed)
-        runs[sealed].append(run)
+    pairs = {sealed: Pair(lan, tmp_path, sealed=sealed) for sealed in (False, True)}
+    markers = {sealed: "MARKER-" + secrets.token_hex(8) for sealed in pairs}
+    pcap = tmp_path / "wire.pcap"
+    dump = capture(lan, lan.host(2), pcap)
+    try:
+        for pair in pairs.values():
+            pair.start()
+        for sealed, pair in pairs.items():
+            assert client(lan, marker_script(pair, markers[sealed])) == {"ok": True}
+        stop_capture(lan, dump)
+        script = FIGURES_SCRIPT.format(
+            pids={
+                "sealed" if sealed else "plain": [p.pid for p in pair.procs]
+                for sealed, pair in pairs.items()
+            },
+            connect_plain=pairs[False].connect(),
+            connect_sealed=pairs[True].connect(),
+            batches=NOOP_BATCHES,
+            tasks=NOOP_TASKS,
+            transfers=TRANSFERS,
+            mib=TRANSFER_MIB,
+        )
+        measured = client(lan, script, timeout=600)
+        for sealed, pair in pairs.items():
+            status = pair.status()
+            assert status["sealed"] is sealed
+            assert status["refused_peers"] == []
+    finally:
+        lan.kill(dump, signal.SIGINT)
+        for pair in pairs.values():
+            pair.stop()
+    streams = tcp_streams(pcap.read_bytes())
+    pcap.unlink()
+    by_mode = {
+        sealed: {
+            flow: data for flow, data in streams.items() if PORTS[sealed] in (flow[1], flow[3])
+        }
+        for sealed in pairs
+    }
     # The capture sees task arguments when they travel in the clear...
-    assert all(run.pop("marker_seen") for run in runs[False])
+    assert any(markers[False].encode() in data for data in by_mode[False].values())
     # ...and not when the wire is sealed, even though the hellos were recorded.
-    assert not any(run.pop("marker_seen") for run in runs[True])
-    hellos, tried = try_to_open(tcp_streams(captures[True]))
+    assert not any(markers[True].encode() in data for data in by_mode[True].values())
+    hellos, tried = try_to_open(by_mode[True], KEYS[True])
     assert hellos >= 2, "the capture should hold both hellos of the peer connection"
     assert tried >= 1, "the capture should hold sealed messages"
-    best = {
-        mode: {k: max(run[k] for run in runs[sealed]) for k in runs[sealed][0]}
-        for mode, sealed in (("plain", False), ("sealed", True))
-    }
+    plain, sealed = measured["plain"], measured["sealed"]
     figures["wire"] = {
-        **best,
-        "transfer_ratio": round(
-            best["sealed"]["transfer_mib_per_s"] / best["plain"]["transfer_mib_per_s"], 3
-        ),
-        "noop_ratio": round(
-            best["sealed"]["noop_tasks_per_s"] / best["plain"]["noop_tasks_per_s"], 3
-        ),
+        **measured,
+        "transfer_ratio": round(sealed["transfer_mib_per_s"] / plain["transfer_mib_per_s"], 3),
+        "noop_ratio": round(sealed["noop_tasks_per_s"] / plain["noop_tasks_per_s"], 3),
+        "noop_cpu_ratio": round(sealed["noop_cpu_us_per_task"] / plain["noop_cpu_us_per_task"], 3),
     }
     print("wire figures: " + json.dumps(figures["wire"], sort_keys=True))
