@@ -12,7 +12,10 @@ It runs no daemon itself: the ``node`` package is the daemon, and ``LocalMesh`` 
 ``mesh-node`` processes on this machine for tests, benchmarks and examples.
 """
 
-from mesh.client.local import LocalMesh
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from mesh.errors import (
     LocalProtocolError,
     MeshError,
@@ -21,7 +24,21 @@ from mesh.errors import (
     TaskError,
 )
 
+if TYPE_CHECKING:
+    from mesh.client.local import LocalMesh
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # ``LocalMesh`` brings the HTTP client (aiohttp) with it: loaded on first use, so that
+    # what imports only the protocol (a task's worker process) does not pay for it.
+    if name == "LocalMesh":
+        from mesh.client.local import LocalMesh
+
+        return LocalMesh
+    raise AttributeError(f"module 'mesh' has no attribute {name!r}")
+
 
 __all__ = [
     "LocalMesh",
