@@ -18,11 +18,13 @@ Hellos carry each side's protocol (frame) version, package version and an X25519
 share; with sealing on (``NodeConfig.wire_sealed``, the default) every later message of
 the connection is sealed under keys derived from both shares and the mesh key
 (``mesh.protocol.sealing``), so what crosses the network is private, and a connection
-that sends anything unsealed is closed (reason ``unsealed``). A peer of another protocol
-version, or one that does not seal while this node does, is refused at its hello: the
-listener answers with its own hello before closing, so both sides know why; each side
-logs one line per such peer (and version), counts it (``rejected``, ``refused``), and the
-dialer sends nothing more to that address for ``peer_refused_retry_s``.
+that sends anything unsealed is closed (reason ``unsealed``). The frames inside a sealed
+message skip their MAC check (``Codec.check``): only holders of the mesh key can seal.
+A peer of another protocol version, or one that does not seal while this node does, is
+refused at its hello: the listener answers with its own hello before closing, so both
+sides know why; each side logs one line per such peer (and version), counts it
+(``rejected``, ``refused``), and the dialer sends nothing more to that address for
+``peer_refused_retry_s``.
 
 Small frames take priority over big ones (``Outbox``). Queues are bounded both ways:
 ``send`` waits for room (and gives up after ``ws_send_timeout_s``, dropping and counting
@@ -211,8 +213,9 @@ class WsTransport:
     ``send``/``recv``, and ``close()`` at the end. ``codec`` signs and checks the hellos;
     ``wall_clock`` (``time.time``) stamps them. ``authenticate`` checks every received
     frame and raises ``RemoteProtocolError`` to refuse it; it defaults to
-    ``codec.authenticate``. It may be called from a worker thread (for big frames), so it
-    must not touch state shared with the event loop. ``resolve`` names the node the hello
+    ``codec.authenticate`` (``codec.check`` on sealed links). It may be called from a
+    worker thread (for big frames), so it must not touch state shared with the event loop.
+    ``resolve`` names the node the hello
     of a dial is for (the daemon's view of membership and of this transport); it defaults
     to ``node_at``. ``package`` is the ``mesh-node`` version the hellos announce.
     """
@@ -234,6 +237,8 @@ class WsTransport:
         self._sealed = config.wire_sealed
         self._refused_until: dict[Address, float] = {}
         self._authenticate = codec.authenticate if authenticate is None else authenticate
+        # What a sealed link checks: the AEAD has authenticated every message already.
+        self._check = codec.check if authenticate is None else authenticate
         self._resolve = self.node_at if resolve is None else resolve
         self._ids: dict[Address, NodeId] = {}
         self._cfg = config
@@ -622,7 +627,7 @@ class WsTransport:
             outbound=outbound,
             addressed=addressed,
             serial=self._serial,
-            authenticate=self._authenticate,
+            authenticate=self._authenticate if keys is None else self._check,
             budget=self._budget,
             max_frame_bytes=self._cfg.max_frame_bytes,
             opener=None if keys is None else keys[1],

@@ -236,7 +236,9 @@ class Link:
     dialled, or the peer's listen address on a link the peer opened); ``initiator`` the
     listen address of the side that dialled; ``addressed`` whether the dialer's hello named
     the node it expected; ``serial`` orders the links of one node.
-    Received frames pass ``authenticate`` (the codec's check of size, magic and MAC).
+    Received frames pass ``authenticate`` (the codec's check of size, magic and MAC). On a
+    sealed link (``opener`` given) every message is opened first, and ``authenticate`` may
+    leave the MAC out (``Codec.check``): the AEAD has proved more than the MAC would.
     """
 
     __slots__ = (
@@ -399,7 +401,11 @@ class Link:
             self._partial = None
             self._filled = 0
             self._budget.give(total)
-            yield Received(frames=[partial.data], authenticated=False)
+            if self._opener is None:  # the MAC over a big frame is left to the caller
+                yield Received(frames=[partial.data], authenticated=False)
+            else:
+                self._authenticate(partial.data)
+                yield Received(frames=[partial.data], authenticated=True)
 
 
 def _unbatch(data: memoryview) -> list[memoryview]:

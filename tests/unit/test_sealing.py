@@ -35,7 +35,7 @@ from mesh.protocol.sealing import (
     seal_body,
     sealed_size,
 )
-from tests.unit.test_framing import CONFIG, batch, sign
+from tests.unit.test_framing import CONFIG, batch, chunk, sign
 
 KEY = b"mesh-test-key-0123456789abcdef"
 OTHER_KEY = b"another-mesh-key-0123456789abc"
@@ -191,7 +191,10 @@ def test_a_body_cut_short_lengthened_or_resized_does_not_open() -> None:
 # -- sealed links and hellos ---------------------------------------------------------------
 
 
-def sealed_link(opener: Opener) -> Link:
+def sealed_link(opener: Opener, *, mac: bool = True) -> Link:
+    """A link to "a" at "b" that opens with ``opener``; ``mac``: whether it also checks the
+    frames' MACs (``Codec.authenticate``) or not (``Codec.check``, as a sealing transport)."""
+    codec_b = Codec(KEY, NodeId("b"), max_frame_bytes=CONFIG.max_frame_bytes)
     hello = read_hello(
         Codec(KEY, NodeId("b"), max_frame_bytes=CONFIG.max_frame_bytes),
         hello_message(
@@ -213,7 +216,7 @@ def sealed_link(opener: Opener) -> Link:
         outbound=False,
         addressed=True,
         serial=1,
-        authenticate=Codec(KEY, NodeId("b"), max_frame_bytes=CONFIG.max_frame_bytes).authenticate,
+        authenticate=codec_b.authenticate if mac else codec_b.check,
         budget=Budget(CONFIG.ws_reassembly_bytes, lambda: None),
         max_frame_bytes=CONFIG.max_frame_bytes,
         opener=opener,
@@ -236,6 +239,38 @@ def test_a_sealed_link_opens_sealed_messages_and_refuses_a_downgrade() -> None:
     with pytest.raises(RemoteProtocolError) as exc:
         list(link.receive(replayed))
     assert reason(exc) == "sealed"
+
+
+def test_the_seal_stands_for_the_mac_and_the_frame_is_still_checked() -> None:
+    """Under the seal a frame's MAC proves nothing more (only holders of the mesh key can
+    seal), so a sealing transport leaves it out; size, magic and version still count, in
+    batches and in frames of several pieces alike."""
+    (seal_a, _), (_, open_b) = pair()
+    link = sealed_link(open_b, mac=False)
+
+    def sealed(message: bytes) -> bytes:
+        return bytes((KIND_SEALED,)) + seal_a.seal(message)
+
+    unsigned = sign(b"payload", key=OTHER_KEY)  # its MAC fails under KEY
+    [event] = list(link.receive(sealed(batch(unsigned))))
+    assert isinstance(event, Received)
+    assert event.authenticated
+    assert bytes(event.frames[0]) == unsigned
+    big = sign(bytes(3000), key=OTHER_KEY)
+    events = [
+        e for part in (big[:1000], big[1000:]) for e in link.receive(sealed(chunk(len(big), part)))
+    ]
+    [event] = events
+    assert isinstance(event, Received)
+    assert event.authenticated
+    assert bytes(event.frames[0]) == big
+    with pytest.raises(RemoteProtocolError) as exc:
+        list(link.receive(sealed(batch(b"\x00" + unsigned[1:]))))
+    assert reason(exc) == "malformed"
+    # Checking the MAC as well (a transport given its own check) still refuses it.
+    (seal_a, _), (_, open_b) = pair()
+    with pytest.raises(RemoteProtocolError):
+        list(sealed_link(open_b).receive(bytes((KIND_SEALED,)) + seal_a.seal(batch(unsigned))))
 
 
 def test_a_sealing_node_refuses_a_hello_without_a_share() -> None:
