@@ -215,9 +215,9 @@ class WsTransport:
     frame and raises ``RemoteProtocolError`` to refuse it; it defaults to
     ``codec.authenticate`` (``codec.check`` on sealed links). It may be called from a
     worker thread (for big frames), so it must not touch state shared with the event loop.
-    ``resolve`` names the node the hello
-    of a dial is for (the daemon's view of membership and of this transport); it defaults
-    to ``node_at``. ``package`` is the ``mesh-node`` version the hellos announce.
+    ``resolve`` names the node the hello of a dial is for (the daemon's view of membership
+    and of this transport); it defaults to ``node_at``. ``package`` is the ``mesh-node``
+    version the hellos announce.
     """
 
     def __init__(

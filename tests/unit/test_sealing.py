@@ -196,7 +196,7 @@ def sealed_link(opener: Opener, *, mac: bool = True) -> Link:
     frames' MACs (``Codec.authenticate``) or not (``Codec.check``, as a sealing transport)."""
     codec_b = Codec(KEY, NodeId("b"), max_frame_bytes=CONFIG.max_frame_bytes)
     hello = read_hello(
-        Codec(KEY, NodeId("b"), max_frame_bytes=CONFIG.max_frame_bytes),
+        codec_b,
         hello_message(
             Codec(KEY, NodeId("a"), max_frame_bytes=CONFIG.max_frame_bytes),
             A,
