@@ -371,6 +371,14 @@ class NodeConfig:
     counted: a 256 MiB queue drains in about 2 s at gigabit speed, so 30 s means the peer
     has stopped reading, and the producer must not hang on it."""
 
+    ws_unacked_timeout_s: float = 3.0
+    """A peer connection whose sent data goes unacknowledged this long is aborted by the
+    kernel (``TCP_USER_TIMEOUT``; a dial whose SYNs go unanswered fails after it too). A
+    live peer's kernel acknowledges in milliseconds, even with its CPUs saturated. Without
+    this bound, frames to a peer cut off for ten seconds wait in TCP's retransmission
+    back-off (6.4 s between tries by then) and a healed partition stays split that long;
+    with it, the next frame dials afresh and gets through as soon as the path is back."""
+
     ws_heartbeat_s: float = 10.0
     """Websocket ping interval; a connection whose pong does not come back within half of
     it is closed. Catches peers that vanished without closing (power loss, cable). Failure

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeAlias
@@ -359,7 +360,9 @@ class WsTransport:
             raise LocalProtocolError("the transport was already started")
         self._address = address
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            connector=aiohttp.TCPConnector(
+                limit=0, force_close=True, socket_factory=self._peer_socket
+            ),
             ws_response_class=_UnmaskedWebSocket,
         )
         self._background.name = f"ws-transport {address}"
@@ -645,6 +648,21 @@ class WsTransport:
 
     # -- connections ---------------------------------------------------------------------
 
+    def _peer_socket(self, addr_info: tuple[Any, ...]) -> socket.socket:
+        family, kind, proto, _, _ = addr_info
+        sock = socket.socket(family=family, type=kind, proto=proto)
+        self._bound_unacked(sock)
+        return sock
+
+    def _bound_unacked(self, sock: socket.socket | None) -> None:
+        """Abort ``sock`` when its data goes unacknowledged ``ws_unacked_timeout_s``
+        (a TCP socket on Linux; elsewhere the websocket heartbeat is the only bound)."""
+        if sock is None or not hasattr(socket, "TCP_USER_TIMEOUT"):
+            return
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            ms = round(self._cfg.ws_unacked_timeout_s * 1000)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, ms)
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         """The server side of the peer websocket; lives as long as the connection."""
         if self._closing or not self._background.running:
@@ -655,6 +673,8 @@ class WsTransport:
             compress=False,
             timeout=self._cfg.ws_close_timeout_s,
         )
+        if request.transport is not None:
+            self._bound_unacked(request.transport.get_extra_info("socket"))
         await ws.prepare(request)
         exchange = Exchange() if self._sealed else None
         try:

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import hmac
 import os
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -371,6 +372,21 @@ async def test_reconnects_after_the_connection_is_lost(make_node: MakeNode) -> N
     await a.t.send(b.address, [sign(b"two")])
     assert body_of(await recv(b.t)) == b"two"
     assert a.t.connects == 2
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="TCP_USER_TIMEOUT is Linux's")
+async def test_both_ends_abort_when_their_data_goes_unacknowledged(make_node: MakeNode) -> None:
+    # A peer cut off mid-connection must not hold frames in TCP's retransmission back-off
+    # (seconds between tries after a few misses): the kernel aborts the connection instead,
+    # and the next frame dials afresh.
+    a, b = await make_node("a"), await make_node("b")
+    await a.t.send(b.address, [sign(b"one")])
+    await recv(b.t)
+    want = round(CONFIG.ws_unacked_timeout_s * 1000)
+    for t in (a.t, b.t):
+        (conn,) = t._open
+        sock = conn.ws.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == want
 
 
 async def test_simultaneous_dials_settle_on_one_connection(make_node: MakeNode) -> None:
