@@ -54,6 +54,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -68,13 +69,16 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, WSMsgType, web
 
 from mesh import __version__
 from mesh.config import NodeConfig
-from mesh.errors import ErrorInfo, FailureKind, MeshError, ObjectLostError
+from mesh.errors import ErrorInfo, FailureKind, MeshError, ObjectLostError, RemoteProtocolError
 from mesh.protocol.codec import Buffer, Chunks, dumps, key_fingerprint, loads
 from mesh.protocol.messages import NodeId, ObjectRef, Segment, TaskId, Wire, field_names
 from mesh.protocol.sealing import (
     OBJECT_CONTEXT,
     PUBLIC_BYTES,
+    SESSION_CONTEXT,
     Exchange,
+    Opener,
+    Sealer,
     seal_body,
     sealed_size,
 )
@@ -452,6 +456,14 @@ def seconds(value: Any, what: str, *, maximum: float, zero: bool = False) -> flo
         low = "0" if zero else "more than 0"
         raise BadRequest(f"{what} must be {low} and at most {maximum:g} seconds")
     return float(value)
+
+
+def _from_this_machine(request: web.Request) -> bool:
+    """Whether the request came over loopback (a client of this machine)."""
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return False
 
 
 def _error(status: int, message: str, *, close: bool = False, **extra: Any) -> web.Response:
@@ -909,19 +921,9 @@ class Api:
         if body is None:
             return _error(404, f"object {object_id} is not held here")
         chunks, size = body
-        share = request.query.get(SEAL_PARAM)
-        public = b""
-        if share is not None:
-            try:
-                public = bytes.fromhex(share)
-            except ValueError:
-                public = b""
-            if len(public) != PUBLIC_BYTES:
-                self.rejected["bad-handshake"] += 1
-                return _error(400, "seal: not an X25519 share in hex")
-        elif self.config.wire_sealed:
-            self.rejected["unsealed"] += 1
-            return _error(403, "this node sends objects sealed only (ask with ?seal=)")
+        public = self._share(request, required=self.config.wire_sealed)
+        if isinstance(public, web.Response):
+            return public
         resp = web.StreamResponse(headers={"Content-Type": OBJECT_CONTENT_TYPE})
         pieces: Iterable[Buffer] = chunks
         if public:
@@ -942,6 +944,26 @@ class Api:
         await resp.write_eof()
         self.served_bytes += size
         return resp
+
+    def _share(self, request: web.Request, *, required: bool) -> bytes | web.Response:
+        """The requester's X25519 share (``?seal=``), b"" when it asks for nothing sealed,
+        or the refusal: a share that is none, or none where ``required``."""
+        share = request.query.get(SEAL_PARAM)
+        if share is None:
+            if not required:
+                return b""
+            self.rejected["unsealed"] += 1
+            return _error(
+                403, f"{request.path} travels sealed only from this node (ask with ?seal=)"
+            )
+        try:
+            public = bytes.fromhex(share)
+        except ValueError:
+            public = b""
+        if len(public) != PUBLIC_BYTES:
+            self.rejected["bad-handshake"] += 1
+            return _error(400, "seal: not an X25519 share in hex")
+        return public
 
     async def _release(self, request: web.Request) -> web.Response:
         object_id = request.match_info["id"]
@@ -973,8 +995,28 @@ class Api:
     # -- client session ------------------------------------------------------------------
 
     async def _session(self, request: web.Request) -> web.StreamResponse:
+        # A client on another machine seals its session (its share in the signed path);
+        # the node answers with its own share as the first message, and every message after
+        # it, both ways, is sealed under the keys the two shares give.
+        required = self.config.wire_sealed and not _from_this_machine(request)
+        public = self._share(request, required=required)
+        if isinstance(public, web.Response):
+            return public
         ws = web.WebSocketResponse(max_msg_size=self.config.api_max_body_bytes, heartbeat=30.0)
         await ws.prepare(request)
+        sealer: Sealer | None = None
+        opener: Opener | None = None
+        if public:
+            exchange = Exchange()
+            sealer, opener = exchange.keys(
+                self._key, public, initiator=False, context=SESSION_CONTEXT
+            )
+            await ws.send_bytes(exchange.public)
+
+        async def send(message: dict[str, Any]) -> None:
+            data = dumps(message)
+            await ws.send_bytes(data if sealer is None else sealer.seal(data))
+
         self.sessions += 1
         session = next(self._session_ids)
         key = ("session", session)
@@ -997,7 +1039,7 @@ class Api:
                 batch = tuple(out)
                 out.clear()
                 if batch:
-                    await ws.send_bytes(dumps(Results(items=batch).encode()))
+                    await send(Results(items=batch).encode())
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -1006,9 +1048,12 @@ class Api:
                     if msg.type != WSMsgType.BINARY:
                         continue
                     try:
-                        tasks = decode_request(loads(msg.data))
+                        data = msg.data if opener is None else opener.open(msg.data)
+                        tasks = decode_request(loads(data))
                     except MeshError as exc:
-                        await ws.send_bytes(dumps(SessionError(message=str(exc)).encode()))
+                        if isinstance(exc, RemoteProtocolError) and exc.reason == "sealed":
+                            self.rejected["sealed"] += 1
+                        await send(SessionError(message=str(exc)).encode())
                         break
                     if isinstance(tasks, Forget):
                         self.service.forget(key, tasks.ids)

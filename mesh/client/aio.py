@@ -28,6 +28,7 @@ from mesh.errors import AuthenticationError, MeshError, ObjectLostError, RemoteP
 from mesh.protocol.args import find_in_call, walk_call_async
 from mesh.protocol.codec import dumps, encode_body, loads
 from mesh.protocol.messages import NodeId, ObjectRef, Segment
+from mesh.protocol.sealing import SESSION_CONTEXT, Exchange, Opener, Sealer
 from mesh.protocol.session import (
     Forget,
     Outcome,
@@ -40,6 +41,7 @@ from mesh.protocol.session import (
 from mesh.runtime.auth import key_bytes, resolve_key, sign_request
 from mesh.runtime.background import Background, Ready
 from mesh.runtime.http import (
+    SEAL_PARAM,
     SESSION_PATH,
     fetch_object,
     node_id_at,
@@ -139,6 +141,7 @@ class AsyncClient:
         session: aiohttp.ClientSession,
         ws: aiohttp.ClientWebSocketResponse,
         node_id: str,
+        seal: tuple[Sealer, Opener] | None = None,
     ) -> None:
         self.url = url
         self.node_id = node_id
@@ -146,6 +149,8 @@ class AsyncClient:
         self._key = key
         self._session = session
         self._ws = ws
+        self._seal = seal
+        """The session's sealer and opener when it is sealed (a node on another machine)."""
         self._ids = itertools.count(1)
         self._waiting: dict[int, _Pending] = {}
         self._batch: list[Submission] = []
@@ -164,27 +169,49 @@ class AsyncClient:
 
     @classmethod
     async def connect(
-        cls, url: str | None = None, key: str | None = None, *, open_timeout: float = 10.0
+        cls,
+        url: str | None = None,
+        key: str | None = None,
+        *,
+        open_timeout: float = 10.0,
+        sealed: bool | None = None,
     ) -> AsyncClient:
-        """Open a session with the node at ``url`` (default: this machine's node)."""
+        """Open a session with the node at ``url`` (default: this machine's node).
+
+        The session is sealed (``mesh.protocol.sealing``) unless the node is on this
+        machine (``sealed=None``, the default), or as ``sealed`` says."""
         base = normalise_url(url)
         kb = key_bytes(resolve_key(key))
+        if sealed is None:
+            sealed = not _is_loopback(base)
+        exchange = Exchange() if sealed else None
+        path = (
+            SESSION_PATH
+            if exchange is None
+            else f"{SESSION_PATH}?{SEAL_PARAM}={exchange.public.hex()}"
+        )
         session = aiohttp.ClientSession()
         try:
             try:
                 async with asyncio.timeout(open_timeout):
                     node_id = await node_id_at(session, kb, base)
-                    headers = sign_request(kb, "GET", SESSION_PATH, b"", time.time(), to=node_id)
+                    headers = sign_request(kb, "GET", path, b"", time.time(), to=node_id)
                     ws = await session.ws_connect(
-                        base + SESSION_PATH,
+                        base + path,
                         headers=headers,
                         max_msg_size=_MAX_MESSAGE,
                         autoping=True,
                     )
+                    seal = None if exchange is None else await _seal(ws, kb, exchange)
             except aiohttp.WSServerHandshakeError as exc:
                 if exc.status == 401:
                     raise AuthenticationError(
                         "authentication failed: the node did not accept this key"
+                    ) from None
+                if exc.status == 403 and exchange is None:
+                    raise MeshError(
+                        f"{base} takes sessions from other machines sealed only "
+                        "(connect with sealed=None, the default, or True)"
                     ) from None
                 raise MeshError(f"cannot open a session with {base}: {exc}") from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -192,11 +219,16 @@ class AsyncClient:
         except BaseException:
             await session.close()
             raise
-        client = cls(url=base, key=kb, session=session, ws=ws, node_id=node_id)
+        client = cls(url=base, key=kb, session=session, ws=ws, node_id=node_id, seal=seal)
         # The session's tasks (reader, writer, submissions waiting for their arguments)
         # are owned by one Background, which close() stops.
         await client._background.start(client._run)
         return client
+
+    @property
+    def sealed(self) -> bool:
+        """Whether this session's messages travel sealed (``mesh.protocol.sealing``)."""
+        return self._seal is not None
 
     async def __aenter__(self) -> Self:
         return self
@@ -244,10 +276,14 @@ class AsyncClient:
         # Its own frame: once sent, nothing here keeps the tasks' arguments alive.
         batch, self._batch = self._batch, []
         if batch:
-            await self._ws.send_bytes(dumps(Submit(tasks=tuple(batch)).encode()))
+            await self._send(Submit(tasks=tuple(batch)).encode())
         forgotten, self._forgotten = self._forgotten, []
         if forgotten:
-            await self._ws.send_bytes(dumps(Forget(ids=tuple(forgotten)).encode()))
+            await self._send(Forget(ids=tuple(forgotten)).encode())
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        data = dumps(message)
+        await self._ws.send_bytes(data if self._seal is None else self._seal[0].seal(data))
 
     # -- references ------------------------------------------------------------------------
 
@@ -276,7 +312,8 @@ class AsyncClient:
                     raise MeshError(f"session error: {self._ws.exception()}")
                 continue
             try:
-                reply = decode_reply(loads(msg.data))
+                data = msg.data if self._seal is None else self._seal[1].open(msg.data)
+                reply = decode_reply(loads(data))
             except MeshError as exc:
                 raise MeshError(f"the node sent an unreadable message: {exc}") from exc
             if isinstance(reply, SessionError):
@@ -518,6 +555,17 @@ async def _value_of(future: AsyncTaskFuture | concurrent.futures.Future[Any]) ->
     if isinstance(future, AsyncTaskFuture):
         return await future
     return await asyncio.wrap_future(future)
+
+
+async def _seal(
+    ws: aiohttp.ClientWebSocketResponse, key: bytes, exchange: Exchange
+) -> tuple[Sealer, Opener]:
+    """The session's keys, from the node's share: its first message."""
+    msg = await ws.receive()
+    if msg.type != aiohttp.WSMsgType.BINARY:
+        await ws.close()
+        raise MeshError("the node ended the session before sealing it")
+    return exchange.keys(key, msg.data, initiator=True, context=SESSION_CONTEXT)
 
 
 def _is_loopback(url: str) -> bool:

@@ -76,14 +76,23 @@ def _submitting(
 class Client:
     """The synchronous client. Made by ``connect()``; close it (or use ``with``)."""
 
-    def __init__(self, url: str | None = None, key: str | None = None, *, timeout: float = 10.0):
+    def __init__(
+        self,
+        url: str | None = None,
+        key: str | None = None,
+        *,
+        timeout: float = 10.0,
+        sealed: bool | None = None,
+    ):
         self._loop = event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="mesh-client", daemon=True
         )
         self._thread.start()
         try:
-            self._async = self._call(AsyncClient.connect(url, key, open_timeout=timeout))
+            self._async = self._call(
+                AsyncClient.connect(url, key, open_timeout=timeout, sealed=sealed)
+            )
         except BaseException:
             self._stop_loop()
             raise
@@ -175,7 +184,14 @@ class Client:
         return value
 
 
-def connect(url: str | None = None, key: str | None = None, *, timeout: float = 10.0) -> Client:
+def connect(
+    url: str | None = None,
+    key: str | None = None,
+    *,
+    timeout: float = 10.0,
+    sealed: bool | None = None,
+) -> Client:
     """A sync client for the node at ``url`` (default: this machine's node on the default
-    port); ``key`` defaults to ``$MESH_KEY``, then the key file."""
-    return Client(url, key, timeout=timeout)
+    port); ``key`` defaults to ``$MESH_KEY``, then the key file. The session is sealed
+    unless the node is on this machine (``sealed=None``), or as ``sealed`` says."""
+    return Client(url, key, timeout=timeout, sealed=sealed)

@@ -1,10 +1,11 @@
 """Sealing: what keeps the wire between two machines private. No sockets, no event loop.
 
-Every connection between peers, and every object body fetched from another machine, is
-encrypted and authenticated with AES-256-GCM under keys that exist for that connection
-only. Both ends make a fresh X25519 key pair (``Exchange``) and swap the public halves in
-messages the mesh key authenticates (the peers' hellos; an object request's signature);
-the keys are then HKDF-SHA256 of the X25519 secret, salted with the mesh key, over both
+Every connection between peers, every object body fetched from another machine and every
+client session from another machine is encrypted and authenticated with AES-256-GCM under
+keys that exist for that connection only. Both ends make a fresh X25519 key pair
+(``Exchange``) and swap the public halves in messages the mesh key authenticates (the
+peers' hellos; the signed path of an object request or a session); the keys are then
+HKDF-SHA256 of the X25519 secret, salted with the mesh key, over both
 public halves and a context that says what they protect. So:
 
 - a sniffer without the mesh key reads nothing and cannot forge or alter a byte;
@@ -45,6 +46,7 @@ PIECE_BYTES: Final = 1024 * 1024
 
 PEER_CONTEXT: Final = b"mesh peer wire 3"
 OBJECT_CONTEXT: Final = b"mesh object body 3"
+SESSION_CONTEXT: Final = b"mesh client session 3"
 
 _LAST: Final = struct.Struct("<BQ")  # the last piece of a body: flag 1, the body's size
 _MORE: Final = b"\x00"

@@ -290,14 +290,28 @@ def try_to_open(streams: dict[tuple[str, int, str, int], bytes], key: str) -> tu
 
 
 def marker_script(pair: Pair, marker: str) -> str:
+    """The marker goes to h2 twice: from h1's node to h2's (a peer connection), and from a
+    client on h1 straight to h2's node (a client session: sealed in the sealed mesh,
+    where one that will not seal is refused)."""
+    direct = f"d = connect({pair.url(2)!r}, key={pair.key!r}, sealed={pair.sealed})\n"
+    refused = (
+        "try:\n"
+        f"    connect({pair.url(2)!r}, key={pair.key!r}, sealed=False).close()\n"
+        "    refused = False\n"
+        "except Exception as exc:\n"
+        "    refused = 'sealed only' in str(exc)\n"
+        if pair.sealed
+        else "refused = True\n"
+    )
     return (
-        pair.connect() + "far = {'wire': 'far'}\n"
+        pair.connect() + direct + refused + "far = {'wire': 'far'}\n"
         "for _ in range(100):  # until h1 knows h2\n"
         "    if c.submit_with('whoami', labels=far).result(60) == 'h2':\n"
         "        break\n"
         "    time.sleep(0.1)\n"
         f"r = c.submit_with('echo', [{marker!r} * 4], labels=far).result(60)\n"
-        f"print(json.dumps({{'ok': r == {marker!r} * 4}}))\n"
+        f"s = d.submit_with('echo', [{marker!r} * 4], labels=far).result(60)\n"
+        f"print(json.dumps({{'ok': r == s == {marker!r} * 4, 'refused': refused}}))\n"
     )
 
 
@@ -381,7 +395,10 @@ def test_a_sniffer_sees_nothing_and_sealing_costs_little(
         for pair in pairs.values():
             pair.start()
         for sealed, pair in pairs.items():
-            assert client(lan, marker_script(pair, markers[sealed])) == {"ok": True}
+            assert client(lan, marker_script(pair, markers[sealed])) == {
+                "ok": True,
+                "refused": True,
+            }
         stop_capture(lan, dump)
         script = FIGURES_SCRIPT.format(
             pids={

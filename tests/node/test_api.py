@@ -12,8 +12,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import WSMsgType
 
-from mesh.client import key_bytes, sign_request
+from mesh.client import AsyncClient, key_bytes, sign_request
+from mesh.protocol.codec import dumps, loads
+from mesh.protocol.sealing import SESSION_CONTEXT, Exchange
+from mesh.protocol.session import Results, SessionError, Submission, Submit, decode_reply
+from mesh.runtime.http import SEAL_PARAM, SESSION_PATH
 from tests.node.conftest import Cluster, wait_for
 
 
@@ -212,3 +217,58 @@ def test_port_in_use_is_a_one_line_error(solo: Cluster, tmp_path: Any) -> None:
     assert port in lines[0]
     assert "in use" in lines[0]
     wait_for(lambda: solo.nodes["solo"].proc.poll() is None, 1, "the first node still up")
+
+
+async def sealed_session(c: Cluster, public: bytes) -> tuple[aiohttp.ClientSession, Any]:
+    path = f"{SESSION_PATH}?{SEAL_PARAM}={public.hex()}"
+    headers = sign_request(key_bytes(c.key), "GET", path, b"", time.time(), to="solo")
+    http = aiohttp.ClientSession()
+    return http, await http.ws_connect(c.nodes["solo"].url + path, headers=headers)
+
+
+async def test_a_sealed_session_says_everything_sealed_and_refuses_anything_else(
+    solo: Cluster,
+) -> None:
+    # A client on another machine asks with its X25519 share; the node answers with its
+    # own, and from then on each message, both ways, opens only with the keys the two give.
+    kb = key_bytes(solo.key)
+    exchange = Exchange()
+    http, ws = await sealed_session(solo, exchange.public)
+    async with http, ws:
+        share = await ws.receive_bytes(timeout=10)
+        sealer, opener = exchange.keys(kb, share, initiator=True, context=SESSION_CONTEXT)
+        marker = "sealed-session-marker"
+        submit = Submit(tasks=(Submission(cid=1, name="echo", args=(marker,), kwargs={}),))
+        await ws.send_bytes(sealer.seal(dumps(submit.encode())))
+        sealed = await ws.receive_bytes(timeout=30)
+        assert marker.encode() not in sealed
+        reply = decode_reply(loads(opener.open(sealed)))
+        assert isinstance(reply, Results)
+        assert [(cid, o.value) for cid, o in reply.items] == [(1, marker)]
+        before = rejected_total(await metrics(solo))
+        # The same message unsealed ends the session, counted.
+        await ws.send_bytes(dumps(submit.encode()))
+        error = decode_reply(loads(opener.open(await ws.receive_bytes(timeout=10))))
+        assert isinstance(error, SessionError)
+        assert "failed to open" in error.message
+        assert (await ws.receive(timeout=10)).type in {WSMsgType.CLOSE, WSMsgType.CLOSED}
+    assert rejected_total(await metrics(solo)) == before + 1
+
+
+@pytest.mark.parametrize("share", ["zz" * 32, "01" * 31, ""])
+async def test_a_bad_session_share_is_refused_before_the_session(solo: Cluster, share: str) -> None:
+    status, reply = await call(solo, "GET", f"{SESSION_PATH}?{SEAL_PARAM}={share}")
+    assert status == 400
+    assert "X25519" in reply["error"]
+
+
+@pytest.mark.parametrize("sealed", [True, False])
+async def test_a_client_on_this_machine_seals_its_session_when_asked(
+    solo: Cluster, sealed: bool
+) -> None:
+    url = solo.nodes["solo"].url
+    async with await AsyncClient.connect(url, solo.key, sealed=sealed) as c:
+        assert c.sealed is sealed
+        assert await c.submit("echo", [1, "two"]) == [1, "two"]
+    async with await AsyncClient.connect(url, solo.key) as c:
+        assert not c.sealed  # loopback: nothing leaves the machine
