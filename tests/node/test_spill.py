@@ -112,7 +112,7 @@ def store(spill_dir: Path) -> Iterator[ObjectStore]:
 
 async def test_every_dtype_round_trips_through_spill(store: ObjectStore) -> None:
     arrays = {d: _array(d, MIB // 2 + 1000 * i, i) for i, d in enumerate(DTYPES)}
-    refs = {d: store.put(a) for d, a in arrays.items()}
+    refs = {d: await store.put(a) for d, a in arrays.items()}
     # Half of them also in shared memory: those spill from a segment, not from the value.
     for d in DTYPES[::2]:
         await store.share(refs[d])
@@ -121,13 +121,13 @@ async def test_every_dtype_round_trips_through_spill(store: ObjectStore) -> None
     assert store.spilled_bytes == sum(r.nbytes for d, r in refs.items() if store.is_spilled(r.id))
     assert len(_spill_files(store)) == store.spilled_objects
     for d, arr in arrays.items():
-        back = loads(b"".join(store.encoded(refs[d])[0]))
+        back = loads(b"".join((await store.encoded(refs[d]))[0]))
         assert back.dtype == arr.dtype, d
         np.testing.assert_array_equal(back, arr)
         assert not store.is_spilled(refs[d].id)
     for d, arr in reversed(arrays.items()):
         shared = await store.share(refs[d])
-        value = store.get(refs[d])
+        value = await store.get(refs[d])
         assert value.dtype == arr.dtype
         np.testing.assert_array_equal(value, arr)
         if refs[d].nbytes >= store.segment_min_bytes:
@@ -136,38 +136,38 @@ async def test_every_dtype_round_trips_through_spill(store: ObjectStore) -> None
     assert len(store) == len(DTYPES)
 
 
-def test_the_least_recently_used_object_spills_first(store: ObjectStore) -> None:
-    a, b, c = (store.put(np.full(MIB // 10, i, dtype=np.float64)) for i in range(3))
-    store.get(a)  # a is now more recent than b
-    store.put(np.zeros(MIB // 10))  # 3.2 MiB > 3: one spills
+async def test_the_least_recently_used_object_spills_first(store: ObjectStore) -> None:
+    a, b, c = [await store.put(np.full(MIB // 10, i, dtype=np.float64)) for i in range(3)]
+    await store.get(a)  # a is now more recent than b
+    await store.put(np.zeros(MIB // 10))  # 3.2 MiB > 3: one spills
     assert store.is_spilled(b.id)
     assert not store.is_spilled(a.id)
     assert not store.is_spilled(c.id)
-    np.testing.assert_array_equal(store.get(b), np.full(MIB // 10, 1.0))
+    np.testing.assert_array_equal(await store.get(b), np.full(MIB // 10, 1.0))
 
 
-def test_a_pinned_object_stays_in_memory_until_unpinned(store: ObjectStore) -> None:
-    first = store.put(np.full(MIB // 10, 1.0))  # the least recently used from here on
+async def test_a_pinned_object_stays_in_memory_until_unpinned(store: ObjectStore) -> None:
+    first = await store.put(np.full(MIB // 10, 1.0))  # the least recently used from here on
     assert store.pin(first.id)
-    others = [store.put(np.full(MIB // 10, 2.0)) for _ in range(5)]
+    others = [await store.put(np.full(MIB // 10, 2.0)) for _ in range(5)]
     assert not store.is_spilled(first.id)
     assert store.is_spilled(others[0].id)
     store.unpin(first.id)
-    store.put(np.zeros(MIB // 10))
+    await store.put(np.zeros(MIB // 10))
     assert store.is_spilled(first.id)
     assert not store.pin("never-stored")
 
 
-def test_an_object_larger_than_the_target_goes_straight_to_disk(store: ObjectStore) -> None:
-    small = store.put(np.ones(1000))
-    big = store.put(np.arange(MIB // 2, dtype=np.float64))  # 4 MiB
+async def test_an_object_larger_than_the_target_goes_straight_to_disk(store: ObjectStore) -> None:
+    small = await store.put(np.ones(1000))
+    big = await store.put(np.arange(MIB // 2, dtype=np.float64))  # 4 MiB
     assert store.is_spilled(big.id)
     assert not store.is_spilled(small.id)
-    np.testing.assert_array_equal(store.get(big), np.arange(MIB // 2, dtype=np.float64))
+    np.testing.assert_array_equal(await store.get(big), np.arange(MIB // 2, dtype=np.float64))
 
 
-def test_release_removes_the_spill_file(store: ObjectStore) -> None:
-    refs = [store.put(np.full(MIB // 4, i, dtype=np.float64)) for i in range(3)]
+async def test_release_removes_the_spill_file(store: ObjectStore) -> None:
+    refs = [await store.put(np.full(MIB // 4, i, dtype=np.float64)) for i in range(3)]
     assert _spill_files(store)
     for ref in refs:
         assert store.release(ref)
@@ -175,26 +175,26 @@ def test_release_removes_the_spill_file(store: ObjectStore) -> None:
     assert store.spilled_bytes == store.used_bytes == 0
 
 
-def test_a_spill_size_cap_fails_the_put_clearly_and_loses_no_other_object(
+async def test_a_spill_size_cap_fails_the_put_clearly_and_loses_no_other_object(
     spill_dir: Path,
 ) -> None:
     store = ObjectStore(NODE, 2 * MIB, spill_dir=spill_dir, spill_limit_bytes=3 * MIB)
     try:
-        _fill_until_full(store, "the spill cap of 3145728 bytes is reached")
+        await _fill_until_full(store, "the spill cap of 3145728 bytes is reached")
     finally:
         store.close()
 
 
-def _put_many(store: ObjectStore, kept: dict[str, np.ndarray[Any, Any]]) -> None:
+async def _put_many(store: ObjectStore, kept: dict[str, np.ndarray[Any, Any]]) -> None:
     for i in range(64):
         arr = np.full(MIB // 16, i, dtype=np.float64)  # 0.5 MiB
-        kept[store.put(arr).id] = arr
+        kept[(await store.put(arr)).id] = arr
 
 
-def _fill_until_full(store: ObjectStore, why: str) -> None:
+async def _fill_until_full(store: ObjectStore, why: str) -> None:
     kept: dict[str, np.ndarray[Any, Any]] = {}
     with pytest.raises(ObjectStoreFullError) as info:
-        _put_many(store, kept)
+        await _put_many(store, kept)
     message = str(info.value)
     assert "object store full" in message
     assert f"memory target of {store.target_bytes} bytes is reached" in message
@@ -204,7 +204,7 @@ def _fill_until_full(store: ObjectStore, why: str) -> None:
     assert len(store) == len(kept)  # the failed put left nothing behind
     for oid, arr in kept.items():  # and lost nothing: a read-back spills others in turn
         with contextlib.suppress(ObjectStoreFullError):
-            np.testing.assert_array_equal(store.get(oid), arr)
+            np.testing.assert_array_equal(await store.get(oid), arr)
             continue
         pytest.fail(f"object {oid} could not be read back")
 
@@ -229,12 +229,12 @@ def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-def test_a_full_spill_disk_fails_the_put_clearly_and_loses_no_other_object(
+async def test_a_full_spill_disk_fails_the_put_clearly_and_loses_no_other_object(
     tiny_tmpfs: Path,
 ) -> None:
     store = ObjectStore(NODE, 2 * MIB, spill_dir=tiny_tmpfs)
     try:
-        _fill_until_full(store, os.strerror(28))  # ENOSPC
+        await _fill_until_full(store, os.strerror(28))  # ENOSPC
         assert not any(
             n.startswith(store.spill_prefix) and (tiny_tmpfs / n).stat().st_size == 0
             for n in os.listdir(tiny_tmpfs)
@@ -243,13 +243,13 @@ def test_a_full_spill_disk_fails_the_put_clearly_and_loses_no_other_object(
         store.close()
 
 
-def test_a_spill_file_that_is_gone_is_a_lost_object(store: ObjectStore) -> None:
-    refs = [store.put(np.full(MIB // 4, i, dtype=np.float64)) for i in range(3)]
+async def test_a_spill_file_that_is_gone_is_a_lost_object(store: ObjectStore) -> None:
+    refs = [await store.put(np.full(MIB // 4, i, dtype=np.float64)) for i in range(3)]
     spilled = next(r for r in refs if store.is_spilled(r.id))
     for name in _spill_files(store):
         (store.spill_dir / name).write_bytes(b"cut")
     with pytest.raises(SpillReadError) as info:
-        store.get(spilled)
+        await store.get(spilled)
     assert isinstance(info.value, ObjectLostError)
     assert f"object {spilled.id} spilled to" in str(info.value)
     assert spilled.id not in store
@@ -284,7 +284,7 @@ def test_spill_files_of_dead_processes_go_and_a_live_ones_stay(spill_dir: Path) 
 
 
 async def _shared(store: ObjectStore, arr: np.ndarray[Any, Any]) -> tuple[ObjectRef, str]:
-    ref = store.put(arr)
+    ref = await store.put(arr)
     segment = await store.share(ref)
     assert segment is not None
     return ref, segment.name
@@ -325,7 +325,7 @@ async def test_a_released_segment_is_written_again_for_the_next_object(
         assert second != first
         assert store.pool.reused == 1
         assert len(store.pool) == 0
-        np.testing.assert_array_equal(store.get(ref2), np.full(MIB // 4, 2.0))
+        np.testing.assert_array_equal(await store.get(ref2), np.full(MIB // 4, 2.0))
         mapping = map_object(second, ref2.nbytes)
         np.testing.assert_array_equal(loads(memoryview(mapping)), np.full(MIB // 4, 2.0))
     finally:
@@ -346,7 +346,7 @@ async def test_a_segment_a_reader_still_maps_is_not_written_again(spill_dir: Pat
         await _unmapped(store)
         ref3, _ = await _shared(store, np.full(MIB // 4, 3.0))
         assert store.pool.reused == 1  # now nothing maps it
-        np.testing.assert_array_equal(store.get(ref3), np.full(MIB // 4, 3.0))
+        np.testing.assert_array_equal(await store.get(ref3), np.full(MIB // 4, 3.0))
         assert second != first
     finally:
         store.close()
@@ -371,7 +371,7 @@ async def test_the_pool_yields_to_objects_and_idle_segments_go(spill_dir: Path) 
             store.release(ref)
         await _pooled(store, 3)
         assert store.pool.nbytes > 2 * MIB
-        store.put(np.zeros(MIB // 4))  # 2 MiB: the pool gives up what it takes
+        await store.put(np.zeros(MIB // 4))  # 2 MiB: the pool gives up what it takes
         assert store.used_bytes + store.pool.nbytes <= store.target_bytes
         assert store.spilled_objects == 0
         assert store.trim_pool(idle_s=0.0) > 0
