@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import os
 import secrets
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import node.store
 from mesh.client import AsyncClient
 from mesh.config import MeshConfig
 from mesh.errors import MeshError, ObjectLostError, ObjectStoreFullError, SpillReadError
@@ -276,6 +279,159 @@ def test_spill_files_of_dead_processes_go_and_a_live_ones_stay(spill_dir: Path) 
     assert not orphan.exists()
     assert alive.exists()
     assert other.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Spill and read-back off the event loop, and what may happen meanwhile
+# ---------------------------------------------------------------------------------------
+
+
+class _HeldWriter:
+    """Spill writes that wait in their thread until ``go`` is set: ``started`` is set
+    once one is under way."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started = threading.Event()
+        self.go = threading.Event()
+        write = node.store._write_spill
+
+        def held(path: Path, chunks: Any) -> None:
+            self.started.set()
+            if not self.go.wait(timeout=30):
+                raise OSError(errno.ETIMEDOUT, "the event loop never let the writer go")
+            write(path, chunks)
+
+        monkeypatch.setattr(node.store, "_write_spill", held)
+
+    async def under_way(self) -> None:
+        async with asyncio.timeout(10):
+            while not self.started.is_set():  # noqa: ASYNC110 - set from the store's thread
+                await asyncio.sleep(0.001)
+
+
+async def test_the_event_loop_runs_while_a_spill_is_written(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = _HeldWriter(monkeypatch)
+    big = np.arange(MIB // 2, dtype=np.float64)  # 4 MiB, over the target: straight to disk
+    turns = 0
+
+    async def meanwhile() -> None:
+        nonlocal turns
+        await writer.under_way()
+        for _ in range(3):  # the loop goes round while the writer waits
+            await asyncio.sleep(0)
+            turns += 1
+        writer.go.set()  # only this coroutine lets the write finish
+
+    async with asyncio.TaskGroup() as tg:
+        putting = tg.create_task(store.put(big))
+        tg.create_task(meanwhile())
+    assert turns == 3
+    ref = putting.result()
+    assert store.is_spilled(ref.id)
+    assert [n for n in _spill_files(store) if n.endswith(".part")] == []
+    np.testing.assert_array_equal(await store.get(ref), big)
+
+
+async def test_a_read_back_makes_room_before_it_reads(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arrays = [np.full(MIB // 8 + 1000, i, dtype=np.float64) for i in range(4)]  # 1 MiB each
+    refs = [await store.put(a) for a in arrays]  # two fit in 3 MiB, two spill
+    assert sum(store.is_spilled(r.id) for r in refs) == 2
+    seen: list[int] = []
+    read = ObjectStore._read_spill
+
+    def reading(self: ObjectStore, path: Path, size: int) -> Any:
+        seen.append(self.used_bytes)  # objects in memory while it reads
+        return read(self, path, size)
+
+    monkeypatch.setattr(ObjectStore, "_read_spill", reading)
+    for ref, arr in zip(refs, arrays, strict=True):  # every one read back in turn
+        np.testing.assert_array_equal(await store.get(ref), arr)
+        assert store.used_bytes <= store.target_bytes
+    assert len(seen) == store.readbacks == 4
+    assert all(used + refs[0].nbytes <= store.target_bytes for used in seen)
+
+
+async def test_concurrent_gets_of_a_spilled_object_read_it_once(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arr = np.arange(MIB // 8, dtype=np.float64)
+    ref = await store.put(arr)
+    await store.put(np.zeros(MIB // 16 * 5))  # 2.5 MiB: ref spills
+    assert store.is_spilled(ref.id)
+    reads = 0
+    read = ObjectStore._read_spill
+
+    def counted(self: ObjectStore, path: Path, size: int) -> Any:
+        nonlocal reads
+        reads += 1
+        return read(self, path, size)
+
+    monkeypatch.setattr(ObjectStore, "_read_spill", counted)
+    values = await asyncio.gather(
+        store.get(ref), store.encoded(ref), store.share(ref), store.get(ref.id)
+    )
+    assert reads == 1
+    assert store.readbacks == 1
+    np.testing.assert_array_equal(values[0], arr)
+    np.testing.assert_array_equal(loads(b"".join(values[1][0])), arr)
+    np.testing.assert_array_equal(values[3], arr)
+
+
+async def test_a_lent_segment_does_not_spill(store: ObjectStore) -> None:
+    lent_arr = np.full(MIB // 8, 1.0)
+    lent = await store.put(lent_arr)  # the least recently used from here on
+    segment = await store.share(lent, lend_s=3600)
+    assert segment is not None
+    other = await store.put(np.full(MIB // 8, 2.0))
+    assert await store.share(other) is not None  # shared, but not lent
+    for i in range(4):
+        await store.put(np.full(MIB // 8, 3.0 + i))
+    assert not store.is_spilled(lent.id)
+    assert store.is_spilled(other.id)
+    mapping = map_object(segment.name, segment.nbytes)  # the borrower maps it late
+    np.testing.assert_array_equal(loads(memoryview(mapping)), lent_arr)
+
+
+async def test_a_segment_lent_while_its_object_spills_stays(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arr = np.full(MIB // 8, 1.0)
+    ref = await store.put(arr)
+    writer = _HeldWriter(monkeypatch)
+    async with asyncio.TaskGroup() as tg:
+        putting = tg.create_task(store.put(np.full(MIB // 4, 2.0)))  # 2 MiB: ref spills
+        await writer.under_way()
+        sharing = tg.create_task(store.share(ref, lend_s=3600))
+        await asyncio.sleep(0)
+        writer.go.set()
+    segment = sharing.result()
+    assert segment is not None
+    assert not store.is_spilled(ref.id)  # the spill was given up, its file removed
+    assert store.spills == 0
+    assert not _spill_files(store)
+    np.testing.assert_array_equal(loads(memoryview(map_object(segment.name, ref.nbytes))), arr)
+    assert not store.is_spilled(putting.result().id)
+
+
+async def test_an_object_released_while_it_spills_leaves_no_file(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = await store.put(np.full(MIB // 8, 1.0))
+    writer = _HeldWriter(monkeypatch)
+    async with asyncio.TaskGroup() as tg:
+        putting = tg.create_task(store.put(np.full(MIB // 4, 2.0)))  # ref spills
+        await writer.under_way()
+        assert np.all(await store.get(ref) == 1.0)  # read from memory while it is written
+        assert store.release(ref)
+        writer.go.set()
+    assert not store.release(ref)
+    assert not _spill_files(store)
+    assert store.spilled_bytes == 0
+    assert store.used_bytes == putting.result().nbytes
 
 
 # ---------------------------------------------------------------------------------------
