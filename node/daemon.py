@@ -721,6 +721,10 @@ class Daemon:
             result = await self.store.put(outcome.value)
         except MeshError as exc:
             result = ErrorInfo.of(exc)
+        except Exception as exc:  # a bug must fail this rebuild, not the node
+            log.exception("internal error while storing the copy of %s", object_id)
+            message = f"internal error on {self.node_id}: {type(exc).__name__}: {exc}"
+            result = _task_error(INTERNAL_ERROR, message)
         self._rebuilt_as(object_id, outcome, result)
 
     def _rebuilt_as(self, object_id: str, outcome: Outcome, result: ObjectRef | ErrorInfo) -> None:
@@ -896,6 +900,8 @@ class Daemon:
     ) -> None:
         prepare = partial(self._prepare, temp=temp)
         call_args, call_kwargs = await walk_call_async(args, kwargs, _PREPARED, prepare)
+        if not self._accepting:  # stopped while the arguments were stored
+            raise LocalProtocolError("the node is shutting down")
         req = self.registry.requirements(name)
         if options.get("labels") or options.get("resources") or options.get("libraries"):
             req = Requirements(
