@@ -31,8 +31,9 @@ Either way no descriptor the client kept reaches the segment (a process of the s
 can open any segment by its name, as ever). Any other object gets
 its segment written once, in a thread, the first time a process on this machine asks for it.
 A segment whose name is handed to a process (``share`` with ``lend_s``, a fetch over HTTP)
-does not spill for that long, so the borrower finds it under that name when it maps it;
-once mapped, a spill cannot take the pages from under it (see the pool below).
+spills for that long only when nothing else is left to, so the borrower finds it under that
+name when it maps it; once mapped, a spill cannot take the pages from under it (see the
+pool below).
 
 A released object's segment is not removed but kept in a pool (``SegmentPool``) under a new
 name and written again for a later object of about its size: fresh shared-memory pages cost
@@ -517,16 +518,14 @@ class _Entry:
     pins: int = 0
     """Tasks of this node whose worker maps its segment: it does not spill meanwhile."""
     lent_until: float = 0.0
-    """Its segment's name was handed out (``share``): it does not spill before this
-    (``time.monotonic``)."""
+    """Its segment's name was handed out (``share``): until this (``time.monotonic``) it
+    spills only when no object that is not lent is left to."""
     moving: asyncio.Task[MeshError | None] | None = field(default=None, repr=False)
     """The spill (when in memory) or read-back (when spilled) under way, which gives the
     error that stopped it, if any."""
 
-    def spillable(self, now: float) -> bool:
-        return not (self.spilled or self.moving or self.writing or self.pins) and (
-            self.lent_until <= now
-        )
+    def spillable(self) -> bool:
+        return not (self.spilled or self.moving or self.writing or self.pins)
 
 
 class ObjectStore:
@@ -677,8 +676,8 @@ class ObjectStore:
         over = self._taken() - self.target_bytes
         now = time.monotonic()
         candidates = sorted(
-            (e for e in self._objects.values() if e.spillable(now) and e is not keep),
-            key=lambda e: e.used,
+            (e for e in self._objects.values() if e.spillable() and e is not keep),
+            key=lambda e: (e.lent_until > now, e.used),  # lent ones last
         )
         started: list[asyncio.Task[MeshError | None]] = []
         for entry in candidates:
@@ -719,9 +718,10 @@ class ObjectStore:
 
     async def _spill(self, entry: _Entry) -> MeshError | None:
         """Write ``entry`` to its spill file in a thread, then let go of its memory unless
-        it was released, lent or pinned meanwhile (then the file goes again). The error
+        it was released, lent, pinned or shared meanwhile (then the file goes again). The error
         that stopped it, if any: an ``ObjectStoreFullError`` naming why."""
         path = self._spill_path(entry)
+        lent = entry.lent_until
         try:
             await self._in_thread(partial(_write_spill, path, list(entry.chunks)))
         except OSError as exc:
@@ -729,7 +729,7 @@ class ObjectStore:
         finally:
             entry.moving = None
             self._leaving -= entry.size
-        if not self._held(entry) or not entry.spillable(time.monotonic()):
+        if not self._held(entry) or not entry.spillable() or entry.lent_until > lent:
             self._remove_spill(path)
             return None
         self._let_go(entry)
@@ -1079,7 +1079,8 @@ class ObjectStore:
         spilled object is read back into one.
 
         ``lend_s``: its name is handed to another process, which maps it within that many
-        seconds; until then the object does not spill (its segment would leave that name).
+        seconds; until then the object spills only when no object that is not lent is left
+        to (its segment would leave that name).
         None for objects under ``segment_min_bytes``: a socket copies them for less. Raises
         ``ObjectNotFoundError`` if the object is not held, or is released meanwhile.
         """
