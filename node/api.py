@@ -188,7 +188,7 @@ class Service(Protocol):
         options: Mapping[str, Any],
         deliver: Deliver,
         group: str = "",
-    ) -> TaskId:
+    ) -> Awaitable[TaskId]:
         """``group`` names the submissions that came together (one client batch)."""
         ...
 
@@ -197,7 +197,10 @@ class Service(Protocol):
     host_id: str
     """This machine's ``mesh.runtime.shm.host_id`` ("" shares nothing)."""
 
-    def object_body(self, object_id: str) -> tuple[Chunks, int] | None: ...
+    def object_body(self, object_id: str) -> Awaitable[tuple[Chunks, int] | None]:
+        """A stored object's body as chunks and its size (read back if it was spilled);
+        None if it is not held."""
+        ...
 
     def object_segment(self, object_id: str) -> Awaitable[Segment | None]:
         """The segment holding a stored object for a process on this machine; None: send
@@ -857,7 +860,7 @@ class Api:
                 done.set_result(outcome)
 
         try:
-            task_id = self.service.submit(name, args, kwargs, options, deliver)
+            task_id = await self.service.submit(name, args, kwargs, options, deliver)
         except MeshError as exc:
             raise BadRequest(str(exc)) from None
         if not wait:
@@ -915,7 +918,7 @@ class Api:
                     body=json.dumps(answer).encode(), content_type=SEGMENT_CONTENT_TYPE
                 )
         try:
-            body = self.service.object_body(object_id)
+            body = await self.service.object_body(object_id)
         except ObjectLostError as exc:  # a spill file that cannot be read back
             return _error(404, f"object {object_id} is not held here: {exc}")
         if body is None:
@@ -1089,7 +1092,7 @@ class Api:
                 # What an upload held is an argument one level down, bounded the same.
                 held = [u.value for u in (*args, *kwargs.values()) if isinstance(u, OwnedSegment)]
                 check_nesting(held, self.config.api_max_nesting - 1)
-            self.service.submit(task.name, args, kwargs, options, deliver, group)
+            await self.service.submit(task.name, args, kwargs, options, deliver, group)
         except MeshError as exc:  # BadRequest, a full store, a node shutting down
             deliver(_refused(str(exc)))
         except Exception as exc:

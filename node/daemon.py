@@ -47,7 +47,7 @@ from mesh import __version__
 from mesh.client.local import ReadyRecord
 from mesh.config import MeshConfig, NodeConfig
 from mesh.errors import ErrorInfo, FailureKind, LocalProtocolError, MeshError, ObjectLostError
-from mesh.protocol.args import find_in_call, walk, walk_call, walk_call_async
+from mesh.protocol.args import find_in_call, walk_call_async
 from mesh.protocol.codec import VERSION as FRAME_VERSION
 from mesh.protocol.codec import Buffer, Chunks, Codec, key_fingerprint, loads
 from mesh.protocol.contract import (
@@ -101,6 +101,7 @@ from node.join import Invites
 from node.lineage import Lineage, Recipe, Retry, Runs
 from node.refs import Holds, Leases, refs_in
 from node.store import (
+    LEND_S,
     ObjectStore,
     OwnedSegment,
     nbytes_of,
@@ -706,19 +707,31 @@ class Daemon:
         self._place(pending, run_id)
 
     def _rebuilt(self, object_id: str, outcome: Outcome) -> None:
-        result: ObjectRef | ErrorInfo
-        if outcome.error is not None:
-            result = outcome.error
+        if outcome.error is not None or isinstance(outcome.value, ObjectRef):
+            self._rebuilt_as(object_id, outcome, outcome.error or outcome.value)
+        elif self._tg is None:
+            stopped = ErrorInfo.of(LocalProtocolError("the node is not running"))
+            self._rebuilt_as(object_id, outcome, stopped)
         else:
-            try:
-                value = outcome.value
-                result = value if isinstance(value, ObjectRef) else self.store.put(value)
-            except MeshError as exc:
-                result = ErrorInfo.of(exc)
-            else:
-                self.lineage.rebuilt_as(object_id, result, outcome.task_id)
-                if object_id in self.holds:
-                    self._hold(("copy", object_id), [result])
+            self._tg.create_task(self._keep_rebuilt(object_id, outcome))
+
+    async def _keep_rebuilt(self, object_id: str, outcome: Outcome) -> None:
+        result: ObjectRef | ErrorInfo
+        try:
+            result = await self.store.put(outcome.value)
+        except MeshError as exc:
+            result = ErrorInfo.of(exc)
+        except Exception as exc:  # a bug must fail this rebuild, not the node
+            log.exception("internal error while storing the copy of %s", object_id)
+            message = f"internal error on {self.node_id}: {type(exc).__name__}: {exc}"
+            result = _task_error(INTERNAL_ERROR, message)
+        self._rebuilt_as(object_id, outcome, result)
+
+    def _rebuilt_as(self, object_id: str, outcome: Outcome, result: ObjectRef | ErrorInfo) -> None:
+        if isinstance(result, ObjectRef):
+            self.lineage.rebuilt_as(object_id, result, outcome.task_id)
+            if object_id in self.holds:
+                self._hold(("copy", object_id), [result])
         for then in self._rebuilding.pop(object_id, []):
             then(result)
 
@@ -849,7 +862,7 @@ class Daemon:
 
     # -- submitting (initiator) -------------------------------------------------------------
 
-    def submit(
+    async def submit(
         self,
         name: str,
         args: list[Any],
@@ -865,7 +878,7 @@ class Daemon:
         task_id = self._new_task_id()
         temp: list[str] = []
         try:
-            self._submit(task_id, name, args, kwargs, options, deliver, temp, group)
+            await self._submit(task_id, name, args, kwargs, options, deliver, temp, group)
         except BaseException:
             # A second upload that does not fit must not leave the first one stored.
             self._pending.pop(task_id, None)
@@ -874,7 +887,7 @@ class Daemon:
             raise
         return task_id
 
-    def _submit(
+    async def _submit(
         self,
         task_id: TaskId,
         name: str,
@@ -885,10 +898,10 @@ class Daemon:
         temp: list[str],
         group: str,
     ) -> None:
-        def prepare(value: Any) -> Any:
-            return self._prepare(value, temp)
-
-        call_args, call_kwargs = walk_call(args, kwargs, _PREPARED, prepare)
+        prepare = partial(self._prepare, temp=temp)
+        call_args, call_kwargs = await walk_call_async(args, kwargs, _PREPARED, prepare)
+        if not self._accepting:  # stopped while the arguments were stored
+            raise LocalProtocolError("the node is shutting down")
         req = self.registry.requirements(name)
         if options.get("labels") or options.get("resources") or options.get("libraries"):
             req = Requirements(
@@ -945,7 +958,7 @@ class Daemon:
         self._runs[run_id] = pending.task_id
         self.driver.command(partial(self.node_core.submit, pending.spec, pending.call))
 
-    def _prepare(self, value: Any, temp: list[str]) -> Any:
+    async def _prepare(self, value: Any, temp: list[str]) -> Any:
         """Large arrays become references to this node's store; refs are counted by holder.
 
         A client's shared-memory upload of a large array is adopted as the object's segment
@@ -954,15 +967,18 @@ class Daemon:
         if isinstance(value, OwnedSegment):
             inner = value.value
             if isinstance(inner, np.ndarray) and inner.nbytes > self.config.store_threshold_bytes:
-                ref = self.store.adopt(value)
+                ref = await self.store.adopt(value)
                 temp.append(ref.id)
                 return ref
             value.remove()
-            return walk(inner, _PREPARED, lambda v: self._prepare(v, temp))
+            inside, _ = await walk_call_async(
+                [inner], {}, _PREPARED, partial(self._prepare, temp=temp)
+            )
+            return inside[0]
         if isinstance(value, ObjectRef):
             return self.lineage.current(value)
         if value.nbytes > self.config.store_threshold_bytes:  # an array
-            ref = self.store.put(value)
+            ref = await self.store.put(value)
             temp.append(ref.id)
             return ref
         return value
@@ -1037,7 +1053,7 @@ class Daemon:
             value, outcome = done.value, "ok"
             if nbytes_of(value) > self.config.store_threshold_bytes:
                 try:
-                    value = self.store.put(value)
+                    value = await self.store.put(value)
                     # Kept while its submitter's node (or any other) renews a lease on it.
                     until = time.monotonic() + self.config.object_lease_s
                     self.leases.start(value.id, initiator, until)
@@ -1108,7 +1124,7 @@ class Daemon:
         """A referenced object: from this store, or fetched from its holder (mapped from
         the holder's segment when it runs on this machine)."""
         if ref.holder == self.node_id:
-            return self.store.get(ref)
+            return await self.store.get(ref)
         http, address = self._holder(ref)
         value = await fetch_object(
             http, self._key, address, ref, host=self.host_id, sealed=self.config.wire_sealed
@@ -1128,7 +1144,7 @@ class Daemon:
         """
         if ref.holder == self.node_id:
             shared = await self.store.share(ref)
-            return self.store.get(ref) if shared is None else shared
+            return await self.store.get(ref) if shared is None else shared
         http, address = self._holder(ref)
         received: list[OwnedSegment] = []
         started = time.monotonic()
@@ -1294,13 +1310,13 @@ class Daemon:
             pending.done = asyncio.Event()
         return pending.done.wait()
 
-    def object_body(self, object_id: str) -> tuple[Chunks, int] | None:
+    async def object_body(self, object_id: str) -> tuple[Chunks, int] | None:
         if object_id not in self.store:
             return None
-        return self.store.encoded(object_id)
+        return await self.store.encoded(object_id)
 
     async def object_segment(self, object_id: str) -> Segment | None:
-        return await self.store.share(object_id)
+        return await self.store.share(object_id, lend_s=LEND_S)
 
     def release_object(self, object_id: str) -> bool:
         self.leases.forget(object_id)

@@ -10,10 +10,15 @@ reference's back: an object leaves only when ``release`` is called for it.
 
 Memory is bounded by a target (``NodeConfig.store_memory_target_bytes``), not a wall: above
 it the store writes its least recently used objects to a spill directory, one file each,
-and reads one back (into shared memory again) the next time it is asked for; a put fails
-with ``ObjectStoreFullError`` only when the spill directory cannot take the bytes either.
-A spill file goes with its object, and those of dead processes go at start
-(``remove_orphan_spill``), like orphan segments.
+and reads one back (into shared memory again) the next time it is asked for, after making
+room for it; a put fails with ``ObjectStoreFullError`` only when the spill directory cannot
+take the bytes either. Spill files are written and read in the store's I/O threads, never
+on the event loop: ``put``, ``adopt``, ``get``, ``encoded`` and ``share`` are coroutines
+that return at once when no file is touched. One move (a spill or a read-back) runs per
+object at a time, and whoever asks for an object that is being read back waits for that
+read. A spill file is written under a temporary name and renamed when whole, and never
+synced: it is a copy of memory that no restart reads. It goes with its object, and those
+of dead processes go at start (``remove_orphan_spill``), like orphan segments.
 
 Processes on the same machine share large objects through shared memory, as a plasma store
 does: an object from ``segment_min_bytes`` on can live in a segment the store owns, a file
@@ -25,6 +30,10 @@ client could shrink its file under a mapping of it, which kills the reader with 
 Either way no descriptor the client kept reaches the segment (a process of the same user
 can open any segment by its name, as ever). Any other object gets
 its segment written once, in a thread, the first time a process on this machine asks for it.
+A segment whose name is handed to a process (``share`` with ``lend_s``, a fetch over HTTP)
+spills for that long only when nothing else is left to, so the borrower finds it under that
+name when it maps it; once mapped, a spill cannot take the pages from under it (see the
+pool below).
 
 A released object's segment is not removed but kept in a pool (``SegmentPool``) under a new
 name and written again for a later object of about its size: fresh shared-memory pages cost
@@ -109,6 +118,13 @@ _GIVEN_KEPT: Final = 64
 """Files given back to clients that the store remembers (to remove on close)."""
 _POOL_SLACK: Final = 4
 """A pooled segment is reused for an object within 1/_POOL_SLACK of its size."""
+LEND_S: Final = 30.0
+"""How long a segment whose name went to a fetcher (``share``) stays from spilling: the
+fetcher maps it within moments of the answer, and once mapped it needs the name no more."""
+_IO_THREADS: Final = 2
+"""Threads that write and read spill files: a spill and a read-back can overlap."""
+_PART: Final = ".part"
+"""The suffix of a spill file still being written."""
 
 
 class ObjectNotFoundError(ObjectLostError):
@@ -362,6 +378,24 @@ def remove_orphan_spill(spill_dir: str | os.PathLike[str]) -> int:
     return removed
 
 
+def _write_spill(path: Path, chunks: Chunks) -> None:
+    """Write a spill file (blocking): under a temporary name, renamed when whole, so that a
+    file cut short by a crash is never read. Not synced: nothing reads it after a crash."""
+    part = path.with_name(path.name + _PART)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            write_chunks(fd, chunks)
+        finally:
+            os.close(fd)
+        os.rename(part, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise
+
+
 # ---------------------------------------------------------------------------------------
 # Segments written again
 # ---------------------------------------------------------------------------------------
@@ -483,6 +517,15 @@ class _Entry:
     """Its spill file's number, once it has one."""
     pins: int = 0
     """Tasks of this node whose worker maps its segment: it does not spill meanwhile."""
+    lent_until: float = 0.0
+    """Its segment's name was handed out (``share``): until this (``time.monotonic``) it
+    spills only when no object that is not lent is left to."""
+    moving: asyncio.Task[MeshError | None] | None = field(default=None, repr=False)
+    """The spill (when in memory) or read-back (when spilled) under way, which gives the
+    error that stopped it, if any."""
+
+    def spillable(self) -> bool:
+        return not (self.spilled or self.moving or self.writing or self.pins)
 
 
 class ObjectStore:
@@ -522,6 +565,11 @@ class ObjectStore:
         self._objects: dict[str, _Entry] = {}
         self._used = 0
         self._spilled = 0
+        self._leaving = 0
+        """Bytes in memory that are being spilled (counted in ``_used`` until written)."""
+        self._arriving = 0
+        """Bytes being read back (counted in ``_spilled`` until read): room kept for them."""
+        self._io: ThreadPoolExecutor | None = None
         self.spills = 0
         """Objects written to the spill directory."""
         self.readbacks = 0
@@ -563,7 +611,11 @@ class ObjectStore:
     @property
     def free_bytes(self) -> int:
         """Room in memory before the next put spills something."""
-        return max(0, self.target_bytes - self._used - self.pool.nbytes)
+        return max(0, self.target_bytes - self._taken() - self.pool.nbytes)
+
+    def _taken(self) -> int:
+        """Bytes of memory spoken for: in memory and staying, or on their way back."""
+        return self._used - self._leaving + self._arriving
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -582,47 +634,58 @@ class ObjectStore:
             raise LocalProtocolError(f"object {oid} is already stored")
         return oid
 
-    def _keep(self, oid: str, entry: _Entry) -> ObjectRef:
+    async def _keep(self, oid: str, entry: _Entry) -> ObjectRef:
         """Hold ``entry``, spilling what it takes to stay within the memory target; if
         even that fails, hold nothing new and raise ``ObjectStoreFullError``."""
         entry.used = next(self._ticks)
         self._objects[oid] = entry
         self._used += entry.size
         try:
-            if entry.size > self.target_bytes:
-                self._spill(entry)  # never fits in memory: straight to disk
-            self._fit(0, entry)
+            if entry.size > self.target_bytes:  # never fits in memory: straight to disk
+                error = await asyncio.shield(self._start_spill(entry))
+                if error is not None:
+                    raise error
+            await self._make_room(keep=entry)
         except BaseException:
-            self._forget(oid)
+            if self._objects.get(oid) is entry:
+                self._forget(oid)
             raise
         return entry.ref
 
     # -- memory target and spill -----------------------------------------------------------
 
-    def _fit(self, incoming: int, keep: _Entry | None = None) -> None:
-        """Make the objects in memory, the pool and ``incoming`` more bytes fit the target:
-        pooled segments go first, then the least recently used objects spill (never
-        ``keep``). Raises ``ObjectStoreFullError`` if the spill directory cannot take them."""
-        over = self._used + self.pool.nbytes + incoming - self.target_bytes
+    async def _make_room(self, keep: _Entry | None = None) -> None:
+        """Spill until what memory is spoken for fits the target (``_fit``), waiting for
+        those spills; raises the ``ObjectStoreFullError`` of one that failed. A spill given
+        up (its object was lent or pinned meanwhile) is made up for by the next one."""
+        while spills := self._fit(keep):
+            errors = await asyncio.gather(*(asyncio.shield(s) for s in spills))
+            for error in errors:
+                if error is not None:
+                    raise error
+
+    def _fit(self, keep: _Entry | None = None) -> list[asyncio.Task[MeshError | None]]:
+        """Start what makes the objects in memory and the pool fit the target: pooled
+        segments go first, then the least recently used objects start to spill (never
+        ``keep``); the spills started. Raises ``ObjectStoreFullError`` if the spill cap
+        cannot take them (those started already go on)."""
+        over = self._taken() + self.pool.nbytes - self.target_bytes
         if over <= 0:
-            return
+            return []
         self.pool.trim(keep_bytes=max(0, self.pool.nbytes - over))
-        over = self._used + incoming - self.target_bytes
-        if over <= 0:
-            return
+        over = self._taken() - self.target_bytes
+        now = time.monotonic()
         candidates = sorted(
-            (
-                e
-                for e in self._objects.values()
-                if not e.spilled and e.writing is None and not e.pins and e is not keep
-            ),
-            key=lambda e: e.used,
+            (e for e in self._objects.values() if e.spillable() and e is not keep),
+            key=lambda e: (e.lent_until > now, e.used),  # lent ones last
         )
+        started: list[asyncio.Task[MeshError | None]] = []
         for entry in candidates:
             if over <= 0:
-                return
-            self._spill(entry)
+                break
+            started.append(self._start_spill(entry))
             over -= entry.size
+        return started
 
     def _spill_path(self, entry: _Entry) -> Path:
         return self.spill_dir / f"{self.spill_prefix}{entry.spill}"
@@ -635,27 +698,40 @@ class ObjectStore:
             needed=entry.size,
         )
 
-    def _spill(self, entry: _Entry) -> None:
-        """Write ``entry`` to its spill file and let go of its memory (blocking I/O)."""
+    def _in_thread(self, job: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run ``job`` in one of the store's I/O threads."""
+        if self._io is None:
+            self._io = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="mesh-spill")
+        return asyncio.get_running_loop().run_in_executor(self._io, job)
+
+    def _start_spill(self, entry: _Entry) -> asyncio.Task[MeshError | None]:
+        """Start writing ``entry`` to its spill file (``_spill``); raises
+        ``ObjectStoreFullError`` at once if the spill cap cannot take it."""
         limit = self.spill_limit_bytes
-        if limit is not None and self._spilled + entry.size > limit:
+        if limit is not None and self._spilled + self._leaving + entry.size > limit:
             why = "spilling is off" if limit == 0 else f"the spill cap of {limit} bytes is reached"
             raise self._full(entry, why)
         entry.spill = next(self._names)
+        self._leaving += entry.size
+        entry.moving = asyncio.get_running_loop().create_task(self._spill(entry))
+        return entry.moving
+
+    async def _spill(self, entry: _Entry) -> MeshError | None:
+        """Write ``entry`` to its spill file in a thread, then let go of its memory unless
+        it was released, lent, pinned or shared meanwhile (then the file goes again). The error
+        that stopped it, if any: an ``ObjectStoreFullError`` naming why."""
         path = self._spill_path(entry)
+        lent = entry.lent_until
         try:
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            await self._in_thread(partial(_write_spill, path, list(entry.chunks)))
         except OSError as exc:
-            raise self._full(entry, exc.strerror or str(exc)) from None
-        try:
-            write_chunks(fd, entry.chunks)
-        except OSError as exc:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise self._full(entry, exc.strerror or str(exc)) from None
-        os.close(fd)
+            return self._full(entry, exc.strerror or str(exc))
+        finally:
+            entry.moving = None
+            self._leaving -= entry.size
+        if not self._held(entry) or not entry.spillable() or entry.lent_until > lent:
+            self._remove_spill(path)
+            return None
         self._let_go(entry)
         entry.value = None
         entry.chunks = []
@@ -663,36 +739,76 @@ class ObjectStore:
         self._used -= entry.size
         self._spilled += entry.size
         self.spills += 1
+        return None
 
-    def _load(self, entry: _Entry) -> None:
-        """Make sure ``entry`` is in memory: read it back from its spill file if it is not
-        (into a segment, pooled if one fits), then spill others to make room. Raises
-        ``SpillReadError`` and forgets the object if the file cannot be read."""
-        entry.used = next(self._ticks)
-        if not entry.spilled:
-            return
-        path = self._spill_path(entry)
-        try:
-            value, chunks, segment = self._read_back(path, entry.size)
-        except (OSError, MeshError) as exc:
-            self._forget(entry.ref.id)
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise SpillReadError(entry.ref.id, self.node_id, str(path), why) from None
+    @staticmethod
+    def _remove_spill(path: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+    async def _load(self, entry: _Entry) -> None:
+        """Make sure ``entry`` is in memory: read it back if it is spilled (``_read_back``,
+        one read however many ask), waiting for its spill first if that is under way.
+        Raises ``SpillReadError`` if its file cannot be read (the object is then
+        forgotten), ``ObjectNotFoundError`` if it is released meanwhile."""
+        entry.used = next(self._ticks)
+        while True:
+            if not self._held(entry):
+                raise ObjectNotFoundError(entry.ref.id, self.node_id)
+            if not entry.spilled:
+                return  # in memory, even if a spill of it is under way
+            if entry.moving is None:
+                entry.moving = asyncio.get_running_loop().create_task(self._read_back(entry))
+            error = await asyncio.shield(entry.moving)
+            if error is not None:
+                raise error
+
+    async def _read_back(self, entry: _Entry) -> MeshError | None:
+        """Make room for spilled ``entry``, then read it back in a thread (into a segment,
+        pooled if one fits); the error that stopped it, if any.
+
+        If no room can be made (the spill directory is full, this object's own file still
+        in it), the object comes back all the same, and room is made once its file is gone:
+        with memory and disk both full, a read-back trades places with the least recently
+        used object. A read never fails for want of room.
+        """
+        size = entry.size
+        path = self._spill_path(entry)
+        self._arriving += size
+        cramped = False
+        try:
+            try:
+                await self._make_room(keep=entry)
+            except ObjectStoreFullError:
+                cramped = True
+            try:
+                read = await self._in_thread(partial(self._read_spill, path, size))
+            except (OSError, MeshError) as exc:
+                if not self._held(entry):  # released meanwhile, its file with it
+                    return ObjectNotFoundError(entry.ref.id, self.node_id)
+                self.release(entry.ref.id)
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                return SpillReadError(entry.ref.id, self.node_id, str(path), why)
+        finally:
+            entry.moving = None
+            self._arriving -= size
+        value, chunks, segment = read
+        if not self._held(entry):
+            if segment is not None:
+                unlink(segment)
+            return ObjectNotFoundError(entry.ref.id, self.node_id)
         entry.value, entry.chunks, entry.segment = value, chunks, segment
         entry.spilled = False
-        self._spilled -= entry.size
-        self._used += entry.size
+        self._spilled -= size
+        self._used += size
         self.readbacks += 1
-        # Room is made after the read, so that the object's own file has left the disk
-        # first: with memory and disk both full, a read-back trades places with the least
-        # recently used object. If even that fails the store stays over its target by this
-        # object until the next put: a read never fails for want of room.
-        with contextlib.suppress(ObjectStoreFullError):
-            self._fit(0, entry)
+        if cramped:
+            with contextlib.suppress(ObjectStoreFullError):
+                await self._make_room(keep=entry)
+        return None
 
-    def _read_back(self, path: Path, size: int) -> tuple[Any, Chunks, str | None]:
+    def _read_spill(self, path: Path, size: int) -> tuple[Any, Chunks, str | None]:
+        """Read a spill file (blocking), then remove it: (value, chunks, segment name)."""
         src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             if os.fstat(src).st_size != size:
@@ -703,24 +819,28 @@ class ObjectStore:
                 data = bytearray(size)
                 if os.preadv(src, [data], 0) != size:
                     raise OSError(errno.EIO, "the file was cut short")
-                return decode_body(memoryview(data)), [memoryview(data)], None
-            name, fd = self._segment_fd(size)
-            try:
-                if _copy_exact(src, fd, size) != size:
-                    raise OSError(errno.EIO, "the file was cut short")
-                mapping = _map_read(fd, size)
-            except BaseException:
-                unlink(name)
-                raise
-            finally:
-                os.close(fd)
-            try:
-                return decode_body(memoryview(mapping)), [memoryview(mapping)], name
-            except BaseException:
-                unlink(name)
-                raise
+                read: tuple[Any, Chunks, str | None] = (
+                    decode_body(memoryview(data)),
+                    [memoryview(data)],
+                    None,
+                )
+            else:
+                name, fd = self._segment_fd(size)
+                try:
+                    if _copy_exact(src, fd, size) != size:
+                        raise OSError(errno.EIO, "the file was cut short")
+                    mapping = _map_read(fd, size)
+                    read = decode_body(memoryview(mapping)), [memoryview(mapping)], name
+                except BaseException:
+                    unlink(name)
+                    raise
+                finally:
+                    os.close(fd)
         finally:
             os.close(src)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return read
 
     def _segment_fd(self, size: int) -> tuple[str, int]:
         """A segment for ``size`` bytes to write, pooled if one fits: (name, descriptor)."""
@@ -739,7 +859,7 @@ class ObjectStore:
 
     # -- putting ---------------------------------------------------------------------------
 
-    def put(self, value: Any, *, object_id: str | None = None) -> ObjectRef:
+    async def put(self, value: Any, *, object_id: str | None = None) -> ObjectRef:
         """Keep ``value`` and return a reference to it.
 
         ``object_id`` names the object (a task id, say); by default a fresh random id. Above
@@ -752,7 +872,7 @@ class ObjectStore:
         chunks, size = encode_body(value)
         dtype, shape = _summary(value)
         ref = ObjectRef(id=oid, holder=self.node_id, nbytes=size, dtype=dtype, shape=shape)
-        return self._keep(oid, _Entry(value=value, chunks=chunks, size=size, ref=ref))
+        return await self._keep(oid, _Entry(value=value, chunks=chunks, size=size, ref=ref))
 
     def take_upload(self, upload: Segment) -> OwnedSegment:
         """Take a same-machine client's upload over as a segment of this store and decode it.
@@ -885,7 +1005,7 @@ class ObjectStore:
             reaper = self._reaper
         reaper.submit(job)
 
-    def adopt(self, upload: OwnedSegment, *, object_id: str | None = None) -> ObjectRef:
+    async def adopt(self, upload: OwnedSegment, *, object_id: str | None = None) -> ObjectRef:
         """Keep an upload (``take_upload``) as an object; its segment becomes the object's.
 
         Raises like ``put``; the segment is then the store's all the same, and pooled.
@@ -897,7 +1017,7 @@ class ObjectStore:
         ref = ObjectRef(id=oid, holder=self.node_id, nbytes=size, dtype=dtype, shape=shape)
         entry = _Entry(value=value, chunks=[upload.buffer], size=size, ref=ref, segment=upload.name)
         upload._kept()
-        return self._keep(oid, entry)
+        return await self._keep(oid, entry)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -908,11 +1028,11 @@ class ObjectStore:
             raise ObjectNotFoundError(oid, self.node_id)
         return entry
 
-    def get(self, ref_or_id: ObjectRef | str) -> Any:
+    async def get(self, ref_or_id: ObjectRef | str) -> Any:
         """The stored value (read back if it was spilled); raises ``ObjectNotFoundError`` if
         it is not held here, ``SpillReadError`` if its spill file cannot be read."""
         entry = self._entry(ref_or_id)
-        self._load(entry)
+        await self._load(entry)
         return entry.value
 
     def ref(self, object_id: str) -> ObjectRef:
@@ -935,7 +1055,7 @@ class ObjectStore:
     def is_spilled(self, object_id: str) -> bool:
         return self._entry(object_id).spilled
 
-    def encoded(self, ref_or_id: ObjectRef | str) -> tuple[Chunks, int]:
+    async def encoded(self, ref_or_id: ObjectRef | str) -> tuple[Chunks, int]:
         """The object's body (``mesh.protocol.codec`` format) as chunks to write in order, and
         its size; a spilled object is read back first.
 
@@ -944,7 +1064,7 @@ class ObjectStore:
         The chunks are read-only views: write them, never modify them.
         """
         entry = self._entry(ref_or_id)
-        self._load(entry)
+        await self._load(entry)
         return list(entry.chunks), entry.size
 
     def segment(self, ref_or_id: ObjectRef | str) -> Segment | None:
@@ -954,16 +1074,21 @@ class ObjectStore:
             return None
         return Segment(name=entry.segment, nbytes=entry.size)
 
-    async def share(self, ref_or_id: ObjectRef | str) -> Segment | None:
+    async def share(self, ref_or_id: ObjectRef | str, *, lend_s: float = 0.0) -> Segment | None:
         """The segment that holds the object's body, written (in a thread) on first use; a
         spilled object is read back into one.
 
+        ``lend_s``: its name is handed to another process, which maps it within that many
+        seconds; until then the object spills only when no object that is not lent is left
+        to (its segment would leave that name).
         None for objects under ``segment_min_bytes``: a socket copies them for less. Raises
         ``ObjectNotFoundError`` if the object is not held, or is released meanwhile.
         """
         entry = self._entry(ref_or_id)
-        self._load(entry)
-        if entry.segment is None:
+        while True:
+            await self._load(entry)
+            if entry.segment is not None:
+                break
             if entry.size < self.segment_min_bytes:
                 return None
             if entry.writing is None:
@@ -972,8 +1097,8 @@ class ObjectStore:
                 await asyncio.shield(entry.writing)
             except OSError:
                 return None  # no room in shared memory: the bytes still go by socket
-        if entry.segment is None or self._objects.get(entry.ref.id) is not entry:
-            raise ObjectNotFoundError(entry.ref.id, self.node_id)
+            # Spilled meanwhile (its segment gone with it) or released: load says which.
+        entry.lent_until = max(entry.lent_until, time.monotonic() + lend_s)
         return Segment(name=entry.segment, nbytes=entry.size)
 
     def _held(self, entry: _Entry) -> bool:
@@ -1027,8 +1152,7 @@ class ObjectStore:
         if entry is None:
             return False
         if entry.spilled:
-            with contextlib.suppress(OSError):
-                os.unlink(self._spill_path(entry))
+            self._remove_spill(self._spill_path(entry))
         self._forget(oid)
         return True
 
@@ -1087,6 +1211,8 @@ class ObjectStore:
         for oid in list(self._objects):
             self.release(oid)
         self._closed = True
+        if self._io is not None:
+            self._io.shutdown(wait=True)  # spills under way end before their files go
         if self._reaper is not None:
             self._reaper.shutdown(wait=True)
         self.pool.trim()

@@ -83,7 +83,7 @@ def test_host_id_is_stable_and_names_no_path() -> None:
     assert host_id().isalnum()
 
 
-def test_an_upload_nothing_else_holds_becomes_the_stores_segment_as_it_is(
+async def test_an_upload_nothing_else_holds_becomes_the_stores_segment_as_it_is(
     store: ObjectStore,
 ) -> None:
     arr = np.arange(MIB // 4, dtype=np.float64)
@@ -91,7 +91,7 @@ def test_an_upload_nothing_else_holds_becomes_the_stores_segment_as_it_is(
     inode = os.stat(SHM_DIR / name).st_ino
     upload = store.take_upload(Segment(name=name, nbytes=size))
     assert not (SHM_DIR / name).exists()
-    ref = store.adopt(upload)
+    ref = await store.adopt(upload)
     del upload
     shared = store.segment(ref)
     assert shared is not None
@@ -114,26 +114,26 @@ def _given_back(upload: str) -> Any:
     return path
 
 
-def test_a_file_is_given_back_for_an_upload_and_an_upload_still_held_is_copied(
+async def test_a_file_is_given_back_for_an_upload_and_an_upload_still_held_is_copied(
     store: ObjectStore,
 ) -> None:
     first, size = _upload(np.ones(MIB // 4))
-    ref = store.adopt(store.take_upload(Segment(name=first, nbytes=size)))
+    ref = await store.adopt(store.take_upload(Segment(name=first, nbytes=size)))
     made = _given_back(first)  # nothing pooled: a file made anew
     assert os.stat(made).st_size == size
     made.unlink()  # as the client takes it
     pooled = os.stat(SHM_DIR / store.segment(ref).name).st_ino  # type: ignore[union-attr]
     store.release(ref)
-    deadline = time.monotonic() + 10
-    while not len(store.pool) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    async with asyncio.timeout(10):
+        while not len(store.pool):  # noqa: ASYNC110 - given back from the store's thread
+            await asyncio.sleep(0.01)
     assert len(store.pool) == 1
     arr = np.arange(MIB // 4, dtype=np.float64)
     second, size = _upload(arr)
     held = os.open(SHM_DIR / second, os.O_RDWR)  # the client kept a descriptor
     try:
         inode = os.fstat(held).st_ino
-        ref = store.adopt(store.take_upload(Segment(name=second, nbytes=size)))
+        ref = await store.adopt(store.take_upload(Segment(name=second, nbytes=size)))
     finally:
         os.close(held)
     shared = store.segment(ref)
@@ -142,7 +142,7 @@ def test_a_file_is_given_back_for_an_upload_and_an_upload_still_held_is_copied(
     back = SHM_DIR / second.replace("mesh-up-", "mesh-ret-")
     assert os.stat(back).st_ino == inode  # and the client's file given back
     third, size = _upload(arr)
-    ref = store.adopt(store.take_upload(Segment(name=third, nbytes=size)))
+    ref = await store.adopt(store.take_upload(Segment(name=third, nbytes=size)))
     made = _given_back(third)  # the pool is empty again: made anew
     assert os.stat(made).st_size == size
     store.close()
@@ -150,7 +150,7 @@ def test_a_file_is_given_back_for_an_upload_and_an_upload_still_held_is_copied(
     assert not made.exists()
 
 
-def test_a_client_that_shrinks_its_file_after_the_upload_changes_nothing(
+async def test_a_client_that_shrinks_its_file_after_the_upload_changes_nothing(
     store: ObjectStore,
 ) -> None:
     # Regression: the node mapped the client's file, and a client that truncated it through
@@ -159,12 +159,12 @@ def test_a_client_that_shrinks_its_file_after_the_upload_changes_nothing(
     name, size = _upload(arr)
     fd = os.open(SHM_DIR / name, os.O_RDWR)
     try:
-        ref = store.adopt(store.take_upload(Segment(name=name, nbytes=size)))
+        ref = await store.adopt(store.take_upload(Segment(name=name, nbytes=size)))
         os.ftruncate(fd, 0)
     finally:
         os.close(fd)
-    np.testing.assert_array_equal(store.get(ref), arr)
-    np.testing.assert_array_equal(loads(b"".join(store.encoded(ref)[0])), arr)
+    np.testing.assert_array_equal(await store.get(ref), arr)
+    np.testing.assert_array_equal(loads(b"".join((await store.encoded(ref))[0])), arr)
 
 
 def test_an_upload_nobody_adopts_leaves_no_file(store: ObjectStore) -> None:
@@ -254,14 +254,14 @@ def test_a_source_shorter_than_announced_gives_a_short_copy(tmp_path: Any) -> No
 
 async def test_share_writes_a_segment_once_and_release_removes_it(store: ObjectStore) -> None:
     arr = np.arange(MIB // 2, dtype=np.float64)
-    ref = store.put(arr)
+    ref = await store.put(arr)
     assert store.segment(ref) is None
     first, second = await asyncio.gather(store.share(ref), store.share(ref))
     assert first == second
     assert first is not None
     assert _files(store.prefix) == {first.name}
-    np.testing.assert_array_equal(store.get(ref), arr)
-    np.testing.assert_array_equal(loads(b"".join(store.encoded(ref)[0])), arr)
+    np.testing.assert_array_equal(await store.get(ref), arr)
+    np.testing.assert_array_equal(loads(b"".join((await store.encoded(ref))[0])), arr)
     worker_view = attach_shared(first, frozenset({first.name}))
     assert store.release(ref)
     assert first.name not in _files(store.prefix)
@@ -270,13 +270,13 @@ async def test_share_writes_a_segment_once_and_release_removes_it(store: ObjectS
 
 
 async def test_small_objects_are_not_shared(store: ObjectStore) -> None:
-    ref = store.put(np.ones(100))
+    ref = await store.put(np.ones(100))
     assert await store.share(ref) is None
     assert not _files(store.prefix)
 
 
 async def test_a_share_racing_a_release_is_lost_and_leaves_nothing(store: ObjectStore) -> None:
-    ref = store.put(np.ones(4 * MIB))
+    ref = await store.put(np.ones(4 * MIB))
     sharing = asyncio.ensure_future(store.share(ref))
     await asyncio.sleep(0)
     store.release(ref)
@@ -357,7 +357,7 @@ async def test_a_running_node_removes_a_dead_nodes_segments_on_a_timer() -> None
 
 
 async def test_workers_and_fetchers_refuse_bad_segments(store: ObjectStore) -> None:
-    ref = store.put(np.ones(MIB // 4))
+    ref = await store.put(np.ones(MIB // 4))
     shared = await store.share(ref)
     assert shared is not None
     with pytest.raises(RemoteProtocolError, match="not 8"):
@@ -493,7 +493,7 @@ async def _pair(b_host: str | None) -> AsyncIterator[tuple[Daemon, Daemon]]:
 async def test_same_host_tasks_map_the_holders_segment_and_no_byte_is_served() -> None:
     async with _pair(None) as (a, b):
         arr = np.arange(MIB // 2, dtype=np.float64)
-        ref = a.store.put(arr)
+        ref = await a.store.put(arr)
         async with await AsyncClient.connect(f"http://{a.address}", a.options.key) as c:
             total = await c.submit_with("array_sum", [ref], labels={"name": "b"})
             assert total == float(arr.sum())
@@ -518,7 +518,7 @@ async def test_same_host_tasks_map_the_holders_segment_and_no_byte_is_served() -
 async def test_another_host_gets_the_bytes_into_a_segment_of_its_own() -> None:
     async with _pair("elsewhere") as (a, b):
         arr = np.arange(MIB // 2, dtype=np.float64)
-        ref = a.store.put(arr)
+        ref = await a.store.put(arr)
         arg = await b._task_arg(ref)
         assert isinstance(arg, OwnedSegment)
         assert arg.name.startswith(b.store.prefix)
@@ -535,7 +535,7 @@ async def test_another_host_gets_the_bytes_into_a_segment_of_its_own() -> None:
         assert a.api.served_bytes == 2 * ref.nbytes
         assert not _files(b.store.prefix)
         # Small objects come as values, not segments.
-        small = a.store.put(np.ones(1000))
+        small = await a.store.put(np.ones(1000))
         value = await b._task_arg(small)
         np.testing.assert_array_equal(value, np.ones(1000))
         a.store.release(ref)
@@ -545,7 +545,7 @@ async def test_another_host_gets_the_bytes_into_a_segment_of_its_own() -> None:
 
 async def test_a_fetch_with_a_raw_session_gets_the_segment_answer_only_with_the_host() -> None:
     async with _pair(None) as (a, _):
-        ref = a.store.put(np.ones(MIB))
+        ref = await a.store.put(np.ones(MIB))
         async with aiohttp.ClientSession() as http:
             key = key_bytes(a.options.key)
             shared = await fetch_body(http, key, a.address, ref, host=a.host_id)

@@ -22,55 +22,55 @@ from node.store import (
 NODE = NodeId("holder-1")
 
 
-def test_put_and_get_an_array() -> None:
+async def test_put_and_get_an_array() -> None:
     store = ObjectStore(NODE, 1 << 24)
     arr = np.arange(1000, dtype=np.float32).reshape(10, 100)
-    ref = store.put(arr)
+    ref = await store.put(arr)
     assert ref.holder == NODE
     assert ref.dtype == "<f4"
     assert ref.shape == (10, 100)
     assert ref.nbytes >= arr.nbytes
     assert ref.id in store
-    assert store.get(ref) is arr
-    assert store.get(ref.id) is arr
+    assert await store.get(ref) is arr
+    assert await store.get(ref.id) is arr
     assert store.ref(ref.id) == ref
     assert store.used_bytes == ref.nbytes
     assert list(store) == [ref]
     assert len(store) == 1
 
 
-def test_put_plain_values_and_named_ids() -> None:
+async def test_put_plain_values_and_named_ids() -> None:
     store = ObjectStore(NODE, 1 << 20)
-    ref = store.put({"w": [1, 2, 3]}, object_id="task-7")
+    ref = await store.put({"w": [1, 2, 3]}, object_id="task-7")
     assert ref.id == "task-7"
     assert (ref.dtype, ref.shape) == ("", ())
-    assert store.get("task-7") == {"w": [1, 2, 3]}
+    assert await store.get("task-7") == {"w": [1, 2, 3]}
     with pytest.raises(LocalProtocolError):
-        store.put(1, object_id="task-7")
-    other = store.put(2)
+        await store.put(1, object_id="task-7")
+    other = await store.put(2)
     assert other.id != ref.id
 
 
-def test_encoded_body_decodes_to_the_value() -> None:
+async def test_encoded_body_decodes_to_the_value() -> None:
     store = ObjectStore(NODE, 1 << 24)
     arr = np.linspace(0, 1, 5000)
-    ref = store.put({"a": arr, "n": 3})
-    chunks, size = store.encoded(ref)
+    ref = await store.put({"a": arr, "n": 3})
+    chunks, size = await store.encoded(ref)
     body = b"".join(chunks)
     assert len(body) == size == ref.nbytes
     back = loads(body)
     assert back["n"] == 3
     assert np.array_equal(back["a"], arr)
     chunks.clear()  # the caller's list is a copy: the store still serves the object
-    assert store.encoded(ref.id)[1] == size
+    assert (await store.encoded(ref.id))[1] == size
 
 
-def test_over_the_target_with_spilling_off_fails_clearly_and_keeps_everything() -> None:
+async def test_over_the_target_with_spilling_off_fails_clearly_and_keeps_everything() -> None:
     store = ObjectStore(NODE, 100_000, spill_limit_bytes=0)
-    kept = store.put(np.zeros(8000))  # 64,000 bytes and a header
+    kept = await store.put(np.zeros(8000))  # 64,000 bytes and a header
     used = store.used_bytes
     with pytest.raises(ObjectStoreFullError) as info:
-        store.put(np.zeros(8000))
+        await store.put(np.zeros(8000))
     err = info.value
     assert isinstance(err, MeshError)
     assert "memory target of 100000 bytes is reached" in str(err)
@@ -78,27 +78,27 @@ def test_over_the_target_with_spilling_off_fails_clearly_and_keeps_everything() 
     assert err.needed == used
     assert store.used_bytes == used
     assert len(store) == 1
-    assert store.get(kept) is not None
+    assert await store.get(kept) is not None
 
 
-def test_release_frees_and_unknown_ids_raise() -> None:
+async def test_release_frees_and_unknown_ids_raise() -> None:
     store = ObjectStore(NODE, 100_000, spill_limit_bytes=0)
-    ref = store.put(np.zeros(8000))
+    ref = await store.put(np.zeros(8000))
     assert store.release(ref)
     assert store.used_bytes == 0
     assert not store.release(ref)
     with pytest.raises(ObjectNotFoundError, match=f"object {ref.id} is not held by {NODE}"):
-        store.get(ref)
+        await store.get(ref)
     with pytest.raises(ObjectLostError):
-        store.encoded(ref.id)
-    again = store.put(np.zeros(8000))  # the space came back
+        await store.encoded(ref.id)
+    again = await store.put(np.zeros(8000))  # the space came back
     assert again.nbytes == ref.nbytes
 
 
-def test_unencodable_value_is_refused_and_not_stored() -> None:
+async def test_unencodable_value_is_refused_and_not_stored() -> None:
     store = ObjectStore(NODE, 1 << 20)
     with pytest.raises(LocalProtocolError):
-        store.put(object())
+        await store.put(object())
     assert store.used_bytes == 0
     assert len(store) == 0
 
