@@ -781,6 +781,7 @@ class ObjectStore:
                 await self._make_room(keep=entry)
             except ObjectStoreFullError:
                 cramped = True
+            await self._settled()  # what made room is in the pool: no fresh pages to fault
             try:
                 read = await self._in_thread(partial(self._read_spill, path, size))
             except (OSError, MeshError) as exc:
@@ -1004,6 +1005,12 @@ class ObjectStore:
                 self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-store")
             reaper = self._reaper
         reaper.submit(job)
+
+    async def _settled(self) -> None:
+        """Wait until the store's thread has run every job given it so far (segments let go
+        are in the pool by then)."""
+        if self._reaper is not None:
+            await asyncio.wrap_future(self._reaper.submit(lambda: None))
 
     async def adopt(self, upload: OwnedSegment, *, object_id: str | None = None) -> ObjectRef:
         """Keep an upload (``take_upload``) as an object; its segment becomes the object's.
