@@ -212,8 +212,8 @@ def remove_orphan_segments(*, upload_max_age_s: float = 600.0) -> int:
     ``mesh-<pid>-``): those of a process that is gone go, a live one's are never touched.
     A client's upload is taken within moments of being written, so one older than
     ``upload_max_age_s`` belongs to a client that died before submitting it; a file given
-    back to a client (``RETURN_PREFIX``) that old goes too (at worst the client then writes
-    its next upload into a new file).
+    back to a client (``RETURN_PREFIX``) that long ago goes too (at worst the client then
+    writes its next upload into a new file).
     """
     try:
         names = os.listdir(SHM_DIR)
@@ -228,10 +228,14 @@ def remove_orphan_segments(*, upload_max_age_s: float = 600.0) -> int:
             if pid == os.getpid() or _pid_alive(pid):
                 continue
         elif _UPLOAD.fullmatch(name) or _RETURN.fullmatch(name):
+            given = name.startswith(RETURN_PREFIX)
             try:
-                if now - os.lstat(_path(name)).st_mtime < upload_max_age_s:
-                    continue
+                st = os.lstat(_path(name))
             except OSError:
+                continue
+            # An upload is as old as its last write; a file given back, as old as the
+            # rename that gave it back (its change time), however long ago it was written.
+            if now - (st.st_ctime if given else st.st_mtime) < upload_max_age_s:
                 continue
         else:
             continue

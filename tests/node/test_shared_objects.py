@@ -32,7 +32,14 @@ from mesh.protocol.core import MemberState
 from mesh.protocol.messages import NodeId, ObjectRef, Segment
 from mesh.runtime.auth import key_bytes
 from mesh.runtime.http import _segment_answer, fetch_body
-from mesh.runtime.shm import OBJECT_PREFIX, SHM_DIR, check_object, host_id, map_object
+from mesh.runtime.shm import (
+    OBJECT_PREFIX,
+    RETURN_PREFIX,
+    SHM_DIR,
+    check_object,
+    host_id,
+    map_object,
+)
 from node.daemon import Daemon, NodeOptions
 from node.store import (
     ObjectNotFoundError,
@@ -317,15 +324,18 @@ def test_orphans_of_a_dead_process_are_removed_and_live_ones_kept() -> None:
         f"mesh-{pid}-{secrets.token_hex(4)}-w1-args",  # an executor's worker arguments
     ]
     old_upload = f"mesh-up-{secrets.token_hex(12)}"
+    given_back = f"{RETURN_PREFIX}{secrets.token_hex(12)}"  # written long ago, given now
     kept = [
         f"{OBJECT_PREFIX}{os.getppid()}-{secrets.token_hex(4)}-1",
         f"mesh-{os.getppid()}-{secrets.token_hex(4)}-w1-args",
         f"mesh-up-{secrets.token_hex(12)}",  # a fresh upload: its client is about to submit
+        given_back,
     ]
     names = [*orphans, old_upload, *kept]
     for name in names:
         (SHM_DIR / name).write_bytes(b"x")
     os.utime(SHM_DIR / old_upload, (1.0, 1.0))
+    os.utime(SHM_DIR / given_back, (1.0, 1.0))  # its change time stays now
     try:
         assert remove_orphan_segments() >= 3
         for name in (*orphans, old_upload):
