@@ -270,6 +270,28 @@ def test_doctor_names_an_old_protocol_version(mesh: JoinMesh) -> None:
         old.wait(timeout=30)
 
 
+FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+@pytest.mark.skipif(not FAKETIME.exists(), reason="needs libfaketime (apt-get install faketime)")
+def test_doctor_names_a_clock_far_off(mesh: JoinMesh) -> None:
+    # The namespaces share one clock: h5's node sees it five minutes ahead (its wall clock
+    # only; timers run on the real monotonic clock).
+    ahead = {"LD_PRELOAD": str(FAKETIME), "FAKETIME": "+300", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    mesh.start(5, KEY, "--name", "h5", env=ahead)
+    mesh.serving(5)
+    try:
+        status, findings = mesh.doctor(1)
+        found = problems(findings)
+        assert status == 1, findings
+        assert "clock-off" in found, findings
+        assert "h5" in found["clock-off"]
+        assert "ahead of" in found["clock-off"]
+    finally:
+        mesh.procs[5].send_signal(signal.SIGTERM)
+        mesh.procs[5].wait(timeout=30)
+
+
 def test_doctor_names_two_nodes_with_one_id(mesh: JoinMesh) -> None:
     # A copied start script: h5 runs as "h2" too, announced by mDNS like the real one. The
     # ready file is written once the node is announced.

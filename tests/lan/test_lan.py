@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +55,14 @@ class Mesh:
     def url(self, host: Host) -> str:
         return f"http://{host.address}:{PORT}"
 
-    def start(self, i: int, key: str = KEY, *extra: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, i: int, key: str = KEY, *extra: str, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start node ``hI`` with ``extra`` options, ``env`` laid over the environment."""
         host = self.lan.host(i)
         path = self.logdir / f"h{i}-{time.monotonic_ns()}.log"
         ready = path.with_suffix(".ready")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(path, "wb") as log:
             proc = self.lan.spawn(
                 host,
