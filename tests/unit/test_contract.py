@@ -936,9 +936,7 @@ def test_the_holder_of_the_inputs_takes_a_task_nobody_else_finishes_clearly_soon
     """``a`` would finish first, but not by enough to move ``b``'s input; ``b`` holds the
     input but ``a`` finishes first. One of them takes the task in the first auction: the
     rule that keeps a slow node off a queue's last task never overrules locality."""
-    mesh = Mesh(
-        {"i": caps(tasks=()), "a": caps(cpu=1), "b": caps(cpu=1)}, speeds={"b": 1.1}
-    )
+    mesh = Mesh({"i": caps(tasks=()), "a": caps(cpu=1), "b": caps(cpu=1)}, speeds={"b": 1.1})
     core = mesh.cores["i"]
     core.submit(spec(0, input_bytes={NodeId("b"): 1000}, est_runtime_s=1.0), None, 0.0)
     core.handle_timer(0.0)
