@@ -6,9 +6,10 @@ it and the answer is remembered for the life of the process. ``without`` keeps a
 the record (and, for torch, skips the GPU probe), so an operator can keep a machine off ML
 work even though the library is installed; the executor's workers refuse to import it too.
 
-The labels carry the pool of cores this node draws on (``node.cores.POOL_LABEL``), so
-that nodes sharing a host share its cores rather than each claiming all of them; an
-operator's label of that name wins over the measured one.
+The labels carry the pool of cores this node draws on and its size
+(``node.cores.POOL_LABEL``, ``CORES_LABEL``), so that nodes sharing a host share its cores
+rather than each claiming all of them; an operator's label of either name wins over the
+measured one.
 
 ``LoadSampler`` measures what the host is doing (CPU and memory use) for load reports.
 
@@ -33,7 +34,7 @@ from typing import Final
 import psutil
 
 from mesh.protocol.messages import Capabilities
-from node.cores import POOL_LABEL, local_pool
+from node.cores import CORES_LABEL, POOL_LABEL, local_pool
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,11 @@ def probe(
         resources=measured,
         libraries=libraries,
         tasks=tuple(sorted(set(task_names))),
-        labels={POOL_LABEL: local_pool().name, **(labels or {})},
+        labels={
+            POOL_LABEL: local_pool().name,
+            CORES_LABEL: str(local_pool().cores),
+            **(labels or {}),
+        },
     )
 
 

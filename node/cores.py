@@ -2,11 +2,12 @@
 
 Every node on one host and every slot of each node draw on the same cores. Each node
 measures the cores it may really use (its CPU affinity, and the CPU quota of its cgroup and
-the cgroups above it, v1 or v2) and names the pool they come from in a reserved label of
-its capabilities (``POOL_LABEL``), which membership gossips with the rest of its record.
-A node then counts the slots of the live nodes whose label matches its own
-(``HostSlots``) and gives each worker ``max(1, cores // slots)`` BLAS and torch threads
-(``threads_per_worker``); the executor passes the count on to its workers.
+the cgroups above it, v1 or v2) and names the pool they come from, and how many cores it
+has, in reserved labels of its capabilities (``POOL_LABEL``, ``CORES_LABEL``), which
+membership gossips with the rest of its record. A node then counts the slots of the live
+nodes whose label matches its own (``HostSlots``) and gives each worker
+``max(1, cores // slots)`` BLAS and torch threads (``threads_per_worker``); the executor
+passes the count on to its workers.
 
 The pool name is a digest of the running kernel (its boot id: everything under one kernel
 runs on the same CPUs, whatever container or network namespace it is in), the CPUs this
@@ -36,11 +37,15 @@ from typing import Final
 
 from mesh.protocol.core import MemberState, MemberView, PeerView
 from mesh.protocol.messages import NodeId
+from mesh.protocol.resources import CPU_CORES_LABEL, CPU_POOL_LABEL
 
 log = logging.getLogger(__name__)
 
-POOL_LABEL: Final = "mesh.cpu-pool"
+POOL_LABEL: Final = CPU_POOL_LABEL
 """Capabilities label naming the pool of cores a node draws on (see the module docstring)."""
+CORES_LABEL: Final = CPU_CORES_LABEL
+"""Capabilities label with the pool's cores (``CpuPool.cores``): an initiator moves a task's
+inputs between two nodes of one pool only while the pool has a core to spare."""
 
 THREAD_VARS: Final = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 """What BLAS libraries and torch read, when they load, for the size of their thread pools."""

@@ -70,7 +70,13 @@ from mesh.protocol.messages import (
     Result,
     TaskId,
 )
-from mesh.protocol.resources import check, invalid, merge_reasons
+from mesh.protocol.resources import (
+    CPU_POOL_LABEL,
+    check,
+    invalid,
+    merge_reasons,
+    shared_cores,
+)
 
 _CANDIDATE_STATES: Final = frozenset({MemberState.ALIVE, MemberState.SUSPECT})
 """Members that may be asked to bid: a suspect is not dead until membership says so."""
@@ -849,7 +855,8 @@ class Initiator:
     def _pick(self, w: _Worker, group: _Group, now: float) -> int | None:
         """Where in the queue the task ``w`` should take is: among the first few, one whose
         inputs it holds, else one that no pool worker holds, else one it finishes (transfer
-        included) clearly sooner (``LOCALITY_MARGIN``) than the worker holding its inputs."""
+        included) clearly sooner (``LOCALITY_MARGIN``) than the worker holding its inputs,
+        unless the two share cores that are all busy (``_no_spare_core``)."""
         queue = group.queue
         pool = group.pool
         done_by = w.start_at(now) + w.run_s
@@ -871,10 +878,42 @@ class Initiator:
                 if holder is None or (
                     done_by + self._transfer(t, w.bandwidth, w.node)
                     < holder.start_at(now) + (1.0 - LOCALITY_MARGIN) * holder.run_s
+                    and not self._no_spare_core(w.node, home)
                 ):
                     fallback = i
             i += 1
         return fallback
+
+    def _no_spare_core(self, node: NodeId, holder: NodeId) -> bool:
+        """Whether ``node`` and ``holder`` draw on one pool of cores (their labels say so)
+        that is busy on every core: a task moved from the holder's queue to ``node`` would
+        then only share the cores it was waiting for, and finish no sooner as a whole.
+
+        A pool member's busy lanes are the tasks this initiator has bound there (at most
+        its slots) or the tasks its gossiped load says run there, whichever is more."""
+        a, b = self._peers.member(node), self._peers.member(holder)
+        if a is None or b is None:
+            return False
+        cores = shared_cores(a.capabilities, b.capabilities)
+        if cores is None:
+            return False
+        pool = a.capabilities.labels[CPU_POOL_LABEL]
+        busy = 0.0
+        for m in self._peers.members():
+            if m.state not in _CANDIDATE_STATES:
+                continue
+            if m.capabilities.labels.get(CPU_POOL_LABEL) != pool:
+                continue
+            ours = 0
+            for group in self._groups.values():
+                w = group.pool.get(m.node)
+                if w is not None:
+                    ours += min(w.lanes, len(w.inflight))
+            slots = m.capabilities.resources.get("cpu", 0.0)
+            busy += max(min(ours, slots), m.load.running)
+            if busy >= cores:
+                return True
+        return False
 
     def _award(self, w: _Worker, tasks: list[_Task], now: float) -> None:
         node = w.node

@@ -22,6 +22,12 @@ from mesh.protocol.messages import Capabilities, Requirements
 DEFAULT_CPU = 1.0
 """Slots a task occupies when its requirements do not say: every task runs somewhere."""
 
+CPU_POOL_LABEL = "mesh.cpu-pool"
+"""Capabilities label naming the pool of cores a node draws on: nodes whose values are
+equal run on the same cores (several nodes on one host), whatever slots each declares."""
+CPU_CORES_LABEL = "mesh.cpu-cores"
+"""Capabilities label: how many cores the pool named by ``CPU_POOL_LABEL`` has."""
+
 
 def demand(requirements: Requirements) -> dict[str, float]:
     """Resources one running instance of the task occupies (``cpu`` defaults to one slot)."""
@@ -103,6 +109,19 @@ def check(requirements: Requirements, capabilities: Capabilities) -> dict[str, o
     if bad_labels:
         out["label"] = _join(bad_labels)
     return out
+
+
+def shared_cores(a: Capabilities, b: Capabilities) -> int | None:
+    """Cores that two nodes both draw on when they name the same pool of cores (and its
+    size) in their labels; None when they do not, or say nothing that parses."""
+    pool = a.labels.get(CPU_POOL_LABEL)
+    if not pool or pool != b.labels.get(CPU_POOL_LABEL):
+        return None
+    try:
+        cores = min(int(a.labels.get(CPU_CORES_LABEL, "")), int(b.labels.get(CPU_CORES_LABEL, "")))
+    except ValueError:
+        return None
+    return cores if cores > 0 else None
 
 
 def merge_reasons(reasons: Iterable[Mapping[str, object]]) -> dict[str, object]:

@@ -12,7 +12,7 @@ import pytest
 
 from node import capabilities
 from node.capabilities import Gpu, LoadSampler, installed_versions, probe
-from node.cores import POOL_LABEL, local_pool
+from node.cores import CORES_LABEL, POOL_LABEL, local_pool
 
 
 @pytest.fixture
@@ -36,7 +36,11 @@ def test_measured_fields(two_gpus: None) -> None:
     assert caps.resources["gpu"] == 2.0
     assert caps.resources["gpu_memory"] == float(12 << 30)
     assert caps.tasks == ("echo", "noop")
-    assert caps.labels == {"room": "lab", POOL_LABEL: local_pool().name}
+    assert caps.labels == {
+        "room": "lab",
+        POOL_LABEL: local_pool().name,
+        CORES_LABEL: str(local_pool().cores),
+    }
     assert caps.libraries["numpy"] == importlib.metadata.version("numpy")
 
 

@@ -58,6 +58,7 @@ from mesh.protocol.messages import (
     TaskId,
     Wire,
 )
+from mesh.protocol.resources import CPU_CORES_LABEL, CPU_POOL_LABEL, shared_cores
 
 CFG = ContractConfig.test()
 
@@ -943,6 +944,48 @@ def test_the_holder_of_the_inputs_takes_a_task_nobody_else_finishes_clearly_soon
     sent = mesh.pump(0.0)  # every bid is in: the auction is decided
     assert [d for _, d, _ in of(sent, Accept)] == ["b"]
     assert len(of(sent, CallForProposals)) == 2  # one call, to each bidder
+
+
+def pooled(cores: int) -> Capabilities:
+    """One slot on a host whose ``cores`` cores every node of the test shares."""
+    labels = {CPU_POOL_LABEL: "host-1", CPU_CORES_LABEL: str(cores)}
+    return replace(caps(cpu=1), labels=labels)
+
+
+@pytest.mark.parametrize("cores", [2, 3])
+def test_inputs_move_between_nodes_on_one_host_only_to_a_spare_core(cores: int) -> None:
+    """``a`` holds the inputs of two tasks, ``b`` of one; ``c``, on the same host, holds
+    none. With ``a`` and ``b`` running, ``c`` would finish ``a``'s second task a run sooner
+    by its bid, but on a host of two cores it would only share theirs: the task waits for
+    ``a``. With a third core ``c`` takes it at once."""
+    nodes = {"i": caps(tasks=())} | {n: pooled(cores) for n in "abc"}
+    mesh = Mesh(nodes)
+    core = mesh.cores["i"]
+    held = {0: "a", 1: "a", 2: "b"}
+    for k, holder in held.items():
+        core.submit(spec(k, input_bytes={NodeId(holder): 1000}, est_runtime_s=1.0), None, 0.0)
+    core.handle_timer(0.0)
+    sent = mesh.pump(0.0)
+    awarded = {t: d for _, d, m in of(sent, Accept) for t in m.tasks}
+    if cores == 2:
+        assert awarded == {"task-0": "a", "task-2": "b"}
+        assert mesh.run("a", 0.5) == ["task-0"]  # sooner than it bid: within every lease
+        sent = mesh.pump(0.5)  # the result, then the refill it makes room for
+        core.handle_timer(0.5)
+        sent += mesh.pump(0.5)
+        assert [(d, m.tasks) for _, d, m in of(sent, Accept)] == [("a", ("task-1",))]
+    else:
+        assert awarded == {"task-0": "a", "task-1": "c", "task-2": "b"}
+
+
+def test_shared_cores_need_one_named_pool_and_its_size() -> None:
+    two = pooled(2)
+    assert shared_cores(two, pooled(4)) == 2
+    assert shared_cores(two, caps()) is None
+    other = replace(two, labels={**two.labels, CPU_POOL_LABEL: "host-2"})
+    assert shared_cores(two, other) is None
+    unsized = replace(two, labels={CPU_POOL_LABEL: "host-1", CPU_CORES_LABEL: "many"})
+    assert shared_cores(two, unsized) is None
 
 
 # ---------------------------------------------------------------------------------------
