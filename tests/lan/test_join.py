@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from mesh.protocol.codec import key_fingerprint
@@ -278,8 +279,9 @@ def test_doctor_names_a_clock_far_off(mesh: JoinMesh) -> None:
     # The namespaces share one clock: h5's node sees it five minutes ahead (its wall clock
     # only; timers run on the real monotonic clock).
     ahead = {"LD_PRELOAD": str(FAKETIME), "FAKETIME": "+300", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
-    mesh.start(5, KEY, "--name", "h5", env=ahead)
+    node = mesh.start(5, KEY, "--name", "h5", env=ahead)
     mesh.serving(5)
+    pids = [node.pid, *(p.pid for p in psutil.Process(node.pid).children(recursive=True))]
     try:
         status, findings = mesh.doctor(1)
         found = problems(findings)
@@ -288,8 +290,11 @@ def test_doctor_names_a_clock_far_off(mesh: JoinMesh) -> None:
         assert "h5" in found["clock-off"]
         assert "ahead of" in found["clock-off"]
     finally:
-        mesh.procs[5].send_signal(signal.SIGTERM)
-        mesh.procs[5].wait(timeout=30)
+        node.send_signal(signal.SIGTERM)
+        node.wait(timeout=30)
+        for pid in pids:  # what libfaketime leaves in /dev/shm for each process it ran in
+            for name in (f"faketime_shm_{pid}", f"sem.faketime_sem_{pid}"):
+                Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def test_doctor_names_two_nodes_with_one_id(mesh: JoinMesh) -> None:
