@@ -54,7 +54,6 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import ipaddress
 import itertools
 import json
 import logging
@@ -108,6 +107,7 @@ from mesh.runtime.http import (
     SEGMENT_CONTENT_TYPE,
     SESSION_PATH,
     SIZE_HEADER,
+    is_loopback,
 )
 from node.dashboard.access import Denied
 from node.dashboard.events import EventLog
@@ -459,14 +459,6 @@ def seconds(value: Any, what: str, *, maximum: float, zero: bool = False) -> flo
         low = "0" if zero else "more than 0"
         raise BadRequest(f"{what} must be {low} and at most {maximum:g} seconds")
     return float(value)
-
-
-def _from_this_machine(request: web.Request) -> bool:
-    """Whether the request came over loopback (a client of this machine)."""
-    try:
-        return ipaddress.ip_address(request.remote or "").is_loopback
-    except ValueError:
-        return False
 
 
 def _error(status: int, message: str, *, close: bool = False, **extra: Any) -> web.Response:
@@ -1001,7 +993,7 @@ class Api:
         # A client on another machine seals its session (its share in the signed path);
         # the node answers with its own share as the first message, and every message after
         # it, both ways, is sealed under the keys the two shares give.
-        required = self.config.wire_sealed and not _from_this_machine(request)
+        required = self.config.wire_sealed and not is_loopback(request.remote or "")
         public = self._share(request, required=required)
         if isinstance(public, web.Response):
             return public

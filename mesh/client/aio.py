@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ipaddress
 import itertools
 import time
 import weakref
@@ -44,6 +43,7 @@ from mesh.runtime.http import (
     SEAL_PARAM,
     SESSION_PATH,
     fetch_object,
+    is_loopback,
     node_id_at,
     normalise_url,
     request_json,
@@ -163,7 +163,7 @@ class AsyncClient:
         self._failure: MeshError | None = None
         self._addresses: dict[str, str] = {}
         self._background = Background(f"session {url}")
-        self._same_host = _is_loopback(url)
+        self._same_host = is_loopback(urlsplit(url).hostname or "")
         """The node runs on this machine: large arrays go to it through shared memory."""
         self._uploads = UploadFiles()
 
@@ -183,7 +183,7 @@ class AsyncClient:
         base = normalise_url(url)
         kb = key_bytes(resolve_key(key))
         if sealed is None:
-            sealed = not _is_loopback(base)
+            sealed = not is_loopback(urlsplit(base).hostname or "")
         exchange = Exchange() if sealed else None
         path = (
             SESSION_PATH
@@ -566,16 +566,6 @@ async def _seal(
         await ws.close()
         raise MeshError("the node ended the session before sealing it")
     return exchange.keys(key, msg.data, initiator=True, context=SESSION_CONTEXT)
-
-
-def _is_loopback(url: str) -> bool:
-    host = (urlsplit(url).hostname or "").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _options(

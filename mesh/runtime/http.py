@@ -19,6 +19,7 @@ It keeps no state: the caller owns the ``aiohttp.ClientSession``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import time
 from collections.abc import Callable
@@ -60,6 +61,16 @@ SEAL_HEADER: Final = "X-Mesh-Seal"
 """The holder's X25519 share (hex) on a sealed body."""
 SIZE_HEADER: Final = "X-Mesh-Size"
 """The size of a sealed body before sealing."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def normalise_url(url: str | None) -> str:
