@@ -124,6 +124,16 @@ def problems(findings: list[dict[str, Any]]) -> dict[str, str]:
     return {f["name"]: f["message"] for f in findings if f["severity"] == "problem"}
 
 
+def doctor_problem(mesh: JoinMesh, at: int, name: str) -> str:
+    """What ``mesh-node doctor`` on host ``at`` says of problem ``name``; it must find it,
+    and exit 1."""
+    status, findings = mesh.doctor(at)
+    found = problems(findings)
+    assert status == 1, findings
+    assert name in found, findings
+    return found[name]
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JoinMesh]:
     with Lan(7) as lan:
@@ -260,12 +270,9 @@ def test_doctor_names_an_old_protocol_version(mesh: JoinMesh) -> None:
     try:
         assert old.stdout is not None
         assert old.stdout.readline().strip() == b"announced"
-        status, findings = mesh.doctor(1)
-        found = problems(findings)
-        assert status == 1, findings
-        assert "incompatible-version" in found, findings
-        assert "old5" in found["incompatible-version"]
-        assert "v0" in found["incompatible-version"]
+        message = doctor_problem(mesh, 1, "incompatible-version")
+        assert "old5" in message
+        assert "v0" in message
     finally:
         old.send_signal(signal.SIGTERM)
         old.wait(timeout=30)
@@ -283,12 +290,9 @@ def test_doctor_names_a_clock_far_off(mesh: JoinMesh) -> None:
     mesh.serving(5)
     pids = [node.pid, *(p.pid for p in psutil.Process(node.pid).children(recursive=True))]
     try:
-        status, findings = mesh.doctor(1)
-        found = problems(findings)
-        assert status == 1, findings
-        assert "clock-off" in found, findings
-        assert "h5" in found["clock-off"]
-        assert "ahead of" in found["clock-off"]
+        message = doctor_problem(mesh, 1, "clock-off")
+        assert "h5" in message
+        assert "ahead of" in message
     finally:
         node.send_signal(signal.SIGTERM)
         node.wait(timeout=30)
@@ -303,12 +307,9 @@ def test_doctor_names_two_nodes_with_one_id(mesh: JoinMesh) -> None:
     mesh.start(5, KEY, "--name", "h2")
     mesh.serving(5)
     try:
-        status, findings = mesh.doctor(2)
-        found = problems(findings)
-        assert status == 1, findings
-        assert "duplicate-id" in found, findings
-        assert f"{mesh.lan.host(5).address}:{PORT}" in found["duplicate-id"]
-        assert f"{mesh.lan.host(2).address}:{PORT}" in found["duplicate-id"]
+        message = doctor_problem(mesh, 2, "duplicate-id")
+        assert f"{mesh.lan.host(5).address}:{PORT}" in message
+        assert f"{mesh.lan.host(2).address}:{PORT}" in message
     finally:
         mesh.procs[5].send_signal(signal.SIGTERM)
         mesh.procs[5].wait(timeout=30)
