@@ -1163,8 +1163,9 @@ class Daemon:
         if isinstance(body, Segment):
             try:
                 check_object(body.name, body.nbytes)
-            except PermissionError:
-                # Another user's node: its segments are private, so take the bytes instead.
+            except (FileNotFoundError, PermissionError):
+                # Spilled or released since it was lent, or another user's (private): take
+                # the bytes instead, as ``fetch_object`` does.
                 body = await fetch_bytes(
                     http, self._key, address, ref, allocate=allocate, sealed=sealed
                 )

@@ -42,8 +42,10 @@ from mesh.errors import ErrorInfo, FailureKind
 from mesh.protocol.args import walk_call
 from mesh.protocol.messages import ObjectRef, Requirements, TaskCall
 
-SYSTEM_FAILURES: Final = frozenset({"WorkerDied"})
-"""``exc_type`` of a run that failed for the machine's sake, not the task's: retried."""
+SYSTEM_FAILURES: Final = frozenset({"WorkerDied", "SegmentLostError"})
+"""``exc_type`` of a run that failed for the machine's sake, not the task's: retried. A
+``SegmentLostError`` is an input segment that left its name before the worker mapped it
+(its holder spilled the object meanwhile): the next run asks for the input again."""
 NEVER_RETRIED: Final = frozenset({"Cancelled"})
 
 

@@ -33,7 +33,8 @@ its segment written once, in a thread, the first time a process on this machine 
 A segment whose name is handed to a process (``share`` with ``lend_s``, a fetch over HTTP)
 spills for that long only when nothing else is left to, so the borrower finds it under that
 name when it maps it; once mapped, a spill cannot take the pages from under it (see the
-pool below).
+pool below). A borrower that finds the name gone asks again and takes the bytes (or, for a
+worker, the task runs again), so a spill under pressure costs a copy, never the object.
 
 A released object's segment is not removed but kept in a pool (``SegmentPool``) under a new
 name and written again for a later object of about its size: fresh shared-memory pages cost

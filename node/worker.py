@@ -258,7 +258,7 @@ def _run_one(registry: Registry, node_id: NodeId, run: Run, held: list[Any]) -> 
             args, kwargs = walk_call(args, kwargs, Segment, _attach(frozenset(run.shared)))
             held.append((args, kwargs))
         except ObjectLostError as exc:
-            return _failed(run.seq, ObjectLostError.__name__, str(exc))
+            return _failed(run.seq, type(exc).__name__, str(exc))
         except MeshError as exc:
             return Done(seq=run.seq, error=ErrorInfo.of(exc))
     started = time.perf_counter()

@@ -306,10 +306,10 @@ async def fetch_object(
     if isinstance(body, Segment):
         try:
             mapping = await asyncio.to_thread(map_object, body.name, body.nbytes)
-        except FileNotFoundError:
-            raise ObjectLostError(ref.id, ref.holder) from None
-        except PermissionError:
-            # Another user's node: its segments are private, so take the bytes instead.
+        except (FileNotFoundError, PermissionError):
+            # The name is gone (the object spilled, or was released, since it was lent) or
+            # is another user's, whose segments are private: take the bytes instead. The
+            # holder answers that as for any fetch, with the body or "lost".
             body = await fetch_bytes(session, key, address, ref, sealed=sealed)
         else:
             return loads(memoryview(mapping))

@@ -525,6 +525,69 @@ async def test_same_host_tasks_map_the_holders_segment_and_no_byte_is_served() -
         assert not _files(prefix)
 
 
+async def test_a_segment_that_spills_after_it_is_lent_is_fetched_as_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The holder lends a name, then spills the object before the fetcher maps it (memory
+    pressure between the two): the fetcher takes the bytes, not an error."""
+    async with _pair(None) as (a, b):
+        arr = np.arange(MIB // 2, dtype=np.float64)
+        ref = await a.store.put(arr)
+        lend = a.object_segment
+        spilled: list[str] = []
+
+        async def lend_then_spill(object_id: str) -> Segment | None:
+            segment = await lend(object_id)
+            assert segment is not None
+            assert await a.store._spill(a.store._objects[object_id]) is None
+            assert not (SHM_DIR / segment.name).exists()
+            spilled.append(segment.name)
+            return segment
+
+        monkeypatch.setattr(a, "object_segment", lend_then_spill)
+        np.testing.assert_array_equal(await b.fetch(ref), arr)
+        arg = await b._task_arg(ref)
+        assert isinstance(arg, OwnedSegment)
+        np.testing.assert_array_equal(
+            attach_shared(Segment(name=arg.name, nbytes=arg.nbytes), frozenset({arg.name})), arr
+        )
+        del arg
+        assert len(spilled) == 2
+        assert a.api.served_bytes == 2 * ref.nbytes
+        # A released object is lost, by either path, as before.
+        monkeypatch.undo()
+        assert a.store.release(ref)
+        with pytest.raises(ObjectLostError):
+            await b.fetch(ref)
+        with pytest.raises(ObjectLostError):
+            await b._task_arg(ref)
+
+
+async def test_a_task_whose_input_spills_before_its_worker_maps_it_runs_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """b checked the name a lent, then a spilled the object before b's worker mapped it:
+    that run fails for the machine's sake, and the next one reads the input again."""
+    async with _pair(None) as (a, b):
+        arr = np.arange(MIB // 2, dtype=np.float64)
+        ref = await a.store.put(arr)
+        run = b.executor.run
+        spilled: list[str] = []
+
+        async def spill_then_run(*args: Any, **kwargs: Any) -> Any:
+            if not spilled:
+                assert await a.store._spill(a.store._objects[ref.id]) is None
+                spilled.append(ref.id)
+            return await run(*args, **kwargs)
+
+        monkeypatch.setattr(b.executor, "run", spill_then_run)
+        async with await AsyncClient.connect(f"http://{a.address}", a.options.key) as c:
+            assert await c.submit_with("array_sum", [ref], labels={"name": "b"}) == arr.sum()
+        assert spilled
+        assert b.executed["error"] == 1
+        assert b.executed["ok"] == 1
+
+
 async def test_another_host_gets_the_bytes_into_a_segment_of_its_own() -> None:
     async with _pair("elsewhere") as (a, b):
         arr = np.arange(MIB // 2, dtype=np.float64)
