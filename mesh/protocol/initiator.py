@@ -9,12 +9,13 @@ Binding is late. Tasks with the same requirements queue in one ``_Group``; a cal
 proposals recruits bidders into the group's pool of ``_Worker``s, and the pool works
 through the queue: a worker is given a task (an award, ``Accept``) when one of its lanes
 is within ``bind_ahead_s`` of freeing (its bid says when, other initiators' work
-included), or at once for a task whose inputs it holds, and refilled as its results come
-back. Nothing else waits on a node that another could start sooner, so several
-initiators sharing nodes do not queue behind each other. Each award is a lease that the
-winner's progress renews; a lapsed or declined one, or a winner gone, puts the task back
-in the queue. A worker that declines because another initiator's task took the lane stays
-in the pool and is tried again after about a run there.
+included), or at once for a task whose inputs it holds unless it has just declined one as
+busy, and refilled as its results come back. Nothing else waits on a node that another
+could start sooner, so several initiators sharing nodes do not queue behind each other.
+Each award is a lease that the winner's progress renews; a lapsed or declined one, or a
+winner gone, puts the task back in the queue. A worker that declines because another
+initiator's (or another group's) task took the lane stays in the pool and is tried again
+after about a run there.
 
 This module may not import asyncio, aiohttp, zeroconf, socket or time, and may not read a
 clock: ``now`` is always an argument, and randomness comes from the ``rng`` passed in.
@@ -227,6 +228,7 @@ class _Worker:
     __slots__ = (
         "bandwidth",
         "bind_ahead",
+        "busy_until",
         "cfp",
         "idle_since",
         "inflight",
@@ -244,6 +246,7 @@ class _Worker:
     ) -> None:
         self.node = node
         self.bind_ahead = bind_ahead_s
+        self.busy_until = -INF  # declined as busy: its own tasks wait for a lane till then
         self.inflight: dict[TaskId, _Task] = {}
         self.idle_since = now
         self.samples = 0
@@ -807,14 +810,17 @@ class Initiator:
                 # gives it to another worker only if that one finishes it clearly sooner
                 # (else neither would ever take it). Any other task is bound only when a
                 # lane is about to free (the bid says when: other initiators' work too),
-                # and only while the rest of the pool would not finish it first.
-                if t.home != w.node:
+                # and only while the rest of the pool would not finish it first. After a
+                # busy decline (work of another initiator or group took the lane) its own
+                # tasks wait for the lane too, or the two would send them back and forth
+                # as fast as they can until the lane frees.
+                if t.home != w.node or w.busy_until > now:
                     due = w.start_at(now) - w.bind_ahead
                     if due > now:
                         self._flush_at = min(self._flush_at, due)
                         break
-                    if not self._worth(w, group, now, rate, lanes):
-                        break
+                if t.home != w.node and not self._worth(w, group, now, rate, lanes):
+                    break
                 del queue[i]
                 t.move("award")
                 t.worker = w
@@ -1123,6 +1129,7 @@ class Initiator:
             self._again(t, reason, now, cancel=False, count=False, dismiss=not busy)
             if busy and w is not None:
                 w.lane_free = [max(f, now + w.run_s) for f in w.lane_free]
+                w.busy_until = now + w.run_s - w.bind_ahead
 
     def on_progress(self, src: NodeId, msg: Progress, now: float) -> None:
         lease = now + self._cfg.lease_s

@@ -454,6 +454,27 @@ def test_a_worker_that_declined_as_busy_is_tried_again_after_a_run() -> None:
     assert [(d, m.cfp, len(m.tasks)) for _, d, m in of(mesh.out("i"), Accept)] == [("a", cfp, 1)]
 
 
+def test_a_holder_that_declined_its_own_task_as_busy_gets_it_again_only_after_a_run() -> None:
+    """``a`` holds the task's input, and work of another group took its lane: after that
+    busy decline the task waits for the lane, instead of going back to ``a`` at once, as
+    often as the two can send."""
+    mesh = Mesh({"i": caps(tasks=()), "a": caps(cpu=1)})
+    core = mesh.cores["i"]
+    core.submit(spec(0, input_bytes={NodeId("a"): 1000}, est_runtime_s=1.0), None, 0.0)
+    core.handle_timer(0.0)
+    ((_, dst, accept),) = of(mesh.pump(0.0), Accept)
+    assert dst == "a"
+    core.receive(
+        NodeId("a"), Decline(cfp=accept.cfp, tasks=(TaskId("task-0"),), reason="busy"), 0.1
+    )
+    for now in (0.1, 0.5, 0.9):
+        mesh.timers(now)
+        assert of(mesh.out("i"), Accept) == []
+    assert states(core, 1) == ["queued"]
+    mesh.timers(1.1)  # a's lane is free again: a is asked for the task again
+    assert [(d, type(m)) for _, d, m in mesh.out("i")] == [("a", CallForProposals)]
+
+
 def test_a_busy_decline_calls_for_proposals_beside_the_busy_worker() -> None:
     mesh = initiator_mesh()
     core = mesh.cores["i"]
