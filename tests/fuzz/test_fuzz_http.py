@@ -1649,6 +1649,8 @@ def test_requests_without_a_valid_proof_are_refused_and_change_nothing(
     target.healthy()
 
 
+# A drawn script's repr (kept for a failure report) runs to hundreds of kB: Hypothesis warns.
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")
 @examples(120)
 @given(data=st.data())
 def test_session_messages_are_answered_as_documented(target: Target, data: st.DataObject) -> None:
