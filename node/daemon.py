@@ -1396,6 +1396,11 @@ class _Collector:
         sent.add_metric([], counters.get("bytes_sent", 0))
         received = CounterMetricFamily("mesh_bytes_received", "Bytes received from peers")
         received.add_metric([], counters.get("bytes_received", 0))
+        frames = CounterMetricFamily(
+            "mesh_frames", "Protocol frames exchanged with peers", labels=["direction"]
+        )
+        frames.add_metric(["sent"], counters.get("frames_sent", 0))
+        frames.add_metric(["received"], counters.get("frames_received", 0))
         rejected = CounterMetricFamily(
             "mesh_rejected_frames", "Frames and requests rejected, by reason", labels=["reason"]
         )
@@ -1425,8 +1430,8 @@ class _Collector:
         reruns.add_metric(["retry"], d.retried)
         reruns.add_metric(["rebuild"], d.lineage.rebuilt)
         return [
-            *(peers, tasks, executed, bids, contract, sent, received, rejected, running, store),
-            reruns,
+            *(peers, tasks, executed, bids, contract, sent, received, frames, rejected, running),
+            *(store, reruns),
         ]
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,18 @@ def test_peers_lists_all_three_alive_on_each(trio: Cluster) -> None:
         for p in peers:
             assert {"id", "address", "state", "load", "capabilities"} <= set(p)
             assert "whoami" in p["capabilities"]["tasks"]
+
+
+def test_metrics_count_the_frames_each_node_exchanges(trio: Cluster) -> None:
+    for name in ("a", "b", "c"):
+        with urllib.request.urlopen(f"http://{trio.nodes[name].address}/metrics") as resp:
+            text = resp.read().decode()
+        counts = {
+            m.group(1): float(m.group(2))
+            for m in re.finditer(r'^mesh_frames_total\{direction="(\w+)"\} (\S+)$', text, re.M)
+        }
+        assert counts.keys() == {"sent", "received"}
+        assert min(counts.values()) > 0  # gossip with the two others at least
 
 
 def test_whoami_runs_elsewhere_when_own_slots_are_busy(trio: Cluster) -> None:
