@@ -34,11 +34,13 @@ from mesh.runtime.auth import key_bytes
 from mesh.runtime.http import _segment_answer, fetch_body
 from mesh.runtime.shm import (
     OBJECT_PREFIX,
+    PARALLEL_COPY_BYTES,
     RETURN_PREFIX,
     SHM_DIR,
     check_object,
     host_id,
     map_object,
+    write_chunks,
 )
 from node.daemon import Daemon, NodeOptions
 from node.store import (
@@ -83,6 +85,34 @@ def store() -> Any:
 # ---------------------------------------------------------------------------------------
 # The store's segments
 # ---------------------------------------------------------------------------------------
+
+
+def test_large_writes_land_whole_through_a_mapping_and_through_write(tmp_path: Any) -> None:
+    """Over ``PARALLEL_COPY_BYTES`` a shared-memory file of the right size is written
+    through a mapping, in two threads; a file that is not (a spill file: empty, write-only)
+    through ``pwrite``. Both hold the chunks back to back, odd sizes and all."""
+    big = np.random.default_rng(3).integers(0, 256, PARALLEL_COPY_BYTES + 7, dtype=np.uint8)
+    chunks = [b"head", memoryview(big), bytearray(b"x" * 3), memoryview(big)[1:]]
+    whole = b"".join(bytes(c) for c in chunks)
+    shm = SHM_DIR / f"mesh-test-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(shm, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, len(whole))
+        os.pwrite(fd, b"\xff" * len(whole), 0)  # old bytes everywhere: all must be replaced
+        write_chunks(fd, chunks)
+    finally:
+        os.close(fd)
+    try:
+        assert shm.read_bytes() == whole
+    finally:
+        shm.unlink()
+    spill = tmp_path / "spill"
+    fd = os.open(spill, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        write_chunks(fd, chunks)
+    finally:
+        os.close(fd)
+    assert spill.read_bytes() == whole
 
 
 def test_host_id_is_stable_and_names_no_path() -> None:
