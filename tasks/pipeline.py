@@ -269,49 +269,66 @@ class Pipeline:
         return Run(figures, self.steps, nodes, initiator, self._now())
 
     def _train_cnn(self, train: list[Any], torch_nodes: list[str]) -> Any:
-        """The CNN's weights (a reference), trained where the training shards are.
-
-        One group of shards per torch-capable holder; shards on a node without torch join
-        the smallest group (they move once per round). Several groups train one epoch per
-        round from the last round's average, weighted by images. A single group, or a single
-        epoch (one average of models trained apart from the start is far worse than either),
-        trains all epochs in one task on the node holding the most shards, exactly as in
-        one process.
-        """
+        """The CNN's weights (a reference), trained where the training shards are, in the
+        groups ``cnn_groups`` forms."""
         size = self.size
-        groups: dict[str | None, list[Any]] = defaultdict(list)
-        stray: list[Any] = []
-        for s in train:
-            holder = s.holder if isinstance(s, ObjectRef) else None
-            (groups[holder] if not torch_nodes or holder in torch_nodes else stray).append(s)
-        for s in stray:
-            target = min(torch_nodes, key=lambda n: len(groups.get(n, [])))
-            groups[target].append(s)
-        if len(groups) > 1 and size.epochs == 1:
-            biggest = max(groups, key=lambda n: len(groups[n]))
-            groups = {biggest: [s for g in groups.values() for s in g]}
+        groups = cnn_groups(train, torch_nodes, size.epochs)
         rounds = 1 if len(groups) == 1 else size.epochs
         epochs = size.epochs if rounds == 1 else 1
         self.on_planned("train_cnn", rounds * len(groups))
         self.on_planned("average_weights", 0 if len(groups) == 1 else rounds)
+        counts = [len(shards) for _, shards in groups]
         weights: Any = None
         for r in range(rounds):
             kwargs = {"seed": size.seed + r, "epochs": epochs, "batch_size": size.batch_size}
             if weights is not None:
                 kwargs["init"] = weights
             trained = [
-                self._submit("train_cnn", (shards,), kwargs, at=node)
-                for node, shards in groups.items()
+                self._submit("train_cnn", (shards,), kwargs, at=node) for node, shards in groups
             ]
             results = self._wait("train_cnn", trained)
             if len(results) == 1:
                 return results[0]
-            counts = [len(g) for g in groups.values()]
             weights = self._wait(
                 "average_weights",
-                [self._submit("average_weights", (results, counts), at=next(iter(groups)))],
+                [self._submit("average_weights", (results, counts), at=groups[0][0])],
             )[0]
         return weights
+
+
+def cnn_groups(
+    train: Sequence[Any], torch_nodes: Sequence[str], epochs: int
+) -> list[tuple[str | None, list[Any]]]:
+    """(node, shards) per group of training shards the CNN trains on, apart, between averages.
+
+    Several groups train one epoch per round from the last round's average, weighted by
+    images. There are as many groups as torch-capable nodes when the run began
+    (``torch_nodes``), each trained on a node holding its shards: shards are grouped by
+    holder (a shard on a node without torch joins the smallest group, and moves once per
+    round), and while there are fewer groups than that, the largest is split in two on its
+    node. The count is fixed because it sets the model: each group takes a share of an
+    epoch's steps, so fewer groups train a better model (20,000 images in three groups
+    reach about 0.94 CNN accuracy, in two about 0.95, whichever shards a group has). A node
+    lost while shards are made therefore moves its groups, never changes how many there
+    are. A single epoch (one average of models trained apart from the start is far worse
+    than either) trains as one group, in shard order, on the node holding the most shards,
+    exactly as in one process.
+    """
+    held: dict[str | None, list[Any]] = defaultdict(list)
+    stray: list[Any] = []
+    for s in train:
+        holder = s.holder if isinstance(s, ObjectRef) else None
+        (held[holder] if not torch_nodes or holder in torch_nodes else stray).append(s)
+    for s in stray:
+        target = min(held or torch_nodes, key=lambda n: len(held.get(n, [])))
+        held[target].append(s)
+    groups = sorted(held.items(), key=lambda kv: str(kv[0]))
+    if epochs == 1:
+        return [(max(groups, key=lambda g: len(g[1]))[0], list(train))]
+    while len(groups) < min(len(torch_nodes), len(train)):
+        node, shards = groups.pop(max(range(len(groups)), key=lambda i: len(groups[i][1])))
+        groups += [(node, shards[0::2]), (node, shards[1::2])]
+    return groups
 
 
 def run_pipeline(client: Client, size: PipelineSize, **options: Any) -> Run:
