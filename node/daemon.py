@@ -330,7 +330,11 @@ class Daemon:
             self.store = ObjectStore.from_config(self.node_id, self.config)
             remove_orphan_spill(self.store.spill_dir)
             self.transport = WsTransport(
-                codec=codec, config=self.config, wall_clock=time.time, resolve=self._node_at
+                codec=codec,
+                config=self.config,
+                wall_clock=time.time,
+                resolve=self._node_at,
+                on_gone=self._gone,
             )
             self.driver = Driver(
                 node=self.node_id,
@@ -491,6 +495,10 @@ class Daemon:
         means), then the id a hello proved there. Two dict lookups: called per frame."""
         node = self.membership.node_at(address)
         return node if node is not None else self.transport.node_at(address)
+
+    def _gone(self, address: Address) -> None:
+        if hasattr(self, "driver"):
+            self.driver.command(partial(self.node_core.gone, address))
 
     def _on_found(self, node: NodeId, address: Address) -> None:
         if node == self.node_id or not hasattr(self, "driver"):
@@ -1429,9 +1437,18 @@ class _Collector:
         )
         reruns.add_metric(["retry"], d.retried)
         reruns.add_metric(["rebuild"], d.lineage.rebuilt)
+        declared = CounterMetricFamily(
+            "mesh_declared_dead",
+            "Peers this node declared dead itself, by evidence: a suspicion that ran out, or a"
+            " connection refused at the peer's address",
+            labels=["evidence"],
+        )
+        ms = d.membership.stats()
+        declared.add_metric(["suspicion"], ms.deaths)
+        declared.add_metric(["refused"], ms.gone)
         return [
             *(peers, tasks, executed, bids, contract, sent, received, frames, rejected, running),
-            *(store, reruns),
+            *(store, reruns, declared),
         ]
 
 

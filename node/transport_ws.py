@@ -39,6 +39,7 @@ touched after encoding anyway).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 from collections import Counter, deque
@@ -217,8 +218,9 @@ class WsTransport:
     ``codec.authenticate`` (``codec.check`` on sealed links). It may be called from a
     worker thread (for big frames), so it must not touch state shared with the event loop.
     ``resolve`` names the node the hello of a dial is for (the daemon's view of membership
-    and of this transport); it defaults to ``node_at``. ``package`` is the ``mesh-node``
-    version the hellos announce.
+    and of this transport); it defaults to ``node_at``. ``on_gone`` hears of an address at
+    which a dial found nothing listening (connection refused). ``package`` is the
+    ``mesh-node`` version the hellos announce.
     """
 
     def __init__(
@@ -229,6 +231,7 @@ class WsTransport:
         wall_clock: Callable[[], float],
         authenticate: Callable[[Buffer], None] | None = None,
         resolve: Callable[[Address], NodeId | None] | None = None,
+        on_gone: Callable[[Address], None] = lambda address: None,
         package: str = __version__,
     ) -> None:
         if config.ws_reassembly_bytes < 1 or config.ws_chunk_bytes < 1:
@@ -241,6 +244,7 @@ class WsTransport:
         # What a sealed link checks: the AEAD has authenticated every message already.
         self._check = codec.check if authenticate is None else authenticate
         self._resolve = self.node_at if resolve is None else resolve
+        self._on_gone = on_gone
         self._ids: dict[Address, NodeId] = {}
         self._cfg = config
         self._wall_clock = wall_clock
@@ -535,6 +539,8 @@ class WsTransport:
                 log.warning("peer %s failed its hello: %s", peer.address, exc)
             except (TimeoutError, *_IO_ERRORS) as exc:
                 log.debug("dial %s (attempt %d) failed: %r", peer.address, attempt + 1, exc)
+                if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+                    self._on_gone(peer.address)
             else:
                 await self._attach(peer, conn)
                 if (live := peer.live_conn()) is not None:

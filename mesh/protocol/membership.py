@@ -12,10 +12,12 @@ The protocol is SWIM with Lifeguard-style suspicion:
   ``indirect_checks`` other members to ping for it (``PingReq``); still without an ack at
   the end of the period it suspects the target. A suspicion lasts a timeout that starts
   high and shrinks as independent suspicions of the same incarnation arrive; when it
-  runs out the node is declared dead. A node that hears it is suspected or dead refutes
-  by raising its incarnation. Dead and departed nodes stay listed ``dead_grace_s``, are
-  then purged and remembered as tombstones, so stale gossip cannot resurrect them while
-  the node itself can always come back with a higher incarnation.
+  runs out the node is declared dead. A dial the driver finds refused (``gone``: the
+  host answers but nothing listens at the address, so the process has gone) skips the
+  suspicion and declares the node dead at once. A node that hears it is suspected or
+  dead refutes by raising its incarnation. Dead and departed nodes stay listed
+  ``dead_grace_s``, are then purged and remembered as tombstones, so stale gossip cannot
+  resurrect them while the node itself can always come back with a higher incarnation.
 * State gossip. Each node owns one versioned ``NodeRecord`` (address, incarnation,
   capabilities, load). New records and claims (suspect, dead, left) spread by infection:
   each round a node sends what it has not yet sent ``ceil(retransmit_mult * ln(n + 1))``
@@ -145,6 +147,8 @@ class MembershipStats:
     """Suspicions this node raised itself after failed probes."""
     deaths: int
     """Nodes this node declared dead itself when a suspicion ran out."""
+    gone: int
+    """Nodes this node declared dead itself when nothing listened at their address."""
     stalls: int
     events_dropped: int
     members: int
@@ -383,6 +387,7 @@ class Membership:
         self._refutations = 0
         self._suspicions_raised = 0
         self._deaths = 0
+        self._gone = 0
         self._stalls = 0
         self._events_dropped = 0
         self._due: float | None = None
@@ -436,6 +441,7 @@ class Membership:
             refutations=self._refutations,
             suspicions=self._suspicions_raised,
             deaths=self._deaths,
+            gone=self._gone,
             stalls=self._stalls,
             events_dropped=self._events_dropped,
             members=len(self._members) + 1,
@@ -586,6 +592,26 @@ class Membership:
             self._on_digest(src, msg, now)
         elif isinstance(msg, Delta):
             self._on_delta(msg, now)
+        self._update_due()
+
+    def gone(self, address: Address, now: float) -> None:
+        """Nothing listens at ``address`` any more: a connection to it was refused.
+
+        The live member at that address is declared dead at once. A probe that goes
+        unanswered may be loss, a partition or a stalled loop, hence the suspicion's wait;
+        a refusal comes from the member's own host after its process has gone, so waiting
+        would only delay the work placed on it. A member still running (its listener closed
+        for a moment) refutes the claim as it would a suspicion.
+        """
+        if self._left:
+            return
+        node = self._at.get(address)
+        m = self._members.get(node) if node is not None else None
+        if m is None or not (m.state is MemberState.ALIVE or m.state is MemberState.SUSPECT):
+            return
+        self._gone += 1
+        claim = Dead(node=m.record.node, incarnation=m.state_inc, by=self.node)
+        self._apply_claim(claim, now, spread=True)
         self._update_due()
 
     def handle_timer(self, now: float) -> None:

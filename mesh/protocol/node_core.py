@@ -57,6 +57,9 @@ class MembershipCore(Core, PeerView, Protocol):
     def take_events(self) -> list[MembershipEvent]:
         """What changed in the mesh since the last call; clears it."""
 
+    def gone(self, address: Address, now: float) -> None:
+        """Nothing listens at ``address``: a connection to it was refused."""
+
 
 M = TypeVar("M", bound=MembershipCore)
 
@@ -197,6 +200,12 @@ class NodeCore(Generic[M]):
     def join(self, address: Address, now: float) -> None:
         """Contact a node known only by its address (a seed, an mDNS find)."""
         self.membership.join(address, now)
+        self._settle(now)
+
+    def gone(self, address: Address, now: float) -> None:
+        """Nothing listens at ``address`` (a connection to it was refused): its member is
+        declared dead without the wait of a suspicion."""
+        self.membership.gone(address, now)
         self._settle(now)
 
     def leave(self, now: float) -> None:

@@ -178,6 +178,9 @@ class ModelMembership:
         out, self._events = self._events, []
         return out
 
+    def gone(self, address: Address, now: float) -> None:
+        """Deaths are the simulation's to declare (``declare_dead``); nothing dials here."""
+
     def receive(self, src: NodeId, msg: Wire, now: float) -> None:
         raise RemoteProtocolError("the model takes no membership messages", reason="unexpected")
 

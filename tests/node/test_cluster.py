@@ -153,6 +153,37 @@ def test_sigkill_during_tasks_every_task_completes(cluster: Cluster) -> None:
     wait_for(lambda: all("c" not in cluster.states(n) for n in ("a", "b")), 30, "c purged")
 
 
+def _declared_dead(cluster: Cluster, name: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{cluster.nodes[name].address}/metrics") as resp:
+        text = resp.read().decode()
+    pattern = r'^mesh_declared_dead_total\{evidence="(\w+)"\} (\S+)$'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.M)}
+
+
+def test_a_killed_node_is_declared_dead_when_its_port_refuses(tmp_path: Path) -> None:
+    # The local preset suspects for 2.8-5.6 s before declaring a node dead; a refused
+    # connection is evidence enough at once.
+    cluster = Cluster(tmp_path, preset="local")
+    try:
+        for name in ("a", "b", "c"):
+            cluster.start(name)
+        wait_for(lambda: cluster.all_alive(["a", "b", "c"]), 30, "three nodes alive")
+        assert _declared_dead(cluster, "a") == {"suspicion": 0.0, "refused": 0.0}
+        cluster.signal("c", signal.SIGKILL)
+        cluster.nodes["c"].proc.wait(timeout=10)
+        wait_for(
+            lambda: all(cluster.states(n).get("c") in ("dead", None) for n in ("a", "b")),
+            20,
+            "c marked dead",
+        )
+        counts = [_declared_dead(cluster, n) for n in ("a", "b")]
+        assert sum(c["refused"] for c in counts) >= 1, counts
+        assert sum(c["suspicion"] for c in counts) == 0, counts
+        assert cluster.all_alive(["a", "b"])
+    finally:
+        cluster.close()
+
+
 def test_sigterm_leaves_cleanly_and_finishes_running_tasks(cluster: Cluster) -> None:
     for name in ("a", "b", "c"):
         cluster.start(name)

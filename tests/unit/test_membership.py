@@ -291,6 +291,36 @@ def test_crashed_node_is_declared_dead_then_purged() -> None:
         assert viewer.stats().tombstones == 1
 
 
+def test_a_refused_address_is_dead_at_once_and_then_everywhere() -> None:
+    net, (a, b, c) = mesh_of(3)
+    net.crash(c)
+    a.gone(c.address, net.now)
+    net.flush()  # no time passes: no probe, no suspicion
+    assert net.state(a, c) is MemberState.DEAD
+    assert net.events[a.node][-1] == MemberDown(node=c.node, state=MemberState.DEAD)
+    assert MemberSuspect(node=c.node) not in net.events[a.node]
+    net.run(CFG.probe_interval_s)  # gossip spreads the claim
+    assert net.state(b, c) is MemberState.DEAD
+    assert a.stats().gone == 1
+    assert b.stats().gone == 0
+    # Known dead already, an unknown address, or this node's own: nothing changes.
+    a.gone(c.address, net.now)
+    a.gone(Address("nobody:7340"), net.now)
+    a.gone(a.address, net.now)
+    assert a.stats().gone == 1
+    assert net.state(a, b) is MemberState.ALIVE
+
+
+def test_a_live_node_declared_gone_refutes() -> None:
+    net, (a, b, c) = mesh_of(3)
+    inc = c.incarnation
+    a.gone(c.address, net.now)
+    net.flush()
+    net.run(1.0)
+    assert c.incarnation > inc
+    assert all_alive([a, b, c])
+
+
 def test_purged_node_restarting_is_accepted_with_a_new_incarnation() -> None:
     net, (a, b, c) = mesh_of(3)
     net.crash(c)
