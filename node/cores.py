@@ -7,7 +7,8 @@ has, in reserved labels of its capabilities (``POOL_LABEL``, ``CORES_LABEL``), w
 membership gossips with the rest of its record. A node then counts the slots of the live
 nodes whose label matches its own (``HostSlots``) and gives each worker
 ``max(1, cores // slots)`` BLAS and torch threads (``threads_per_worker``); the executor
-passes the count on to its workers.
+passes the count on to its workers, and lends a task that starts alone on its node the share
+of the node's idle slots (``node.executor``).
 
 The pool name is a digest of the running kernel (its boot id: everything under one kernel
 runs on the same CPUs, whatever container or network namespace it is in), the CPUs this

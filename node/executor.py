@@ -10,8 +10,13 @@ shared-memory segments.
 
 Each worker's BLAS and torch threads are the node's usable cores divided among every slot on
 its host (``node.cores``): the daemon tells ``set_host_slots`` when nodes on this host come
-and go, a worker is started with the count in its environment, and one that already runs
-gets a new count just before its next task. An ``OMP_NUM_THREADS`` in the node's own
+and go, a worker is started with that share in its environment, and one that already runs
+gets a new count just before its next task. A task that starts while some of this node's
+slots have no work (none running, none queued) takes their share too: alone on its node,
+it gets every core the node's slots would have had (a model trains on both cores of a
+one-node laptop, not on one). It keeps that count while it runs, so work that arrives
+meanwhile shares its cores for that time. The other nodes' slots on the host always count
+as busy: their load is known only late. An ``OMP_NUM_THREADS`` in the node's own
 environment is the operator's choice and fixes the count instead.
 
 Guarantees: never more tasks running than slots; tasks start in the order they were
@@ -237,6 +242,7 @@ class Executor:
         self._cores = cores if cores is not None else local_pool().cores
         self._pinned = _pinned_threads(os.environ)
         self._threads = self._pinned or threads_per_worker(self._cores, slots)
+        self._host_slots = slots
         self._env = self._worker_env()
 
     # --- lifecycle ------------------------------------------------------------------
@@ -313,7 +319,7 @@ class Executor:
 
     @property
     def threads(self) -> int:
-        """BLAS/torch threads each worker runs its next task with."""
+        """BLAS/torch threads per slot: what each task gets while every slot has work."""
         return self._threads
 
     def set_host_slots(self, slots: int) -> None:
@@ -324,6 +330,7 @@ class Executor:
         change.
         """
         slots = max(slots, self._slots)
+        self._host_slots = slots
         if self._pinned is not None:
             return
         threads = threads_per_worker(self._cores, slots)
@@ -483,16 +490,26 @@ class Executor:
             return
         worker.job = job
         job.worker = worker
-        if worker.threads != self._threads:
+        threads = self._task_threads()
+        if worker.threads != threads:
             # Read by the worker just before the call that follows: no cost per task.
-            worker.threads = self._threads
-            _send(transport, Threads(threads=self._threads))
+            worker.threads = threads
+            _send(transport, Threads(threads=threads))
         if job.size > self.config.executor_shm_threshold_bytes and self._background.spawn(
             self._start_large(worker, job), f"mesh-args-{job.seq}"
         ):
             return
         transport.writelines(inline_frame(job.body, job.size))
         self._started(job)
+
+    def _task_threads(self) -> int:
+        """Threads for a task starting now: the host's cores shared among the other nodes'
+        slots and this node's slots that have work (running or queued, this task's
+        included)."""
+        if self._pinned is not None:
+            return self._pinned
+        busy = max(1, min(self._slots, len(self._jobs)))
+        return threads_per_worker(self._cores, self._host_slots - self._slots + busy)
 
     def _started(self, job: _Job) -> None:
         job.body = []

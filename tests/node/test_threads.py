@@ -1,7 +1,7 @@
 """Threads per worker with real workers and nodes: a worker takes a new count before its next
 task (environment, BLAS through threadpoolctl, torch) without a restart, a new worker starts
-with it, an operator's OMP_NUM_THREADS fixes it, and two nodes on this host share its cores
-until one leaves."""
+with it, a task alone on its node takes the cores of its idle slots, an operator's
+OMP_NUM_THREADS fixes it, and two nodes on this host share its cores until one leaves."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def executor(slots: int, cores: int, **changes: Any) -> Executor:
 
 async def seen(ex: Executor, task_id: str, *, use_torch: bool = False) -> dict[str, int]:
     outcome = await bounded(ex.run(task_id, "threads.seen", kwargs={"use_torch": use_torch}))
-    assert outcome.ok, outcome.traceback
+    assert outcome.ok, outcome.error
     value: dict[str, int] = outcome.value
     return value
 
@@ -110,6 +110,27 @@ async def test_a_worker_started_after_a_change_starts_with_the_new_count() -> No
         assert ex.threads == 1
         value = await seen(ex, "t-new")
         assert (value["env"], value["blas"]) == (1, 1)
+
+
+@on_loop
+async def test_a_task_alone_on_its_node_takes_the_cores_of_its_idle_slots() -> None:
+    async with executor(slots=2, cores=2) as ex:
+        assert ex.threads == 1
+        alone = await seen(ex, "t-alone")
+        assert (alone["env"], alone["blas"]) == (2, blas(2))
+        async with asyncio.TaskGroup() as tg:
+            held = tg.create_task(bounded(ex.run("t-held", "threads.seen", kwargs={"hold_s": 1.5})))
+            async with asyncio.timeout(DEADLINE_S):
+                while ex.running < 1:  # noqa: ASYNC110 - the executor has no event for it
+                    await asyncio.sleep(0.01)
+            beside = await seen(ex, "t-beside")  # the other slot is busy: half the cores
+            assert (beside["env"], beside["blas"]) == (1, 1)
+        outcome = held.result()
+        assert outcome.ok, outcome.error
+        assert outcome.value["env"] == 2  # it started alone, and kept its count
+        ex.set_host_slots(3)  # another node's slot on this host: counted busy
+        shared = await seen(ex, "t-shared")
+        assert (shared["env"], shared["blas"]) == (1, 1)
 
 
 @on_loop
