@@ -726,7 +726,7 @@ class ObjectStore:
         it was released, lent, pinned or shared meanwhile (then the file goes again). The error
         that stopped it, if any: an ``ObjectStoreFullError`` naming why."""
         path = self._spill_path(entry)
-        lent = entry.lent_until
+        lent, segment = entry.lent_until, entry.segment
         try:
             await self._in_thread(partial(_write_spill, path, list(entry.chunks)))
         except OSError as exc:
@@ -734,7 +734,14 @@ class ObjectStore:
         finally:
             entry.moving = None
             self._leaving -= entry.size
-        if not self._held(entry) or not entry.spillable() or entry.lent_until > lent:
+        if (
+            not self._held(entry)
+            or not entry.spillable()
+            or entry.lent_until > lent
+            # A segment written meanwhile, for a reader that may not have said it borrows
+            # it yet (a lend is marked once the segment is whole).
+            or entry.segment != segment
+        ):
             self._remove_spill(path)
             return None
         self._let_go(entry)

@@ -396,6 +396,37 @@ async def test_a_lent_segment_does_not_spill(store: ObjectStore) -> None:
     np.testing.assert_array_equal(loads(memoryview(mapping)), lent_arr)
 
 
+async def test_a_spill_gives_way_to_a_segment_finished_before_its_lend_is_marked(
+    store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The interleaving a busy machine makes now and then: the segment for a borrower is
+    # whole, the spill that was under way ends, and only then is the lend marked.
+    arr = np.full(MIB // 8, 1.0)
+    ref = await store.put(arr)
+    other = await store.put(np.full(MIB // 8, 2.0))
+    writer = _HeldWriter(monkeypatch)
+    write_segment = ObjectStore._write_segment
+
+    async def then_the_spill_ends(self: ObjectStore, entry: Any) -> None:
+        await write_segment(self, entry)
+        spilling = entry.moving
+        writer.go.set()
+        if spilling is not None:
+            await asyncio.shield(spilling)
+
+    monkeypatch.setattr(ObjectStore, "_write_segment", then_the_spill_ends)
+    async with asyncio.TaskGroup() as tg:
+        putting = tg.create_task(store.put(np.full(MIB // 8 - 16, 3.0)))
+        await writer.under_way()
+        segment = await store.share(ref, lend_s=3600)
+    assert segment is not None
+    assert not store.is_spilled(ref.id)
+    assert store.is_spilled(other.id)
+    assert store.spills == 1
+    np.testing.assert_array_equal(loads(memoryview(map_object(segment.name, ref.nbytes))), arr)
+    assert not store.is_spilled(putting.result().id)
+
+
 async def test_a_segment_lent_while_its_object_spills_stays(
     store: ObjectStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
