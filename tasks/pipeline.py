@@ -2,8 +2,9 @@
 
 ``run_pipeline(client, size)`` runs the stages of ``tasks.vision`` on the mesh ``client``
 talks to: make augmented digit shards, preprocess them where they were made, train the
-two-headed CNN where its training shards are (one round per epoch, the nodes' weights
-averaged between rounds), turn every shard into CNN features where it lies, then fit an SVM,
+two-headed CNN where its training shards are (the training shards in one group per torch
+node, each made and kept as one object: one round per epoch, the groups' weights averaged
+between rounds), turn every shard into CNN features where it lies, then fit an SVM,
 a random forest (digit class) and a ridge regressor (rotation angle) side by side and score
 them with the CNN's own predictions on the held-out shards. Shards and features stay on the
 node that made them as references; only weights and small results travel.
@@ -192,19 +193,27 @@ class Pipeline:
         train_at = itertools.cycle(torch_nodes or sorted(nodes))
         test_at = itertools.cycle(others or torch_nodes or sorted(nodes))
         shard = {"seed": seed, "max_angle": size.max_angle}
-        plan = [("train", i, size.shard_size, next(train_at)) for i in range(size.train_shards)]
-        plan += [("test", i, size.test_shard_size, next(test_at)) for i in range(size.test_shards)]
+        # The training shards are made in groups, one per torch node (each group is one
+        # object, so it stays together wherever it is made or made again): see _train_cnn.
+        count = max(1, min(len(torch_nodes), size.train_shards))
+        groups = [list(range(g, size.train_shards, count)) for g in range(count)]
+        plan: list[tuple[str, int, Any, int, str]] = [
+            ("train", g, group, size.shard_size, next(train_at)) for g, group in enumerate(groups)
+        ]
+        plan += [
+            ("test", i, i, size.test_shard_size, next(test_at)) for i in range(size.test_shards)
+        ]
         self.on_planned("make_shard", len(plan))
         self.on_planned("preprocess", len(plan))
         made = {
             self._submit(
                 "make_shard",
-                (i,),
+                (index,),
                 {"size": n, "split": split, **shard},
                 at=node,
                 libraries=trainable if split == "train" else None,
             ): (split, i)
-            for split, i, n, node in plan
+            for split, i, index, n, node in plan
         }
         pre: dict[tuple[str, int], TaskFuture] = {}
         try:
@@ -219,10 +228,10 @@ class Pipeline:
                 )
         except TimeoutError:
             raise MeshError("make_shard: no result before the pipeline's deadline") from None
-        train = self._wait("preprocess", [pre["train", i] for i in range(size.train_shards)])
+        train = self._wait("preprocess", [pre["train", g] for g in range(len(groups))])
         test = self._wait("preprocess", [pre["test", i] for i in range(size.test_shards)])
 
-        weights = self._train_cnn(train, torch_nodes)
+        weights = self._train_cnn(train, [len(g) for g in groups])
 
         self.on_planned("extract_features", len(train) + len(test))
         self.on_planned("predict", len(test))
@@ -268,67 +277,41 @@ class Pipeline:
         )
         return Run(figures, self.steps, nodes, initiator, self._now())
 
-    def _train_cnn(self, train: list[Any], torch_nodes: list[str]) -> Any:
-        """The CNN's weights (a reference), trained where the training shards are, in the
-        groups ``cnn_groups`` forms."""
+    def _train_cnn(self, train: list[Any], shards: list[int]) -> Any:
+        """The CNN's weights (a reference), trained where its groups of shards are.
+
+        ``train`` holds one group per torch node at the start of the run, ``shards`` the
+        shards in each. With several groups and epochs, each group trains one epoch per
+        round from the last round's average, weighted by images, on the node that holds
+        it. A group is one object, made from its shard indices alone, so the model is the
+        same whichever node made which group, and a group made again after its node died
+        is the same group: a lost node moves work, never changes the model. A single
+        group, or a single epoch (one average of models trained apart from the start is
+        far worse than either), trains all epochs in one task where most of the images
+        are, in shard-group order, as in one process.
+        """
         size = self.size
-        groups = cnn_groups(train, torch_nodes, size.epochs)
-        rounds = 1 if len(groups) == 1 else size.epochs
-        epochs = size.epochs if rounds == 1 else 1
-        self.on_planned("train_cnn", rounds * len(groups))
-        self.on_planned("average_weights", 0 if len(groups) == 1 else rounds)
-        counts = [len(shards) for _, shards in groups]
+        if len(train) == 1 or size.epochs == 1:
+            most = max(range(len(train)), key=lambda g: shards[g])
+            self.on_planned("train_cnn", 1)
+            kwargs = {"seed": size.seed, "epochs": size.epochs, "batch_size": size.batch_size}
+            return self._wait(
+                "train_cnn", [self._submit("train_cnn", (train,), kwargs, at=train[most])]
+            )[0]
+        self.on_planned("train_cnn", size.epochs * len(train))
+        self.on_planned("average_weights", size.epochs)
         weights: Any = None
-        for r in range(rounds):
-            kwargs = {"seed": size.seed + r, "epochs": epochs, "batch_size": size.batch_size}
+        for r in range(size.epochs):
+            kwargs = {"seed": size.seed + r, "epochs": 1, "batch_size": size.batch_size}
             if weights is not None:
                 kwargs["init"] = weights
-            trained = [
-                self._submit("train_cnn", (shards,), kwargs, at=node) for node, shards in groups
-            ]
+            trained = [self._submit("train_cnn", ([g],), kwargs, at=g) for g in train]
             results = self._wait("train_cnn", trained)
-            if len(results) == 1:
-                return results[0]
             weights = self._wait(
                 "average_weights",
-                [self._submit("average_weights", (results, counts), at=groups[0][0])],
+                [self._submit("average_weights", (results, shards), at=train[0])],
             )[0]
         return weights
-
-
-def cnn_groups(
-    train: Sequence[Any], torch_nodes: Sequence[str], epochs: int
-) -> list[tuple[str | None, list[Any]]]:
-    """(node, shards) per group of training shards the CNN trains on, apart, between averages.
-
-    Several groups train one epoch per round from the last round's average, weighted by
-    images. There are as many groups as torch-capable nodes when the run began
-    (``torch_nodes``), each trained on a node holding its shards: shards are grouped by
-    holder (a shard on a node without torch joins the smallest group, and moves once per
-    round), and while there are fewer groups than that, the largest is split in two on its
-    node. The count is fixed because it sets the model: each group takes a share of an
-    epoch's steps, so fewer groups train a better model (20,000 images in three groups
-    reach about 0.94 CNN accuracy, in two about 0.95, whichever shards a group has). A node
-    lost while shards are made therefore moves its groups, never changes how many there
-    are. A single epoch (one average of models trained apart from the start is far worse
-    than either) trains as one group, in shard order, on the node holding the most shards,
-    exactly as in one process.
-    """
-    held: dict[str | None, list[Any]] = defaultdict(list)
-    stray: list[Any] = []
-    for s in train:
-        holder = s.holder if isinstance(s, ObjectRef) else None
-        (held[holder] if not torch_nodes or holder in torch_nodes else stray).append(s)
-    for s in stray:
-        target = min(held or torch_nodes, key=lambda n: len(held.get(n, [])))
-        held[target].append(s)
-    groups = sorted(held.items(), key=lambda kv: str(kv[0]))
-    if epochs == 1:
-        return [(max(groups, key=lambda g: len(g[1]))[0], list(train))]
-    while len(groups) < min(len(torch_nodes), len(train)):
-        node, shards = groups.pop(max(range(len(groups)), key=lambda i: len(groups[i][1])))
-        groups += [(node, shards[0::2]), (node, shards[1::2])]
-    return groups
 
 
 def run_pipeline(client: Client, size: PipelineSize, **options: Any) -> Run:

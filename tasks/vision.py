@@ -249,7 +249,7 @@ def _warp(base: Array, angles_deg: Array, shifts: Array) -> Array:
 
 @task("vision.make_shard", libraries=_SKLEARN, est_runtime_s=0.5)
 def make_shard(
-    index: int,
+    index: int | Sequence[int],
     *,
     size: int = 2500,
     split: Split = "train",
@@ -258,15 +258,26 @@ def make_shard(
     max_shift: float = 2.0,
     noise: float = 0.08,
 ) -> Shard:
-    """Make one shard of augmented digits.
+    """Make one shard of augmented digits, or several as one.
 
     Returns ``{"images": uint8 (size, 28, 28), "labels": int64 (size,), "angles": float32
     (size,)}``. The same arguments always give the same shard; shards with different
-    ``index`` or ``split`` are independent draws.
+    ``index`` or ``split`` are independent draws. A list of indices gives those shards one
+    after another, as one shard of ``len(index) * size`` images: a group that stays
+    together wherever it is made.
     """
     if split not in ("train", "test"):
         raise PipelineInputError(f"split must be 'train' or 'test', got {split!r}")
-    if size < 1 or index < 0:
+    indices = (
+        [index]
+        if isinstance(index, int)
+        else list(index)
+        if isinstance(index, list | tuple)
+        else []
+    )
+    if not indices or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise PipelineInputError(f"index must be an integer or a list of them, got {index!r}")
+    if size < 1 or min(indices) < 0:
         raise PipelineInputError(f"size must be >= 1 and index >= 0, got size={size} index={index}")
     if not 0.0 <= max_angle <= 180.0:
         raise PipelineInputError(f"max_angle must be within [0, 180] degrees, got {max_angle}")
@@ -276,17 +287,20 @@ def make_shard(
     base_images: Array = np.asarray(digits.images, dtype=np.float64) / 16.0
     targets: Array = np.asarray(digits.target, dtype=np.int64)
     pool = _split_pool(len(targets), split, seed)
-    rng = np.random.default_rng([seed, 1 if split == "test" else 0, index])
-    pick = rng.choice(pool, size=size)
-    angles = rng.uniform(-max_angle, max_angle, size)
-    shifts = rng.uniform(-max_shift, max_shift, (size, 2))
-    images = _warp(base_images[pick], angles, shifts)
-    images += rng.normal(0.0, noise, images.shape)
-    np.clip(images, 0.0, 1.0, out=images)
+    parts = []
+    for i in indices:
+        rng = np.random.default_rng([seed, 1 if split == "test" else 0, i])
+        pick = rng.choice(pool, size=size)
+        angles = rng.uniform(-max_angle, max_angle, size)
+        shifts = rng.uniform(-max_shift, max_shift, (size, 2))
+        images = _warp(base_images[pick], angles, shifts)
+        images += rng.normal(0.0, noise, images.shape)
+        np.clip(images, 0.0, 1.0, out=images)
+        parts.append((np.rint(images * 255.0).astype(np.uint8), targets[pick], angles))
     return {
-        "images": np.rint(images * 255.0).astype(np.uint8),
-        "labels": targets[pick],
-        "angles": angles.astype(np.float32),
+        "images": np.concatenate([p[0] for p in parts]),
+        "labels": np.concatenate([p[1] for p in parts]),
+        "angles": np.concatenate([p[2] for p in parts]).astype(np.float32),
     }
 
 

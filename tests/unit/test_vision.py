@@ -64,6 +64,17 @@ def test_make_shard_is_deterministic_and_shards_differ(raw: v.Shard) -> None:
     assert not np.array_equal(raw["angles"], test["angles"])
 
 
+def test_a_group_of_shards_is_its_shards_one_after_another(raw: v.Shard) -> None:
+    group = v.make_shard([0, 2], size=120, seed=3)
+    second = v.make_shard(2, size=120, seed=3)
+    for key in raw:
+        np.testing.assert_array_equal(group[key], np.concatenate([raw[key], second[key]]))
+        assert group[key].dtype == raw[key].dtype
+    # Preprocessing works image by image: a group preprocessed is its shards preprocessed.
+    pre = v.preprocess(group)
+    np.testing.assert_array_equal(pre["images"][:120], v.preprocess(raw)["images"])
+
+
 def test_held_out_split_never_shares_a_base_digit() -> None:
     train = v._split_pool(1797, "train", 3)
     test = v._split_pool(1797, "test", 3)
@@ -86,6 +97,9 @@ def test_make_shard_rejects_bad_arguments() -> None:
         v.make_shard(0, size=4, split="validation")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="size"):
         v.make_shard(0, size=0)
+    for index in ([], [0, -1], [0, "1"], [True], 1.5):
+        with pytest.raises(ValueError, match="index"):
+            v.make_shard(index, size=4)  # type: ignore[arg-type]
 
 
 # --- preprocessing ---------------------------------------------------------------------------
