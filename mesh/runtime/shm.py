@@ -34,13 +34,9 @@ import re
 import secrets
 import stat
 import tempfile
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
-
-import numpy as np
-import numpy.typing as npt
 
 from mesh.errors import RemoteProtocolError
 
@@ -216,67 +212,15 @@ def _open_object(name: str, nbytes: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-PARALLEL_COPY_BYTES: Final = 8 * 2**20
-"""From this size, ``write_chunks`` into a file already that large (a segment or an upload
-in shared memory) copies into a mapping of it, in two threads. A write to a file takes
-the file's lock, so two writers take turns; two threads copying into one mapping do not
-(64 MiB into a reused segment here: 20 ms by ``pwrite``, 9.6 ms mapped and copied by two
-threads)."""
-
-
 def write_chunks(fd: int, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
     """Write ``chunks`` back to back from the start of the file ``fd``."""
-    views = [memoryview(chunk).cast("B") for chunk in chunks]
-    total = sum(v.nbytes for v in views)
-    if total >= PARALLEL_COPY_BYTES and _mappable(fd, total):
-        _copy_mapped(fd, views, total)
-        return
     offset = 0
-    for view in views:
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
         while view.nbytes:
             written = os.pwrite(fd, view, offset)
             offset += written
             view = view[written:]
-
-
-def _mappable(fd: int, size: int) -> bool:
-    """Whether ``fd`` is a file of at least ``size`` bytes open for reading and writing."""
-    try:
-        return os.fstat(fd).st_size >= size and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_RDWR != 0
-    except OSError:
-        return False
-
-
-def _copy_mapped(fd: int, views: list[memoryview], total: int) -> None:
-    """Copy ``views`` back to back into a shared mapping of ``fd``: each thread of two
-    copies half of every view (NumPy lets go of the GIL while it copies)."""
-    # Populated in one call: faulting 64 MiB in page by page costs more than the copy.
-    flags = mmap.MAP_SHARED | _MAP_POPULATE
-    with mmap.mmap(fd, total, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE) as m:
-        out = np.frombuffer(m, dtype=np.uint8)
-        halves: tuple[list[tuple[int, memoryview]], list[tuple[int, memoryview]]] = ([], [])
-        offset = 0
-        for view in views:
-            half = view.nbytes // 2
-            halves[0].append((offset, view[:half]))
-            halves[1].append((offset + half, view[half:]))
-            offset += view.nbytes
-        failed: list[BaseException] = []
-
-        def copy(out: npt.NDArray[np.uint8], part: list[tuple[int, memoryview]]) -> None:
-            try:
-                for at, src in part:
-                    np.copyto(out[at : at + src.nbytes], np.frombuffer(src, dtype=np.uint8))
-            except BaseException as exc:  # re-raised in the caller
-                failed.append(exc)
-
-        other = threading.Thread(target=copy, args=(out, halves[1]), name="mesh-copy")
-        other.start()
-        copy(out, halves[0])
-        other.join()
-        del out  # the mapping closes only once no array points into it
-        if failed:
-            raise failed[0]
 
 
 def write_segment(

@@ -34,7 +34,6 @@ from mesh.runtime.auth import key_bytes
 from mesh.runtime.http import _segment_answer, fetch_body
 from mesh.runtime.shm import (
     OBJECT_PREFIX,
-    PARALLEL_COPY_BYTES,
     RETURN_PREFIX,
     SHM_DIR,
     check_object,
@@ -87,11 +86,10 @@ def store() -> Any:
 # ---------------------------------------------------------------------------------------
 
 
-def test_large_writes_land_whole_through_a_mapping_and_through_write(tmp_path: Any) -> None:
-    """Over ``PARALLEL_COPY_BYTES`` a shared-memory file of the right size is written
-    through a mapping, in two threads; a file that is not (a spill file: empty, write-only)
-    through ``pwrite``. Both hold the chunks back to back, odd sizes and all."""
-    big = np.random.default_rng(3).integers(0, 256, PARALLEL_COPY_BYTES + 7, dtype=np.uint8)
+def test_large_writes_land_whole_in_shared_memory_and_on_disk(tmp_path: Any) -> None:
+    """A shared-memory file of the right size with old bytes in it, and a spill file (empty,
+    write-only), both hold the chunks back to back, odd sizes and all."""
+    big = np.random.default_rng(3).integers(0, 256, 8 * MIB + 7, dtype=np.uint8)
     chunks = [b"head", memoryview(big), bytearray(b"x" * 3), memoryview(big)[1:]]
     whole = b"".join(bytes(c) for c in chunks)
     shm = SHM_DIR / f"mesh-test-{os.getpid()}-{secrets.token_hex(4)}"
