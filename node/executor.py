@@ -241,7 +241,6 @@ class Executor:
         self._no_workers.set()
         self._cores = cores if cores is not None else local_pool().cores
         self._pinned = _pinned_threads(os.environ)
-        self._threads = self._pinned or threads_per_worker(self._cores, slots)
         self._host_slots = slots
         self._env = self._worker_env()
 
@@ -320,7 +319,7 @@ class Executor:
     @property
     def threads(self) -> int:
         """BLAS/torch threads per slot: what each task gets while every slot has work."""
-        return self._threads
+        return self._threads_with(self._slots)
 
     def set_host_slots(self, slots: int) -> None:
         """Slots of every node on this host, this one's included (``node.cores.HostSlots``).
@@ -329,20 +328,16 @@ class Executor:
         the count it started with. Cheap when nothing changes: call it on every membership
         change.
         """
-        slots = max(slots, self._slots)
-        self._host_slots = slots
-        if self._pinned is not None:
-            return
-        threads = threads_per_worker(self._cores, slots)
-        if threads != self._threads:
+        was = self.threads
+        self._host_slots = max(slots, self._slots)
+        if self.threads != was:
             log.info(
                 "%d slots on this host share %d cores: %d threads per worker (were %d)",
-                slots,
+                self._host_slots,
                 self._cores,
-                threads,
-                self._threads,
+                self.threads,
+                was,
             )
-            self._threads = threads
 
     def worker_pids(self) -> tuple[int, ...]:
         """Process ids of the workers that are ready (for diagnostics and tests)."""
@@ -437,8 +432,8 @@ class Executor:
         """The environment of a new worker: its thread count (and its GPU)."""
         # Without a count every worker's BLAS or torch would use every core: slots x cores
         # threads on each node of the host.
-        worker.threads = self._threads
-        env = {**self._env, **dict.fromkeys(THREAD_VARS, str(self._threads))}
+        worker.threads = self.threads
+        env = {**self._env, **dict.fromkeys(THREAD_VARS, str(worker.threads))}
         if self._pinned is not None:
             env.update({v: self._env[v] for v in THREAD_VARS if v in self._env})
         if self._gpu_devices:
@@ -490,7 +485,8 @@ class Executor:
             return
         worker.job = job
         job.worker = worker
-        threads = self._task_threads()
+        # This node's slots with work (running or queued, this task's included).
+        threads = self._threads_with(max(1, min(self._slots, len(self._jobs))))
         if worker.threads != threads:
             # Read by the worker just before the call that follows: no cost per task.
             worker.threads = threads
@@ -502,13 +498,11 @@ class Executor:
         transport.writelines(inline_frame(job.body, job.size))
         self._started(job)
 
-    def _task_threads(self) -> int:
-        """Threads for a task starting now: the host's cores shared among the other nodes'
-        slots and this node's slots that have work (running or queued, this task's
-        included)."""
+    def _threads_with(self, busy: int) -> int:
+        """Threads for a task while ``busy`` of this node's slots have work: the host's
+        cores shared among them and the other nodes' slots on the host."""
         if self._pinned is not None:
             return self._pinned
-        busy = max(1, min(self._slots, len(self._jobs)))
         return threads_per_worker(self._cores, self._host_slots - self._slots + busy)
 
     def _started(self, job: _Job) -> None:

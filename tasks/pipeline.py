@@ -288,7 +288,7 @@ class Pipeline:
         is the same group: a lost node moves work, never changes the model. A single
         group, or a single epoch (one average of models trained apart from the start is
         far worse than either), trains all epochs in one task where most of the images
-        are, in shard-group order, as in one process.
+        are, on the groups one after another (one group: shard order, as in one process).
         """
         size = self.size
         if len(train) == 1 or size.epochs == 1:

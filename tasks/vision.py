@@ -268,13 +268,7 @@ def make_shard(
     """
     if split not in ("train", "test"):
         raise PipelineInputError(f"split must be 'train' or 'test', got {split!r}")
-    indices = (
-        [index]
-        if isinstance(index, int)
-        else list(index)
-        if isinstance(index, list | tuple)
-        else []
-    )
+    indices: list[Any] = list(index) if isinstance(index, list | tuple) else [index]
     if not indices or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
         raise PipelineInputError(f"index must be an integer or a list of them, got {index!r}")
     if size < 1 or min(indices) < 0:
